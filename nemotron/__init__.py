@@ -1,0 +1,19 @@
+"""nemotron: the NVIDIA Nemotron model family in plain PyTorch.
+
+    import nemotron
+    m = nemotron.load("path/to/checkpoint")      # or a preset name
+    logits = m.model(input_ids)                   # [B, T] -> [B, T, V]
+"""
+
+from __future__ import annotations
+
+from .api import LoadedModel, load
+from .config import Nemotron4Config, NemotronHConfig, NemotronNASConfig, config_from_dict, load_config
+from .errors import CheckpointError, ConfigError, NemotronError, UnsafeCheckpointError
+
+__all__ = [
+    "load", "LoadedModel", "config_from_dict", "load_config",
+    "NemotronHConfig", "Nemotron4Config", "NemotronNASConfig",
+    "NemotronError", "ConfigError", "CheckpointError", "UnsafeCheckpointError",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,56 @@
+"""Grouped-query causal self-attention, with optional rotary embeddings (NoPE when none are given)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..cache import KVState
+from .rope import apply_rope
+
+
+class Attention(nn.Module):
+    def __init__(self, hidden_size: int, num_heads: int, num_kv_heads: int, head_dim: int, bias: bool = False) -> None:
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        self.q_proj = nn.Linear(hidden_size, num_heads * head_dim, bias=bias)
+        self.k_proj = nn.Linear(hidden_size, num_kv_heads * head_dim, bias=bias)
+        self.v_proj = nn.Linear(hidden_size, num_kv_heads * head_dim, bias=bias)
+        self.o_proj = nn.Linear(num_heads * head_dim, hidden_size, bias=bias)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        state: KVState | None = None,
+        pos: int = 0,
+        rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        b, t, _ = x.shape
+        q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if state is not None:
+            k, v = state.update(k, v, pos)
+        mask = None
+        if t > 1 and k.shape[2] > t:
+            # queries sit at absolute positions pos..pos+t-1 and see every key up to their own position
+            mask = torch.arange(k.shape[2], device=x.device)[None, :] <= (pos + torch.arange(t, device=x.device))[:, None]
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=(mask is None and t > 1),
+            enable_gqa=self.num_heads != self.num_kv_heads,
+        )
+        return self.o_proj(y.transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim))
+
+
+class LinearAttention(nn.Module):
+    """DeciLM `replace_with_linear` attention: one [H, H] projection named `linear_attn`."""
+
+    def __init__(self, hidden_size: int) -> None:
+        super().__init__()
+        self.linear_attn = nn.Linear(hidden_size, hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor, state: None = None, pos: int = 0, rope=None) -> torch.Tensor:
+        return self.linear_attn(x)

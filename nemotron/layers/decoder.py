@@ -1,0 +1,69 @@
+"""The classic pre-norm decoder (attention half + FFN half per layer) shared by Nemotron-4 and
+Llama-Nemotron. Either half may be absent (DeciLM `no_op`): then neither its norm nor its residual
+add runs."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..cache import HybridCache, KVState
+from .attention import Attention
+from .rope import rope_cos_sin
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, input_layernorm: nn.Module | None, self_attn: nn.Module | None,
+                 post_attention_layernorm: nn.Module | None, mlp: nn.Module | None) -> None:
+        super().__init__()
+        self.input_layernorm, self.self_attn = input_layernorm, self_attn
+        self.post_attention_layernorm, self.mlp = post_attention_layernorm, mlp
+
+    def forward(self, x: torch.Tensor, state: KVState | None, pos: int, rope) -> torch.Tensor:
+        if self.self_attn is not None:
+            x = x + self.self_attn(self.input_layernorm(x), state, pos, rope)
+        if self.mlp is not None:
+            x = x + self.mlp(self.post_attention_layernorm(x))
+        return x
+
+
+class DecoderBody(nn.Module):
+    def __init__(self, vocab_size: int, hidden_size: int, layers: list[DecoderLayer], norm: nn.Module) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(vocab_size, hidden_size)
+        self.layers = nn.ModuleList(layers)
+        self.norm = norm
+
+
+class DecoderLM(nn.Module):
+    """`model.{embed_tokens,layers,norm}` + `lm_head`, with rotary embeddings computed once per forward."""
+
+    def __init__(self, config, body: DecoderBody, inv_freq: torch.Tensor) -> None:
+        super().__init__()
+        self.config = config
+        self.model = body
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def forward(self, input_ids: torch.Tensor, cache: HybridCache | None = None, logits_to_keep: int = 0) -> torch.Tensor:
+        pos = 0 if cache is None else cache.seq_len
+        x = self.model.embed_tokens(input_ids)
+        positions = torch.arange(pos, pos + input_ids.shape[1], device=input_ids.device)[None]
+        rope = rope_cos_sin(self.inv_freq, positions, x.dtype)
+        for i, layer in enumerate(self.model.layers):
+            x = layer(x, None if cache is None else cache.layers[i], pos, rope)
+        if cache is not None:
+            cache.seq_len += input_ids.shape[1]
+        x = self.model.norm(x[:, -logits_to_keep:] if logits_to_keep else x)
+        return self.lm_head(x).float()
+
+    def new_cache(self, batch: int, max_len: int, dtype: torch.dtype | None = None, device=None,
+                  ssm_dtype: torch.dtype | None = None) -> HybridCache:
+        p = self.lm_head.weight
+        dtype, device = dtype or p.dtype, device or p.device
+        states = []
+        for layer in self.model.layers:
+            attn = layer.self_attn
+            states.append(KVState.empty(batch, attn.num_kv_heads, max_len, attn.head_dim, dtype, device)
+                          if isinstance(attn, Attention) else None)
+        return HybridCache(states)

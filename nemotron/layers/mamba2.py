@@ -1,0 +1,89 @@
+"""The Mamba-2 mixer of Nemotron-H: in_proj -> causal depthwise conv + SiLU -> SSD scan -> gated
+grouped RMSNorm -> out_proj. Numerics follow the mamba_ssm kernel path: conv, dt, decay and state in
+fp32, no dt clamp unless the config sets a limit, scan output rounded to the model dtype before the
+fused gated norm."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..cache import MambaState
+from .norm import GatedRMSNorm
+from .ssd import ssd_chunked, ssd_step
+
+
+class Mamba2Mixer(nn.Module):
+    def __init__(
+        self,
+        hidden_size: int,
+        num_heads: int,
+        head_dim: int,
+        state_size: int,
+        n_groups: int,
+        conv_kernel: int = 4,
+        chunk_size: int = 128,
+        conv_bias: bool = True,
+        proj_bias: bool = False,
+        eps: float = 1e-5,
+        dt_limit: tuple[float, float] = (0.0, math.inf),
+    ) -> None:
+        super().__init__()
+        self.num_heads, self.head_dim, self.state_size, self.n_groups = num_heads, head_dim, state_size, n_groups
+        self.conv_kernel, self.chunk_size = conv_kernel, chunk_size
+        self.inner = num_heads * head_dim
+        self.conv_dim = self.inner + 2 * n_groups * state_size
+        self.dt_limit = tuple(dt_limit)
+        self.in_proj = nn.Linear(hidden_size, self.inner + self.conv_dim + num_heads, bias=proj_bias)
+        self.conv1d = nn.Conv1d(self.conv_dim, self.conv_dim, conv_kernel, groups=self.conv_dim, bias=conv_bias)
+        self.dt_bias = nn.Parameter(torch.ones(num_heads))
+        self.A_log = nn.Parameter(torch.log(torch.arange(1, num_heads + 1, dtype=torch.float32)))
+        self.D = nn.Parameter(torch.ones(num_heads))
+        self.norm = GatedRMSNorm(self.inner, groups=n_groups, eps=eps)
+        self.out_proj = nn.Linear(self.inner, hidden_size, bias=proj_bias)
+
+    def _conv(self, xBC: torch.Tensor, state: MambaState | None) -> torch.Tensor:
+        """Causal depthwise conv + SiLU in fp32 over [b, T, conv_dim], continuing (and updating) the
+        conv state when one is given."""
+        k = self.conv_kernel
+        seq = xBC.transpose(1, 2)
+        if state is not None:
+            seq = torch.cat([state.conv.to(seq.dtype), seq], dim=-1)
+            state.conv.copy_(seq[..., seq.shape[-1] - (k - 1):])
+        else:
+            seq = F.pad(seq, (k - 1, 0))
+        bias = None if self.conv1d.bias is None else self.conv1d.bias.float()
+        out = F.conv1d(seq.float(), self.conv1d.weight.float(), bias, groups=self.conv_dim)
+        return F.silu(out).transpose(1, 2).to(xBC.dtype)
+
+    def forward(self, x: torch.Tensor, state: MambaState | None = None, pos: int = 0, rope=None) -> torch.Tensor:
+        b, t, _ = x.shape
+        z, xBC, dt = self.in_proj(x).split([self.inner, self.conv_dim, self.num_heads], dim=-1)
+        xBC = self._conv(xBC, state)
+        xs, B, C = xBC.split([self.inner, self.n_groups * self.state_size, self.n_groups * self.state_size], dim=-1)
+        xs = xs.reshape(b, t, self.num_heads, self.head_dim)
+        B = B.reshape(b, t, self.n_groups, self.state_size)
+        C = C.reshape(b, t, self.n_groups, self.state_size)
+
+        dt = F.softplus(dt.float() + self.dt_bias.float())
+        if self.dt_limit != (0.0, math.inf):
+            dt = dt.clamp(*self.dt_limit)
+        A = -torch.exp(self.A_log.float())
+
+        if state is not None and t == 1:
+            y = ssd_step(state.ssm, xs[:, 0], dt[:, 0], A, B[:, 0], C[:, 0])[:, None]
+        else:
+            y, final = ssd_chunked(xs, dt, A, B, C, self.chunk_size,
+                                   initial_state=None if state is None else state.ssm)
+            if state is not None:
+                state.ssm.copy_(final)
+        y = y + self.D.float()[:, None] * xs.float()
+        y = y.reshape(b, t, self.inner).to(x.dtype)
+        return self.out_proj(self.norm(y, z))
+
+    def new_state(self, batch: int, dtype: torch.dtype, ssm_dtype: torch.dtype, device) -> MambaState:
+        return MambaState.empty(batch, self.conv_dim, self.conv_kernel, self.num_heads, self.head_dim,
+                                self.state_size, dtype, ssm_dtype, device)

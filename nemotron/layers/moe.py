@@ -1,0 +1,127 @@
+"""Mixture of experts of Nemotron 3: DeepSeek-V3-style sigmoid router with an aux-loss-free
+selection bias, non-gated squared-ReLU routed experts (optionally in a latent space), a shared expert.
+
+Tokens are grouped by expert (argsort + bincount) and each expert runs one matmul over its tokens;
+nothing loops over tokens."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .mlp import ReLU2MLP, relu2
+
+
+def route(
+    logits: torch.Tensor,
+    correction_bias: torch.Tensor,
+    top_k: int,
+    n_group: int = 1,
+    topk_group: int = 1,
+    norm_topk_prob: bool = True,
+    scaling_factor: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Router math on fp32 logits [T, E]. Returns (weights [T, k] fp32, expert ids [T, k]).
+
+    The correction bias only steers *which* experts are chosen; the weights come from the raw
+    sigmoid scores."""
+    scores = logits.float().sigmoid()
+    choice = scores + correction_bias.float()
+    if n_group > 1:
+        t, e = choice.shape
+        grouped = choice.view(t, n_group, e // n_group)
+        group_scores = grouped.topk(2, dim=-1).values.sum(-1)                       # [T, n_group]
+        keep = torch.zeros_like(group_scores, dtype=torch.bool)
+        keep.scatter_(1, group_scores.topk(topk_group, dim=-1).indices, True)
+        choice = grouped.masked_fill(~keep[..., None], float("-inf")).view(t, e)
+    idx = choice.topk(top_k, dim=-1, sorted=False).indices
+    weights = scores.gather(1, idx)
+    if norm_topk_prob:
+        weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
+    return weights * scaling_factor, idx
+
+
+class TopkRouter(nn.Module):
+    def __init__(self, hidden_size: int, num_experts: int, top_k: int, n_group: int = 1, topk_group: int = 1,
+                 norm_topk_prob: bool = True, scaling_factor: float = 1.0) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(num_experts, hidden_size))
+        # Kept in fp32 whatever the model dtype (the release stores it fp32); moved by the
+        # aux-loss-free balancing update, never by gradients.
+        self.register_buffer("e_score_correction_bias", torch.zeros(num_experts, dtype=torch.float32))
+        self.top_k, self.n_group, self.topk_group = top_k, n_group, topk_group
+        self.norm_topk_prob, self.scaling_factor = norm_topk_prob, scaling_factor
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x.float(), self.weight.float())
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return route(self.logits(x), self.e_score_correction_bias, self.top_k, self.n_group, self.topk_group,
+                     self.norm_topk_prob, self.scaling_factor)
+
+
+class Experts(nn.Module):
+    """E non-gated relu² experts stored stacked: up_proj [E, I, X], down_proj [E, X, I]."""
+
+    def __init__(self, num_experts: int, dim: int, intermediate_size: int) -> None:
+        super().__init__()
+        self.num_experts = num_experts
+        self.up_proj = nn.Parameter(torch.empty(num_experts, intermediate_size, dim))
+        self.down_proj = nn.Parameter(torch.empty(num_experts, dim, intermediate_size))
+
+    def forward(self, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """x [T, X], idx/weights [T, k] -> sum_j w_j e_j(x), accumulated in fp32, returned in x.dtype."""
+        t, k = idx.shape
+        flat = idx.reshape(-1)
+        order = flat.argsort(stable=True)
+        token = order // k
+        counts = torch.bincount(flat, minlength=self.num_experts)
+        xs = x[token]
+        if x.is_cuda and hasattr(torch, "_grouped_mm") and x.dtype == torch.bfloat16:
+            offsets = counts.cumsum(0).to(torch.int32)
+            h = relu2(torch._grouped_mm(xs, self.up_proj.transpose(1, 2), offs=offsets))
+            ys = torch._grouped_mm(h, self.down_proj.transpose(1, 2), offs=offsets)
+        else:
+            ys = torch.empty_like(xs)
+            start = 0
+            for e, n in enumerate(counts.tolist()):  # one matmul per expert that has tokens
+                if n:
+                    seg = xs[start:start + n]
+                    ys[start:start + n] = F.linear(relu2(F.linear(seg, self.up_proj[e])), self.down_proj[e])
+                    start += n
+        ys = ys.float() * weights.reshape(-1)[order, None].float()
+        out = torch.zeros(t, x.shape[-1], dtype=torch.float32, device=x.device)
+        return out.index_add_(0, token, ys).to(x.dtype)
+
+
+class MoE(nn.Module):
+    """Router and shared expert see the full-width x; routed experts run in the latent space when
+    `latent_size` is set (LatentMoE: fc1_latent_proj in, fc2_latent_proj out)."""
+
+    def __init__(self, hidden_size: int, num_experts: int, top_k: int, intermediate_size: int,
+                 shared_intermediate_size: int, latent_size: int | None = None, n_group: int = 1,
+                 topk_group: int = 1, norm_topk_prob: bool = True, scaling_factor: float = 1.0,
+                 bias: bool = False) -> None:
+        super().__init__()
+        self.gate = TopkRouter(hidden_size, num_experts, top_k, n_group, topk_group, norm_topk_prob, scaling_factor)
+        dim = latent_size or hidden_size
+        self.experts = Experts(num_experts, dim, intermediate_size)
+        self.shared_experts = ReLU2MLP(hidden_size, shared_intermediate_size, bias=bias) \
+            if shared_intermediate_size else None
+        if latent_size:
+            self.fc1_latent_proj = nn.Linear(hidden_size, latent_size, bias=bias)
+            self.fc2_latent_proj = nn.Linear(latent_size, hidden_size, bias=bias)
+        else:
+            self.fc1_latent_proj = self.fc2_latent_proj = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        flat = x.reshape(-1, shape[-1])
+        weights, idx = self.gate(flat)
+        u = flat if self.fc1_latent_proj is None else self.fc1_latent_proj(flat)
+        r = self.experts(u, idx, weights)
+        if self.fc2_latent_proj is not None:
+            r = self.fc2_latent_proj(r)
+        out = r.view(shape)
+        return out if self.shared_experts is None else out + self.shared_experts(x)

@@ -1,0 +1,20 @@
+"""One file per architecture family; `build_model(config)` picks the right one."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from ..config import AnyConfig, Nemotron4Config, NemotronHConfig, NemotronNASConfig
+
+
+def build_model(config: AnyConfig) -> nn.Module:
+    if isinstance(config, NemotronHConfig):
+        from .nemotron_h import NemotronHForCausalLM
+        return NemotronHForCausalLM(config)
+    if isinstance(config, Nemotron4Config):
+        from .nemotron4 import build_nemotron4
+        return build_nemotron4(config)
+    if isinstance(config, NemotronNASConfig):
+        from .llama_nas import build_llama_nas
+        return build_llama_nas(config)
+    raise TypeError(f"no model for config type {type(config).__name__}")

@@ -1,0 +1,43 @@
+"""Llama-3.3-Nemotron-Super-49B and Llama-3.1-Nemotron-Ultra-253B (DeciLM, `model_type: "nemotron-nas"`):
+a Llama-3 decoder whose layers each choose GQA width (`n_heads_in_group`), FFN width (`ffn_mult`),
+or replace a half by a single linear map or drop it (`no_op`)."""
+
+from __future__ import annotations
+
+from ..config import NemotronNASConfig
+from ..layers.attention import Attention, LinearAttention
+from ..layers.decoder import DecoderBody, DecoderLayer, DecoderLM
+from ..layers.mlp import LinearMLP, SwiGLU
+from ..layers.norm import RMSNorm
+from ..layers.rope import rope_inv_freq
+
+
+def build_llama_nas(config: NemotronNASConfig) -> DecoderLM:
+    c = config
+    h = c.hidden_size
+
+    def norm() -> RMSNorm:
+        return RMSNorm(h, c.rms_norm_eps, weight_in_fp32=False)  # Llama rounding order
+
+    layers = []
+    for i, block in enumerate(c.block_configs):
+        a, f = block.attention, block.ffn
+        if a.no_op:
+            attn = None
+        elif a.replace_with_linear:
+            attn = LinearAttention(h)
+        else:
+            attn = Attention(h, c.num_attention_heads, c.num_attention_heads // a.n_heads_in_group, c.head_dim,
+                             c.attention_bias)
+        if f.no_op:
+            mlp = None
+        elif f.replace_with_linear:
+            mlp = LinearMLP(h)
+        else:
+            mlp = SwiGLU(h, c.intermediate_size(i), c.mlp_bias)
+        layers.append(DecoderLayer(None if attn is None else norm(), attn, None if mlp is None else norm(), mlp))
+    body = DecoderBody(c.vocab_size, h, layers, norm())
+    s = c.rope_scaling
+    inv_freq = rope_inv_freq(c.head_dim, c.rope_theta, s.rope_type, s.factor, s.low_freq_factor,
+                             s.high_freq_factor, s.original_max_position_embeddings)
+    return DecoderLM(c, body, inv_freq)

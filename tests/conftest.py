@@ -1,0 +1,76 @@
+"""Shared fixtures: tiny random checkpoints written by transformers' own `save_pretrained`."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+
+
+def randomize_(model: torch.nn.Module, seed: int = 0, scale: float = 0.5) -> torch.nn.Module:
+    """Give every tensor (norm weights, A_log, D, dt_bias, router bias too) non-trivial random values so
+    parity tests exercise every term."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+            if not t.is_floating_point() or "inv_freq" in name:
+                continue
+            if name.endswith("A_log"):
+                t.copy_(torch.rand(t.shape, generator=g) * 2 - 0.5)
+            elif name.endswith("dt_bias"):
+                t.copy_(torch.rand(t.shape, generator=g) * 2 - 2.0)
+            elif name.endswith("norm.weight") or "layernorm" in name or name.endswith(("norm_f.weight", "enorm.weight", "hnorm.weight")):
+                t.copy_(1.0 + 0.2 * torch.randn(t.shape, generator=g))
+            elif name.endswith("e_score_correction_bias"):
+                t.copy_(0.1 * torch.randn(t.shape, generator=g))
+            else:
+                fan_in = t.shape[-1] if t.dim() > 1 else 1
+                t.copy_(torch.randn(t.shape, generator=g) * scale / fan_in**0.5)
+    return model
+
+
+def disable_hf_dt_clamp_(model: torch.nn.Module) -> torch.nn.Module:
+    """transformers 5 clamps dt to >= time_step_min (0.001, inherited from Zamba2) in prefill; NVIDIA's
+    remote code, mamba_ssm and vLLM apply no clamp (time_step_limit = (0, inf)), and neither do we.
+    Parity is checked on the path where both agree: the reference's clamp switched off."""
+    for module in model.modules():
+        if hasattr(module, "time_step_limit"):
+            module.time_step_limit = (0.0, float("inf"))
+    return model
+
+
+def tiny_nemotron_h_kwargs(**overrides):
+    kw = dict(
+        vocab_size=96, hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+        intermediate_size=96, mamba_num_heads=8, mamba_head_dim=8, n_groups=2, ssm_state_size=16,
+        conv_kernel=4, chunk_size=8, n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=32,
+        moe_shared_expert_intermediate_size=48, routed_scaling_factor=2.5,
+        layers_block_type=["linear_attention", "mlp", "full_attention", "linear_attention", "mlp"],
+        eos_token_id=2, bos_token_id=1, pad_token_id=0,
+    )
+    kw.update(overrides)
+    return kw
+
+
+@pytest.fixture
+def make_hf_nemotron_h(tmp_path):
+    """Build a transformers NemotronHForCausalLM, randomise it, save_pretrained; return (dir, hf_model)."""
+    from transformers import NemotronHConfig, NemotronHForCausalLM
+
+    def make(name: str = "ckpt", seed: int = 0, **overrides):
+        torch.manual_seed(seed)
+        cfg = NemotronHConfig(**tiny_nemotron_h_kwargs(**overrides))
+        model = randomize_(NemotronHForCausalLM(cfg), seed).eval()
+        disable_hf_dt_clamp_(model)
+        out = tmp_path / name
+        model.save_pretrained(out)
+        return out, model
+
+    return make
