@@ -1,0 +1,486 @@
+"""Registry of the released Nemotron family members with their real config values.
+
+Each preset is a config of one of the three families in `nemotron.config`, built by a small function
+per member. Values come from `shared/reference/architectures.md` (§2 Nemotron-H / Nano 2 / Nemotron 3,
+§3 Nemotron-4 / Minitron, §4 Llama-Nemotron), which cites Megatron-Bridge providers and recipes,
+NVIDIA's released `config.json` files (or public copies of them) and vLLM/transformers code. Where
+the reference (or this file) had to assume a value, the preset's `description` says so.
+
+Nemotron-H attention is NoPE: the `rope_theta` / `partial_rotary_factor` keys that Nemotron-3
+configs carry are ignored by every implementation and are not reproduced here.
+
+`get_preset` returns a copy whose config may be modified freely; `PRESETS` holds the originals.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from .config import (
+    AnyConfig,
+    AttentionBlockConfig,
+    BlockConfig,
+    FFNBlockConfig,
+    Nemotron4Config,
+    NemotronHConfig,
+    NemotronNASConfig,
+    RopeScaling,
+)
+from .errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str  # short CLI name, e.g. "nemotron-3-super-120b-a12b"
+    hf_id: str  # Hugging Face repository id
+    family: str  # "nemotron_h" | "nemotron" | "nemotron-nas" (the config's model_type)
+    advertised: str  # the advertised size, e.g. "120B-A12B", "49B"
+    # NVIDIA's stated total in billions (main model, MTP excluded). Where NVIDIA gives a precise
+    # figure that differs from the name (e.g. "31.6B total" for Nano-3 30B-A3B) that figure is used.
+    advertised_params: float
+    config: AnyConfig
+    description: str  # one line
+
+
+# --------------------------------------------------------------------------------------------------
+# Nemotron-H / Nemotron Nano 2 / Nemotron 3 (model_type "nemotron_h")
+# --------------------------------------------------------------------------------------------------
+
+# Values shared by every released nemotron_h config (reference §1.4, §2; the Nano-3 config.json).
+_NEMOTRON_H_COMMON: dict[str, Any] = dict(
+    vocab_size=131072,
+    head_dim=128,
+    attention_bias=False,
+    mlp_hidden_act="relu2",
+    mlp_bias=False,
+    n_groups=8,
+    ssm_state_size=128,
+    conv_kernel=4,
+    chunk_size=128,
+    use_conv_bias=True,
+    use_bias=False,
+    mamba_hidden_act="silu",
+    mamba_ssm_cache_dtype="float32",
+    layer_norm_epsilon=1e-5,
+    residual_in_fp32=False,
+    tie_word_embeddings=False,
+    bos_token_id=1,
+    eos_token_id=2,
+    pad_token_id=0,
+    torch_dtype="bfloat16",
+)
+
+# MoE router settings of every released Nemotron-3 MoE config (reference §1.7).
+_NEMOTRON_3_ROUTER: dict[str, Any] = dict(n_shared_experts=1, n_group=1, topk_group=1, norm_topk_prob=True)
+
+# Layer patterns, one character per layer: M Mamba-2, * attention, - dense MLP, E MoE (reference §2).
+_H_8B_PATTERN = "M-M-M-M*-M-M-M-M-M*-M-M-M-M-M*-M-M-M-M-M*-M-M-M-M-M-"  # also Nemotron-H-4B
+_H_47B_PATTERN = (
+    "M-M-M-M-M-M-M-M-M*-M-M-M-M-M-M-M-M-M-M*-M-M-M-M-M*-M-M-M-M-M*-M-M-M-M-M-M-M---MM---M-M*-M-M-M-M-M-"
+)
+_H_56B_PATTERN = (
+    "M-M-M-M*-M-M-M-M-M*-M-M-M-M-M*-M-M-M-M-M*-M-M-M-M-M*-M-M-M-M-M*-M-M-M-M-"
+    "M*-M-M-M-M-M*-M-M-M-M-M*-M-M-M-M-M*-M-M-M-M-M-"
+)
+_NANO_2_9B_PATTERN = "M-M-M-MM-M-M-M*-M-M-M*-M-M-M-M*-M-M-M-M*-M-MM-M-M-M-M-M-"
+_NANO_2_12B_PATTERN = "M-M-M-M*-M-M-M-M*-M-M-M-M*-M-M-M-M*-M-M-M-M*-M-M-M-M*-M-M-M-M-"
+_NANO_3_4B_PATTERN = "M-M-M-MM-M-M*-M-M*-M-M-M*-M-M-MM*-MMM-M-M-"
+_NANO_3_30B_PATTERN = "MEMEM*EMEMEM*EMEMEM*EMEMEM*EMEMEM*EMEMEMEM*EMEMEMEME"
+_SUPER_PATTERN = (
+    "MEMEMEM*EMEMEMEM*EMEMEMEM*EMEMEMEMEM*EMEMEMEMEM*EMEMEMEMEM*EMEMEMEMEM*EMEMEMEM*EMEMEMEME"
+)
+_ULTRA_PATTERN = (
+    "MEMEMEM*EMEMEM*EMEMEMEM*EMEMEMEM*EMEMEM*EMEMEMEM*EMEMEMEM*EMEMEM*EMEMEMEM*EMEMEMEM*EMEMEM*"
+    "EMEMEMEM*EMEMEMEME"
+)
+
+
+def _nemotron_h(**values: Any) -> NemotronHConfig:
+    config = NemotronHConfig(**{**_NEMOTRON_H_COMMON, **values})
+    config.validate()
+    return config
+
+
+def _nemotron_h_4b() -> NemotronHConfig:
+    return _nemotron_h(
+        hybrid_override_pattern=_H_8B_PATTERN, hidden_size=3072,
+        num_attention_heads=32, num_key_value_heads=8,
+        mamba_num_heads=112, mamba_head_dim=64,
+        intermediate_size=12288, max_position_embeddings=8192,
+    )
+
+
+def _nemotron_h_8b() -> NemotronHConfig:
+    return _nemotron_h(
+        hybrid_override_pattern=_H_8B_PATTERN, hidden_size=4096,
+        num_attention_heads=32, num_key_value_heads=8,
+        mamba_num_heads=128, mamba_head_dim=64,
+        intermediate_size=21504, max_position_embeddings=8192,
+    )
+
+
+def _nemotron_h_47b() -> NemotronHConfig:
+    return _nemotron_h(
+        hybrid_override_pattern=_H_47B_PATTERN, hidden_size=8192,
+        num_attention_heads=64, num_key_value_heads=8,
+        mamba_num_heads=256, mamba_head_dim=64, ssm_state_size=256,
+        intermediate_size=30720, max_position_embeddings=8192,
+    )
+
+
+def _nemotron_h_56b() -> NemotronHConfig:
+    return _nemotron_h(
+        hybrid_override_pattern=_H_56B_PATTERN, hidden_size=8192,
+        num_attention_heads=64, num_key_value_heads=8,
+        mamba_num_heads=256, mamba_head_dim=64, ssm_state_size=256,
+        intermediate_size=32768, max_position_embeddings=8192,
+    )
+
+
+def _nano_2_9b() -> NemotronHConfig:
+    return _nemotron_h(
+        hybrid_override_pattern=_NANO_2_9B_PATTERN, hidden_size=4480,
+        num_attention_heads=40, num_key_value_heads=8,
+        mamba_num_heads=128, mamba_head_dim=80,
+        intermediate_size=15680, max_position_embeddings=131072,
+    )
+
+
+def _nano_2_12b() -> NemotronHConfig:
+    return _nemotron_h(
+        hybrid_override_pattern=_NANO_2_12B_PATTERN, hidden_size=5120,
+        num_attention_heads=40, num_key_value_heads=8,
+        mamba_num_heads=128, mamba_head_dim=80,
+        intermediate_size=20480, max_position_embeddings=131072,
+    )
+
+
+def _nano_3_4b() -> NemotronHConfig:
+    return _nemotron_h(
+        hybrid_override_pattern=_NANO_3_4B_PATTERN, hidden_size=3136,
+        num_attention_heads=40, num_key_value_heads=8,
+        mamba_num_heads=96, mamba_head_dim=80, chunk_size=256,
+        intermediate_size=12544,
+        max_position_embeddings=262144,  # not in the reference; public copies of the config say 262144
+        eos_token_id=11,  # assumed as Nano-3 30B (<|im_end|>)
+    )
+
+
+def _nano_3_30b_a3b() -> NemotronHConfig:
+    # Every value below is in the released config.json (reference §2, [RC]).
+    return _nemotron_h(
+        hybrid_override_pattern=_NANO_3_30B_PATTERN, hidden_size=2688,
+        num_attention_heads=32, num_key_value_heads=2,
+        mamba_num_heads=64, mamba_head_dim=64,
+        n_routed_experts=128, num_experts_per_tok=6,
+        moe_intermediate_size=1856, moe_shared_expert_intermediate_size=3712,
+        moe_latent_size=None, routed_scaling_factor=2.5, **_NEMOTRON_3_ROUTER,
+        intermediate_size=1856,  # unused (no dense MLP layer); the release sets it to moe_intermediate_size
+        max_position_embeddings=262144, eos_token_id=11,
+    )
+
+
+def _nemotron_3_5_lightning() -> NemotronHConfig:
+    # Nano-3 30B-A3B plus one MTP depth; the MTP pattern "*E" is the Megatron-Bridge Lightning
+    # recipe's `mtp_hybrid_override_pattern` (the HF config itself was not seen).
+    return _nano_3_30b_a3b().replace(num_nextn_predict_layers=1, mtp_hybrid_override_pattern="*E")
+
+
+def _nemotron_3_super() -> NemotronHConfig:
+    return _nemotron_h(
+        hybrid_override_pattern=_SUPER_PATTERN, hidden_size=4096,
+        num_attention_heads=32, num_key_value_heads=2,
+        mamba_num_heads=128, mamba_head_dim=64,
+        n_routed_experts=512, num_experts_per_tok=22,
+        moe_intermediate_size=2688, moe_shared_expert_intermediate_size=5376,
+        moe_latent_size=1024, routed_scaling_factor=5.0, **_NEMOTRON_3_ROUTER,
+        intermediate_size=2688,  # unused (no dense MLP layer); set to moe_intermediate_size as in Nano-3
+        num_nextn_predict_layers=1, mtp_hybrid_override_pattern="*E",
+        max_position_embeddings=262144, eos_token_id=[2, 11],
+    )
+
+
+def _nemotron_3_ultra() -> NemotronHConfig:
+    # Only a Megatron-LM pretraining script was seen (reference §2, open question 2): vocab,
+    # n_groups, ssm_state_size, context length, EOS and the stored MTP depth count are assumptions.
+    return _nemotron_h(
+        hybrid_override_pattern=_ULTRA_PATTERN, hidden_size=8192,
+        num_attention_heads=64, num_key_value_heads=2,
+        mamba_num_heads=256, mamba_head_dim=64,
+        n_groups=8, ssm_state_size=128,  # Megatron defaults (assumed)
+        n_routed_experts=512, num_experts_per_tok=22,
+        moe_intermediate_size=5120, moe_shared_expert_intermediate_size=10240,
+        moe_latent_size=2048, routed_scaling_factor=5.0, **_NEMOTRON_3_ROUTER,
+        intermediate_size=5120,  # unused (no dense MLP layer)
+        # trained with 2 repeated MTP depths of ONE stored "*E" block, which Super's HF config
+        # records as num_nextn_predict_layers=1 (assumed the same here)
+        num_nextn_predict_layers=1, mtp_hybrid_override_pattern="*E",
+        vocab_size=131072,  # assumed (reference)
+        max_position_embeddings=262144,  # assumed as Nano-3 / Super
+        eos_token_id=[2, 11],  # assumed as Super
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# Nemotron-4 / Minitron (model_type "nemotron")
+# --------------------------------------------------------------------------------------------------
+
+_NEMOTRON_4_COMMON: dict[str, Any] = dict(
+    vocab_size=256000,
+    num_hidden_layers=32,
+    hidden_act="relu2",
+    rope_theta=10000.0,
+    partial_rotary_factor=0.5,
+    norm_eps=1e-5,
+    attention_bias=False,
+    mlp_bias=False,
+    tie_word_embeddings=False,
+    max_position_embeddings=4096,
+    initializer_range=0.0134,
+    bos_token_id=2,
+    eos_token_id=3,
+    pad_token_id=None,
+    torch_dtype="bfloat16",
+)
+
+
+def _nemotron_4(**values: Any) -> Nemotron4Config:
+    config = Nemotron4Config(**{**_NEMOTRON_4_COMMON, **values})
+    config.validate()
+    return config
+
+
+def _minitron_4b() -> Nemotron4Config:
+    return _nemotron_4(hidden_size=3072, intermediate_size=9216,
+                       num_attention_heads=24, num_key_value_heads=8, head_dim=128)
+
+
+def _minitron_8b() -> Nemotron4Config:
+    # q width 48*128 = 6144 differs from hidden_size 4096
+    return _nemotron_4(hidden_size=4096, intermediate_size=16384,
+                       num_attention_heads=48, num_key_value_heads=8, head_dim=128)
+
+
+def _nemotron_4_15b() -> Nemotron4Config:
+    # Megatron-Bridge Nemotron4ModelProvider15B; bos/eos assumed from the shared 256k tokenizer.
+    return _nemotron_4(hidden_size=6144, intermediate_size=24576,
+                       num_attention_heads=48, num_key_value_heads=8, head_dim=128)
+
+
+def _nemotron_4_340b() -> Nemotron4Config:
+    # Megatron-Bridge Nemotron4ModelProvider340B (init_method_std 0.0063); head_dim = 18432/96.
+    return _nemotron_4(num_hidden_layers=96, hidden_size=18432, intermediate_size=73728,
+                       num_attention_heads=96, num_key_value_heads=8, head_dim=192,
+                       initializer_range=0.0063)
+
+
+# --------------------------------------------------------------------------------------------------
+# Llama-Nemotron Super 49B / Ultra 253B (DeciLM, model_type "nemotron-nas")
+# --------------------------------------------------------------------------------------------------
+#
+# Per-layer block_configs, extracted from the Hugging Face config.json copies embedded in
+# NVIDIA-NeMo/Megatron-Bridge commit 2cec89e0, src/megatron/bridge/models/llama_nemotron/
+# llama_nemotron_config.py (LLAMA_33_NEMOTRON_SUPER_49B_HETEROGENEOUS_CONFIG, copied from
+# huggingface.co/nvidia/Llama-3_3-Nemotron-Super-49B-v1, and LLAMA_31_NEMOTRON_ULTRA_253B_...).
+# One character per layer, layer 0 first:
+#   attention: "A" = GQA with the model's n_heads_in_group, "." = no_op (n_heads_in_group null);
+#   ffn: a letter looked up in the model's ffn_mult table, "." = no_op (ffn_mult null).
+# No layer of either model uses replace_with_linear. The remaining per-block keys of the release
+# (sparsify, window_length, sink settings) are null/false in every block and are kept in `extra` so
+# that to_hf() writes the block_configs exactly as released.
+
+_SUPER_49B_ATTENTION = (
+    "AAAAAA..AAA.AAAAAAAAAAAAAAAAAAAAAAAAAAAA"  # layers 0-39
+    "AA..........A..................AAAAAAAAA"  # layers 40-79
+)
+_SUPER_49B_FFN = (
+    "caaaaaccaaabaaaaaaaaaaaaaaaaaaaaaaaaaaaa"
+    "aadccdadcdddadeedeeeddffeeffeffaaaaaaaaa"
+)
+_SUPER_49B_FFN_MULT = {"a": 5.25, "b": 3.28125, "c": 2.625, "d": 1.3125, "e": 1.0, "f": 0.5}
+
+_ULTRA_253B_ATTENTION = (
+    "AAAAAAAAA....AAAAA......AAA.....AAAA...A"  # layers 0-39
+    "AA.A......AAAA.....AAAA.....AAAA.....AAA"  # layers 40-79
+    "A.....AAAA..AAAA..A........A.....AA.A..."  # layers 80-119
+    "...............................AA.AAAAAA"  # layers 120-159
+    "AA"  # layers 160-161
+)
+_ULTRA_253B_FFN = (
+    "lkjjjjjji....iiiee......eee.....eeeh...i"
+    "iiiee.....eeee.....eeee.....eeee.....eee"
+    "e.....efff..ghhhhhh.hhhhhhhh.....geee..."
+    ".....b........a........c.....diih.hhfeee"
+    "eh"
+)
+# a-d are the "merged giant" FFNs that replace runs of removed layers
+_ULTRA_253B_FFN_MULT = {
+    "a": 39.0, "b": 36.5625, "c": 31.40625, "d": 27.5625, "e": 4.875, "f": 3.4125,
+    "g": 2.925, "h": 2.4375, "i": 1.95, "j": 1.4625, "k": 0.975, "l": 0.4875,
+}
+
+_NAS_ATTENTION_EXTRA: dict[str, Any] = {
+    "num_sink_tokens": None, "sparsify": None, "unshifted_sink": False,
+    "use_prefill_window_in_sink_attention": False, "window_length": None,
+}
+_NAS_FFN_EXTRA: dict[str, Any] = {"sparsify": None}
+
+
+def _nas_blocks(attention: str, ffn: str, ffn_mult: dict[str, float], n_heads_in_group: int) -> list[BlockConfig]:
+    if len(attention) != len(ffn):
+        raise ConfigError(f"nemotron-nas preset: {len(attention)} attention codes but {len(ffn)} ffn codes")
+    blocks = []
+    for a, f in zip(attention, ffn):
+        attn = AttentionBlockConfig(no_op=a == ".", replace_with_linear=False,
+                                    n_heads_in_group=None if a == "." else n_heads_in_group,
+                                    extra=dict(_NAS_ATTENTION_EXTRA))
+        mlp = FFNBlockConfig(no_op=f == ".", replace_with_linear=False,
+                             ffn_mult=None if f == "." else ffn_mult[f],
+                             extra=dict(_NAS_FFN_EXTRA))
+        blocks.append(BlockConfig(attn, mlp))
+    return blocks
+
+
+_NAS_COMMON: dict[str, Any] = dict(
+    vocab_size=128256,
+    hidden_act="silu",
+    rms_norm_eps=1e-5,
+    rope_theta=500000.0,
+    attention_bias=False,
+    mlp_bias=False,
+    tie_word_embeddings=False,
+    max_position_embeddings=131072,
+    initializer_range=0.02,
+    bos_token_id=128000,
+    eos_token_id=[128001, 128008, 128009],
+    pad_token_id=None,
+    torch_dtype="bfloat16",
+)
+
+
+def _nemotron_nas(**values: Any) -> NemotronNASConfig:
+    config = NemotronNASConfig(**{**_NAS_COMMON, **values})
+    config.validate()
+    return config
+
+
+def _llama_nemotron_super_49b() -> NemotronNASConfig:
+    return _nemotron_nas(
+        block_configs=_nas_blocks(_SUPER_49B_ATTENTION, _SUPER_49B_FFN, _SUPER_49B_FFN_MULT, n_heads_in_group=8),
+        hidden_size=8192, num_attention_heads=64,
+        rope_scaling=RopeScaling(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                                 original_max_position_embeddings=8192),
+    )
+
+
+def _llama_nemotron_ultra_253b() -> NemotronNASConfig:
+    return _nemotron_nas(
+        block_configs=_nas_blocks(_ULTRA_253B_ATTENTION, _ULTRA_253B_FFN, _ULTRA_253B_FFN_MULT, n_heads_in_group=16),
+        hidden_size=16384, num_attention_heads=128,
+        rope_scaling=RopeScaling(rope_type="llama3", factor=16.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                                 original_max_position_embeddings=8192),
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# The registry
+# --------------------------------------------------------------------------------------------------
+
+
+def _preset(name: str, hf_id: str, advertised: str, advertised_params: float, config: AnyConfig,
+            description: str) -> Preset:
+    return Preset(name=name, hf_id=hf_id, family=config.model_type, advertised=advertised,
+                  advertised_params=advertised_params, config=config, description=description)
+
+
+_ALL = [
+    # Nemotron-H (Megatron-Bridge providers; 8K-context base models)
+    # NOTE: these dims (Megatron-Bridge provider and NVIDIA's Megatron-Bridge docs; untied head, which fits
+    # the 311 checkpoint tensors a third-party converter reports) give 4.49B parameters; NVIDIA only says "4B".
+    _preset("nemotron-h-4b", "nvidia/Nemotron-H-4B-Base-8K", "4B", 4.0, _nemotron_h_4b(),
+            "Nemotron-H 4B base: 52-layer Mamba-2/MLP hybrid with 4 attention layers, pruned from 8B."),
+    _preset("nemotron-h-8b", "nvidia/Nemotron-H-8B-Base-8K", "8B", 8.0, _nemotron_h_8b(),
+            "Nemotron-H 8B base: 52-layer Mamba-2/MLP hybrid with 4 attention layers."),
+    _preset("nemotron-h-47b", "nvidia/Nemotron-H-47B-Base-8K", "47B", 47.0, _nemotron_h_47b(),
+            "Nemotron-H 47B base: 98-layer hybrid (MiniPuzzle-compressed from 56B), Mamba state 256."),
+    _preset("nemotron-h-56b", "nvidia/Nemotron-H-56B-Base-8K", "56B", 56.0, _nemotron_h_56b(),
+            "Nemotron-H 56B base: 118-layer hybrid with 10 attention layers, Mamba state 256."),
+    # Nemotron Nano 2
+    _preset("nemotron-nano-9b-v2", "nvidia/NVIDIA-Nemotron-Nano-9B-v2", "9B", 9.0, _nano_2_9b(),
+            "Nemotron Nano 2 9B reasoning model: 56-layer hybrid pruned from 12B, 128K context; "
+            "eos/pad ids not seen in a release config (defaults 2/0)."),
+    # NOTE: these dims give 12.31B parameters (2.6% above the nominal 12B).
+    _preset("nemotron-nano-12b-v2", "nvidia/NVIDIA-Nemotron-Nano-12B-v2", "12B", 12.0, _nano_2_12b(),
+            "Nemotron Nano 2 12B: 62-layer hybrid, parent of Nano 2 9B, 128K context; "
+            "eos/pad ids not seen in a release config (defaults 2/0)."),
+    # Nemotron 3
+    _preset("nemotron-3-nano-4b", "nvidia/NVIDIA-Nemotron-3-Nano-4B-BF16", "4B", 4.0, _nano_3_4b(),
+            "Nemotron 3 Nano 4B: dense 42-layer hybrid (chunk 256) compressed from Nano 2 9B; "
+            "max_position_embeddings 262144 from public config copies and eos 11 assumed as Nano-3 30B."),
+    _preset("nemotron-3-nano-30b-a3b", "nvidia/NVIDIA-Nemotron-3-Nano-30B-A3B-BF16", "30B-A3B", 31.6,
+            _nano_3_30b_a3b(),
+            "Nemotron 3 Nano 30B-A3B: 52-layer Mamba-2/MoE hybrid, 128 experts top-6 + shared expert "
+            "(NVIDIA states 31.6B total)."),
+    _preset("nemotron-3.5-lightning-30b-a3b", "nvidia/NVIDIA-Nemotron-3.5-Lightning-30B-A3B-BF16", "30B-A3B",
+            31.6, _nemotron_3_5_lightning(),
+            "Nemotron 3.5 Lightning 30B-A3B: Nano-3 30B-A3B architecture plus one '*E' MTP depth "
+            "(MTP pattern from the Megatron-Bridge recipe; HF config not seen)."),
+    _preset("nemotron-3-super-120b-a12b", "nvidia/NVIDIA-Nemotron-3-Super-120B-A12B-BF16", "120B-A12B", 120.0,
+            _nemotron_3_super(),
+            "Nemotron 3 Super 120B-A12B: 88-layer Mamba-2/LatentMoE hybrid, 512 experts top-22, latent 1024, "
+            "one '*E' MTP depth."),
+    _preset("nemotron-3-ultra-550b-a55b", "nvidia/NVIDIA-Nemotron-3-Ultra-550B-A55B-BF16", "550B-A55B", 550.0,
+            _nemotron_3_ultra(),
+            "Nemotron 3 Ultra 550B-A55B: 108-layer LatentMoE hybrid from a Megatron script; vocab 131072, "
+            "Mamba groups 8 / state 128, ctx 262144, eos [2, 11] and 1 stored MTP depth are assumed."),
+    # Nemotron-4 / Minitron
+    # Minitron totals: the Minitron paper gives 2.6B / 6.2B non-embedding parameters for 4B / 8B; with the
+    # untied 256k-vocab embedding and head that is 4.19B / 8.27B.
+    _preset("minitron-4b", "nvidia/Minitron-4B-Base", "4B", 4.19, _minitron_4b(),
+            "Minitron 4B base: Nemotron-4 15B pruned and distilled, 32 layers, 256K vocab "
+            "(4.19B total incl. 1.57B embedding+head)."),
+    _preset("minitron-8b", "nvidia/Minitron-8B-Base", "8B", 8.27, _minitron_8b(),
+            "Minitron 8B base: Nemotron-4 15B pruned and distilled, 32 layers, 48 heads of 128 on a 4096 "
+            "residual (8.27B total)."),
+    _preset("nemotron-mini-4b-instruct", "nvidia/Nemotron-Mini-4B-Instruct", "4B", 4.19, _minitron_4b(),
+            "Nemotron-Mini-4B-Instruct: the Minitron 4B architecture, instruction tuned (4.19B total)."),
+    _preset("nemotron-4-15b", "nvidia/Nemotron-4-15B", "15B", 15.7, _nemotron_4_15b(),
+            "Nemotron-4 15B (values from the Megatron-Bridge provider; no public HF checkpoint confirmed, "
+            "hf_id is a placeholder; bos/eos assumed 2/3; NVIDIA states 12.5B + 3.2B embedding)."),
+    _preset("nemotron-4-340b", "nvidia/Nemotron-4-340B-Instruct", "340B", 340.0, _nemotron_4_340b(),
+            "Nemotron-4 340B (Base/Instruct share it; released in NeMo format; Megatron-Bridge provider "
+            "values; bos/eos assumed 2/3)."),
+    # Llama-Nemotron (NAS)
+    _preset("llama-3.3-nemotron-super-49b-v1", "nvidia/Llama-3_3-Nemotron-Super-49B-v1", "49B", 49.0,
+            _llama_nemotron_super_49b(),
+            "Llama-3.3-Nemotron-Super-49B-v1: NAS-pruned Llama-3.3-70B, 80 blocks (31 without attention), "
+            "per-layer FFN widths."),
+    _preset("llama-3.1-nemotron-ultra-253b-v1", "nvidia/Llama-3_1-Nemotron-Ultra-253B-v1", "253B", 253.0,
+            _llama_nemotron_ultra_253b(),
+            "Llama-3.1-Nemotron-Ultra-253B-v1: NAS-derived from Llama-3.1-405B, 162 blocks (98 without "
+            "attention, 81 without FFN)."),
+]
+
+PRESETS: dict[str, Preset] = {p.name: p for p in _ALL}
+del _ALL
+
+_LOOKUP: dict[str, str] = {}
+for _p in PRESETS.values():
+    _LOOKUP[_p.name.lower()] = _p.name
+    _LOOKUP.setdefault(_p.hf_id.lower(), _p.name)
+del _p
+
+
+def get_preset(name: str) -> Preset:
+    """The preset named `name` (its short name or its Hugging Face id, case-insensitive).
+
+    The returned preset carries a private copy of the config, so callers may modify it.
+    """
+    key = _LOOKUP.get(str(name).strip().lower())
+    if key is None:
+        raise ConfigError(f"unknown preset {name!r} (known: {', '.join(PRESETS)})")
+    preset = PRESETS[key]
+    return dataclasses.replace(preset, config=copy.deepcopy(preset.config))

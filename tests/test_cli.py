@@ -1,0 +1,51 @@
+"""The real CLI, run as a subprocess."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import nemotron
+
+
+def _run(*args, check=True):
+    result = subprocess.run([sys.executable, "-m", "nemotron.cli", *map(str, args)], capture_output=True,
+                            text=True, timeout=300)
+    if check:
+        assert result.returncode == 0, result.stderr
+    return result
+
+
+def test_info_super_preset_json():
+    info = json.loads(_run("info", "nemotron-3-super-120b-a12b", "--json").stdout)
+    assert info["total_params"] == 120_668_707_840
+    assert info["architecture"] == "NemotronHForCausalLM" and info["num_layers"] == 88
+    assert 12.5e9 < info["active_params"] < 13e9
+    assert info["mtp_params"] == 123_611_033_088 - 120_668_707_840
+
+
+def test_info_text_and_models_table():
+    text = _run("info", "nemotron-3-nano-30b-a3b").stdout
+    assert "31,577,940,288" in text and "6 of 128 per token" in text and "per sequence" in text
+    table = _run("models").stdout
+    assert "llama-3.3-nemotron-super-49b-v1" in table and "minitron-8b" in table
+    rows = json.loads(_run("models", "--json").stdout)
+    assert len(rows) >= 18
+
+
+def test_init_info_generate(tmp_path):
+    out = tmp_path / "tiny"
+    _run("init", out)
+    info = json.loads(_run("info", out, "--json").stdout)
+    assert info["layer_pattern"] == "MEM*EME" and info["mtp_params"] > 0
+    text = _run("generate", "--model", out, "Hello", "--max-new-tokens", "5").stdout
+    assert text.startswith("Hello")
+    # the CLI prints the prompt followed by the greedy continuation computed through the cache
+    import torch
+
+    from nemotron.generate import greedy_generate
+
+    m = nemotron.load(out)
+    ids = greedy_generate(m.model, torch.tensor([m.tokenizer.encode("Hello")]), 5, {m.tokenizer.eos_token_id})
+    assert text == "Hello" + m.tokenizer.decode(ids[0].tolist(), skip_special_tokens=True) + "\n"

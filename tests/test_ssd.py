@@ -1,0 +1,66 @@
+"""The chunked SSD scan against the step-by-step recurrence, and the router as a pure function."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from nemotron.layers.moe import route
+from nemotron.layers.ssd import segsum, ssd_chunked, ssd_recurrent
+
+
+def _inputs(b, L, h, p, g, n, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(b, L, h, p, generator=gen)
+    dt = torch.nn.functional.softplus(torch.randn(b, L, h, generator=gen) - 1.0)
+    A = -torch.exp(torch.rand(h, generator=gen) * 2 - 0.5)
+    B = torch.randn(b, L, g, n, generator=gen)
+    C = torch.randn(b, L, g, n, generator=gen)
+    s0 = torch.randn(b, h, p, n, generator=gen)
+    return x, dt, A, B, C, s0
+
+
+@pytest.mark.parametrize("L,chunk", [(16, 8), (13, 8), (5, 8), (1, 4), (37, 16), (64, 64), (30, 7)])
+@pytest.mark.parametrize("with_state", [False, True])
+@pytest.mark.parametrize("groups", [1, 2])
+def test_chunked_equals_recurrent(L, chunk, with_state, groups):
+    x, dt, A, B, C, s0 = _inputs(2, L, 4, 3, groups, 5)
+    init = s0 if with_state else None
+    y_ref, s_ref = ssd_recurrent(x, dt, A, B, C, init)
+    y, s = ssd_chunked(x, dt, A, B, C, chunk, init)
+    assert (y - y_ref).abs().max() <= 1e-5 * max(1.0, y_ref.abs().max().item())
+    assert (s - s_ref).abs().max() <= 1e-5 * max(1.0, s_ref.abs().max().item())
+
+
+def test_chunked_scan_continues_from_its_own_final_state():
+    x, dt, A, B, C, _ = _inputs(1, 29, 4, 3, 2, 5, seed=1)
+    y_all, s_all = ssd_chunked(x, dt, A, B, C, 8)
+    y1, s1 = ssd_chunked(x[:, :11], dt[:, :11], A, B[:, :11], C[:, :11], 8)
+    y2, s2 = ssd_chunked(x[:, 11:], dt[:, 11:], A, B[:, 11:], C[:, 11:], 8, initial_state=s1)
+    assert torch.allclose(torch.cat([y1, y2], 1), y_all, atol=1e-5)
+    assert torch.allclose(s2, s_all, atol=1e-5)
+
+
+def test_segsum():
+    a = torch.tensor([1.0, 2.0, 3.0])
+    s = segsum(a)
+    assert s[2, 0] == 5.0 and s[2, 1] == 3.0 and s[1, 1] == 0.0 and s[0, 2] == float("-inf")
+
+
+def test_router_bias_selects_but_does_not_weight():
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0]])
+    bias = torch.tensor([0.0, 0.0, 0.0, 5.0])  # pushes expert 3 into the top-2
+    w, idx = route(logits, bias, top_k=2, norm_topk_prob=False, scaling_factor=1.0)
+    chosen = dict(zip(idx[0].tolist(), w[0].tolist()))
+    assert set(chosen) == {0, 3}
+    assert chosen[3] == pytest.approx(torch.sigmoid(torch.tensor(-1.0)).item())  # raw score, no bias
+    w, idx = route(logits, bias, top_k=2, norm_topk_prob=True, scaling_factor=2.5)
+    assert w.sum().item() == pytest.approx(2.5)
+
+
+def test_router_group_limited_selection():
+    # 4 groups of 2 experts; keep the best 2 groups (by the sum of their top-2 scores)
+    logits = torch.tensor([[3.0, -3.0, 0.5, 0.5, 2.9, -5.0, 1.0, 1.0]])
+    w, idx = route(logits, torch.zeros(8), top_k=3, n_group=4, topk_group=2)
+    # group sums: g0 = s(3)+s(-3) ~ 1.0, g1 = 2*s(.5) ~ 1.25, g2 ~ 0.95, g3 = 2*s(1) ~ 1.46 -> g1, g3
+    assert set(idx[0].tolist()) <= {2, 3, 6, 7} and len(set(idx[0].tolist())) == 3
