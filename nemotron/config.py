@@ -74,14 +74,15 @@ class BaseConfig:
     def to_hf(self) -> dict[str, Any]:
         out: dict[str, Any] = {"architectures": [self.architecture], "model_type": self.model_type}
         for f in dataclasses.fields(self):
-            if f.name != "extra":
+            # unset optional fields are left out, as the released configs do
+            if f.name != "extra" and getattr(self, f.name) is not None:
                 out[f.name] = getattr(self, f.name)
         for key, value in self.extra.items():
             out.setdefault(key, value)
         return dict(sorted(out.items()))
 
     def replace(self, **changes: Any) -> "BaseConfig":
-        config = dataclasses.replace(self, **changes)
+        config = dataclasses.replace(self, **changes, extra=dict(self.extra))
         config.validate()
         return config
 

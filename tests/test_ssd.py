@@ -64,3 +64,24 @@ def test_router_group_limited_selection():
     w, idx = route(logits, torch.zeros(8), top_k=3, n_group=4, topk_group=2)
     # group sums: g0 = s(3)+s(-3) ~ 1.0, g1 = 2*s(.5) ~ 1.25, g2 ~ 0.95, g3 = 2*s(1) ~ 1.46 -> g1, g3
     assert set(idx[0].tolist()) <= {2, 3, 6, 7} and len(set(idx[0].tolist())) == 3
+
+
+def test_grouped_mm_experts_equal_per_expert_loop():
+    """The single-kernel path (torch._grouped_mm, the default on CUDA) computes what the loop does."""
+    from nemotron.layers.moe import Experts
+
+    experts = Experts(num_experts=8, dim=32, intermediate_size=64)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        experts.up_proj.copy_(torch.randn(experts.up_proj.shape, generator=g) * 0.2)
+        experts.down_proj.copy_(torch.randn(experts.down_proj.shape, generator=g) * 0.2)
+        x = torch.randn(50, 32, generator=g)
+        weights, idx = route(torch.randn(50, 8, generator=g), torch.zeros(8), top_k=3)
+        assert experts.grouped_mm_ok(x)
+        loop = experts(x, idx, weights, grouped=False)
+        grouped = experts(x, idx, weights, grouped=True)
+    assert (loop - grouped).abs().max() <= 1e-5
+    # and both equal the definition, token by token
+    ref = torch.stack([sum(w * torch.relu(experts.up_proj[e] @ x[t]).square() @ experts.down_proj[e].T
+                           for w, e in zip(weights[t], idx[t])) for t in range(50)])
+    assert (loop - ref).abs().max() <= 1e-4

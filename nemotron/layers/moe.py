@@ -70,7 +70,14 @@ class Experts(nn.Module):
         self.up_proj = nn.Parameter(torch.empty(num_experts, intermediate_size, dim))
         self.down_proj = nn.Parameter(torch.empty(num_experts, dim, intermediate_size))
 
-    def forward(self, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    def grouped_mm_ok(self, x: torch.Tensor) -> bool:
+        """torch._grouped_mm runs all experts in one kernel; it needs 16-byte-aligned rows. On CPU the
+        per-expert loop is as fast, so it is the default there."""
+        aligned = all(d * x.element_size() % 16 == 0 for d in self.up_proj.shape[1:])
+        return hasattr(torch, "_grouped_mm") and aligned
+
+    def forward(self, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor,
+                grouped: bool | None = None) -> torch.Tensor:
         """x [T, X], idx/weights [T, k] -> sum_j w_j e_j(x), accumulated in fp32, returned in x.dtype."""
         t, k = idx.shape
         flat = idx.reshape(-1)
@@ -78,7 +85,9 @@ class Experts(nn.Module):
         token = order // k
         counts = torch.bincount(flat, minlength=self.num_experts)
         xs = x[token]
-        if x.is_cuda and hasattr(torch, "_grouped_mm") and x.dtype == torch.bfloat16:
+        if grouped is None:
+            grouped = x.is_cuda and x.dtype == torch.bfloat16 and self.grouped_mm_ok(x)
+        if grouped:
             offsets = counts.cumsum(0).to(torch.int32)
             h = relu2(torch._grouped_mm(xs, self.up_proj.transpose(1, 2), offs=offsets))
             ys = torch._grouped_mm(h, self.down_proj.transpose(1, 2), offs=offsets)
