@@ -64,17 +64,28 @@ def load(
     dtype: torch.dtype | str | None = None,
     device: torch.device | str = "cpu",
     allow_pickle: bool = False,
+    progress: bool = False,
 ) -> LoadedModel:
     """Load a Hugging Face checkpoint directory (release or transformers 5 layout).
 
     The model is built on the meta device and its tensors are read straight from the files, so
-    peak memory stays near one copy of the weights. dtype defaults to the checkpoint's own."""
+    peak memory stays near one copy of the weights. dtype defaults to the checkpoint's own.
+    `progress=True` shows a progress bar on stderr."""
     path = resolve_model_path(name_or_path)
     config = load_checkpoint_config(path)
-    dtype = parse_dtype(dtype) or checkpoint_dtype(config, path)
+    dtype = parse_dtype(dtype) or checkpoint_dtype(config)
     with torch.device("meta"):
         model = build_model(config)
-    load_weights(model, config, path, dtype, device, allow_pickle)
+    if progress:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        with Progress(TextColumn("loading {task.description}"), BarColumn(), MofNCompleteColumn(),
+                      TimeRemainingColumn(), transient=True) as bar:
+            task = bar.add_task(path.name, total=None)
+            load_weights(model, config, path, dtype, device, allow_pickle,
+                         progress=lambda done, total: bar.update(task, completed=done, total=total))
+    else:
+        load_weights(model, config, path, dtype, device, allow_pickle)
     model.to(device).eval()
     tokenizer = Tokenizer.from_dir(path) if (path / "tokenizer.json").is_file() else None
     return LoadedModel(config, model, tokenizer, path)

@@ -275,7 +275,7 @@ def load_weights(
             progress(done, total)
 
 
-def checkpoint_dtype(config: AnyConfig, path: Path) -> torch.dtype:
+def checkpoint_dtype(config: AnyConfig) -> torch.dtype:
     """The dtype the checkpoint declares (config torch_dtype), defaulting to float32."""
     name = getattr(config, "torch_dtype", None) or "float32"
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(name, torch.float32)

@@ -113,7 +113,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
     if args.max_new_tokens < 0:
         raise NemotronError("--max-new-tokens must be >= 0")
-    m = load(args.model, dtype=args.dtype, device=args.device)
+    m = load(args.model, dtype=args.dtype, device=args.device, progress=sys.stderr.isatty())
     if m.tokenizer is None:
         raise NemotronError(f"{args.model} has no tokenizer.json")
     ids = m.tokenizer.encode(args.prompt)

@@ -53,6 +53,14 @@ class TopkRouter(nn.Module):
         self.top_k, self.n_group, self.topk_group = top_k, n_group, topk_group
         self.norm_topk_prob, self.scaling_factor = norm_topk_prob, scaling_factor
 
+    def _apply(self, fn, recurse=True):
+        # `.to(bfloat16)` & co. must not round the selection bias: it only follows the device.
+        bias = self._buffers.pop("e_score_correction_bias")
+        try:
+            return super()._apply(fn, recurse)
+        finally:
+            self._buffers["e_score_correction_bias"] = bias.to(self.weight.device)
+
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x.float(), self.weight.float())
 
