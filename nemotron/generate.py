@@ -1,30 +1,56 @@
-"""Greedy generation over the hybrid cache: a chunked prefill (bounded memory for long prompts),
-then one recurrent decode step per token."""
+"""Generation over the hybrid cache.
+
+`prefill` runs a prompt in chunks that continue the cache (bounded memory for long prompts),
+`decode_step` is one recurrent step for every active row. `Generator` drives a batch of requests of
+different lengths: each prompt is prefilled into its own cache row, then all rows decode together;
+finished rows leave at once (the last active row moves into the freed one, so active rows stay packed
+at the front and decode works on a zero-copy view). Per request it handles sampling, stop ids and
+strings, streaming detokenization, the thinking budget, and optional MTP speculation.
+"""
 
 from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
+from .cache import HybridCache
+from .detokenize import IncrementalDetokenizer, StopStrings
+from .sampling import Sampler, SamplingParams
+
 
 @torch.inference_mode()
-def prefill(model: nn.Module, ids: torch.Tensor, cache, chunk: int = 512) -> torch.Tensor:
-    """Run the prompt through the model in chunks that continue the cache; return last-token logits."""
+def prefill(model: nn.Module, ids: torch.Tensor, cache: HybridCache, chunk: int = 512,
+            return_hidden: bool = False):
+    """Run ids [B, T] through the model in chunks of `chunk` tokens that continue `cache`; return the
+    last position's logits [B, V] (and, with return_hidden, every position's final hidden [B, T, H])."""
+    hidden = []
     logits = None
     for start in range(0, ids.shape[1], chunk):
-        logits = model(ids[:, start:start + chunk], cache, logits_to_keep=1)
+        part = ids[:, start:start + chunk]
+        if return_hidden:
+            h = model.hidden_states(part, cache)
+            hidden.append(h)
+            logits = model.lm_head(h[:, -1:]).float()
+        else:
+            logits = model(part, cache, logits_to_keep=1)
+    if return_hidden:
+        return logits[:, -1], torch.cat(hidden, dim=1)
     return logits[:, -1]
 
 
 @torch.inference_mode()
-def decode_step(model: nn.Module, token: torch.Tensor, cache) -> torch.Tensor:
-    return model(token[:, None], cache)[:, -1]
+def decode_step(model: nn.Module, tokens: torch.Tensor, cache: HybridCache) -> torch.Tensor:
+    """tokens [B] -> next logits [B, V], one recurrent step for each row of `cache`."""
+    return model(tokens[:, None], cache)[:, -1]
 
 
 @torch.inference_mode()
 def greedy_generate(model: nn.Module, ids: torch.Tensor, max_new_tokens: int,
                     stop_ids: set[int] | None = None) -> torch.Tensor:
-    """ids [B, T] -> generated ids [B, <= max_new_tokens]; a row stops at its first stop id."""
+    """ids [B, T] (same length) -> generated ids [B, <= max_new_tokens]; a row stops at its first stop id."""
     b, t = ids.shape
     cache = model.new_cache(b, t + max_new_tokens)
     logits = prefill(model, ids, cache)
@@ -39,3 +65,326 @@ def greedy_generate(model: nn.Module, ids: torch.Tensor, max_new_tokens: int,
             break
         logits = decode_step(model, token, cache)
     return torch.stack(out, dim=1) if out else ids[:, :0]
+
+
+# --------------------------------------------------------------------------------------------------
+# thinking budget
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ThinkingBudget:
+    """Caps reasoning at `budget` tokens. Once spent, reasoning is closed at the next line end, or
+    after `grace` more tokens at the latest, by forcing `</think>` (NIM's budget control: a grace
+    window to finish the line). The answer then follows as usual."""
+
+    budget: int
+    close_ids: list[int]           # tokens of "</think>\n"
+    newline_close_ids: list[int]   # tokens of "\n</think>\n" (when cut mid-line)
+    end_think_id: int | None       # the `</think>` token, to notice the model closing by itself
+    start_think_id: int | None = None
+    grace: int = 0
+    active: bool = True            # the prompt already opened <think>
+    at_line_start: bool = True     # generation prompt "<think>\n" ends a line
+    spent: int = 0
+    closed: bool = False
+
+    def __post_init__(self) -> None:
+        if self.grace <= 0:
+            self.grace = max(8, self.budget // 10)
+
+    def observe(self, token: int, text: str) -> None:
+        if self.closed:
+            return
+        if token == self.start_think_id:
+            self.active = True
+            return
+        if not self.active:
+            return
+        if token == self.end_think_id:
+            self.closed = True
+            return
+        self.spent += 1
+        if text:
+            self.at_line_start = text.endswith("\n")
+
+    def force(self) -> list[int]:
+        """Tokens to force next (empty while within budget)."""
+        if self.closed or not self.active or self.spent < self.budget:
+            return []
+        if self.at_line_start:
+            self.closed = True
+            return list(self.close_ids)
+        if self.spent >= self.budget + self.grace:
+            self.closed = True
+            return list(self.newline_close_ids)
+        return []
+
+
+# --------------------------------------------------------------------------------------------------
+# requests and the batch generator
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Request:
+    prompt_ids: list[int]
+    params: SamplingParams = field(default_factory=SamplingParams)
+    thinking_budget: ThinkingBudget | None = None
+    # filled while generating
+    output_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    finish_reason: str | None = None
+    logprobs: list[dict] = field(default_factory=list)
+    forced: list[int] = field(default_factory=list)
+    detok: IncrementalDetokenizer | None = field(default=None, repr=False)
+    stops: StopStrings | None = field(default=None, repr=False)
+
+
+@dataclass
+class TokenEvent:
+    """One generated token of one request: its text delta (already cut at a stop string)."""
+
+    request: Request
+    index: int                # position of the request in the list given to the generator
+    token_id: int
+    text: str
+    finished: bool
+    logprob: dict | None = None
+
+
+@dataclass
+class SpecStats:
+    rounds: int = 0
+    drafted: int = 0
+    accepted: int = 0
+    target_forwards: int = 0
+
+    @property
+    def acceptance_length(self) -> float:
+        """Tokens produced per target forward in speculative rounds: 1 + accepted / rounds."""
+        return 1.0 + self.accepted / self.rounds if self.rounds else 1.0
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted / self.drafted if self.drafted else 0.0
+
+
+class Generator:
+    """Generates for a list of requests at once. Iterate `stream()` for TokenEvents."""
+
+    def __init__(self, model: nn.Module, tokenizer=None, stop_ids: set[int] | None = None,
+                 prefill_chunk: int = 512, speculative_tokens: int = 0) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.stop_ids = set(stop_ids or ())
+        self.prefill_chunk = prefill_chunk
+        self.k = speculative_tokens
+        self.stats = SpecStats()
+        self.vocab_size = model.lm_head.weight.shape[0]
+        self.device = model.lm_head.weight.device
+        if self.k and getattr(model, "mtp", None) is None:
+            raise ValueError("speculative decoding needs a checkpoint with MTP weights (num_nextn_predict_layers > 0)")
+
+    # ---- bookkeeping per token ----
+
+    def _accept(self, req: Request, token: int, logprob: dict | None) -> tuple[str, bool]:
+        """Record one token for `req`; returns (text delta, finished)."""
+        req.output_ids.append(token)
+        if logprob is not None:
+            req.logprobs.append(logprob)
+        stopped_by_id = token in self.stop_ids or token in req.params.stop_token_ids
+        text = req.detok.add(token) if req.detok is not None and not stopped_by_id else ""
+        if req.thinking_budget is not None:
+            req.thinking_budget.observe(token, text)
+            if not req.forced:
+                req.forced.extend(req.thinking_budget.force())
+        if req.stops is not None:
+            text, hit = req.stops.push(text)
+            if hit:
+                req.finish_reason = "stop"
+                req.text += text
+                return text, True
+        if stopped_by_id:
+            req.finish_reason = "stop"
+        elif len(req.output_ids) >= req.params.max_new_tokens:
+            req.finish_reason = "length"
+        else:
+            req.text += text
+            return text, False
+        # finished: release what the detokenizer and the stop matcher still hold
+        if req.detok is not None:
+            tail = req.detok.flush()
+            if req.stops is not None:
+                tail, hit = req.stops.push(tail)
+                tail += "" if hit else req.stops.flush()
+            text += tail
+        req.text += text
+        return text, True
+
+    def _new_request_state(self, req: Request) -> None:
+        if self.tokenizer is not None:
+            req.detok = IncrementalDetokenizer(self.tokenizer, skip_special_tokens=False, prompt_ids=req.prompt_ids)
+        if req.params.stop:
+            req.stops = StopStrings(req.params.stop)
+        if req.thinking_budget is not None:
+            req.forced.extend(req.thinking_budget.force())
+
+    def _speculate(self, reqs: list[Request]) -> bool:
+        """MTP speculation is exact for greedy rows without penalties, forced tokens or logprobs."""
+        return self.k > 0 and all(
+            r.params.greedy and not r.forced and not r.params.logprobs and r.params.repetition_penalty == 1.0
+            and r.params.presence_penalty == 0.0 and r.params.frequency_penalty == 0.0
+            and (r.thinking_budget is None or r.thinking_budget.closed) for r in reqs)
+
+    # ---- the loop ----
+
+    @torch.inference_mode()
+    def stream(self, requests: list[Request]) -> Iterator[TokenEvent]:
+        for r in requests:
+            r.params.validate()
+            if not r.prompt_ids:
+                raise ValueError("empty prompt")
+        live = [r for r in requests if r.params.max_new_tokens > 0]
+        for r in requests:
+            if r.params.max_new_tokens == 0:
+                r.finish_reason = "length"
+        if not live:
+            return
+        index = {id(r): i for i, r in enumerate(requests)}
+        max_len = max(len(r.prompt_ids) + r.params.max_new_tokens for r in live) + self.k + 1
+        cache = self.model.new_cache(len(live), max_len)
+        use_mtp = self.k > 0
+        logits, hidden = [], []
+        for row, r in enumerate(live):
+            ids = torch.tensor([r.prompt_ids], device=self.device)
+            out = prefill(self.model, ids, cache.rows(row), self.prefill_chunk, return_hidden=use_mtp)
+            if use_mtp:
+                out, h = out
+                hidden.append(h)
+            logits.append(out)
+            self._new_request_state(r)
+        logits = torch.cat(logits)
+        self.stats.target_forwards += len(live)
+        sampler = Sampler([r.params for r in live], self.vocab_size, self.device, [r.prompt_ids for r in live])
+        # MTP pairs still to run per row: (target hidden at t, token at t+1)
+        pending = [(h[:, :], torch.tensor([r.prompt_ids[1:]], device=self.device)) for h, r in zip(hidden, live)] \
+            if use_mtp else None
+
+        while live:
+            # 1. choose each row's next token (sampled, or forced by the thinking budget)
+            out = sampler(logits)
+            tokens = out.tokens.clone()
+            for row, r in enumerate(live):
+                if r.forced:
+                    tokens[row] = r.forced.pop(0)
+            sampler.update(tokens)
+            step_tokens = [[t] for t in tokens.tolist()]
+
+            # 2. speculative rows: draft with MTP, verify in one forward, keep the accepted prefix
+            verify = None
+            if use_mtp and self._speculate(live):
+                verify = self._draft_and_verify(live, cache, tokens, pending)
+                step_tokens = verify[0]
+
+            # 3. bookkeeping; finished rows leave
+            finished_rows = []
+            for row, r in enumerate(live):
+                for j, token in enumerate(step_tokens[row]):
+                    lp = self._logprob(logits, out, row, token) if r.params.logprobs and j == 0 else None
+                    text, done = self._accept(r, token, lp)
+                    yield TokenEvent(r, index[id(r)], token, text, done, lp)
+                    if done:
+                        finished_rows.append(row)
+                        break
+            active = [row for row in range(len(live)) if row not in finished_rows]
+            if not active:
+                return
+            if verify is not None:
+                logits, pending = verify[1], verify[2]
+            else:
+                # 4. one decode step for the rows still running
+                if finished_rows:
+                    live, cache, sampler, tokens, pending = self._compact(live, cache, sampler, active, tokens, pending)
+                logits = self._decode(live, cache, tokens, pending)
+                continue
+            if finished_rows:
+                live, cache, sampler, logits, pending = self._compact(live, cache, sampler, active, logits, pending)
+
+    @staticmethod
+    def _compact(live, cache, sampler, active, rows_tensor, pending):
+        """Move the running rows to the front of the cache and drop the finished ones; returns the
+        new (live, cache view, sampler, rows_tensor[active], pending)."""
+        for new_row, old_row in enumerate(active):
+            if new_row != old_row:
+                cache.move_row(old_row, new_row)
+        pending = None if pending is None else [pending[i] for i in active]
+        return ([live[i] for i in active], cache.rows(0, len(active)), sampler.select_rows(active),
+                rows_tensor[active], pending)
+
+    def _decode(self, live, cache, tokens, pending):
+        self.stats.target_forwards += 1
+        if pending is None:
+            return decode_step(self.model, tokens, cache)
+        h = self.model.hidden_states(tokens[:, None], cache)
+        # the new token pairs with the hidden state before it for the MTP cache (kept in step)
+        for row in range(len(live)):
+            ph, pt = pending[row]
+            pending[row] = (torch.cat([ph, h[row:row + 1]], 1), torch.cat([pt, tokens[row:row + 1, None]], 1))
+        return self.model.lm_head(h[:, -1]).float()
+
+    @staticmethod
+    def _logprob(logits: torch.Tensor, out, row: int, token: int) -> dict:
+        """Raw-distribution log-prob of the emitted token (forced tokens too) and the top-n."""
+        if token == int(out.tokens[row]):
+            value = float(out.logprobs[row])
+        else:
+            value = float(torch.log_softmax(logits[row].float(), -1)[token])
+        entry = {"token_id": token, "logprob": value}
+        if out.top_logprobs is not None:
+            ids, values = out.top_logprobs
+            entry["top"] = list(zip(ids[row].tolist(), values[row].tolist()))
+        return entry
+
+    # ---- MTP speculation ----
+
+    def _draft_and_verify(self, live, cache, tokens, pending):
+        """Draft k tokens per row with the MTP block, verify [token, drafts] in one target forward, keep
+        the accepted prefix (Mamba state rolled back from per-token snapshots). Returns (tokens to emit
+        per row: this step's token and the accepted drafts, the logits that follow the last of them,
+        the MTP pairs still owed)."""
+        model, k = self.model, self.k
+        drafts = []
+        for row in range(len(live)):
+            view = cache.rows(row)
+            ph, pt = pending[row]
+            # pairs still owed to the MTP cache, the newest ending with this step's token
+            pt = torch.cat([pt, tokens[row:row + 1, None]], 1)[:, -ph.shape[1]:]
+            logits_d, hd = model.mtp_forward(ph, pt, cache=view)
+            row_drafts = [int(logits_d[0, -1].argmax())]
+            for _ in range(k - 1):
+                logits_d, hd = model.mtp_forward(hd[:, -1:], torch.tensor([[row_drafts[-1]]], device=self.device),
+                                                 cache=view)
+                row_drafts.append(int(logits_d[0, -1].argmax()))
+            view.mtp_seq_lens -= k - 1  # recursive drafts used MTP hidden states: recomputed next round
+            drafts.append(row_drafts)
+        block = torch.cat([tokens[:, None], torch.tensor(drafts, device=self.device)], dim=1)   # [B, k+1]
+        cache.set_record(True)
+        h = model.hidden_states(block, cache)
+        cache.set_record(False)
+        self.stats.target_forwards += 1
+        all_logits = model.lm_head(h).float()                                                # [B, k+1, V]
+        preds = all_logits.argmax(-1).tolist()
+        keep, out_tokens, new_pending = [], [], []
+        for row, row_drafts in enumerate(drafts):
+            n = 0
+            while n < k and preds[row][n] == row_drafts[n]:
+                n += 1
+            keep.append(n + 1)
+            out_tokens.append([int(tokens[row])] + row_drafts[:n])
+            self.stats.drafted += k
+            self.stats.accepted += n
+            new_pending.append((h[row:row + 1, :n + 1], block[row:row + 1, 1:n + 1]))
+        self.stats.rounds += len(drafts)
+        cache.rollback(keep, k + 1)
+        return out_tokens, all_logits[torch.arange(len(keep)), torch.tensor(keep) - 1], new_pending

@@ -40,7 +40,7 @@ class Tokenizer:
             except json.JSONDecodeError as e:
                 raise CheckpointError(f"{cfg_path}: not valid JSON ({e})") from None
         template = path / "chat_template.jinja"
-        if template.is_file() and "chat_template" not in config:
+        if template.is_file():  # as in transformers 5, the .jinja file wins over tokenizer_config.json
             config["chat_template"] = template.read_text()
         return cls(backend, config)
 

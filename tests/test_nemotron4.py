@@ -141,7 +141,7 @@ def test_incremental_decoding_matches_full_forward(hf_checkpoint):
         steps = [m.model(ids[:, :prefill], cache=cache)]
         for i in range(prefill, total):
             steps.append(m.model(ids[:, i:i + 1], cache=cache))
-    assert cache.seq_len == total
+    assert cache.seq_lens.tolist() == [total, total]
     inc = torch.cat(steps, dim=1)
     assert inc.shape == full.shape
     diff = (inc - full).abs().max().item()

@@ -105,7 +105,7 @@ def test_prefill_state_continues_exactly(make_hf_nemotron_h):
         parts = [model(ids[:, :5], cache), model(ids[:, 5:19], cache)]  # 5 then 14: crosses chunk edges
         parts += [model(ids[:, t:t + 1], cache) for t in range(19, 23)]  # recurrent single steps
     stepped = torch.cat(parts, dim=1)
-    assert cache.seq_len == 23
+    assert cache.seq_lens.tolist() == [23, 23]
     assert (full - stepped).abs().max() <= 1e-4
     assert cache.kv_bytes_per_token == 2 * 2 * 16 * 4  # one attention layer, k+v, 2 kv heads x 16, fp32
     conv_dim = 64 + 2 * 2 * 16

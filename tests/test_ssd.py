@@ -66,8 +66,9 @@ def test_router_group_limited_selection():
     assert set(idx[0].tolist()) <= {2, 3, 6, 7} and len(set(idx[0].tolist())) == 3
 
 
-def test_grouped_mm_experts_equal_per_expert_loop():
-    """The single-kernel path (torch._grouped_mm, the default on CUDA) computes what the loop does."""
+def test_expert_kernels_agree():
+    """The per-expert loop, torch._grouped_mm (default on CUDA) and the gathered-weights bmm (default
+    for small decode batches) compute the same thing."""
     from nemotron.layers.moe import Experts
 
     experts = Experts(num_experts=8, dim=32, intermediate_size=64)
@@ -78,9 +79,11 @@ def test_grouped_mm_experts_equal_per_expert_loop():
         x = torch.randn(50, 32, generator=g)
         weights, idx = route(torch.randn(50, 8, generator=g), torch.zeros(8), top_k=3)
         assert experts.grouped_mm_ok(x)
-        loop = experts(x, idx, weights, grouped=False)
-        grouped = experts(x, idx, weights, grouped=True)
+        loop = experts(x, idx, weights, method="loop")
+        grouped = experts(x, idx, weights, method="grouped")
+        gather = experts(x, idx, weights, method="gather")
     assert (loop - grouped).abs().max() <= 1e-5
+    assert (loop - gather).abs().max() <= 1e-5
     # and both equal the definition, token by token
     ref = torch.stack([sum(w * torch.relu(experts.up_proj[e] @ x[t]).square() @ experts.down_proj[e].T
                            for w, e in zip(weights[t], idx[t])) for t in range(50)])

@@ -23,21 +23,23 @@ class Attention(nn.Module):
         self,
         x: torch.Tensor,
         state: KVState | None = None,
-        pos: int = 0,
+        pos: list[int] | None = None,
         rope: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
+        """x [B, T, H]; row b's tokens sit at absolute positions pos[b]..pos[b]+T-1 (0 without a cache)."""
         b, t, _ = x.shape
         q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        mask = None
         if state is not None:
             k, v = state.update(k, v, pos)
-        mask = None
-        if t > 1 and k.shape[2] > t:
-            # queries sit at absolute positions pos..pos+t-1 and see every key up to their own position
-            mask = torch.arange(k.shape[2], device=x.device)[None, :] <= (pos + torch.arange(t, device=x.device))[:, None]
+            if min(pos) != max(pos) or (t > 1 and pos[0] > 0):
+                # each query sees the keys up to its own absolute position (shorter rows: less history)
+                q_pos = torch.tensor(pos, device=x.device)[:, None] + torch.arange(t, device=x.device)
+                mask = (torch.arange(k.shape[2], device=x.device) <= q_pos[..., None])[:, None]
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=(mask is None and t > 1),
             enable_gqa=self.num_heads != self.num_kv_heads,
@@ -52,5 +54,5 @@ class LinearAttention(nn.Module):
         super().__init__()
         self.linear_attn = nn.Linear(hidden_size, hidden_size, bias=False)
 
-    def forward(self, x: torch.Tensor, state: None = None, pos: int = 0, rope=None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, state: None = None, pos: list[int] | None = None, rope=None) -> torch.Tensor:
         return self.linear_attn(x)

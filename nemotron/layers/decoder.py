@@ -19,7 +19,7 @@ class DecoderLayer(nn.Module):
         self.input_layernorm, self.self_attn = input_layernorm, self_attn
         self.post_attention_layernorm, self.mlp = post_attention_layernorm, mlp
 
-    def forward(self, x: torch.Tensor, state: KVState | None, pos: int, rope) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, state: KVState | None, pos: list[int] | None, rope) -> torch.Tensor:
         if self.self_attn is not None:
             x = x + self.self_attn(self.input_layernorm(x), state, pos, rope)
         if self.mlp is not None:
@@ -46,14 +46,16 @@ class DecoderLM(nn.Module):
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
     def forward(self, input_ids: torch.Tensor, cache: HybridCache | None = None, logits_to_keep: int = 0) -> torch.Tensor:
-        pos = 0 if cache is None else cache.seq_len
+        b, t = input_ids.shape
+        pos = None if cache is None else cache.positions()
         x = self.model.embed_tokens(input_ids)
-        positions = torch.arange(pos, pos + input_ids.shape[1], device=input_ids.device)[None]
+        start = torch.zeros(b, 1, dtype=torch.long) if pos is None else torch.tensor(pos)[:, None]
+        positions = (start + torch.arange(t)).to(input_ids.device)
         rope = rope_cos_sin(self.inv_freq, positions, x.dtype)
         for i, layer in enumerate(self.model.layers):
             x = layer(x, None if cache is None else cache.layers[i], pos, rope)
         if cache is not None:
-            cache.seq_len += input_ids.shape[1]
+            cache.seq_lens += t
         x = self.model.norm(x[:, -logits_to_keep:] if logits_to_keep else x)
         return self.lm_head(x).float()
 

@@ -49,17 +49,28 @@ class Mamba2Mixer(nn.Module):
         """Causal depthwise conv + SiLU in fp32 over [b, T, conv_dim], continuing (and updating) the
         conv state when one is given."""
         k = self.conv_kernel
+        weight = self.conv1d.weight.float()
+        bias = None if self.conv1d.bias is None else self.conv1d.bias.float()
+        if state is not None and xBC.shape[1] == 1 and not state.record:
+            # decode: a dot product over the K-wide window, no conv call
+            window = torch.cat([state.conv, xBC.transpose(1, 2).to(state.conv.dtype)], dim=-1)
+            state.conv.copy_(window[..., 1:])
+            out = (window.float() * weight[:, 0]).sum(-1)
+            out = out if bias is None else out + bias
+            return F.silu(out)[:, None].to(xBC.dtype)
         seq = xBC.transpose(1, 2)
         if state is not None:
             seq = torch.cat([state.conv.to(seq.dtype), seq], dim=-1)
+            if state.record:
+                state.conv_history = seq
             state.conv.copy_(seq[..., seq.shape[-1] - (k - 1):])
         else:
             seq = F.pad(seq, (k - 1, 0))
-        bias = None if self.conv1d.bias is None else self.conv1d.bias.float()
-        out = F.conv1d(seq.float(), self.conv1d.weight.float(), bias, groups=self.conv_dim)
+        out = F.conv1d(seq.float(), weight, bias, groups=self.conv_dim)
         return F.silu(out).transpose(1, 2).to(xBC.dtype)
 
-    def forward(self, x: torch.Tensor, state: MambaState | None = None, pos: int = 0, rope=None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, state: MambaState | None = None, pos: list[int] | None = None,
+                rope=None) -> torch.Tensor:
         b, t, _ = x.shape
         z, xBC, dt = self.in_proj(x).split([self.inner, self.conv_dim, self.num_heads], dim=-1)
         xBC = self._conv(xBC, state)
@@ -73,7 +84,14 @@ class Mamba2Mixer(nn.Module):
             dt = dt.clamp(*self.dt_limit)
         A = -torch.exp(self.A_log.float())
 
-        if state is not None and t == 1:
+        if state is not None and state.record and t > 1:
+            # speculative verify: step token by token (T is small) keeping every intermediate state
+            ys, history = [], []
+            for i in range(t):
+                ys.append(ssd_step(state.ssm, xs[:, i], dt[:, i], A, B[:, i], C[:, i]))
+                history.append(state.ssm.clone())
+            y, state.ssm_history = torch.stack(ys, 1), torch.stack(history, 1)
+        elif state is not None and t == 1:
             y = ssd_step(state.ssm, xs[:, 0], dt[:, 0], A, B[:, 0], C[:, 0])[:, None]
         else:
             y, final = ssd_chunked(xs, dt, A, B, C, self.chunk_size,

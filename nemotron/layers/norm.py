@@ -20,10 +20,10 @@ class RMSNorm(nn.Module):
         self.weight_in_fp32 = weight_in_fp32
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.weight_in_fp32:  # one fused kernel: normalise and multiply in fp32, round once
+            return F.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps).to(x.dtype)
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        if self.weight_in_fp32:
-            return (self.weight.float() * xf).to(x.dtype)
         return self.weight * xf.to(x.dtype)
 
 
@@ -42,8 +42,8 @@ class GatedRMSNorm(nn.Module):
     def forward(self, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         g = y.float() * F.silu(z.float())
         shape = g.shape
-        g = g.view(*shape[:-1], self.groups, shape[-1] // self.groups)
-        g = g * torch.rsqrt(g.pow(2).mean(-1, keepdim=True) + self.eps)
+        g = F.rms_norm(g.view(*shape[:-1], self.groups, shape[-1] // self.groups), (shape[-1] // self.groups,),
+                       eps=self.eps)
         return (self.weight.float() * g.view(shape)).to(y.dtype)
 
 

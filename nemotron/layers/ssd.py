@@ -36,14 +36,14 @@ def ssd_step(state: torch.Tensor, x: torch.Tensor, dt: torch.Tensor, A: torch.Te
              B: torch.Tensor, C: torch.Tensor) -> torch.Tensor:
     """One token. x [b, h, p], dt [b, h], B/C [b, g, n]. Updates `state` in place; returns y [b, h, p] fp32."""
     b, h, p = x.shape
-    g = B.shape[1]
+    g, n = B.shape[1], B.shape[2]
     dt = dt.float()
-    Bh = B.float().repeat_interleave(h // g, dim=1)                 # [b, h, n]
-    Ch = C.float().repeat_interleave(h // g, dim=1)
-    decay = torch.exp(dt * A.float())                               # [b, h]
-    new = state.float() * decay[..., None, None] + (dt[..., None] * x.float())[..., None] * Bh[:, :, None, :]
-    state.copy_(new)
-    return torch.einsum("bhpn,bhn->bhp", new, Ch)
+    decay = torch.exp(dt * A.float()).view(b, g, h // g, 1, 1)
+    xdt = (x.float() * dt[..., None]).view(b, g, h // g, p, 1)
+    # heads grouped as [g, h/g] so B and C broadcast instead of being repeated per head
+    new = state.float().view(b, g, h // g, p, n) * decay + xdt * B.float().view(b, g, 1, 1, n)
+    state.copy_(new.view(b, h, p, n))
+    return (new @ C.float().view(b, g, 1, n, 1)).view(b, h, p)
 
 
 def ssd_recurrent(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,

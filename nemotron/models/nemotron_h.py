@@ -49,7 +49,8 @@ class HybridBlock(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.layer_norm_epsilon)
         self.mixer = build_mixer(config, kind)
 
-    def forward(self, x: torch.Tensor, state: KVState | MambaState | None = None, pos: int = 0) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, state: KVState | MambaState | None = None,
+                pos: list[int] | None = None) -> torch.Tensor:
         h = self.norm(x.to(self.norm.weight.dtype))
         h = self.mixer(h, state, pos) if self.kind in ("mamba", "attention") else self.mixer(h)
         return (x.float() if self.residual_in_fp32 else x) + h
@@ -100,12 +101,12 @@ class NemotronHForCausalLM(nn.Module):
 
     def hidden_states(self, input_ids: torch.Tensor, cache: HybridCache | None = None) -> torch.Tensor:
         """The final-normed hidden states [B, T, H] (what lm_head and the MTP block consume)."""
-        pos = 0 if cache is None else cache.seq_len
+        pos = None if cache is None else cache.positions()
         x = self.backbone.embeddings(input_ids)
         for i, layer in enumerate(self.backbone.layers):
             x = layer(x, None if cache is None else cache.layers[i], pos)
         if cache is not None:
-            cache.seq_len += input_ids.shape[1]
+            cache.seq_lens += input_ids.shape[1]
         return self.backbone.norm_f(x.to(self.backbone.norm_f.weight.dtype))
 
     def forward(self, input_ids: torch.Tensor, cache: HybridCache | None = None, logits_to_keep: int = 0) -> torch.Tensor:
@@ -113,10 +114,11 @@ class NemotronHForCausalLM(nn.Module):
         return self.lm_head(h[:, -logits_to_keep:] if logits_to_keep else h).float()
 
     def mtp_forward(self, hidden: torch.Tensor, next_ids: torch.Tensor, depth: int = 0,
-                    cache: HybridCache | None = None, pos: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+                    cache: HybridCache | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """One MTP depth: from the hidden state at t and the token at t+1, predict the token at t+2.
 
-        hidden [B, T, H] (post norm_f, or the previous depth's output); next_ids [B, T].
+        hidden [B, T, H] (post norm_f, or the previous depth's output); next_ids [B, T]. With a cache,
+        the MTP attention continues from `cache.mtp_seq_lens` and advances it.
         Returns (logits [B, T, V] fp32, hidden [B, T, H] for the next depth)."""
         if self.mtp is None:
             raise ValueError("this checkpoint has no MTP block (num_nextn_predict_layers = 0)")
@@ -125,9 +127,12 @@ class NemotronHForCausalLM(nn.Module):
         first, last = block[0], block[-1]
         e = first.enorm(self.backbone.embeddings(next_ids))
         x = first.eh_proj(torch.cat([e, first.hnorm(hidden.to(e.dtype))], dim=-1))
+        pos = None if cache is None else cache.mtp_seq_lens.tolist()
         for j, layer in enumerate(block):
             index = (depth % stored) * self.mtp.depth_size + j
             x = layer(x, None if cache is None else cache.mtp_layers[index], pos)
+        if cache is not None:
+            cache.mtp_seq_lens += next_ids.shape[1]
         x = last.final_layernorm(x)
         return self.lm_head(x).float(), x
 
