@@ -1,16 +1,19 @@
-"""`nemotron.load()`: a checkpoint directory (or preset) -> config, model, tokenizer."""
+"""`nemotron.load()`: a checkpoint directory (or preset) -> config, model, tokenizer; and the
+Python generation API on top (`generate`, `chat`)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
 from .checkpoint import checkpoint_dtype, load_checkpoint_config, load_weights, save_checkpoint
 from .config import AnyConfig
-from .errors import CheckpointError
+from .errors import CheckpointError, NemotronError
 from .models import build_model
 from .tokenizer import Tokenizer
 
@@ -27,11 +30,41 @@ def parse_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
 
 
 @dataclass
+class ChatResult:
+    """One assistant turn: the raw text and its parts (reasoning, answer, tool calls)."""
+
+    text: str
+    reasoning: str | None
+    content: str | None
+    tool_calls: list[dict]
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+    logprobs: list[dict] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+    def message(self) -> dict:
+        """The OpenAI assistant message (reasoning under both `reasoning` and `reasoning_content`)."""
+        msg: dict[str, Any] = {"role": "assistant", "content": self.content}
+        if self.reasoning is not None:
+            msg["reasoning"] = msg["reasoning_content"] = self.reasoning
+        if self.tool_calls:
+            msg["tool_calls"] = self.tool_calls
+        return msg
+
+
+_SAMPLING_KEYS = {"temperature", "top_k", "top_p", "min_p", "repetition_penalty", "presence_penalty",
+                  "frequency_penalty", "seed", "stop", "stop_token_ids", "logprobs", "top_logprobs"}
+
+
+@dataclass
 class LoadedModel:
     config: AnyConfig
     model: nn.Module
     tokenizer: Tokenizer | None
     path: Path | None = None
+
+    # ---- persistence ----
 
     def save(self, out_dir: str | Path, dtype: torch.dtype | str | None = None) -> Path:
         """Save in the release layout (config.json + safetensors) with the tokenizer files, if any."""
@@ -43,6 +76,131 @@ class LoadedModel:
                 if src.is_file() and src.resolve() != (out / name).resolve():
                     (out / name).write_bytes(src.read_bytes())
         return out
+
+    # ---- generation ----
+
+    @property
+    def stop_ids(self) -> set[int]:
+        """End-of-turn ids: the config's eos_token_id (int or list) and the tokenizer's eos token."""
+        eos = getattr(self.config, "eos_token_id", None)
+        ids = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
+        if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
+            ids.add(self.tokenizer.eos_token_id)
+        return ids
+
+    def _require_tokenizer(self) -> Tokenizer:
+        if self.tokenizer is None:
+            raise NemotronError(f"{self.path}: this checkpoint has no tokenizer.json")
+        return self.tokenizer
+
+    def _params(self, max_new_tokens: int, sampling: dict[str, Any]):
+        from .sampling import SamplingParams
+
+        unknown = set(sampling) - _SAMPLING_KEYS
+        if unknown:
+            raise TypeError(f"unknown sampling option(s): {', '.join(sorted(unknown))}")
+        sampling.setdefault("temperature", 0.0)  # greedy unless asked otherwise
+        return SamplingParams(max_new_tokens=max_new_tokens, **sampling).validate()
+
+    def _generator(self, speculative_tokens: int = 0, prefill_chunk: int = 512):
+        from .generate import Generator
+
+        return Generator(self.model, self.tokenizer, self.stop_ids, prefill_chunk, speculative_tokens)
+
+    def generate(self, prompt: str | list[str] | list[int], max_new_tokens: int = 256,
+                 speculative_tokens: int = 0, **sampling: Any) -> str | list[str]:
+        """Plain completion of a prompt (or a batch of prompts, or token ids). Greedy by default;
+        sampling options as in `SamplingParams` (temperature, top_p, seed, stop, ...)."""
+        from .generate import Request
+
+        batch = isinstance(prompt, list) and prompt and isinstance(prompt[0], str)
+        prompts = prompt if batch else [prompt]
+        tok = self.tokenizer
+        ids = [p if isinstance(p, list) else self._require_tokenizer().encode(p) for p in prompts]
+        params = self._params(max_new_tokens, dict(sampling))
+        reqs = [Request(i, params) for i in ids]
+        for _ in self._generator(speculative_tokens).stream(reqs):
+            pass
+        texts = [r.text if tok is not None else r.output_ids for r in reqs]
+        return texts if batch else texts[0]
+
+    def stream(self, prompt: str, max_new_tokens: int = 256, **sampling: Any) -> Iterator[str]:
+        """Text deltas of a plain completion as they are generated."""
+        from .generate import Request
+
+        req = Request(self._require_tokenizer().encode(prompt), self._params(max_new_tokens, dict(sampling)))
+        for event in self._generator().stream([req]):
+            if event.text:
+                yield event.text
+
+    def chat(self, messages: list[dict], tools: list[dict] | None = None, enable_thinking: bool = True,
+             thinking_budget: int | None = None, max_new_tokens: int = 1024, stream: bool = False,
+             speculative_tokens: int = 0, template_kwargs: dict[str, Any] | None = None,
+             **sampling: Any) -> ChatResult | Iterator:
+        """One assistant turn in the checkpoint's own chat format.
+
+        Returns a ChatResult (reasoning, content and OpenAI-shaped tool_calls apart), or with
+        stream=True an iterator of `parsers.Delta` (reasoning / content / tool_calls pieces) whose last
+        item is the ChatResult."""
+        it = self._chat_stream(messages, tools, enable_thinking, thinking_budget, max_new_tokens,
+                               speculative_tokens, template_kwargs or {}, sampling)
+        if stream:
+            return it
+        result = None
+        for result in it:
+            pass
+        return result
+
+    def _chat_stream(self, messages, tools, enable_thinking, thinking_budget, max_new_tokens,
+                     speculative_tokens, template_kwargs, sampling):
+        from .chat import prepare_chat
+        from .generate import Request
+        from .parsers import StreamingParser
+
+        tok = self._require_tokenizer()
+        prompt = prepare_chat(tok, messages, tools, enable_thinking, **template_kwargs)
+        budget = None
+        if thinking_budget is not None and prompt.thinking:
+            budget = make_thinking_budget(tok, thinking_budget, prompt.prompt_opens_think)
+        req = Request(prompt.ids, self._params(max_new_tokens, dict(sampling)), budget)
+        parser = StreamingParser(prompt.fmt, prompt.thinking, tools, prompt.prompt_opens_think)
+        calls: list[dict] = []
+        reasoning, content = [], []
+        for event in self._generator(speculative_tokens).stream([req]):
+            if event.text:
+                delta = parser.feed(event.text)
+                if delta:
+                    reasoning.append(delta.reasoning)
+                    content.append(delta.content)
+                    calls.extend(delta.tool_calls)
+                    yield delta
+        delta = parser.finish()
+        if delta:
+            reasoning.append(delta.reasoning)
+            content.append(delta.content)
+            calls.extend(delta.tool_calls)
+            yield delta
+        tool_calls = [{"id": c["id"], "type": "function", "function": dict(c["function"])} for c in calls]
+        finish = "tool_calls" if tool_calls else (req.finish_reason or "stop")
+        yield ChatResult(req.text, "".join(reasoning) or None, "".join(content) or None, tool_calls, finish,
+                         len(prompt.ids), len(req.output_ids), req.logprobs, list(parser.warnings))
+
+
+def make_thinking_budget(tokenizer: Tokenizer, budget: int, prompt_opens_think: bool, grace: int = 0):
+    """A ThinkingBudget with this tokenizer's `</think>` spellings."""
+    from .generate import ThinkingBudget
+
+    if budget < 0:
+        raise ValueError("thinking_budget must be >= 0")
+    return ThinkingBudget(
+        budget=budget,
+        close_ids=tokenizer.encode("</think>\n", add_special_tokens=False),
+        newline_close_ids=tokenizer.encode("\n</think>\n", add_special_tokens=False),
+        end_think_id=tokenizer.token_id("</think>"),
+        start_think_id=tokenizer.token_id("<think>"),
+        grace=grace,
+        active=prompt_opens_think,
+    )
 
 
 def resolve_model_path(name_or_path: str | Path) -> Path:

@@ -33,6 +33,8 @@ from typing import Any
 from .errors import NemotronError
 
 __all__ = [
+    "ChatPrompt",
+    "prepare_chat",
     "ChatInputError",
     "ChatTemplateError",
     "MESSAGE_ROLES",
@@ -481,3 +483,40 @@ def validate_tools(tools: Any) -> None:
         required = params.get("required")
         if required is not None and not (isinstance(required, list) and all(isinstance(r, str) for r in required)):
             raise ChatInputError(f"{where}.parameters.required must be a list of strings")
+
+
+# --------------------------------------------------------------------------------------------------
+# a rendered chat prompt and how to read the model's answer to it
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class ChatPrompt:
+    """A rendered conversation plus what the output parser needs to know about it."""
+
+    text: str
+    ids: list[int]
+    fmt: str                  # "nemotron3" (XML tool calls) or "nemotron_json" (<TOOLCALL>[...])
+    thinking: bool            # reasoning expected before the answer
+    prompt_opens_think: bool  # the prompt already ends inside <think> (Nemotron 3, Nano 2)
+
+
+def prepare_chat(tokenizer, messages: list[dict], tools: list[dict] | None = None,
+                 enable_thinking: bool = True, **template_kwargs: Any) -> ChatPrompt:
+    """Validate, render with the checkpoint's template (kwargs such as low_effort pass through),
+    tokenize, and classify the format from the template and the rendered generation prompt."""
+    validate_messages(messages)
+    validate_tools(tools)
+    template = chat_template_for(tokenizer, tools=tools)
+    text = apply_chat_template(tokenizer, messages, tools=tools, add_generation_prompt=True,
+                               enable_thinking=enable_thinking, **template_kwargs)
+    fmt = "nemotron_json" if "<TOOLCALL>" in template else "nemotron3"
+    tail = text.rstrip(" ")
+    if tail.endswith("<think></think>") or tail.endswith("<think>\n</think>"):
+        thinking, opens = False, True
+    elif tail.rstrip("\n").endswith("<think>"):
+        thinking, opens = True, True
+    else:  # e.g. Llama-Nemotron: the model opens <think> itself when reasoning is on
+        thinking, opens = enable_thinking, False
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    return ChatPrompt(text, ids, fmt, thinking, opens)

@@ -105,25 +105,172 @@ def cmd_init(args: argparse.Namespace) -> None:
     print(f"wrote a randomly initialised checkpoint to {out}")
 
 
-def cmd_generate(args: argparse.Namespace) -> None:
-    import torch
+def _sampling_kwargs(args: argparse.Namespace) -> dict:
+    out = {}
+    for name in ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "presence_penalty",
+                 "frequency_penalty", "seed"):
+        value = getattr(args, name)
+        if value is not None:
+            out[name] = value
+    if args.stop:
+        out["stop"] = args.stop
+    return out
 
+
+def _load_for_generation(args: argparse.Namespace):
     from .api import load
-    from .generate import greedy_generate
 
     if args.max_new_tokens < 0:
         raise NemotronError("--max-new-tokens must be >= 0")
+    if args.thinking_budget is not None and args.thinking_budget < 0:
+        raise NemotronError("--thinking-budget must be >= 0")
     m = load(args.model, dtype=args.dtype, device=args.device, progress=sys.stderr.isatty())
     if m.tokenizer is None:
         raise NemotronError(f"{args.model} has no tokenizer.json")
-    ids = m.tokenizer.encode(args.prompt)
-    if not ids:
-        raise NemotronError("the prompt is empty")
-    stop = {i for i in (m.tokenizer.eos_token_id,) if i is not None}
-    eos = m.config.eos_token_id
-    stop |= set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
-    out = greedy_generate(m.model, torch.tensor([ids], device=args.device), args.max_new_tokens, stop)
-    print(args.prompt + m.tokenizer.decode(out[0].tolist(), skip_special_tokens=True))
+    return m
+
+
+class _Printer:
+    """Reasoning (dim, on a TTY) apart from the answer; plain labelled sections otherwise."""
+
+    def __init__(self) -> None:
+        self.tty = sys.stdout.isatty()
+        self.section: str | None = None
+
+    def write(self, kind: str, text: str) -> None:
+        if not text:
+            return
+        if kind != self.section:
+            if self.section is not None:
+                sys.stdout.write("\n")
+            if kind == "reasoning":
+                sys.stdout.write("\033[2m[thinking] " if self.tty else "[thinking]\n")
+            elif kind == "content" and self.section == "reasoning":
+                sys.stdout.write("\033[0m" if self.tty else "[answer]\n")
+            self.section = kind
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
+    def tool_call(self, call: dict) -> None:
+        self.write("tool", f"[tool call] {call['function']['name']}({call['function']['arguments']})")
+
+    def end(self) -> None:
+        if self.tty and self.section == "reasoning":
+            sys.stdout.write("\033[0m")
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+        self.section = None
+
+
+def _chat_turn(m, messages: list[dict], args: argparse.Namespace, enable_thinking: bool,
+               thinking_budget: int | None, tools: list[dict] | None, printer: _Printer):
+    """Generate one assistant turn, streaming it through `printer`; returns the ChatResult."""
+    result = None
+    for item in m.chat(messages, tools=tools, enable_thinking=enable_thinking, thinking_budget=thinking_budget,
+                       max_new_tokens=args.max_new_tokens, stream=True,
+                       speculative_tokens=args.speculative_tokens, **_sampling_kwargs(args)):
+        if hasattr(item, "reasoning") and not hasattr(item, "finish_reason"):
+            printer.write("reasoning", item.reasoning)
+            printer.write("content", item.content)
+            for call in item.tool_calls:
+                printer.tool_call(call)
+        else:
+            result = item
+    printer.end()
+    return result
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    m = _load_for_generation(args)
+    has_template = m.tokenizer.chat_template is not None
+    if args.raw or not has_template:
+        if args.system or args.no_think or args.thinking_budget is not None:
+            raise NemotronError("--system / --no-think / --thinking-budget need a checkpoint with a chat template")
+        if sys.stdout.isatty():
+            sys.stdout.write(args.prompt)
+            for delta in m.stream(args.prompt, args.max_new_tokens, **_sampling_kwargs(args)):
+                sys.stdout.write(delta)
+                sys.stdout.flush()
+            sys.stdout.write("\n")
+        else:
+            print(args.prompt + m.generate(args.prompt, args.max_new_tokens, args.speculative_tokens,
+                                           **_sampling_kwargs(args)))
+        return
+    messages = ([{"role": "system", "content": args.system}] if args.system else []) + \
+        [{"role": "user", "content": args.prompt}]
+    _chat_turn(m, messages, args, not args.no_think, args.thinking_budget, None, _Printer())
+
+
+CHAT_HELP = """commands: /think on|off  /budget N|off  /system TEXT  /tool RESULT (answer the last tool call)
+          /clear (forget the conversation)  /exit"""
+
+
+def cmd_chat(args: argparse.Namespace) -> None:
+    m = _load_for_generation(args)
+    if m.tokenizer.chat_template is None:
+        raise NemotronError(f"{args.model} has no chat template")
+    tools = None
+    if args.tools:
+        try:
+            tools = json.loads(Path(args.tools).read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise NemotronError(f"--tools {args.tools}: {e}") from None
+    thinking, budget, system = not args.no_think, args.thinking_budget, args.system
+    history: list[dict] = []
+    printer = _Printer()
+    interactive = sys.stdin.isatty()
+    if interactive:
+        print(CHAT_HELP)
+    while True:
+        if interactive:
+            sys.stdout.write("> ")
+            sys.stdout.flush()
+        line = sys.stdin.readline()
+        if not line:
+            break
+        line = line.rstrip("\n")
+        if not line.strip():
+            continue
+        if line.startswith("/"):
+            command, _, rest = line.partition(" ")
+            rest = rest.strip()
+            if command in ("/exit", "/quit"):
+                break
+            if command == "/clear":
+                history = []
+                print("(conversation cleared)")
+            elif command == "/think" and rest in ("on", "off"):
+                thinking = rest == "on"
+                print(f"(thinking {rest})")
+            elif command == "/budget" and (rest == "off" or rest.isdigit()):
+                budget = None if rest == "off" else int(rest)
+                print(f"(thinking budget {rest})")
+            elif command == "/system":
+                system = rest or None
+                print("(system prompt set)" if system else "(system prompt cleared)")
+            elif command == "/tool" and history and history[-1].get("tool_calls"):
+                history.append({"role": "tool", "content": rest})
+                history.append(_assistant_message(_chat_turn(m, _with_system(system, history), args, thinking,
+                                                             budget, tools, printer)))
+            else:
+                print(CHAT_HELP)
+            continue
+        history.append({"role": "user", "content": line})
+        result = _chat_turn(m, _with_system(system, history), args, thinking, budget, tools, printer)
+        history.append(_assistant_message(result))
+
+
+def _with_system(system: str | None, history: list[dict]) -> list[dict]:
+    return ([{"role": "system", "content": system}] if system else []) + history
+
+
+def _assistant_message(result) -> dict:
+    msg = {"role": "assistant", "content": result.content or ""}
+    if result.reasoning:
+        msg["reasoning_content"] = result.reasoning
+    if result.tool_calls:
+        msg["tool_calls"] = result.tool_calls
+    return msg
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -145,13 +292,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_init)
 
-    p = sub.add_parser("generate", help="greedy completion of a prompt")
+    def generation_flags(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--model", required=True, help="checkpoint directory")
+        p.add_argument("--system", help="system message")
+        p.add_argument("--no-think", action="store_true", help="reasoning off (enable_thinking=false)")
+        p.add_argument("--thinking-budget", type=int, help="cap on reasoning tokens")
+        p.add_argument("--max-new-tokens", type=int, default=512)
+        p.add_argument("--temperature", type=float, help="0 = greedy (the default)")
+        p.add_argument("--top-k", type=int)
+        p.add_argument("--top-p", type=float)
+        p.add_argument("--min-p", type=float)
+        p.add_argument("--repetition-penalty", type=float)
+        p.add_argument("--presence-penalty", type=float)
+        p.add_argument("--frequency-penalty", type=float)
+        p.add_argument("--seed", type=int)
+        p.add_argument("--stop", action="append", help="stop string (repeatable)")
+        p.add_argument("--speculative-tokens", type=int, default=0, help="MTP draft tokens per step (greedy)")
+        p.add_argument("--dtype", default=None, help="float32 / bfloat16 / float16 (default: the checkpoint's)")
+        p.add_argument("--device", default="cpu")
+
+    p = sub.add_parser("generate", help="one completion (chat-formatted when the checkpoint has a template)")
     p.add_argument("prompt")
-    p.add_argument("--model", required=True, help="checkpoint directory")
-    p.add_argument("--max-new-tokens", type=int, default=32)
-    p.add_argument("--dtype", default=None, help="float32 / bfloat16 / float16 (default: the checkpoint's)")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--raw", action="store_true", help="plain text completion, no chat template")
+    generation_flags(p)
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("chat", help="interactive chat, reasoning shown apart from the answer")
+    p.add_argument("--tools", help="JSON file with an OpenAI-style tool list to offer the model")
+    generation_flags(p)
+    p.set_defaults(func=cmd_chat)
     return parser
 
 

@@ -272,49 +272,48 @@ class Generator:
             if use_mtp else None
 
         while live:
-            # 1. choose each row's next token (sampled, or forced by the thinking budget)
+            # 1. each row's next token: sampled, or forced by the thinking budget
             out = sampler(logits)
             tokens = out.tokens.clone()
             for row, r in enumerate(live):
                 if r.forced:
                     tokens[row] = r.forced.pop(0)
             sampler.update(tokens)
-            step_tokens = [[t] for t in tokens.tolist()]
-
-            # 2. speculative rows: draft with MTP, verify in one forward, keep the accepted prefix
-            verify = None
-            if use_mtp and self._speculate(live):
-                verify = self._draft_and_verify(live, cache, tokens, pending)
-                step_tokens = verify[0]
-
-            # 3. bookkeeping; finished rows leave
-            finished_rows = []
-            for row, r in enumerate(live):
-                for j, token in enumerate(step_tokens[row]):
-                    lp = self._logprob(logits, out, row, token) if r.params.logprobs and j == 0 else None
-                    text, done = self._accept(r, token, lp)
-                    yield TokenEvent(r, index[id(r)], token, text, done, lp)
-                    if done:
-                        finished_rows.append(row)
-                        break
-            active = [row for row in range(len(live)) if row not in finished_rows]
-            if not active:
-                return
-            if verify is not None:
-                logits, pending = verify[1], verify[2]
-            else:
-                # 4. one decode step for the rows still running
-                if finished_rows:
-                    live, cache, sampler, tokens, pending = self._compact(live, cache, sampler, active, tokens, pending)
+            finished = []
+            for row, (r, token) in enumerate(zip(live, tokens.tolist())):
+                lp = self._logprob(logits, out, row, token) if r.params.logprobs else None
+                text, done = self._accept(r, token, lp)
+                yield TokenEvent(r, index[id(r)], token, text, done, lp)
+                if done:
+                    finished.append(row)
+            if finished:
+                if len(finished) == len(live):
+                    return
+                live, cache, sampler, tokens, pending = self._compact(live, cache, sampler, finished, tokens, pending)
+            if not (use_mtp and self._speculate(live)):
+                # 2a. one decode step for every running row
                 logits = self._decode(live, cache, tokens, pending)
                 continue
-            if finished_rows:
-                live, cache, sampler, logits, pending = self._compact(live, cache, sampler, active, logits, pending)
+            # 2b. MTP drafts, verified in one forward; the accepted drafts are emitted now
+            accepted, logits, pending = self._draft_and_verify(live, cache, tokens, pending)
+            finished = []
+            for row, r in enumerate(live):
+                for token in accepted[row]:
+                    text, done = self._accept(r, token, None)
+                    yield TokenEvent(r, index[id(r)], token, text, done)
+                    if done:
+                        finished.append(row)
+                        break
+            if finished:
+                if len(finished) == len(live):
+                    return
+                live, cache, sampler, logits, pending = self._compact(live, cache, sampler, finished, logits, pending)
 
     @staticmethod
-    def _compact(live, cache, sampler, active, rows_tensor, pending):
+    def _compact(live, cache, sampler, finished, rows_tensor, pending):
         """Move the running rows to the front of the cache and drop the finished ones; returns the
-        new (live, cache view, sampler, rows_tensor[active], pending)."""
+        new (live, cache view, sampler, rows_tensor[running], pending)."""
+        active = [row for row in range(len(live)) if row not in finished]
         for new_row, old_row in enumerate(active):
             if new_row != old_row:
                 cache.move_row(old_row, new_row)
@@ -350,9 +349,8 @@ class Generator:
 
     def _draft_and_verify(self, live, cache, tokens, pending):
         """Draft k tokens per row with the MTP block, verify [token, drafts] in one target forward, keep
-        the accepted prefix (Mamba state rolled back from per-token snapshots). Returns (tokens to emit
-        per row: this step's token and the accepted drafts, the logits that follow the last of them,
-        the MTP pairs still owed)."""
+        the accepted prefix (Mamba state rolled back from per-token snapshots). Returns (the accepted
+        drafts per row, the logits that follow the last kept token, the MTP pairs still owed)."""
         model, k = self.model, self.k
         drafts = []
         for row in range(len(live)):
@@ -381,7 +379,7 @@ class Generator:
             while n < k and preds[row][n] == row_drafts[n]:
                 n += 1
             keep.append(n + 1)
-            out_tokens.append([int(tokens[row])] + row_drafts[:n])
+            out_tokens.append(row_drafts[:n])
             self.stats.drafted += k
             self.stats.accepted += n
             new_pending.append((h[row:row + 1, :n + 1], block[row:row + 1, 1:n + 1]))

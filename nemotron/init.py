@@ -7,6 +7,7 @@ inverse softplus of a log-uniform dt in [time_step_min, time_step_max] (floored)
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -67,6 +68,7 @@ def init_weights_(model: nn.Module, config: AnyConfig, seed: int = 0) -> nn.Modu
 # a small random checkpoint in the release layout (until the trained embedded model ships)
 # --------------------------------------------------------------------------------------------------
 
+NEMOTRON3_CHAT_TEMPLATE = Path(__file__).parent / "templates" / "nemotron3_chat.jinja"
 NEMOTRON3_SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<|im_start|>", "<|im_end|>", "<think>", "</think>",
                             "<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>"]
 
@@ -107,6 +109,7 @@ def write_byte_tokenizer(out_dir) -> int:
         {"bos_token": "<s>", "eos_token": "<|im_end|>", "unk_token": "<unk>", "pad_token": "<unk>",
          "add_bos_token": False, "model_max_length": 4096, "tokenizer_class": "PreTrainedTokenizerFast"},
         indent=2) + "\n")
+    (out / "chat_template.jinja").write_text(NEMOTRON3_CHAT_TEMPLATE.read_text())
     return tok.get_vocab_size()
 
 

@@ -39,7 +39,7 @@ def test_init_info_generate(tmp_path):
     _run("init", out)
     info = json.loads(_run("info", out, "--json").stdout)
     assert info["layer_pattern"] == "MEM*EME" and info["mtp_params"] > 0
-    text = _run("generate", "--model", out, "Hello", "--max-new-tokens", "5").stdout
+    text = _run("generate", "--model", out, "Hello", "--max-new-tokens", "5", "--raw").stdout
     assert text.startswith("Hello")
     # the CLI prints the prompt followed by the greedy continuation computed through the cache
     import torch
@@ -49,3 +49,26 @@ def test_init_info_generate(tmp_path):
     m = nemotron.load(out)
     ids = greedy_generate(m.model, torch.tensor([m.tokenizer.encode("Hello")]), 5, {m.tokenizer.eos_token_id})
     assert text == "Hello" + m.tokenizer.decode(ids[0].tolist(), skip_special_tokens=True) + "\n"
+
+
+def test_generate_chat_format_and_chat_repl(tmp_path):
+    """`generate` on a checkpoint with a chat template answers in the chat format, reasoning apart;
+    `chat` keeps history and obeys its slash commands (stdin piped, so no prompts are printed)."""
+    out = tmp_path / "tiny"
+    _run("init", out)
+    shown = _run("generate", "--model", out, "Hi", "--max-new-tokens", "30", "--thinking-budget", "2").stdout
+    assert shown.startswith("[thinking]\n")
+    m = nemotron.load(out)
+    expect = m.chat([{"role": "user", "content": "Hi"}], max_new_tokens=30, thinking_budget=2)
+    assert "</think>" in expect.text  # the budget closed the reasoning
+    assert expect.reasoning.strip() in shown
+    off = _run("generate", "--model", out, "Hi", "--max-new-tokens", "6", "--no-think").stdout
+    assert "[thinking]" not in off
+    script = "hello\n/think off\nagain\n/budget 3\n/clear\n/bogus\n/exit\n"
+    result = subprocess.run([sys.executable, "-m", "nemotron.cli", "chat", "--model", str(out), "--max-new-tokens", "6"],
+                            input=script, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "(thinking off)" in result.stdout and "(thinking budget 3)" in result.stdout
+    assert "(conversation cleared)" in result.stdout and "commands:" in result.stdout
+    bad = _run("generate", "--model", out, "Hi", "--temperature", "-1", check=False)
+    assert bad.returncode != 0 and bad.stderr.strip().startswith("error: ") and "temperature" in bad.stderr
