@@ -16,6 +16,11 @@ from .norm import GatedRMSNorm
 from .ssd import ssd_chunked, ssd_step
 
 
+def _f32(t: torch.Tensor) -> torch.Tensor:
+    """fp32 view of t without a dispatch when it already is (decode runs these per token)."""
+    return t if t.dtype == torch.float32 else t.float()
+
+
 class Mamba2Mixer(nn.Module):
     def __init__(
         self,
@@ -51,13 +56,6 @@ class Mamba2Mixer(nn.Module):
         k = self.conv_kernel
         weight = self.conv1d.weight.float()
         bias = None if self.conv1d.bias is None else self.conv1d.bias.float()
-        if state is not None and xBC.shape[1] == 1 and not state.record:
-            # decode: a dot product over the K-wide window, no conv call
-            window = torch.cat([state.conv, xBC.transpose(1, 2).to(state.conv.dtype)], dim=-1)
-            state.conv.copy_(window[..., 1:])
-            out = (window.float() * weight[:, 0]).sum(-1)
-            out = out if bias is None else out + bias
-            return F.silu(out)[:, None].to(xBC.dtype)
         seq = xBC.transpose(1, 2)
         if state is not None:
             seq = torch.cat([state.conv.to(seq.dtype), seq], dim=-1)
@@ -69,9 +67,40 @@ class Mamba2Mixer(nn.Module):
         out = F.conv1d(seq.float(), weight, bias, groups=self.conv_dim)
         return F.silu(out).transpose(1, 2).to(xBC.dtype)
 
+    def step(self, x: torch.Tensor, state: MambaState) -> torch.Tensor:
+        """Decode: one token per row through the recurrent form, written for few kernel launches
+        (same math as `forward`: fp32 conv, dt, decay and state; output rounded before the norm)."""
+        b = x.shape[0]
+        h, p, g, n = self.num_heads, self.head_dim, self.n_groups, self.state_size
+        i, c = self.inner, self.conv_dim
+        zxbcdt = self.in_proj(x[:, 0])
+        z, xBC, dt = zxbcdt[:, :i], zxbcdt[:, i:i + c], zxbcdt[:, i + c:]
+        window = torch.cat([state.conv, xBC.to(state.conv.dtype)[:, :, None]], dim=-1)   # [b, c, K]
+        state.conv.copy_(window[:, :, 1:])
+        conv = (_f32(window) * _f32(self.conv1d.weight)[:, 0]).sum(-1)
+        if self.conv1d.bias is not None:
+            conv = conv + _f32(self.conv1d.bias)
+        xBC = F.silu(conv)                                                                  # fp32 [b, c]
+        if x.dtype != torch.float32:
+            xBC = xBC.to(x.dtype).float()  # the conv output is stored in the model dtype
+        xs = xBC[:, :i].view(b, g, h // g, p, 1)
+        Bm = xBC[:, i:i + g * n].view(b, g, 1, 1, n)
+        Cm = xBC[:, i + g * n:].view(b, g, 1, n, 1)
+        dt = F.softplus(_f32(dt) + _f32(self.dt_bias))
+        if self.dt_limit != (0.0, math.inf):
+            dt = dt.clamp(*self.dt_limit)
+        decay = torch.exp(dt * -torch.exp(_f32(self.A_log))).view(b, g, h // g, 1, 1)
+        ssm = _f32(state.ssm).view(b, g, h // g, p, n) * decay + (xs * dt.view(b, g, h // g, 1, 1)) * Bm
+        state.ssm.copy_(ssm.view(b, h, p, n))
+        y = (ssm @ Cm).view(b, h, p) + _f32(self.D)[:, None] * xs.view(b, h, p)
+        y = y.view(b, 1, i).to(x.dtype)
+        return self.out_proj(self.norm(y, z[:, None]))
+
     def forward(self, x: torch.Tensor, state: MambaState | None = None, pos: list[int] | None = None,
                 rope=None) -> torch.Tensor:
         b, t, _ = x.shape
+        if state is not None and t == 1 and not state.record:
+            return self.step(x, state)
         z, xBC, dt = self.in_proj(x).split([self.inner, self.conv_dim, self.num_heads], dim=-1)
         xBC = self._conv(xBC, state)
         xs, B, C = xBC.split([self.inner, self.n_groups * self.state_size, self.n_groups * self.state_size], dim=-1)
@@ -91,8 +120,6 @@ class Mamba2Mixer(nn.Module):
                 ys.append(ssd_step(state.ssm, xs[:, i], dt[:, i], A, B[:, i], C[:, i]))
                 history.append(state.ssm.clone())
             y, state.ssm_history = torch.stack(ys, 1), torch.stack(history, 1)
-        elif state is not None and t == 1:
-            y = ssd_step(state.ssm, xs[:, 0], dt[:, 0], A, B[:, 0], C[:, 0])[:, None]
         else:
             y, final = ssd_chunked(xs, dt, A, B, C, self.chunk_size,
                                    initial_state=None if state is None else state.ssm)

@@ -72,10 +72,6 @@ class TopkRouter(nn.Module):
 class Experts(nn.Module):
     """E non-gated relu² experts stored stacked: up_proj [E, I, X], down_proj [E, X, I]."""
 
-    # Below this many bytes of chosen expert weights, copying them for one batched matmul beats a
-    # matmul per expert (decode); above it the copy would cost more memory traffic than it saves.
-    gather_bytes = 2 * 1024 * 1024
-
     def __init__(self, num_experts: int, dim: int, intermediate_size: int) -> None:
         super().__init__()
         self.num_experts = num_experts
@@ -92,23 +88,24 @@ class Experts(nn.Module):
                 method: str | None = None) -> torch.Tensor:
         """x [T, X], idx/weights [T, k] -> sum_j w_j e_j(x), accumulated in fp32, returned in x.dtype.
 
-        method: "gather" (copy the chosen experts' weights, two bmm), "grouped" (torch._grouped_mm over
-        tokens sorted by expert), "loop" (sorted tokens, one matmul per expert that has any); by default
-        gather for small decode batches, grouped on CUDA, loop otherwise."""
+        method: "single" (one token: a matrix-vector product per chosen expert), "grouped"
+        (torch._grouped_mm over tokens sorted by expert), "loop" (sorted tokens, one matmul per expert
+        that has any); by default single for one token, grouped on CUDA, loop otherwise."""
         t, k = idx.shape
         if method is None:
-            if t * k * self.up_proj[0].numel() * x.element_size() <= self.gather_bytes:
-                method = "gather"
+            if t == 1 and not x.is_cuda:
+                method = "single"
             elif x.is_cuda and x.dtype == torch.bfloat16 and self.grouped_mm_ok(x):
                 method = "grouped"
             else:
                 method = "loop"
-        if method == "gather":
-            # decode: gather the few chosen experts' weights and run two batched matmuls
-            up, down = self.up_proj[idx.reshape(-1)], self.down_proj[idx.reshape(-1)]          # [T*k, I, X], [T*k, X, I]
-            h = relu2(torch.bmm(up, x.repeat_interleave(k, dim=0)[:, :, None]))              # [T*k, I, 1]
-            ys = torch.bmm(down, h).view(t, k, -1).float()                                   # [T, k, X]
-            return (ys * weights[..., None].float()).sum(1).to(x.dtype)
+        if method == "single":
+            # decode on CPU: read only the k chosen experts, no sorting or copies
+            out = None
+            for e, w in zip(idx[0].tolist(), weights[0].float()):
+                y = F.linear(relu2(F.linear(x, self.up_proj[e])), self.down_proj[e]).float() * w
+                out = y if out is None else out + y
+            return out.to(x.dtype)
         flat = idx.reshape(-1)
         order = flat.argsort(stable=True)
         token = order // k

@@ -21,6 +21,8 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.weight_in_fp32:  # one fused kernel: normalise and multiply in fp32, round once
+            if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
+                return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
             return F.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps).to(x.dtype)
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -43,8 +45,10 @@ class GatedRMSNorm(nn.Module):
         g = y.float() * F.silu(z.float())
         shape = g.shape
         g = F.rms_norm(g.view(*shape[:-1], self.groups, shape[-1] // self.groups), (shape[-1] // self.groups,),
-                       eps=self.eps)
-        return (self.weight.float() * g.view(shape)).to(y.dtype)
+                       eps=self.eps).view(shape)
+        if y.dtype == torch.float32 and self.weight.dtype == torch.float32:
+            return self.weight * g
+        return (self.weight.float() * g).to(y.dtype)
 
 
 class LayerNorm1P(nn.Module):

@@ -61,7 +61,9 @@ def ssd_chunked(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Ten
                 chunk_size: int, initial_state: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Chunked SSD: returns (y [b, L, h, p] fp32, final state [b, h, p, n] fp32).
 
-    Heads are kept as [groups g, heads-per-group r] so the C.B products are formed once per group."""
+    Tensors are laid out [b, g, r, c, Q, ...] (groups, heads per group, chunks, positions) so that
+    every contraction is a batched matmul on views, C.B is formed once per group rather than per
+    head, and decays within a chunk are exp(cumsum_i - cumsum_j), as mamba_ssm's kernels compute them."""
     b, L, h, p = x.shape
     g, n = B.shape[2], B.shape[3]
     r = h // g
@@ -77,31 +79,31 @@ def ssd_chunked(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Ten
         a = F.pad(a, (0, 0, 0, pad))
         B = F.pad(B, (0, 0, 0, 0, 0, pad))
         C = F.pad(C, (0, 0, 0, 0, 0, pad))
-    xd = xd.view(b, c, Q, g, r, p)
-    Bc = B.float().view(b, c, Q, g, n)
-    Cc = C.float().view(b, c, Q, g, n)
-    a = a.view(b, c, Q, g, r).permute(0, 3, 4, 1, 2)                 # [b, g, r, c, Q]
-    a_cum = torch.cumsum(a, dim=-1)
+    xd = xd.view(b, c, Q, g, r, p).permute(0, 3, 4, 1, 2, 5).contiguous()             # [b, g, r, c, Q, p]
+    Bc = B.float().view(b, c, Q, g, n).permute(0, 3, 1, 2, 4).contiguous()[:, :, None]  # [b, g, 1, c, Q, n]
+    Cc = C.float().view(b, c, Q, g, n).permute(0, 3, 1, 2, 4).contiguous()[:, :, None]
+    a_cum = torch.cumsum(a.view(b, c, Q, g, r).permute(0, 3, 4, 1, 2), dim=-1)        # [b, g, r, c, Q]
 
-    # 1. within each chunk: y_l = sum_{s<=l} (C_l . B_s) exp(sum_{s<k<=l} a_k) x_s dt_s
-    CB = torch.einsum("bclgn,bcsgn->bgcls", Cc, Bc)                  # [b, g, c, Q, Q]
-    M = CB[:, :, None] * torch.exp(segsum(a))                        # [b, g, r, c, Q, Q]
-    y = torch.einsum("bgrcls,bcsgrp->bclgrp", M, xd)
+    # 1. within each chunk: y_l = sum_{s<=l} (C_l . B_s) exp(a_cum_l - a_cum_s) x_s dt_s
+    causal = torch.ones(Q, Q, dtype=torch.bool, device=x.device).tril()
+    M = torch.exp(a_cum[..., :, None] - a_cum[..., None, :]).masked_fill_(~causal, 0.0)
+    M.mul_(Cc @ Bc.transpose(-1, -2))                                # [b, g, r, c, Q, Q]
+    y = M @ xd                                                       # [b, g, r, c, Q, p]
 
     # 2. the state each chunk leaves behind, from its own inputs only
     decay_to_end = torch.exp(a_cum[..., -1:] - a_cum)                # [b, g, r, c, Q]
-    chunk_states = torch.einsum("bclgn,bclgrp->bcgrpn", Bc, xd * decay_to_end.permute(0, 3, 4, 1, 2)[..., None])
+    chunk_states = (xd * decay_to_end[..., None]).transpose(-1, -2) @ Bc               # [b, g, r, c, p, n]
 
     # 3. carry states across chunks (the initial state enters as chunk -1)
-    init = torch.zeros_like(chunk_states[:, :1]) if initial_state is None \
-        else initial_state.float().view(b, 1, g, r, p, n)
-    chunk_states = torch.cat([init, chunk_states], dim=1)            # [b, c+1, g, r, p, n]
+    init = torch.zeros_like(chunk_states[:, :, :, :1]) if initial_state is None \
+        else initial_state.float().view(b, g, r, 1, p, n)
+    chunk_states = torch.cat([init, chunk_states], dim=3)            # [b, g, r, c+1, p, n]
     chunk_decay = torch.exp(segsum(F.pad(a_cum[..., -1], (1, 0))))   # [b, g, r, c+1, c+1]
-    states = torch.einsum("bgrzy,bygrpn->bzgrpn", chunk_decay, chunk_states)
-    start_states, final_state = states[:, :-1], states[:, -1]
+    states = (chunk_decay @ chunk_states.flatten(-2)).view(b, g, r, c + 1, p, n)
+    start_states, final_state = states[:, :, :, :-1], states[:, :, :, -1]
 
     # 4. contribution of the state entering each chunk
-    y = y + torch.einsum("bclgn,bcgrpn->bclgrp", Cc, start_states) * torch.exp(a_cum).permute(0, 3, 4, 1, 2)[..., None]
+    y += (Cc @ start_states.transpose(-1, -2)) * torch.exp(a_cum)[..., None]
 
-    y = y.reshape(b, c * Q, h, p)[:, :L]
+    y = y.permute(0, 3, 4, 1, 2, 5).reshape(b, c * Q, h, p)[:, :L]
     return y, final_state.reshape(b, h, p, n)

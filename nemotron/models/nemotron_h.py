@@ -51,7 +51,7 @@ class HybridBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, state: KVState | MambaState | None = None,
                 pos: list[int] | None = None) -> torch.Tensor:
-        h = self.norm(x.to(self.norm.weight.dtype))
+        h = self.norm(x if x.dtype == self.norm.weight.dtype else x.to(self.norm.weight.dtype))
         h = self.mixer(h, state, pos) if self.kind in ("mamba", "attention") else self.mixer(h)
         return (x.float() if self.residual_in_fp32 else x) + h
 
