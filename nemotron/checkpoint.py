@@ -12,6 +12,7 @@ Name maps: our module names are the release names, except that routed experts ar
 
 from __future__ import annotations
 
+import ctypes
 import json
 import math
 import os
@@ -60,13 +61,15 @@ class TensorRef:
         nbytes = self.end - self.start
         if nbytes == 0:
             return torch.empty(self.shape, dtype=self.dtype)
-        buf = bytearray(nbytes)
+        # read straight into a tensor allocated by torch (aligned for vectorised kernels)
+        out = torch.empty(nbytes, dtype=torch.uint8)
+        view = (ctypes.c_char * nbytes).from_address(out.data_ptr())
         with open(self.path, "rb") as f:
             f.seek(self.start)
-            got = f.readinto(buf)
+            got = f.readinto(view)
         if got != nbytes:
             raise CheckpointError(f"{self.path.name}: tensor {self.name} is truncated ({got} of {nbytes} bytes)")
-        return torch.frombuffer(buf, dtype=torch.uint8).view(self.dtype).reshape(self.shape)
+        return out.view(self.dtype).reshape(self.shape)
 
 
 def read_safetensors_index(path: Path) -> dict[str, TensorRef]:

@@ -252,20 +252,28 @@ class Generator:
         if not live:
             return
         index = {id(r): i for i, r in enumerate(requests)}
+        # prompts of equal length share one prefill forward: keep them in adjacent rows
+        live.sort(key=lambda r: len(r.prompt_ids))
         max_len = max(len(r.prompt_ids) + r.params.max_new_tokens for r in live) + self.k + 1
         cache = self.model.new_cache(len(live), max_len)
         use_mtp = self.k > 0
         logits, hidden = [], []
-        for row, r in enumerate(live):
-            ids = torch.tensor([r.prompt_ids], device=self.device)
-            out = prefill(self.model, ids, cache.rows(row), self.prefill_chunk, return_hidden=use_mtp)
+        start = 0
+        while start < len(live):
+            end = start
+            while end < len(live) and len(live[end].prompt_ids) == len(live[start].prompt_ids):
+                end += 1
+            ids = torch.tensor([r.prompt_ids for r in live[start:end]], device=self.device)
+            out = prefill(self.model, ids, cache.rows(start, end), self.prefill_chunk, return_hidden=use_mtp)
             if use_mtp:
                 out, h = out
-                hidden.append(h)
+                hidden.extend(h[i:i + 1] for i in range(end - start))
             logits.append(out)
+            start = end
+        for r in live:
             self._new_request_state(r)
         logits = torch.cat(logits)
-        self.stats.target_forwards += len(live)
+        self.stats.target_forwards += 1
         sampler = Sampler([r.params for r in live], self.vocab_size, self.device, [r.prompt_ids for r in live])
         # MTP pairs still to run per row: (target hidden at t, token at t+1)
         pending = [(h[:, :], torch.tensor([r.prompt_ids[1:]], device=self.device)) for h, r in zip(hidden, live)] \

@@ -90,12 +90,15 @@ class Experts(nn.Module):
 
         method: "single" (one token: a matrix-vector product per chosen expert), "grouped"
         (torch._grouped_mm over tokens sorted by expert), "loop" (sorted tokens, one matmul per expert
-        that has any); by default single for one token, grouped on CUDA, loop otherwise."""
+        that has any); by default single for one token on CPU, grouped on CUDA and for small CPU
+        batches, loop otherwise."""
         t, k = idx.shape
         if method is None:
             if t == 1 and not x.is_cuda:
                 method = "single"
-            elif x.is_cuda and x.dtype == torch.bfloat16 and self.grouped_mm_ok(x):
+            elif self.grouped_mm_ok(x) and ((x.is_cuda and x.dtype == torch.bfloat16) or
+                                            (not x.is_cuda and t * k <= 1024)):
+                # one kernel on GPU; on CPU it wins while per-expert matmuls are tiny (decode batches)
                 method = "grouped"
             else:
                 method = "loop"
