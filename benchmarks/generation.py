@@ -74,7 +74,7 @@ before = rss("VmRSS:")
 out = {}
 
 def timed(fn):
-    fn()
+    t = time.perf_counter(); fn(); out["first_call_s"] = time.perf_counter() - t  # compiles, if any
     times = []
     for _ in range(runs):
         t = time.perf_counter(); result = fn(); times.append(time.perf_counter() - t)
@@ -91,7 +91,7 @@ if task == "prefill":
             cache = model.new_cache(1, args["tokens"])
             return prefill(model, ids, cache, chunk=args["tokens"])
     seconds, logits = timed(run)
-    out = {"seconds": seconds, "tokens_per_s": args["tokens"] / seconds, "logits": logits[0, :8].tolist()}
+    out |= {"seconds": seconds, "tokens_per_s": args["tokens"] / seconds, "logits": logits[0, :8].tolist()}
 else:
     batch, prompt, new = args["batch"], args["prompt"], args["new"]
     prompts = torch.randint(0, vocab, (batch, prompt), generator=g)
@@ -103,10 +103,10 @@ else:
     else:
         def run():
             reqs = [Request(p, SamplingParams(max_new_tokens=new, temperature=0)) for p in prompts.tolist()]
-            list(Generator(model).stream(reqs))
+            list(Generator(model, compile=which == "nemotron-compiled").stream(reqs))
             return [r.output_ids for r in reqs]
     seconds, tokens = timed(run)
-    out = {"seconds": seconds, "tokens_per_s": batch * new / seconds, "tokens": tokens}
+    out |= {"seconds": seconds, "tokens_per_s": batch * new / seconds, "tokens": tokens}
     if args.get("roofline"):
         weights = sum(p.numel() * p.element_size() for n, p in model.named_parameters()
                       if "embed" not in n)  # a decode step reads one embedding row, every other weight
@@ -163,13 +163,15 @@ def main() -> None:
             theirs = child("transformers", small, "prefill", args.runs, tokens=tokens)
             rows.append((f"prefill {tokens} tokens (tok/s)", ours, theirs))
         for batch in (1, 8):
-            ours = child("nemotron", small, "decode", args.runs, batch=batch, prompt=32, new=new)
             theirs = child("transformers", small, "decode", args.runs, batch=batch, prompt=32, new=new)
-            assert ours["tokens"] == theirs["tokens"], "greedy outputs differ"
-            rows.append((f"prompt 32 + decode {new}, batch {batch} (tok/s)", ours, theirs))
-        print(f"\n{'':44s} {'nemotron':>10s} {'transformers':>13s} {'ratio':>7s} {'peak RSS rise (MB) ours/theirs':>32s}")
+            for which in ("nemotron", "nemotron-compiled"):
+                ours = child(which, small, "decode", args.runs, batch=batch, prompt=32, new=new)
+                assert ours["tokens"] == theirs["tokens"], "greedy outputs differ"
+                label = "" if which == "nemotron" else f" compiled ({ours['first_call_s']:.0f} s first call)"
+                rows.append((f"prompt 32 + decode {new}, batch {batch}{label} (tok/s)", ours, theirs))
+        print(f"\n{'':62s} {'nemotron':>10s} {'transformers':>13s} {'ratio':>7s} {'peak RSS rise (MB) ours/theirs':>32s}")
         for name, ours, theirs in rows:
-            print(f"{name:44s} {ours['tokens_per_s']:10.0f} {theirs['tokens_per_s']:13.0f} "
+            print(f"{name:62s} {ours['tokens_per_s']:10.0f} {theirs['tokens_per_s']:13.0f} "
                   f"{ours['tokens_per_s'] / theirs['tokens_per_s']:6.2f}x "
                   f"{ours['peak_rss_rise'] / 2**20:20.0f} / {theirs['peak_rss_rise'] / 2**20:.0f}")
         roof = child("nemotron", dense, "decode", args.runs, batch=1, prompt=32, new=new, roofline=True)

@@ -102,15 +102,17 @@ class LoadedModel:
         sampling.setdefault("temperature", 0.0)  # greedy unless asked otherwise
         return SamplingParams(max_new_tokens=max_new_tokens, **sampling).validate()
 
-    def _generator(self, speculative_tokens: int = 0, prefill_chunk: int = 512):
+    def _generator(self, speculative_tokens: int = 0, compile: bool = False, prefill_chunk: int = 512):
         from .generate import Generator
 
-        return Generator(self.model, self.tokenizer, self.stop_ids, prefill_chunk, speculative_tokens)
+        return Generator(self.model, self.tokenizer, self.stop_ids, prefill_chunk, speculative_tokens, compile)
 
     def generate(self, prompt: str | list[str] | list[int], max_new_tokens: int = 256,
-                 speculative_tokens: int = 0, **sampling: Any) -> str | list[str]:
+                 speculative_tokens: int = 0, compile: bool = False, **sampling: Any) -> str | list[str]:
         """Plain completion of a prompt (or a batch of prompts, or token ids). Greedy by default;
-        sampling options as in `SamplingParams` (temperature, top_p, seed, stop, ...)."""
+        sampling options as in `SamplingParams` (temperature, top_p, seed, stop, ...).
+        speculative_tokens: MTP drafts per step (greedy, MTP checkpoints); compile: torch.compile the
+        decode step (a one-time compile, then much less per-token overhead for small models)."""
         from .generate import Request
 
         batch = isinstance(prompt, list) and prompt and isinstance(prompt[0], str)
@@ -119,7 +121,7 @@ class LoadedModel:
         ids = [p if isinstance(p, list) else self._require_tokenizer().encode(p) for p in prompts]
         params = self._params(max_new_tokens, dict(sampling))
         reqs = [Request(i, params) for i in ids]
-        for _ in self._generator(speculative_tokens).stream(reqs):
+        for _ in self._generator(speculative_tokens, compile).stream(reqs):
             pass
         texts = [r.text if tok is not None else r.output_ids for r in reqs]
         return texts if batch else texts[0]
@@ -135,7 +137,7 @@ class LoadedModel:
 
     def chat(self, messages: list[dict], tools: list[dict] | None = None, enable_thinking: bool = True,
              thinking_budget: int | None = None, max_new_tokens: int = 1024, stream: bool = False,
-             speculative_tokens: int = 0, template_kwargs: dict[str, Any] | None = None,
+             speculative_tokens: int = 0, compile: bool = False, template_kwargs: dict[str, Any] | None = None,
              **sampling: Any) -> ChatResult | Iterator:
         """One assistant turn in the checkpoint's own chat format.
 
@@ -143,7 +145,7 @@ class LoadedModel:
         stream=True an iterator of `parsers.Delta` (reasoning / content / tool_calls pieces) whose last
         item is the ChatResult."""
         it = self._chat_stream(messages, tools, enable_thinking, thinking_budget, max_new_tokens,
-                               speculative_tokens, template_kwargs or {}, sampling)
+                               self._generator(speculative_tokens, compile), template_kwargs or {}, sampling)
         if stream:
             return it
         result = None
@@ -152,7 +154,7 @@ class LoadedModel:
         return result
 
     def _chat_stream(self, messages, tools, enable_thinking, thinking_budget, max_new_tokens,
-                     speculative_tokens, template_kwargs, sampling):
+                     generator, template_kwargs, sampling):
         from .chat import prepare_chat
         from .generate import Request
         from .parsers import StreamingParser
@@ -166,7 +168,7 @@ class LoadedModel:
         parser = StreamingParser(prompt.fmt, prompt.thinking, tools, prompt.prompt_opens_think)
         calls: list[dict] = []
         reasoning, content = [], []
-        for event in self._generator(speculative_tokens).stream([req]):
+        for event in generator.stream([req]):
             if event.text:
                 delta = parser.feed(event.text)
                 if delta:

@@ -47,6 +47,14 @@ class KVState:
             self.v[rows, :, cols] = v.transpose(1, 2)
         return self.k[:, :, :end], self.v[:, :, :end]
 
+    def update_static(self, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One token per row (k/v [B, kv, 1, hd]) written at pos [B] (a tensor); returns the whole
+        buffer. Shapes never change, so a compiled decode step never recompiles (gpt-fast style)."""
+        index = pos.view(-1, 1, 1, 1).expand(-1, k.shape[1], 1, k.shape[3])
+        self.k.scatter_(2, index, k)
+        self.v.scatter_(2, index, v)
+        return self.k, self.v
+
     def copy_row(self, src: int, dst: int) -> None:
         self.k[dst].copy_(self.k[src])
         self.v[dst].copy_(self.v[src])

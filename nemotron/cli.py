@@ -167,8 +167,8 @@ def _chat_turn(m, messages: list[dict], args: argparse.Namespace, enable_thinkin
     """Generate one assistant turn, streaming it through `printer`; returns the ChatResult."""
     result = None
     for item in m.chat(messages, tools=tools, enable_thinking=enable_thinking, thinking_budget=thinking_budget,
-                       max_new_tokens=args.max_new_tokens, stream=True,
-                       speculative_tokens=args.speculative_tokens, **_sampling_kwargs(args)):
+                       max_new_tokens=args.max_new_tokens, stream=True, speculative_tokens=args.speculative_tokens,
+                       compile=args.compile, **_sampling_kwargs(args)):
         if hasattr(item, "reasoning") and not hasattr(item, "finish_reason"):
             printer.write("reasoning", item.reasoning)
             printer.write("content", item.content)
@@ -194,7 +194,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
             sys.stdout.write("\n")
         else:
             print(args.prompt + m.generate(args.prompt, args.max_new_tokens, args.speculative_tokens,
-                                           **_sampling_kwargs(args)))
+                                           args.compile, **_sampling_kwargs(args)))
         return
     messages = ([{"role": "system", "content": args.system}] if args.system else []) + \
         [{"role": "user", "content": args.prompt}]
@@ -308,6 +308,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--seed", type=int)
         p.add_argument("--stop", action="append", help="stop string (repeatable)")
         p.add_argument("--speculative-tokens", type=int, default=0, help="MTP draft tokens per step (greedy)")
+        p.add_argument("--compile", action="store_true", help="torch.compile the decode step (compiles once)")
         p.add_argument("--dtype", default=None, help="float32 / bfloat16 / float16 (default: the checkpoint's)")
         p.add_argument("--device", default="cpu")
 

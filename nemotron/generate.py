@@ -67,6 +67,17 @@ def greedy_generate(model: nn.Module, ids: torch.Tensor, max_new_tokens: int,
     return torch.stack(out, dim=1) if out else ids[:, :0]
 
 
+def _compiled_decode(model: nn.Module):
+    """The model's compiled decode function, made once and kept on the model (so its graphs are
+    reused by every Generator and freed with the model)."""
+    if getattr(model, "_compiled_decode", None) is None:
+        def step(ids: torch.Tensor, cache: HybridCache, positions: torch.Tensor) -> torch.Tensor:
+            return model(ids, cache, positions=positions)[:, -1]
+
+        model._compiled_decode = torch.compile(step, dynamic=True)
+    return model._compiled_decode
+
+
 # --------------------------------------------------------------------------------------------------
 # thinking budget
 # --------------------------------------------------------------------------------------------------
@@ -174,7 +185,7 @@ class Generator:
     """Generates for a list of requests at once. Iterate `stream()` for TokenEvents."""
 
     def __init__(self, model: nn.Module, tokenizer=None, stop_ids: set[int] | None = None,
-                 prefill_chunk: int = 512, speculative_tokens: int = 0) -> None:
+                 prefill_chunk: int = 512, speculative_tokens: int = 0, compile: bool = False) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.stop_ids = set(stop_ids or ())
@@ -183,6 +194,9 @@ class Generator:
         self.stats = SpecStats()
         self.vocab_size = model.lm_head.weight.shape[0]
         self.device = model.lm_head.weight.device
+        # torch.compile of the one-token decode step (whole-buffer KV with a mask, positions as a
+        # tensor, symbolic shapes): the first step compiles (seconds), later ones run fused kernels
+        self.compiled_step = _compiled_decode(model) if compile else None
         if self.k and getattr(model, "mtp", None) is None:
             raise ValueError("speculative decoding needs a checkpoint with MTP weights (num_nextn_predict_layers > 0)")
 
@@ -332,6 +346,10 @@ class Generator:
     def _decode(self, live, cache, tokens, pending):
         self.stats.target_forwards += 1
         if pending is None:
+            if self.compiled_step is not None:
+                logits = self.compiled_step(tokens[:, None], cache, cache.seq_lens.to(tokens.device))
+                cache.seq_lens += 1
+                return logits
             return decode_step(self.model, tokens, cache)
         h = self.model.hidden_states(tokens[:, None], cache)
         # the new token pairs with the hidden state before it for the MTP cache (kept in step)

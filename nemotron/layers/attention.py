@@ -23,10 +23,11 @@ class Attention(nn.Module):
         self,
         x: torch.Tensor,
         state: KVState | None = None,
-        pos: list[int] | None = None,
+        pos: list[int] | torch.Tensor | None = None,
         rope: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        """x [B, T, H]; row b's tokens sit at absolute positions pos[b]..pos[b]+T-1 (0 without a cache)."""
+        """x [B, T, H]; row b's tokens sit at absolute positions pos[b]..pos[b]+T-1 (0 without a cache).
+        pos as a tensor [B] (one token per row) selects the static-shape path used by compiled decode."""
         b, t, _ = x.shape
         q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
@@ -34,7 +35,10 @@ class Attention(nn.Module):
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         mask = None
-        if state is not None:
+        if isinstance(pos, torch.Tensor):  # static decode: the whole buffer, keys past each row masked
+            k, v = state.update_static(k, v, pos)
+            mask = (torch.arange(k.shape[2], device=x.device) <= pos[:, None])[:, None, None]
+        elif state is not None:
             k, v = state.update(k, v, pos)
             if min(pos) != max(pos) or (t > 1 and pos[0] > 0):
                 # each query sees the keys up to its own absolute position (shorter rows: less history)

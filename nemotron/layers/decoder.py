@@ -19,7 +19,8 @@ class DecoderLayer(nn.Module):
         self.input_layernorm, self.self_attn = input_layernorm, self_attn
         self.post_attention_layernorm, self.mlp = post_attention_layernorm, mlp
 
-    def forward(self, x: torch.Tensor, state: KVState | None, pos: list[int] | None, rope) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, state: KVState | None, pos: list[int] | torch.Tensor | None,
+                rope) -> torch.Tensor:
         if self.self_attn is not None:
             x = x + self.self_attn(self.input_layernorm(x), state, pos, rope)
         if self.mlp is not None:
@@ -45,16 +46,22 @@ class DecoderLM(nn.Module):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
-    def forward(self, input_ids: torch.Tensor, cache: HybridCache | None = None, logits_to_keep: int = 0) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, cache: HybridCache | None = None, logits_to_keep: int = 0,
+                positions: torch.Tensor | None = None) -> torch.Tensor:
+        """`positions` [B] (a tensor, one token per row): static-shape decode for torch.compile; the
+        caller then advances `cache.seq_lens` itself."""
         b, t = input_ids.shape
-        pos = None if cache is None else cache.positions()
+        if positions is not None:
+            pos, token_pos = positions, positions[:, None]
+        else:
+            pos = None if cache is None else cache.positions()
+            start = torch.zeros(b, 1, dtype=torch.long) if pos is None else torch.tensor(pos)[:, None]
+            token_pos = (start + torch.arange(t)).to(input_ids.device)
         x = self.model.embed_tokens(input_ids)
-        start = torch.zeros(b, 1, dtype=torch.long) if pos is None else torch.tensor(pos)[:, None]
-        positions = (start + torch.arange(t)).to(input_ids.device)
-        rope = rope_cos_sin(self.inv_freq, positions, x.dtype)
+        rope = rope_cos_sin(self.inv_freq, token_pos, x.dtype)
         for i, layer in enumerate(self.model.layers):
             x = layer(x, None if cache is None else cache.layers[i], pos, rope)
-        if cache is not None:
+        if cache is not None and positions is None:
             cache.seq_lens += t
         x = self.model.norm(x[:, -logits_to_keep:] if logits_to_keep else x)
         return self.lm_head(x).float()

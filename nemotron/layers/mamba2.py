@@ -52,20 +52,24 @@ class Mamba2Mixer(nn.Module):
 
     def _conv(self, xBC: torch.Tensor, state: MambaState | None) -> torch.Tensor:
         """Causal depthwise conv + SiLU in fp32 over [b, T, conv_dim], continuing (and updating) the
-        conv state when one is given."""
+        conv state when one is given. Done as K shifted multiply-adds in the [b, T, channels] layout
+        (no transposes, no conv call)."""
         k = self.conv_kernel
-        weight = self.conv1d.weight.float()
-        bias = None if self.conv1d.bias is None else self.conv1d.bias.float()
-        seq = xBC.transpose(1, 2)
+        b, t, _ = xBC.shape
+        prefix = state.conv.transpose(1, 2) if state is not None else xBC.new_zeros(b, k - 1, self.conv_dim)
+        full = torch.cat([prefix.to(xBC.dtype), xBC], dim=1)                          # [b, T+K-1, c]
         if state is not None:
-            seq = torch.cat([state.conv.to(seq.dtype), seq], dim=-1)
             if state.record:
-                state.conv_history = seq
-            state.conv.copy_(seq[..., seq.shape[-1] - (k - 1):])
-        else:
-            seq = F.pad(seq, (k - 1, 0))
-        out = F.conv1d(seq.float(), weight, bias, groups=self.conv_dim)
-        return F.silu(out).transpose(1, 2).to(xBC.dtype)
+                state.conv_history = full.transpose(1, 2)
+            state.conv.copy_(full[:, t:].transpose(1, 2))
+        full = _f32(full)
+        weight = _f32(self.conv1d.weight)[:, 0]                                       # [c, K]
+        out = full[:, k - 1:] * weight[:, k - 1]
+        for j in range(k - 1):
+            out.addcmul_(full[:, j:j + t], weight[:, j])
+        if self.conv1d.bias is not None:
+            out += _f32(self.conv1d.bias)
+        return F.silu(out, inplace=True).to(xBC.dtype)
 
     def step(self, x: torch.Tensor, state: MambaState) -> torch.Tensor:
         """Decode: one token per row through the recurrent form, written for few kernel launches
@@ -104,9 +108,9 @@ class Mamba2Mixer(nn.Module):
         z, xBC, dt = self.in_proj(x).split([self.inner, self.conv_dim, self.num_heads], dim=-1)
         xBC = self._conv(xBC, state)
         xs, B, C = xBC.split([self.inner, self.n_groups * self.state_size, self.n_groups * self.state_size], dim=-1)
-        xs = xs.reshape(b, t, self.num_heads, self.head_dim)
-        B = B.reshape(b, t, self.n_groups, self.state_size)
-        C = C.reshape(b, t, self.n_groups, self.state_size)
+        xs = xs.unflatten(-1, (self.num_heads, self.head_dim))     # views, no copies
+        B = B.unflatten(-1, (self.n_groups, self.state_size))
+        C = C.unflatten(-1, (self.n_groups, self.state_size))
 
         dt = F.softplus(dt.float() + self.dt_bias.float())
         if self.dt_limit != (0.0, math.inf):

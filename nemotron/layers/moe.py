@@ -88,13 +88,16 @@ class Experts(nn.Module):
                 method: str | None = None) -> torch.Tensor:
         """x [T, X], idx/weights [T, k] -> sum_j w_j e_j(x), accumulated in fp32, returned in x.dtype.
 
-        method: "single" (one token: a matrix-vector product per chosen expert), "grouped"
+        method: "gather" (the chosen experts' weights copied for two bmm: used under torch.compile),
+        "single" (one token: a matrix-vector product per chosen expert), "grouped"
         (torch._grouped_mm over tokens sorted by expert), "loop" (sorted tokens, one matmul per expert
         that has any); by default single for one token on CPU, grouped on CUDA and for small CPU
         batches, loop otherwise."""
         t, k = idx.shape
         if method is None:
-            if t == 1 and not x.is_cuda:
+            if torch.compiler.is_compiling() and t * k <= 64:
+                method = "gather"  # decode under torch.compile: no host reads inside the graph
+            elif t == 1 and not x.is_cuda:
                 method = "single"
             elif self.grouped_mm_ok(x) and ((x.is_cuda and x.dtype == torch.bfloat16) or
                                             (not x.is_cuda and t * k <= 1024)):
@@ -102,6 +105,12 @@ class Experts(nn.Module):
                 method = "grouped"
             else:
                 method = "loop"
+        if method == "gather":
+            # the chosen experts' weights gathered for two batched matmuls (static shapes)
+            up, down = self.up_proj[idx.reshape(-1)], self.down_proj[idx.reshape(-1)]          # [T*k, I, X], [T*k, X, I]
+            h = relu2(torch.bmm(up, x.repeat_interleave(k, dim=0)[:, :, None]))              # [T*k, I, 1]
+            ys = torch.bmm(down, h).view(t, k, -1).float()                                   # [T, k, X]
+            return (ys * weights[..., None].float()).sum(1).to(x.dtype)
         if method == "single":
             # decode on CPU: read only the k chosen experts, no sorting or copies
             out = None

@@ -50,7 +50,7 @@ class HybridBlock(nn.Module):
         self.mixer = build_mixer(config, kind)
 
     def forward(self, x: torch.Tensor, state: KVState | MambaState | None = None,
-                pos: list[int] | None = None) -> torch.Tensor:
+                pos: list[int] | torch.Tensor | None = None) -> torch.Tensor:
         h = self.norm(x if x.dtype == self.norm.weight.dtype else x.to(self.norm.weight.dtype))
         h = self.mixer(h, state, pos) if self.kind in ("mamba", "attention") else self.mixer(h)
         return (x.float() if self.residual_in_fp32 else x) + h
@@ -99,18 +99,23 @@ class NemotronHForCausalLM(nn.Module):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.mtp = MTP(config) if config.num_nextn_predict_layers else None
 
-    def hidden_states(self, input_ids: torch.Tensor, cache: HybridCache | None = None) -> torch.Tensor:
-        """The final-normed hidden states [B, T, H] (what lm_head and the MTP block consume)."""
-        pos = None if cache is None else cache.positions()
+    def hidden_states(self, input_ids: torch.Tensor, cache: HybridCache | None = None,
+                      positions: torch.Tensor | None = None) -> torch.Tensor:
+        """The final-normed hidden states [B, T, H] (what lm_head and the MTP block consume).
+
+        `positions` [B] (a tensor, one token per row) is the static-shape decode used under
+        torch.compile; the caller then advances `cache.seq_lens` itself."""
+        pos = positions if positions is not None else None if cache is None else cache.positions()
         x = self.backbone.embeddings(input_ids)
         for i, layer in enumerate(self.backbone.layers):
             x = layer(x, None if cache is None else cache.layers[i], pos)
-        if cache is not None:
+        if cache is not None and positions is None:
             cache.seq_lens += input_ids.shape[1]
         return self.backbone.norm_f(x.to(self.backbone.norm_f.weight.dtype))
 
-    def forward(self, input_ids: torch.Tensor, cache: HybridCache | None = None, logits_to_keep: int = 0) -> torch.Tensor:
-        h = self.hidden_states(input_ids, cache)
+    def forward(self, input_ids: torch.Tensor, cache: HybridCache | None = None, logits_to_keep: int = 0,
+                positions: torch.Tensor | None = None) -> torch.Tensor:
+        h = self.hidden_states(input_ids, cache, positions)
         return self.lm_head(h[:, -logits_to_keep:] if logits_to_keep else h).float()
 
     def mtp_forward(self, hidden: torch.Tensor, next_ids: torch.Tensor, depth: int = 0,
