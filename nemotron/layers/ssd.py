@@ -61,9 +61,10 @@ def ssd_chunked(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Ten
                 chunk_size: int, initial_state: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Chunked SSD: returns (y [b, L, h, p] fp32, final state [b, h, p, n] fp32).
 
-    Tensors are laid out [b, g, r, c, Q, ...] (groups, heads per group, chunks, positions) so that
-    every contraction is a batched matmul on views, C.B is formed once per group rather than per
-    head, and decays within a chunk are exp(cumsum_i - cumsum_j), as mamba_ssm's kernels compute them."""
+    Heads are split as [groups g, heads per group r]. Every contraction is a batched matmul: C.B is
+    formed once per group (not per head), and the heads of a group share one matmul with B or C by
+    laying them side by side ([Q, r*p] matrices), so B and C are never repeated per head. Decays
+    within a chunk are exp(cumsum_i - cumsum_j), as mamba_ssm's kernels compute them."""
     b, L, h, p = x.shape
     g, n = B.shape[2], B.shape[3]
     r = h // g
@@ -72,38 +73,41 @@ def ssd_chunked(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Ten
     c = (L + pad) // Q
 
     dt = dt.float()
-    xd = x.float() * dt[..., None]                                   # x * dt
+    xd = x.float() * dt[..., None]                                   # x * dt, [b, L, h, p] (contiguous)
     a = dt * A.float()                                               # per-step log decay (<= 0)
     if pad:
         xd = F.pad(xd, (0, 0, 0, 0, 0, pad))
         a = F.pad(a, (0, 0, 0, pad))
         B = F.pad(B, (0, 0, 0, 0, 0, pad))
         C = F.pad(C, (0, 0, 0, 0, 0, pad))
-    xd = xd.view(b, c, Q, g, r, p).permute(0, 3, 4, 1, 2, 5).contiguous()             # [b, g, r, c, Q, p]
-    Bc = B.float().view(b, c, Q, g, n).permute(0, 3, 1, 2, 4).contiguous()[:, :, None]  # [b, g, 1, c, Q, n]
-    Cc = C.float().view(b, c, Q, g, n).permute(0, 3, 1, 2, 4).contiguous()[:, :, None]
+    xg = xd.view(b, c, Q, g, r, p).permute(0, 3, 1, 2, 4, 5).contiguous()             # [b, g, c, Q, r, p]
+    Bc = B.float().view(b, c, Q, g, n).permute(0, 3, 1, 2, 4).contiguous()            # [b, g, c, Q, n]
+    Cc = C.float().view(b, c, Q, g, n).permute(0, 3, 1, 2, 4).contiguous()
     a_cum = torch.cumsum(a.view(b, c, Q, g, r).permute(0, 3, 4, 1, 2), dim=-1)        # [b, g, r, c, Q]
 
     # 1. within each chunk: y_l = sum_{s<=l} (C_l . B_s) exp(a_cum_l - a_cum_s) x_s dt_s
     causal = torch.ones(Q, Q, dtype=torch.bool, device=x.device).tril()
     M = torch.exp(a_cum[..., :, None] - a_cum[..., None, :]).masked_fill_(~causal, 0.0)
-    M.mul_(Cc @ Bc.transpose(-1, -2))                                # [b, g, r, c, Q, Q]
-    y = M @ xd                                                       # [b, g, r, c, Q, p]
+    M.mul_((Cc @ Bc.transpose(-1, -2))[:, :, None])                  # [b, g, r, c, Q, Q]
+    y_diag = M @ xg.permute(0, 1, 4, 2, 3, 5)                        # [b, g, r, c, Q, p]
 
-    # 2. the state each chunk leaves behind, from its own inputs only
-    decay_to_end = torch.exp(a_cum[..., -1:] - a_cum)                # [b, g, r, c, Q]
-    chunk_states = (xd * decay_to_end[..., None]).transpose(-1, -2) @ Bc               # [b, g, r, c, p, n]
+    # 2. the state each chunk leaves behind, from its own inputs only: [b, g, c, n, r*p]
+    decay_to_end = torch.exp(a_cum[..., -1:] - a_cum).permute(0, 1, 3, 4, 2)           # [b, g, c, Q, r]
+    chunk_states = Bc.transpose(-1, -2) @ (xg * decay_to_end[..., None]).view(b, g, c, Q, r * p)
 
-    # 3. carry states across chunks (the initial state enters as chunk -1)
+    # 3. carry states across chunks (the initial state enters as chunk -1), per head
+    chunk_states = chunk_states.view(b, g, c, n, r, p).permute(0, 1, 4, 2, 3, 5)       # [b, g, r, c, n, p]
     init = torch.zeros_like(chunk_states[:, :, :, :1]) if initial_state is None \
-        else initial_state.float().view(b, g, r, 1, p, n)
-    chunk_states = torch.cat([init, chunk_states], dim=3)            # [b, g, r, c+1, p, n]
+        else initial_state.float().view(b, g, r, 1, p, n).transpose(-1, -2)
+    chunk_states = torch.cat([init, chunk_states], dim=3)            # [b, g, r, c+1, n, p]
     chunk_decay = torch.exp(segsum(F.pad(a_cum[..., -1], (1, 0))))   # [b, g, r, c+1, c+1]
-    states = (chunk_decay @ chunk_states.flatten(-2)).view(b, g, r, c + 1, p, n)
+    states = (chunk_decay @ chunk_states.flatten(-2)).view(b, g, r, c + 1, n, p)
     start_states, final_state = states[:, :, :, :-1], states[:, :, :, -1]
 
-    # 4. contribution of the state entering each chunk
-    y += (Cc @ start_states.transpose(-1, -2)) * torch.exp(a_cum)[..., None]
+    # 4. contribution of the state entering each chunk: C @ [n, r*p] per group, decayed per head
+    y_off = Cc @ start_states.permute(0, 1, 3, 4, 2, 5).reshape(b, g, c, n, r * p)    # [b, g, c, Q, r*p]
+    y_off = y_off.view(b, g, c, Q, r, p) * torch.exp(a_cum).permute(0, 1, 3, 4, 2)[..., None]
 
-    y = y.permute(0, 3, 4, 1, 2, 5).reshape(b, c * Q, h, p)[:, :L]
-    return y, final_state.reshape(b, h, p, n)
+    y = torch.empty(b, c, Q, g, r, p, dtype=torch.float32, device=x.device)
+    torch.add(y_off.permute(0, 2, 3, 1, 4, 5), y_diag.permute(0, 3, 4, 1, 2, 5), out=y)
+    return y.reshape(b, c * Q, h, p)[:, :L], final_state.transpose(-1, -2).reshape(b, h, p, n)
