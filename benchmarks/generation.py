@@ -111,17 +111,15 @@ else:
         weights = sum(p.numel() * p.element_size() for n, p in model.named_parameters()
                       if "embed" not in n)  # a decode step reads one embedding row, every other weight
         src = torch.randn(weights // 4); dst = torch.empty_like(src)
-        for _ in range(3):
-            dst.copy_(src)
-        t = time.perf_counter()
-        for _ in range(10):
-            dst.copy_(src)
-        copy_bw = weights / ((time.perf_counter() - t) / 10)
-        t = time.perf_counter()
-        for _ in range(10):
-            src.sum()
-        read_bw = weights / ((time.perf_counter() - t) / 10)
-        out.update(weight_bytes=weights, copy_bw=copy_bw, read_bw=read_bw)
+
+        def rate(fn):  # median of 15 single passes: the machine's bandwidth drifts
+            fn()
+            samples = []
+            for _ in range(15):
+                t = time.perf_counter(); fn(); samples.append(time.perf_counter() - t)
+            return weights / statistics.median(samples)
+
+        out.update(weight_bytes=weights, copy_bw=rate(lambda: dst.copy_(src)), read_bw=rate(lambda: src.sum()))
 out["peak_rss_rise"] = rss("VmHWM:") - before
 print(json.dumps(out))
 """
