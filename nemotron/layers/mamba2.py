@@ -53,20 +53,27 @@ class Mamba2Mixer(nn.Module):
     def _conv(self, xBC: torch.Tensor, state: MambaState | None) -> torch.Tensor:
         """Causal depthwise conv + SiLU in fp32 over [b, T, conv_dim], continuing (and updating) the
         conv state when one is given. Done as K shifted multiply-adds in the [b, T, channels] layout
-        (no transposes, no conv call)."""
+        (no transposes, no padded copy; the state's K-1 columns only touch the first outputs)."""
         k = self.conv_kernel
         b, t, _ = xBC.shape
-        prefix = state.conv.transpose(1, 2) if state is not None else xBC.new_zeros(b, k - 1, self.conv_dim)
-        full = torch.cat([prefix.to(xBC.dtype), xBC], dim=1)                          # [b, T+K-1, c]
-        if state is not None:
-            if state.record:
-                state.conv_history = full.transpose(1, 2)
-            state.conv.copy_(full[:, t:].transpose(1, 2))
-        full = _f32(full)
+        x = _f32(xBC)
         weight = _f32(self.conv1d.weight)[:, 0]                                       # [c, K]
-        out = full[:, k - 1:] * weight[:, k - 1]
-        for j in range(k - 1):
-            out.addcmul_(full[:, j:j + t], weight[:, j])
+        out = x * weight[:, k - 1]
+        for s in range(1, min(k, t + 1)):  # tap k-1-s reads the input s steps back
+            if s < t:
+                out[:, s:].addcmul_(x[:, :t - s], weight[:, k - 1 - s])
+        if state is not None:
+            prefix = _f32(state.conv).transpose(1, 2)                                 # [b, K-1, c]
+            for s in range(1, k):  # outputs 0..s-1 reach back into the previous tokens
+                n = min(s, t)
+                out[:, :n].addcmul_(prefix[:, k - 1 - s:k - 1 - s + n], weight[:, k - 1 - s])
+            if state.record or t < k - 1:
+                full = torch.cat([state.conv.transpose(1, 2), xBC.to(state.conv.dtype)], dim=1)
+                if state.record:
+                    state.conv_history = full.transpose(1, 2)
+                state.conv.copy_(full[:, full.shape[1] - (k - 1):].transpose(1, 2))
+            else:
+                state.conv.copy_(xBC[:, t - (k - 1):].transpose(1, 2))
         if self.conv1d.bias is not None:
             out += _f32(self.conv1d.bias)
         return F.silu(out, inplace=True).to(xBC.dtype)
@@ -129,7 +136,7 @@ class Mamba2Mixer(nn.Module):
                                    initial_state=None if state is None else state.ssm)
             if state is not None:
                 state.ssm.copy_(final)
-        y = y + self.D.float()[:, None] * xs.float()
+        y = y.addcmul_(_f32(xs), _f32(self.D)[:, None])                 # D skip, in place
         y = y.reshape(b, t, self.inner).to(x.dtype)
         return self.out_proj(self.norm(y, z))
 
