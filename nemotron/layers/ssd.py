@@ -73,14 +73,17 @@ def ssd_chunked(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Ten
     c = (L + pad) // Q
 
     dt = dt.float()
-    xd = x.float() * dt[..., None]                                   # x * dt, [b, L, h, p] (contiguous)
-    a = dt * A.float()                                               # per-step log decay (<= 0)
+    x = x.float()
     if pad:
-        xd = F.pad(xd, (0, 0, 0, 0, 0, pad))
-        a = F.pad(a, (0, 0, 0, pad))
+        x = F.pad(x, (0, 0, 0, 0, 0, pad))
+        dt = F.pad(dt, (0, 0, 0, pad))
         B = F.pad(B, (0, 0, 0, 0, 0, pad))
         C = F.pad(C, (0, 0, 0, 0, 0, pad))
-    xg = xd.view(b, c, Q, g, r, p).permute(0, 3, 1, 2, 4, 5).contiguous()             # [b, g, c, Q, r, p]
+    a = dt * A.float()                                               # per-step log decay (<= 0)
+    # x * dt, written straight into the [b, g, c, Q, r, p] layout the matmuls want
+    xg = torch.empty(b, g, c, Q, r, p, dtype=torch.float32, device=x.device)
+    torch.mul(x.view(b, c, Q, g, r, p).permute(0, 3, 1, 2, 4, 5),
+              dt.view(b, c, Q, g, r, 1).permute(0, 3, 1, 2, 4, 5), out=xg)
     Bc = B.float().view(b, c, Q, g, n).permute(0, 3, 1, 2, 4).contiguous()            # [b, g, c, Q, n]
     Cc = C.float().view(b, c, Q, g, n).permute(0, 3, 1, 2, 4).contiguous()
     a_cum = torch.cumsum(a.view(b, c, Q, g, r).permute(0, 3, 4, 1, 2), dim=-1)        # [b, g, r, c, Q]
@@ -100,11 +103,12 @@ def ssd_chunked(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Ten
 
     # 3. carry states across chunks (the initial state enters as chunk -1), per head
     chunk_states = chunk_states.view(b, g, c, n, r, p).permute(0, 1, 4, 2, 3, 5)       # [b, g, r, c, n, p]
-    init = torch.zeros_like(chunk_states[:, :, :, :1]) if initial_state is None \
-        else initial_state.float().view(b, g, r, 1, p, n).transpose(-1, -2)
-    chunk_states = torch.cat([init, chunk_states], dim=3)            # [b, g, r, c+1, n, p]
     chunk_decay = torch.exp(segsum(F.pad(a_cum[..., -1], (1, 0))))   # [b, g, r, c+1, c+1]
-    states = (chunk_decay @ chunk_states.flatten(-2)).view(b, g, r, c + 1, n, p)
+    states = chunk_decay[..., 1:] @ chunk_states.flatten(-2)         # [b, g, r, c+1, n*p]
+    if initial_state is not None:
+        init = initial_state.float().view(b, g, r, 1, p, n).transpose(-1, -2).flatten(-2)
+        states += chunk_decay[..., :1] * init
+    states = states.view(b, g, r, c + 1, n, p)
     start_states, final_state = states[:, :, :, :-1], states[:, :, :, -1]
 
     # 4. contribution of the state entering each chunk: C @ [n, r*p] per group, decayed per head
