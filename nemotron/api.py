@@ -42,6 +42,7 @@ class ChatResult:
     completion_tokens: int
     logprobs: list[dict] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    speculation: dict | None = None  # MTP acceptance statistics when speculative decoding ran
 
     def message(self) -> dict:
         """The OpenAI assistant message (reasoning under both `reasoning` and `reasoning_content`)."""
@@ -185,7 +186,18 @@ class LoadedModel:
         tool_calls = [{"id": c["id"], "type": "function", "function": dict(c["function"])} for c in calls]
         finish = "tool_calls" if tool_calls else (req.finish_reason or "stop")
         yield ChatResult(req.text, "".join(reasoning) or None, "".join(content) or None, tool_calls, finish,
-                         len(prompt.ids), len(req.output_ids), req.logprobs, list(parser.warnings))
+                         len(prompt.ids), len(req.output_ids), req.logprobs, list(parser.warnings),
+                         speculation_stats(generator))
+
+
+def speculation_stats(generator) -> dict | None:
+    """MTP acceptance figures of a Generator that speculated (None otherwise)."""
+    st = generator.stats
+    if not generator.k or not st.rounds:
+        return None
+    return {"draft_tokens_per_step": generator.k, "rounds": st.rounds, "drafted": st.drafted,
+            "accepted": st.accepted, "acceptance_rate": st.acceptance_rate,
+            "acceptance_length": st.acceptance_length}
 
 
 def make_thinking_budget(tokenizer: Tokenizer, budget: int, prompt_opens_think: bool, grace: int = 0):

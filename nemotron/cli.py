@@ -177,6 +177,10 @@ def _chat_turn(m, messages: list[dict], args: argparse.Namespace, enable_thinkin
         else:
             result = item
     printer.end()
+    if result.speculation:
+        sp = result.speculation
+        print(f"[MTP] {sp['accepted']}/{sp['drafted']} drafts accepted, {sp['acceptance_length']:.2f} tokens "
+              "per verify step", file=sys.stderr)
     return result
 
 

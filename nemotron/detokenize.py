@@ -31,12 +31,18 @@ class IncrementalDetokenizer:
     `tokenizer` is nemotron's Tokenizer, a `tokenizers.Tokenizer`, or anything with
     decode(ids, skip_special_tokens=...)."""
 
-    def __init__(self, tokenizer, skip_special_tokens: bool = False, prompt_ids: Iterable[int] | None = None) -> None:
+    def __init__(self, tokenizer, skip_special_tokens: bool = False, prompt_ids: Iterable[int] | None = None,
+                 keep: Iterable[str] = ()) -> None:
+        """keep: special tokens to keep in the text even when skipping specials (e.g. the reasoning
+        and tool-call tags an output parser needs, in tokenizers that mark them special)."""
         self._tok = getattr(tokenizer, "backend", tokenizer)
-        self.skip_special_tokens = skip_special_tokens
         # Skipped specials never enter the window: decode(skip_special_tokens=True) drops them before
         # the decoder runs anyway, so leaving them out changes no text and keeps the window short.
         self._skip = _special_ids(self._tok) if skip_special_tokens else frozenset()
+        kept = {self._tok.token_to_id(t) for t in keep} if hasattr(self._tok, "token_to_id") else set()
+        self._skip -= kept
+        # with tokens to keep, filtering is done here and the decoder must not drop them again
+        self.skip_special_tokens = skip_special_tokens and not kept
         context = [t for t in (prompt_ids or ()) if t not in self._skip][-PROMPT_CONTEXT:]
         self._window: list[int] = context  # decoded each step; [:_read] is already emitted
         self._read = len(context)

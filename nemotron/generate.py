@@ -21,6 +21,9 @@ from .detokenize import IncrementalDetokenizer, StopStrings
 from .sampling import Sampler, SamplingParams
 
 
+PARSER_TAGS = ("<think>", "</think>", "<tool_call>", "</tool_call>", "<TOOLCALL>", "</TOOLCALL>")
+
+
 @torch.inference_mode()
 def prefill(model: nn.Module, ids: torch.Tensor, cache: HybridCache, chunk: int = 512,
             return_hidden: bool = False):
@@ -238,7 +241,9 @@ class Generator:
 
     def _new_request_state(self, req: Request) -> None:
         if self.tokenizer is not None:
-            req.detok = IncrementalDetokenizer(self.tokenizer, skip_special_tokens=False, prompt_ids=req.prompt_ids)
+            # special tokens are dropped from the text (as vLLM does), except the tags output parsers read
+            req.detok = IncrementalDetokenizer(self.tokenizer, skip_special_tokens=True, prompt_ids=req.prompt_ids,
+                                               keep=PARSER_TAGS)
         if req.params.stop:
             req.stops = StopStrings(req.params.stop)
         if req.thinking_budget is not None:

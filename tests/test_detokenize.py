@@ -250,3 +250,18 @@ def test_special_tokens_listed_by_init_are_special(byte_tok):
     detok = IncrementalDetokenizer(byte_tok, skip_special_tokens=True)
     assert [detok.add(t) for t in ids] == [""] * len(ids)
     assert detok.flush() == "" and detok.text == ""
+
+
+def test_skip_specials_but_keep_parser_tags(tmp_path):
+    """Generation drops special tokens from the text but keeps the tags the output parsers read."""
+    from nemotron.generate import PARSER_TAGS
+    from nemotron.init import write_byte_tokenizer
+    from nemotron.tokenizer import Tokenizer
+
+    write_byte_tokenizer(tmp_path)
+    tok = Tokenizer.from_dir(tmp_path)
+    ids = [tok.token_id("<s>"), *tok.encode("hi"), tok.token_id("<think>"), *tok.encode("x"),
+           tok.token_id("</think>"), tok.token_id("<|im_start|>"), *tok.encode("ok")]
+    d = IncrementalDetokenizer(tok, skip_special_tokens=True, keep=PARSER_TAGS)
+    text = "".join(d.add(i) for i in ids) + d.flush()
+    assert text == "hi<think>x</think>ok"
