@@ -181,7 +181,3 @@ class HybridCache:
     @property
     def mamba_bytes_per_sequence(self) -> int:
         return sum(s.bytes_per_sequence for s in self.layers if isinstance(s, MambaState))
-
-    def state_bytes_per_sequence(self, tokens: int) -> int:
-        """Memory one sequence of `tokens` tokens holds: its KV plus the fixed Mamba state."""
-        return self.kv_bytes_per_token * tokens + self.mamba_bytes_per_sequence

@@ -172,7 +172,6 @@ class SpecStats:
     rounds: int = 0
     drafted: int = 0
     accepted: int = 0
-    target_forwards: int = 0
 
     @property
     def acceptance_length(self) -> float:
@@ -292,7 +291,6 @@ class Generator:
         for r in live:
             self._new_request_state(r)
         logits = torch.cat(logits)
-        self.stats.target_forwards += 1
         sampler = Sampler([r.params for r in live], self.vocab_size, self.device, [r.prompt_ids for r in live])
         # MTP pairs still to run per row: (target hidden at t, token at t+1)
         pending = [(h[:, :], torch.tensor([r.prompt_ids[1:]], device=self.device)) for h, r in zip(hidden, live)] \
@@ -349,7 +347,6 @@ class Generator:
                 rows_tensor[active], pending)
 
     def _decode(self, live, cache, tokens, pending):
-        self.stats.target_forwards += 1
         if pending is None:
             if self.compiled_step is not None:
                 logits = self.compiled_step(tokens[:, None], cache, cache.seq_lens.to(tokens.device))
@@ -401,7 +398,6 @@ class Generator:
         cache.set_record(True)
         h = model.hidden_states(block, cache)
         cache.set_record(False)
-        self.stats.target_forwards += 1
         all_logits = model.lm_head(h).float()                                                # [B, k+1, V]
         preds = all_logits.argmax(-1).tolist()
         keep, out_tokens, new_pending = [], [], []
