@@ -26,10 +26,10 @@ import tempfile
 from pathlib import Path
 
 CONFIGS = {
-    # Nemotron 3 Nano proportions scaled to hidden 256: Mamba heads/groups = 8, state 128, chunk 128,
-    # LatentMoE with 32 experts, 6 per token; 8 layers.
+    # Nemotron 3 Nano scaled to hidden 256: its first 8 layers (MEMEM*EM), Mamba heads/groups = 8,
+    # state 128, chunk 128; LatentMoE with 32 experts, 6 per token.
     "small-moe": dict(
-        hybrid_override_pattern="MEM*MEM*", vocab_size=4096, hidden_size=256, num_attention_heads=8,
+        hybrid_override_pattern="MEMEM*EM", vocab_size=4096, hidden_size=256, num_attention_heads=8,
         num_key_value_heads=2, head_dim=32, mamba_num_heads=16, mamba_head_dim=32, n_groups=2,
         ssm_state_size=128, chunk_size=128, n_routed_experts=32, num_experts_per_tok=6,
         moe_intermediate_size=128, moe_latent_size=128, moe_shared_expert_intermediate_size=256,
@@ -154,7 +154,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         small = build("small-moe", Path(tmp) / "small")
         dense = build("dense-146m", Path(tmp) / "dense")
-        print("config small-moe: hidden 256, 8 layers (MEM*MEM*), LatentMoE 32 experts top-6; fp32, "
+        print("config small-moe: hidden 256, 8 layers (MEMEM*EM, Nano 3's first 8), LatentMoE 32 experts top-6; fp32, "
               f"torch threads {os.cpu_count()}")
         for tokens in (512, 2048):
             ours = child("nemotron", small, "prefill", args.runs, tokens=tokens)
