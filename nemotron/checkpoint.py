@@ -155,6 +155,29 @@ def checkpoint_files(path: Path, allow_pickle: bool = False) -> dict[str, Tensor
     return refs
 
 
+_DTYPE_CODES = {v: k for k, v in SAFETENSORS_DTYPES.items()}
+
+
+def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+    """Write a .safetensors file (header, then each tensor's raw bytes) straight from torch memory,
+    with no numpy round trip."""
+    header: dict = {"__metadata__": metadata} if metadata else {}
+    offset = 0
+    for name, t in tensors.items():
+        nbytes = t.numel() * t.element_size()
+        header[name] = {"dtype": _DTYPE_CODES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)  # tensor data starts 8-byte aligned, as the reference writer does
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(blob)))
+        f.write(blob)
+        for t in tensors.values():
+            t = t.detach().cpu().contiguous()
+            if t.numel():
+                f.write((ctypes.c_char * (t.numel() * t.element_size())).from_address(t.data_ptr()))
+
+
 # --------------------------------------------------------------------------------------------------
 # name maps
 # --------------------------------------------------------------------------------------------------
@@ -297,8 +320,6 @@ def save_checkpoint(model: nn.Module, config: AnyConfig, out_dir: str | Path, dt
 
     Files are written under temporary names and renamed at the end, so a crash never leaves a
     half-written checkpoint that looks complete."""
-    from safetensors.torch import save_file
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     shards: list[dict[str, torch.Tensor]] = [{}]
@@ -318,7 +339,7 @@ def save_checkpoint(model: nn.Module, config: AnyConfig, out_dir: str | Path, dt
     written = []
     for fname, shard in zip(names, shards):
         tmp = out / (fname + ".tmp")
-        save_file(shard, str(tmp), metadata={"format": "pt"})
+        write_safetensors(tmp, shard, metadata={"format": "pt"})
         written.append((tmp, out / fname))
     if len(shards) > 1:
         index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for s in shards for t in s.values())},
