@@ -7,6 +7,11 @@
 
 from __future__ import annotations
 
+import warnings
+
+# torch warns at import when numpy is absent; nothing here uses numpy (it is not a dependency)
+warnings.filterwarnings("ignore", message="Failed to initialize NumPy")
+
 from .api import LoadedModel, load
 from .config import Nemotron4Config, NemotronHConfig, NemotronNASConfig, config_from_dict, load_config
 from .errors import CheckpointError, ConfigError, NemotronError, UnsafeCheckpointError
