@@ -263,6 +263,8 @@ class Generator:
             r.params.validate()
             if not r.prompt_ids:
                 raise ValueError("empty prompt")
+            if min(r.prompt_ids) < 0 or max(r.prompt_ids) >= self.vocab_size:
+                raise ValueError(f"prompt token id out of range [0, {self.vocab_size})")
         live = [r for r in requests if r.params.max_new_tokens > 0]
         for r in requests:
             if r.params.max_new_tokens == 0:
@@ -293,7 +295,7 @@ class Generator:
         logits = torch.cat(logits)
         sampler = Sampler([r.params for r in live], self.vocab_size, self.device, [r.prompt_ids for r in live])
         # MTP pairs still to run per row: (target hidden at t, token at t+1)
-        pending = [(h[:, :], torch.tensor([r.prompt_ids[1:]], device=self.device)) for h, r in zip(hidden, live)] \
+        pending = [(h, torch.tensor([r.prompt_ids[1:]], device=self.device)) for h, r in zip(hidden, live)] \
             if use_mtp else None
 
         while live:

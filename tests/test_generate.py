@@ -259,3 +259,12 @@ def test_static_decode_path_matches_dynamic(tmp_path, tiny):
             dynamic = model(tokens, caches[0])[:, -1]
             static = model(tokens, caches[1], positions=caches[1].seq_lens.clone())[:, -1]
         assert (dynamic - static).abs().max() <= 1e-5
+
+
+def test_bad_requests_raise_clear_errors(tiny):
+    with pytest.raises(ValueError, match="out of range"):
+        list(Generator(tiny.model).stream([Request([1, 10_000], SamplingParams(max_new_tokens=2))]))
+    with pytest.raises(ValueError, match="empty prompt"):
+        list(Generator(tiny.model).stream([Request([], SamplingParams(max_new_tokens=2))]))
+    with pytest.raises(ValueError, match="top_p"):
+        list(Generator(tiny.model).stream([Request([1, 2], SamplingParams(max_new_tokens=2, top_p=0.0))]))
