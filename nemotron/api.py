@@ -12,13 +12,12 @@ import torch
 from torch import nn
 
 from .checkpoint import checkpoint_dtype, load_checkpoint_config, load_weights, save_checkpoint
-from .config import AnyConfig
+from .config import DTYPES, AnyConfig
 from .errors import CheckpointError, NemotronError
 from .models import build_model
 from .tokenizer import Tokenizer
 
-_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-           "float16": torch.float16, "fp16": torch.float16}
+_DTYPES = {**DTYPES, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def parse_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .config import AnyConfig, NemotronHConfig, load_config, save_config
+from .config import DTYPES, AnyConfig, NemotronHConfig, load_config, save_config
 from .errors import CheckpointError, UnsafeCheckpointError
 
 SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
@@ -304,14 +304,14 @@ def load_weights(
 def checkpoint_dtype(config: AnyConfig) -> torch.dtype:
     """The dtype the checkpoint declares (config torch_dtype), defaulting to float32."""
     name = getattr(config, "torch_dtype", None) or "float32"
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(name, torch.float32)
+    return DTYPES.get(name, torch.float32)
 
 
 # --------------------------------------------------------------------------------------------------
 # saving
 # --------------------------------------------------------------------------------------------------
 
-_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+_DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 
 
 def save_checkpoint(model: nn.Module, config: AnyConfig, out_dir: str | Path, dtype: torch.dtype | None = None,

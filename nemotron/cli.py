@@ -254,27 +254,18 @@ def cmd_chat(args: argparse.Namespace) -> None:
                 print("(system prompt set)" if system else "(system prompt cleared)")
             elif command == "/tool" and history and history[-1].get("tool_calls"):
                 history.append({"role": "tool", "content": rest})
-                history.append(_assistant_message(_chat_turn(m, _with_system(system, history), args, thinking,
-                                                             budget, tools, printer)))
+                history.append(_chat_turn(m, _with_system(system, history), args, thinking, budget, tools,
+                                          printer).message())
             else:
                 print(CHAT_HELP)
             continue
         history.append({"role": "user", "content": line})
-        result = _chat_turn(m, _with_system(system, history), args, thinking, budget, tools, printer)
-        history.append(_assistant_message(result))
+        history.append(_chat_turn(m, _with_system(system, history), args, thinking, budget, tools, printer).message())
 
 
 def _with_system(system: str | None, history: list[dict]) -> list[dict]:
     return ([{"role": "system", "content": system}] if system else []) + history
 
-
-def _assistant_message(result) -> dict:
-    msg = {"role": "assistant", "content": result.content or ""}
-    if result.reasoning:
-        msg["reasoning_content"] = result.reasoning
-    if result.tool_calls:
-        msg["tool_calls"] = result.tool_calls
-    return msg
 
 
 def build_parser() -> argparse.ArgumentParser:

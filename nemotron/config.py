@@ -15,7 +15,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
+import torch
+
 from .errors import ConfigError
+
+# dtype names as config.json writes them (`torch_dtype`, `mamba_ssm_cache_dtype`)
+DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def _decode_json_floats(value: Any) -> Any:

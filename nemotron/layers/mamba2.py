@@ -78,6 +78,13 @@ class Mamba2Mixer(nn.Module):
             out += _f32(self.conv1d.bias)
         return F.silu(out, inplace=True).to(xBC.dtype)
 
+    def _discretize(self, dt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """fp32 dt = softplus(dt + dt_bias), clamped only when the config sets a limit; A = -exp(A_log)."""
+        dt = F.softplus(_f32(dt) + _f32(self.dt_bias))
+        if self.dt_limit != (0.0, math.inf):
+            dt = dt.clamp(*self.dt_limit)
+        return dt, -torch.exp(_f32(self.A_log))
+
     def step(self, x: torch.Tensor, state: MambaState) -> torch.Tensor:
         """Decode: one token per row through the recurrent form, written for few kernel launches
         (same math as `forward`: fp32 conv, dt, decay and state; output rounded before the norm)."""
@@ -94,17 +101,10 @@ class Mamba2Mixer(nn.Module):
         xBC = F.silu(conv)                                                                  # fp32 [b, c]
         if x.dtype != torch.float32:
             xBC = xBC.to(x.dtype).float()  # the conv output is stored in the model dtype
-        xs = xBC[:, :i].view(b, g, h // g, p, 1)
-        Bm = xBC[:, i:i + g * n].view(b, g, 1, 1, n)
-        Cm = xBC[:, i + g * n:].view(b, g, 1, n, 1)
-        dt = F.softplus(_f32(dt) + _f32(self.dt_bias))
-        if self.dt_limit != (0.0, math.inf):
-            dt = dt.clamp(*self.dt_limit)
-        decay = torch.exp(dt * -torch.exp(_f32(self.A_log))).view(b, g, h // g, 1, 1)
-        ssm = _f32(state.ssm).view(b, g, h // g, p, n) * decay + (xs * dt.view(b, g, h // g, 1, 1)) * Bm
-        state.ssm.copy_(ssm.view(b, h, p, n))
-        y = (ssm @ Cm).view(b, h, p) + _f32(self.D)[:, None] * xs.view(b, h, p)
-        y = y.view(b, 1, i).to(x.dtype)
+        xs = xBC[:, :i].view(b, h, p)
+        dt, A = self._discretize(dt)
+        y = ssd_step(state.ssm, xs, dt, A, xBC[:, i:i + g * n].view(b, g, n), xBC[:, i + g * n:].view(b, g, n))
+        y = y.addcmul_(xs, _f32(self.D)[:, None]).view(b, 1, i).to(x.dtype)
         return self.out_proj(self.norm(y, z[:, None]))
 
     def forward(self, x: torch.Tensor, state: MambaState | None = None, pos: list[int] | None = None,
@@ -119,10 +119,7 @@ class Mamba2Mixer(nn.Module):
         B = B.unflatten(-1, (self.n_groups, self.state_size))
         C = C.unflatten(-1, (self.n_groups, self.state_size))
 
-        dt = F.softplus(dt.float() + self.dt_bias.float())
-        if self.dt_limit != (0.0, math.inf):
-            dt = dt.clamp(*self.dt_limit)
-        A = -torch.exp(self.A_log.float())
+        dt, A = self._discretize(dt)
 
         if state is not None and state.record and t > 1:
             # speculative verify: step token by token (T is small) keeping every intermediate state

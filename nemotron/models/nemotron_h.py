@@ -12,14 +12,12 @@ import torch
 from torch import nn
 
 from ..cache import HybridCache, KVState, MambaState
-from ..config import LAYER_CHARS, NemotronHConfig
+from ..config import DTYPES, LAYER_CHARS, NemotronHConfig
 from ..layers.attention import Attention
 from ..layers.mamba2 import Mamba2Mixer
 from ..layers.mlp import ReLU2MLP
 from ..layers.moe import MoE
 from ..layers.norm import RMSNorm
-
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 def build_mixer(config: NemotronHConfig, kind: str) -> nn.Module:
@@ -145,7 +143,7 @@ class NemotronHForCausalLM(nn.Module):
                   ssm_dtype: torch.dtype | None = None) -> HybridCache:
         p = self.lm_head.weight
         dtype, device = dtype or p.dtype, device or p.device
-        ssm_dtype = ssm_dtype or _DTYPES.get(self.config.mamba_ssm_cache_dtype, torch.float32)
+        ssm_dtype = ssm_dtype or DTYPES.get(self.config.mamba_ssm_cache_dtype, torch.float32)
 
         def state(block: HybridBlock):
             m = block.mixer
