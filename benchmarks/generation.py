@@ -112,14 +112,23 @@ else:
                       if "embed" not in n)  # a decode step reads one embedding row, every other weight
         src = torch.randn(weights // 4); dst = torch.empty_like(src)
 
-        def rate(fn):  # median of 15 single passes: the machine's bandwidth drifts
+        def rate(fn):  # median of 9 single passes
             fn()
             samples = []
-            for _ in range(15):
+            for _ in range(9):
                 t = time.perf_counter(); fn(); samples.append(time.perf_counter() - t)
             return weights / statistics.median(samples)
 
-        out.update(weight_bytes=weights, copy_bw=rate(lambda: dst.copy_(src)), read_bw=rate(lambda: src.sum()))
+        # the machine's bandwidth drifts by tens of percent between seconds: each decode run is
+        # paired with a copy-bandwidth measurement taken right after it, and the fractions' median kept
+        fractions, copy_bws, read_bws = [], [], []
+        for _ in range(runs):
+            t = time.perf_counter(); run(); per_token = (time.perf_counter() - t) / new
+            copy_bws.append(rate(lambda: dst.copy_(src))); read_bws.append(rate(lambda: src.sum()))
+            fractions.append((weights / per_token / copy_bws[-1], weights / per_token / read_bws[-1]))
+        out.update(weight_bytes=weights, copy_bw=copy_bws, read_bw=read_bws,
+                   copy_fraction=statistics.median(f[0] for f in fractions),
+                   read_fraction=statistics.median(f[1] for f in fractions))
 out["peak_rss_rise"] = rss("VmHWM:") - before
 print(json.dumps(out))
 """
@@ -176,12 +185,11 @@ def main() -> None:
         per_token = roof["seconds"] / new
         print(f"\nconfig dense-146m: decode batch 1 {roof['tokens_per_s']:.1f} tok/s; "
               f"weights read per token {roof['weight_bytes'] / 1e6:.0f} MB -> {roof['weight_bytes'] / per_token / 1e9:.1f} GB/s")
-        print(f"copy bandwidth {roof['copy_bw'] / 1e9:.1f} GB/s (bytes copied per second), read-only streaming "
-              f"{roof['read_bw'] / 1e9:.1f} GB/s")
-        print(f"roofline fraction: {roof['weight_bytes'] / per_token / roof['copy_bw']:.2f} of copy bandwidth, "
-              f"{roof['weight_bytes'] / per_token / roof['read_bw']:.2f} of read bandwidth "
+        print(f"copy bandwidth {min(roof['copy_bw']) / 1e9:.1f}-{max(roof['copy_bw']) / 1e9:.1f} GB/s (bytes copied "
+              f"per second), read-only streaming {min(roof['read_bw']) / 1e9:.1f}-{max(roof['read_bw']) / 1e9:.1f} GB/s")
+        print(f"roofline fraction (median over runs, each run against the bandwidth measured right after it): "
+              f"{roof['copy_fraction']:.2f} of copy bandwidth, {roof['read_fraction']:.2f} of read bandwidth "
               "(prefill of the 32-token prompt included in the time)")
-
 
 if __name__ == "__main__":
     main()

@@ -10,7 +10,7 @@ strings, streaming detokenization, the thinking budget, and optional MTP specula
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -153,6 +153,9 @@ class Request:
     forced: list[int] = field(default_factory=list)
     detok: IncrementalDetokenizer | None = field(default=None, repr=False)
     stops: StopStrings | None = field(default=None, repr=False)
+    cancelled: bool = False   # set by a client that went away; the engine drops the request
+    on_event: Callable[["TokenEvent"], None] | None = field(default=None, repr=False)  # engine callback
+    cached_tokens: int = 0    # prompt tokens served from the prefix cache
 
 
 @dataclass
@@ -183,6 +186,79 @@ class SpecStats:
         return self.accepted / self.drafted if self.drafted else 0.0
 
 
+# --------------------------------------------------------------------------------------------------
+# per-request bookkeeping, shared by the Generator and the serving Engine
+# --------------------------------------------------------------------------------------------------
+
+
+def start_request(req: Request, tokenizer) -> None:
+    """Set up a request's streaming detokenizer, stop-string matcher and thinking budget."""
+    if tokenizer is not None:
+        # special tokens are dropped from the text (as vLLM does), except the tags output parsers read
+        req.detok = IncrementalDetokenizer(tokenizer, skip_special_tokens=True, prompt_ids=req.prompt_ids,
+                                           keep=PARSER_TAGS)
+    if req.params.stop:
+        req.stops = StopStrings(req.params.stop)
+    if req.thinking_budget is not None:
+        req.forced.extend(req.thinking_budget.force())
+
+
+def accept_token(req: Request, token: int, logprob: dict | None, stop_ids: set[int]) -> tuple[str, bool]:
+    """Record one generated token for `req`; returns (text delta, finished)."""
+    req.output_ids.append(token)
+    if logprob is not None:
+        req.logprobs.append(logprob)
+    stopped_by_id = token in stop_ids or token in req.params.stop_token_ids
+    text = req.detok.add(token) if req.detok is not None and not stopped_by_id else ""
+    if req.thinking_budget is not None:
+        req.thinking_budget.observe(token, text)
+        if not req.forced:
+            req.forced.extend(req.thinking_budget.force())
+    if req.stops is not None:
+        text, hit = req.stops.push(text)
+        if hit:
+            req.finish_reason = "stop"
+            req.text += text
+            return text, True
+    if stopped_by_id:
+        req.finish_reason = "stop"
+    elif len(req.output_ids) >= req.params.max_new_tokens:
+        req.finish_reason = "length"
+    else:
+        req.text += text
+        return text, False
+    # finished: release what the detokenizer and the stop matcher still hold
+    if req.detok is not None:
+        tail = req.detok.flush()
+        if req.stops is not None:
+            tail, hit = req.stops.push(tail)
+            tail += "" if hit else req.stops.flush()
+        text += tail
+    req.text += text
+    return text, True
+
+
+def token_logprob(logits: torch.Tensor, out, row: int, token: int) -> dict:
+    """Raw-distribution log-prob of the emitted token (forced tokens too) and the top-n."""
+    if token == int(out.tokens[row]):
+        value = float(out.logprobs[row])
+    else:
+        value = float(torch.log_softmax(logits[row].float(), -1)[token])
+    entry = {"token_id": token, "logprob": value}
+    if out.top_logprobs is not None:
+        ids, values = out.top_logprobs
+        entry["top"] = list(zip(ids[row].tolist(), values[row].tolist()))
+    return entry
+
+
+def check_prompt(req: Request, vocab_size: int) -> None:
+    req.params.validate()
+    if not req.prompt_ids:
+        raise ValueError("empty prompt")
+    if min(req.prompt_ids) < 0 or max(req.prompt_ids) >= vocab_size:
+        raise ValueError(f"prompt token id out of range [0, {vocab_size})")
+
+
 class Generator:
     """Generates for a list of requests at once. Iterate `stream()` for TokenEvents."""
 
@@ -202,52 +278,6 @@ class Generator:
         if self.k and getattr(model, "mtp", None) is None:
             raise ValueError("speculative decoding needs a checkpoint with MTP weights (num_nextn_predict_layers > 0)")
 
-    # ---- bookkeeping per token ----
-
-    def _accept(self, req: Request, token: int, logprob: dict | None) -> tuple[str, bool]:
-        """Record one token for `req`; returns (text delta, finished)."""
-        req.output_ids.append(token)
-        if logprob is not None:
-            req.logprobs.append(logprob)
-        stopped_by_id = token in self.stop_ids or token in req.params.stop_token_ids
-        text = req.detok.add(token) if req.detok is not None and not stopped_by_id else ""
-        if req.thinking_budget is not None:
-            req.thinking_budget.observe(token, text)
-            if not req.forced:
-                req.forced.extend(req.thinking_budget.force())
-        if req.stops is not None:
-            text, hit = req.stops.push(text)
-            if hit:
-                req.finish_reason = "stop"
-                req.text += text
-                return text, True
-        if stopped_by_id:
-            req.finish_reason = "stop"
-        elif len(req.output_ids) >= req.params.max_new_tokens:
-            req.finish_reason = "length"
-        else:
-            req.text += text
-            return text, False
-        # finished: release what the detokenizer and the stop matcher still hold
-        if req.detok is not None:
-            tail = req.detok.flush()
-            if req.stops is not None:
-                tail, hit = req.stops.push(tail)
-                tail += "" if hit else req.stops.flush()
-            text += tail
-        req.text += text
-        return text, True
-
-    def _new_request_state(self, req: Request) -> None:
-        if self.tokenizer is not None:
-            # special tokens are dropped from the text (as vLLM does), except the tags output parsers read
-            req.detok = IncrementalDetokenizer(self.tokenizer, skip_special_tokens=True, prompt_ids=req.prompt_ids,
-                                               keep=PARSER_TAGS)
-        if req.params.stop:
-            req.stops = StopStrings(req.params.stop)
-        if req.thinking_budget is not None:
-            req.forced.extend(req.thinking_budget.force())
-
     def _speculate(self, reqs: list[Request]) -> bool:
         """MTP speculation is exact for greedy rows without penalties, forced tokens or logprobs."""
         return self.k > 0 and all(
@@ -260,11 +290,7 @@ class Generator:
     @torch.inference_mode()
     def stream(self, requests: list[Request]) -> Iterator[TokenEvent]:
         for r in requests:
-            r.params.validate()
-            if not r.prompt_ids:
-                raise ValueError("empty prompt")
-            if min(r.prompt_ids) < 0 or max(r.prompt_ids) >= self.vocab_size:
-                raise ValueError(f"prompt token id out of range [0, {self.vocab_size})")
+            check_prompt(r, self.vocab_size)
         live = [r for r in requests if r.params.max_new_tokens > 0]
         for r in requests:
             if r.params.max_new_tokens == 0:
@@ -291,7 +317,7 @@ class Generator:
             logits.append(out)
             start = end
         for r in live:
-            self._new_request_state(r)
+            start_request(r, self.tokenizer)
         logits = torch.cat(logits)
         sampler = Sampler([r.params for r in live], self.vocab_size, self.device, [r.prompt_ids for r in live])
         # MTP pairs still to run per row: (target hidden at t, token at t+1)
@@ -308,8 +334,8 @@ class Generator:
             sampler.update(tokens)
             finished = []
             for row, (r, token) in enumerate(zip(live, tokens.tolist())):
-                lp = self._logprob(logits, out, row, token) if r.params.logprobs else None
-                text, done = self._accept(r, token, lp)
+                lp = token_logprob(logits, out, row, token) if r.params.logprobs else None
+                text, done = accept_token(r, token, lp, self.stop_ids)
                 yield TokenEvent(r, index[id(r)], token, text, done, lp)
                 if done:
                     finished.append(row)
@@ -326,7 +352,7 @@ class Generator:
             finished = []
             for row, r in enumerate(live):
                 for token in accepted[row]:
-                    text, done = self._accept(r, token, None)
+                    text, done = accept_token(r, token, None, self.stop_ids)
                     yield TokenEvent(r, index[id(r)], token, text, done)
                     if done:
                         finished.append(row)
@@ -361,19 +387,6 @@ class Generator:
             ph, pt = pending[row]
             pending[row] = (torch.cat([ph, h[row:row + 1]], 1), torch.cat([pt, tokens[row:row + 1, None]], 1))
         return self.model.lm_head(h[:, -1]).float()
-
-    @staticmethod
-    def _logprob(logits: torch.Tensor, out, row: int, token: int) -> dict:
-        """Raw-distribution log-prob of the emitted token (forced tokens too) and the top-n."""
-        if token == int(out.tokens[row]):
-            value = float(out.logprobs[row])
-        else:
-            value = float(torch.log_softmax(logits[row].float(), -1)[token])
-        entry = {"token_id": token, "logprob": value}
-        if out.top_logprobs is not None:
-            ids, values = out.top_logprobs
-            entry["top"] = list(zip(ids[row].tolist(), values[row].tolist()))
-        return entry
 
     # ---- MTP speculation ----
 

@@ -285,3 +285,30 @@ class Sampler:
             setattr(new, name, None if t is None else t.index_select(0, index))
         new._set_flags()
         return new
+
+    @staticmethod
+    def concat(samplers: list["Sampler"]) -> "Sampler":
+        """One sampler whose rows are the given samplers' rows in order (their generators and penalty
+        state carried over, not copied: the inputs should no longer be used). Continuous batching
+        uses it to add a newly prefilled request to the running batch."""
+        first = samplers[0]
+        new = object.__new__(Sampler)
+        new.__dict__.update(first.__dict__)
+        new.params = [p for s in samplers for p in s.params]
+        new.generators = [g for s in samplers for g in s.generators]
+        for name in ("greedy", "temperature", "top_k", "top_p", "min_p", "repetition", "presence", "frequency"):
+            setattr(new, name, torch.cat([getattr(s, name) for s in samplers]))
+        width = max(s.stop_ids.shape[1] for s in samplers)
+        new.stop_ids = torch.cat([torch.nn.functional.pad(s.stop_ids, (0, width - s.stop_ids.shape[1]), value=-1)
+                                  for s in samplers])
+        for name, dtype in (("seen", torch.bool), ("counts", torch.float32)):
+            parts = [getattr(s, name) for s in samplers]
+            if all(t is None for t in parts):
+                setattr(new, name, None)
+            else:  # rows without that penalty get an empty (inert) state
+                setattr(new, name, torch.cat([
+                    t if t is not None else torch.zeros(len(s), s.vocab_size, dtype=dtype, device=s.device)
+                    for t, s in zip(parts, samplers)]))
+        new._set_flags()
+        return new
+

@@ -84,6 +84,17 @@ def test_chunked_prefill_matches_one_shot(tiny):
         assert (model(torch.tensor([[5]]), cache) - ref_next).abs().max() <= 1e-4, chunk
 
 
+def test_reused_cache_row_does_not_read_the_previous_sequence(tiny):
+    """A row restarted at position 0 ignores whatever conv/SSM/KV state its last sequence left."""
+    model = tiny.model
+    ids = torch.randint(3, 260, (1, 19), generator=torch.Generator().manual_seed(5))
+    fresh = prefill(model, ids, model.new_cache(1, 40))
+    used = model.new_cache(1, 40)
+    prefill(model, torch.randint(3, 260, (1, 23), generator=torch.Generator().manual_seed(6)), used)
+    used.seq_lens.zero_()
+    assert torch.equal(prefill(model, ids, used), fresh)
+
+
 def test_mixed_batch_rows_equal_single_runs(tiny):
     prompts = _prompts(260, seed=2)
     singles = [greedy_generate(tiny.model, torch.tensor([p]), 12)[0].tolist() for p in prompts]

@@ -50,10 +50,11 @@ class Mamba2Mixer(nn.Module):
         self.norm = GatedRMSNorm(self.inner, groups=n_groups, eps=eps)
         self.out_proj = nn.Linear(self.inner, hidden_size, bias=proj_bias)
 
-    def _conv(self, xBC: torch.Tensor, state: MambaState | None) -> torch.Tensor:
+    def _conv(self, xBC: torch.Tensor, state: MambaState | None, fresh: bool = False) -> torch.Tensor:
         """Causal depthwise conv + SiLU in fp32 over [b, T, conv_dim], continuing (and updating) the
-        conv state when one is given. Done as K shifted multiply-adds in the [b, T, channels] layout
-        (no transposes, no padded copy; the state's K-1 columns only touch the first outputs)."""
+        conv state when one is given (`fresh`: every row starts a sequence, so the state is only
+        written). Done as K shifted multiply-adds in the [b, T, channels] layout (no transposes, no
+        padded copy; the state's K-1 columns only touch the first outputs)."""
         k = self.conv_kernel
         b, t, _ = xBC.shape
         x = _f32(xBC)
@@ -63,10 +64,13 @@ class Mamba2Mixer(nn.Module):
             if s < t:
                 out[:, s:].addcmul_(x[:, :t - s], weight[:, k - 1 - s])
         if state is not None:
-            prefix = _f32(state.conv).transpose(1, 2)                                 # [b, K-1, c]
-            for s in range(1, k):  # outputs 0..s-1 reach back into the previous tokens
-                n = min(s, t)
-                out[:, :n].addcmul_(prefix[:, k - 1 - s:k - 1 - s + n], weight[:, k - 1 - s])
+            if not fresh:
+                prefix = _f32(state.conv).transpose(1, 2)                             # [b, K-1, c]
+                for s in range(1, k):  # outputs 0..s-1 reach back into the previous tokens
+                    n = min(s, t)
+                    out[:, :n].addcmul_(prefix[:, k - 1 - s:k - 1 - s + n], weight[:, k - 1 - s])
+            else:
+                state.conv.zero_()  # a new sequence: the inputs before its first token are zeros
             if state.record or t < k - 1:
                 full = torch.cat([state.conv.transpose(1, 2), xBC.to(state.conv.dtype)], dim=1)
                 if state.record:
@@ -113,7 +117,9 @@ class Mamba2Mixer(nn.Module):
         if state is not None and t == 1 and not state.record:
             return self.step(x, state)
         z, xBC, dt = self.in_proj(x).split([self.inner, self.conv_dim, self.num_heads], dim=-1)
-        xBC = self._conv(xBC, state)
+        # every row at position 0: the cached states of a previous sequence are not read
+        fresh = state is not None and isinstance(pos, list) and not any(pos)
+        xBC = self._conv(xBC, state, fresh)
         xs, B, C = xBC.split([self.inner, self.n_groups * self.state_size, self.n_groups * self.state_size], dim=-1)
         xs = xs.unflatten(-1, (self.num_heads, self.head_dim))     # views, no copies
         B = B.unflatten(-1, (self.n_groups, self.state_size))
@@ -130,7 +136,7 @@ class Mamba2Mixer(nn.Module):
             y, state.ssm_history = torch.stack(ys, 1), torch.stack(history, 1)
         else:
             y, final = ssd_chunked(xs, dt, A, B, C, self.chunk_size,
-                                   initial_state=None if state is None else state.ssm)
+                                   initial_state=None if state is None or fresh else state.ssm)
             if state is not None:
                 state.ssm.copy_(final)
         y = y.addcmul_(_f32(xs), _f32(self.D)[:, None])                 # D skip, in place

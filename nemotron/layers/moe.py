@@ -130,12 +130,17 @@ class Experts(nn.Module):
         else:
             ys = torch.empty_like(xs)
             start = 0
+            write = not torch.is_grad_enabled()  # matmul(out=) has no autograd
             for e, n in enumerate(counts.tolist()):  # one matmul per expert that has tokens
                 if n:
-                    seg = xs[start:start + n]
-                    ys[start:start + n] = F.linear(relu2(F.linear(seg, self.up_proj[e])), self.down_proj[e])
+                    h = relu2(F.linear(xs[start:start + n], self.up_proj[e]))
+                    if write:
+                        torch.matmul(h, self.down_proj[e].t(), out=ys[start:start + n])
+                    else:
+                        ys[start:start + n] = F.linear(h, self.down_proj[e])
                     start += n
-        ys = ys.float() * weights.reshape(-1)[order, None].float()
+        # ys is this function's own buffer (or a fresh fp32 copy of it): scaled in place
+        ys = ys.float().mul_(weights.reshape(-1)[order, None].float())
         out = torch.zeros(t, x.shape[-1], dtype=torch.float32, device=x.device)
         return out.index_add_(0, token, ys).to(x.dtype)
 

@@ -19,6 +19,22 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+# Floor for the log-decays fed to exp. Below about -87.3 fp32 exp leaves the normal range, and the
+# CPU's exp (and any product it feeds) drops to a microcode slow path 15-30x slower; trained
+# checkpoints (large dt*A summed over a chunk) put most intra-chunk decays there. exp(-60) ~ 9e-27
+# stands in for anything smaller: invisible beside the diagonal term, which is weighted by exp(0).
+LOG_DECAY_FLOOR = -60.0
+
+
+def _into(shape: tuple[int, ...], op, *args: torch.Tensor) -> torch.Tensor:
+    """op(*args) materialised contiguous in `shape`'s layout: written straight there with out= when
+    no gradient is recorded (one pass instead of two), computed then made contiguous otherwise
+    (out= has no autograd)."""
+    if torch.is_grad_enabled() and any(a.requires_grad for a in args):
+        return op(*args).contiguous()
+    out = torch.empty(shape, dtype=torch.float32, device=args[0].device)
+    return op(*args, out=out)
+
 
 def segsum(a: torch.Tensor) -> torch.Tensor:
     """[..., T] -> [..., T, T] with out[i, j] = sum_{k=j+1..i} a_k for i >= j and -inf above the diagonal.
@@ -61,31 +77,42 @@ def ssd_chunked(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Ten
                 chunk_size: int, initial_state: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Chunked SSD: returns (y [b, L, h, p] fp32, final state [b, h, p, n] fp32).
 
-    Heads are split as [groups g, heads per group r]. Every contraction is a batched matmul: C.B is
-    formed once per group (not per head), and the heads of a group share one matmul with B or C by
-    laying them side by side ([Q, r*p] matrices), so B and C are never repeated per head. Decays
-    within a chunk are exp(cumsum_i - cumsum_j), as mamba_ssm's kernels compute them."""
+    The sequence is zero-padded to whole chunks and viewed as [b, c, Q, ...]; `ssd_chunks` does the
+    work on that layout (so its only free size is the chunk count c)."""
     b, L, h, p = x.shape
     g, n = B.shape[2], B.shape[3]
-    r = h // g
     Q = chunk_size
     pad = (-L) % Q
     c = (L + pad) // Q
-
-    dt = dt.float()
-    x = x.float()
     if pad:
         x = F.pad(x, (0, 0, 0, 0, 0, pad))
         dt = F.pad(dt, (0, 0, 0, pad))
         B = F.pad(B, (0, 0, 0, 0, 0, pad))
         C = F.pad(C, (0, 0, 0, 0, 0, pad))
+    y, final_state = ssd_chunks(x.view(b, c, Q, h, p), dt.view(b, c, Q, h), A, B.view(b, c, Q, g, n),
+                                C.view(b, c, Q, g, n), initial_state)
+    return y.reshape(b, c * Q, h, p)[:, :L], final_state
+
+
+def ssd_chunks(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+               initial_state: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """SSD over whole chunks: x [b, c, Q, h, p], dt [b, c, Q, h], B/C [b, c, Q, g, n] ->
+    (y [b, c, Q, g, h/g, p] fp32, final state [b, h, p, n] fp32).
+
+    Heads are split as [groups g, heads per group r]. Every contraction is a batched matmul: C.B is
+    formed once per group (not per head), and the heads of a group share one matmul with B or C by
+    laying them side by side ([Q, r*p] matrices), so B and C are never repeated per head. Decays
+    within a chunk are exp(cumsum_i - cumsum_j), as mamba_ssm's kernels compute them."""
+    b, c, Q, h, p = x.shape
+    g, n = B.shape[3], B.shape[4]
+    r = h // g
+    dt = dt.float()
     a = dt * A.float()                                               # per-step log decay (<= 0)
     # x * dt, written straight into the [b, g, c, Q, r, p] layout the matmuls want
-    xg = torch.empty(b, g, c, Q, r, p, dtype=torch.float32, device=x.device)
-    torch.mul(x.view(b, c, Q, g, r, p).permute(0, 3, 1, 2, 4, 5),
-              dt.view(b, c, Q, g, r, 1).permute(0, 3, 1, 2, 4, 5), out=xg)
-    Bc = B.float().view(b, c, Q, g, n).permute(0, 3, 1, 2, 4).contiguous()            # [b, g, c, Q, n]
-    Cc = C.float().view(b, c, Q, g, n).permute(0, 3, 1, 2, 4).contiguous()
+    xg = _into((b, g, c, Q, r, p), torch.mul, x.float().view(b, c, Q, g, r, p).permute(0, 3, 1, 2, 4, 5),
+               dt.view(b, c, Q, g, r, 1).permute(0, 3, 1, 2, 4, 5))
+    Bc = B.float().permute(0, 3, 1, 2, 4).contiguous()                                 # [b, g, c, Q, n]
+    Cc = C.float().permute(0, 3, 1, 2, 4).contiguous()
     a_cum = torch.cumsum(a.view(b, c, Q, g, r).permute(0, 3, 4, 1, 2), dim=-1)        # [b, g, r, c, Q]
 
     # 1. within each chunk: y_l = sum_{s<=l} (C_l . B_s) exp(a_cum_l - a_cum_s) x_s dt_s
@@ -93,12 +120,16 @@ def ssd_chunked(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Ten
     # M is the largest temporary: built in place. Above the diagonal the difference is positive;
     # clamping it to 0 keeps exp finite (and fast), and the causal mask is applied to C.B instead,
     # which is per group and so r times smaller.
-    M = (a_cum[..., :, None] - a_cum[..., None, :]).clamp_(max=0.0).exp_()
-    M.mul_((Cc @ Bc.transpose(-1, -2)).masked_fill_(~causal, 0.0)[:, :, None])        # [b, g, r, c, Q, Q]
+    diff = a_cum[..., :, None] - a_cum[..., None, :]
+    CB = (Cc @ Bc.transpose(-1, -2)).masked_fill_(~causal, 0.0)[:, :, None]
+    if diff.requires_grad:  # training: out of place (the backward reads exp's output)
+        M = diff.clamp(LOG_DECAY_FLOOR, 0.0).exp() * CB
+    else:
+        M = diff.clamp_(LOG_DECAY_FLOOR, 0.0).exp_().mul_(CB)         # [b, g, r, c, Q, Q]
     y_diag = M @ xg.permute(0, 1, 4, 2, 3, 5)                        # [b, g, r, c, Q, p]
 
     # 2. the state each chunk leaves behind, from its own inputs only: [b, g, c, n, r*p]
-    decay_to_end = torch.exp(a_cum[..., -1:] - a_cum).permute(0, 1, 3, 4, 2)           # [b, g, c, Q, r]
+    decay_to_end = (a_cum[..., -1:] - a_cum).clamp_(min=LOG_DECAY_FLOOR).exp_().permute(0, 1, 3, 4, 2)  # [b, g, c, Q, r]
     chunk_states = Bc.transpose(-1, -2) @ (xg * decay_to_end[..., None]).view(b, g, c, Q, r * p)
 
     # 3. carry states across chunks (the initial state enters as chunk -1), per head
@@ -113,8 +144,7 @@ def ssd_chunked(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Ten
 
     # 4. contribution of the state entering each chunk: C @ [n, r*p] per group, decayed per head
     y_off = Cc @ start_states.permute(0, 1, 3, 4, 2, 5).reshape(b, g, c, n, r * p)    # [b, g, c, Q, r*p]
-    y_off = y_off.view(b, g, c, Q, r, p) * torch.exp(a_cum).permute(0, 1, 3, 4, 2)[..., None]
+    y_off = y_off.view(b, g, c, Q, r, p) * a_cum.clamp(min=LOG_DECAY_FLOOR).exp_().permute(0, 1, 3, 4, 2)[..., None]
 
-    y = torch.empty(b, c, Q, g, r, p, dtype=torch.float32, device=x.device)
-    torch.add(y_off.permute(0, 2, 3, 1, 4, 5), y_diag.permute(0, 3, 4, 1, 2, 5), out=y)
-    return y.reshape(b, c * Q, h, p)[:, :L], final_state.transpose(-1, -2).reshape(b, h, p, n)
+    y = _into((b, c, Q, g, r, p), torch.add, y_off.permute(0, 2, 3, 1, 4, 5), y_diag.permute(0, 3, 4, 1, 2, 5))
+    return y, final_state.transpose(-1, -2).reshape(b, h, p, n)

@@ -1,0 +1,249 @@
+"""Continuous batching: one loop serves every request.
+
+The cache has `max_batch` rows. Rows 0..n-1 hold the running requests, which decode together, one
+token each per step; row n holds the request being prefilled, one chunk per step, so a long prompt
+never stalls the running streams for more than a chunk. New requests wait in a bounded queue and
+join between steps; a finished or cancelled request leaves at once (the last running row moves into
+its slot, keeping the running rows packed for a zero-copy decode view).
+
+Prefill chunks end on multiples of `prefill_chunk` (absolute positions), which is what makes the
+optional prefix cache exact (see prefix_cache.py).
+
+`Engine.step()` does one round and returns its TokenEvents; `Engine.start()` runs rounds on a
+background thread and hands each event to its request's `on_event` callback (the HTTP server's
+bridge into asyncio).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .generate import Request, TokenEvent, accept_token, check_prompt, start_request, token_logprob
+from .prefix_cache import PrefixCache, block_keys
+from .sampling import Sampler
+
+
+class QueueFull(Exception):
+    """The waiting queue is at its limit (the server answers 429)."""
+
+
+@dataclass
+class EngineStats:
+    prompt_tokens: int = 0
+    generation_tokens: int = 0
+    finished: dict[str, int] = field(default_factory=dict)   # finish reason -> count
+    steps: int = 0
+
+
+class Engine:
+    def __init__(self, model: nn.Module, tokenizer=None, stop_ids: set[int] | None = None,
+                 max_batch: int = 16, max_len: int = 4096, prefill_chunk: int = 256,
+                 max_waiting: int = 256, prefix_cache_bytes: int = 0) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.stop_ids = set(stop_ids or ())
+        self.max_batch, self.max_len = max_batch, max_len
+        self.prefill_chunk = prefill_chunk
+        self.max_waiting = max_waiting
+        self.vocab_size = model.lm_head.weight.shape[0]
+        self.device = model.lm_head.weight.device
+        self.cache = model.new_cache(max_batch, max_len)
+        self.prefix_cache = PrefixCache(prefill_chunk, prefix_cache_bytes) if prefix_cache_bytes > 0 else None
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.sampler: Sampler | None = None
+        self.tokens: torch.Tensor | None = None       # [n] the token each running row feeds next
+        self.prefilling: Request | None = None
+        self._prefill_keys: list[bytes] = []
+        self.stats = EngineStats()
+        self._lock = threading.Lock()
+        self._wake = threading.Condition(self._lock)
+        self._thread: threading.Thread | None = None
+        self._stop = False
+        self.error: BaseException | None = None
+
+    # ---- the client side (any thread) ----
+
+    def submit(self, req: Request, on_event: Callable[[TokenEvent], None] | None = None) -> None:
+        """Queue a request. Raises ValueError for a bad one, QueueFull when the queue is at its limit."""
+        check_prompt(req, self.vocab_size)
+        need = len(req.prompt_ids) + req.params.max_new_tokens
+        if need > self.max_len:
+            raise ValueError(f"prompt ({len(req.prompt_ids)} tokens) + max_tokens ({req.params.max_new_tokens}) "
+                             f"exceeds the context length of {self.max_len}")
+        req.on_event = on_event
+        with self._wake:
+            if len(self.waiting) >= self.max_waiting:
+                raise QueueFull(f"{len(self.waiting)} requests are waiting")
+            self.waiting.append(req)
+            self._wake.notify()
+
+    def cancel(self, req: Request) -> None:
+        """Drop a request (a client went away): it leaves before the next step, its row freed."""
+        req.cancelled = True
+        with self._wake:
+            self._wake.notify()
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running) + (self.prefilling is not None)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    def start(self) -> "Engine":
+        self._thread = threading.Thread(target=self._loop, name="nemotron-engine", daemon=True)
+        self._thread.start()
+        return self
+
+    def shutdown(self) -> None:
+        with self._wake:
+            self._stop = True
+            self._wake.notify()
+        if self._thread is not None:
+            self._thread.join()
+
+    def _loop(self) -> None:
+        while True:
+            with self._wake:
+                while not self._stop and not (self.waiting or self.running or self.prefilling):
+                    self._wake.wait()
+                if self._stop:
+                    return
+            try:
+                for event in self.step():
+                    if event.request.on_event is not None:
+                        event.request.on_event(event)
+            except BaseException as exc:  # a bug: fail every request rather than hang their clients
+                self.error = exc
+                self._fail_all(exc)
+
+    def _fail_all(self, exc: BaseException) -> None:
+        with self._wake:
+            reqs = list(self.waiting) + self.running + ([self.prefilling] if self.prefilling else [])
+            self.waiting.clear()
+        self.running, self.prefilling, self.sampler, self.tokens = [], None, None, None
+        for r in reqs:
+            r.finish_reason = "error"
+            if r.on_event is not None:
+                r.on_event(TokenEvent(r, -1, -1, "", True))
+
+    # ---- one round ----
+
+    @torch.inference_mode()
+    def step(self) -> list[TokenEvent]:
+        """Drop cancelled requests, decode one token for every running request, then prefill one chunk
+        of the next prompt (admitting it from the queue if needed)."""
+        self.stats.steps += 1
+        events: list[TokenEvent] = []
+        self._drop_cancelled()
+        if self.running:
+            events += self._decode()
+        if self.prefilling is None:
+            self._admit()
+        if self.prefilling is not None:
+            events += self._prefill_chunk()
+        return events
+
+    def _drop_cancelled(self) -> None:
+        with self._lock:
+            if any(r.cancelled for r in self.waiting):
+                self.waiting = deque(r for r in self.waiting if not r.cancelled)
+        if self.prefilling is not None and self.prefilling.cancelled:
+            self.prefilling = None
+        gone = [row for row, r in enumerate(self.running) if r.cancelled]
+        if gone:
+            self._remove_rows(gone)
+
+    def _admit(self) -> None:
+        if len(self.running) >= self.max_batch:
+            return
+        with self._lock:
+            if not self.waiting:
+                return
+            req = self.waiting.popleft()
+        row = len(self.running)
+        self.cache.reset_row(row)
+        self.stats.prompt_tokens += len(req.prompt_ids)
+        self._prefill_keys = []
+        if self.prefix_cache is not None:
+            keys = self.prefix_cache.lookup(req.prompt_ids)
+            self.prefix_cache.restore(keys, self.cache, row)
+            req.cached_tokens = len(keys) * self.prefill_chunk
+            self._prefill_keys = block_keys(req.prompt_ids, self.prefill_chunk)
+        self.prefilling = req
+
+    def _prefill_chunk(self) -> list[TokenEvent]:
+        req, row = self.prefilling, len(self.running)
+        view = self.cache.rows(row)
+        pos = int(view.seq_lens[0])
+        end = min(len(req.prompt_ids), (pos // self.prefill_chunk + 1) * self.prefill_chunk)
+        ids = torch.tensor([req.prompt_ids[pos:end]], device=self.device)
+        logits = self.model(ids, view, logits_to_keep=1)[:, -1]
+        if self.prefix_cache is not None and end % self.prefill_chunk == 0:
+            self.prefix_cache.save(self._prefill_keys[end // self.prefill_chunk - 1], self.cache, row, end)
+        if end < len(req.prompt_ids):
+            return []
+        # prompt done: its first token comes from these logits, and it joins the running batch
+        self.prefilling = None
+        start_request(req, self.tokenizer)
+        sampler = Sampler([req.params], self.vocab_size, self.device, [req.prompt_ids])
+        self.running.append(req)
+        self.sampler = sampler if self.sampler is None else Sampler.concat([self.sampler, sampler])
+        token = torch.zeros(1, dtype=torch.long, device=self.device)
+        self.tokens = token if self.tokens is None else torch.cat([self.tokens, token])
+        return self._emit(logits, sampler, [len(self.running) - 1])
+
+    def _decode(self) -> list[TokenEvent]:
+        n = len(self.running)
+        logits = self.model(self.tokens[:, None], self.cache.rows(0, n))[:, -1]
+        return self._emit(logits, self.sampler, list(range(n)))
+
+    def _emit(self, logits: torch.Tensor, sampler: Sampler, rows: list[int]) -> list[TokenEvent]:
+        """Sample for `rows` (logits/sampler rows in that order), record and report the tokens, set
+        each row's next input, and remove the rows that finished."""
+        out = sampler(logits)
+        tokens = out.tokens.clone()
+        reqs = [self.running[row] for row in rows]
+        for i, r in enumerate(reqs):
+            if r.forced:
+                tokens[i] = r.forced.pop(0)
+        sampler.update(tokens)
+        self.tokens[rows[0]:rows[-1] + 1] = tokens
+        events, finished = [], []
+        for i, (row, r, token) in enumerate(zip(rows, reqs, tokens.tolist())):
+            lp = token_logprob(logits, out, i, token) if r.params.logprobs else None
+            text, done = accept_token(r, token, lp, self.stop_ids)
+            self.stats.generation_tokens += 1
+            events.append(TokenEvent(r, -1, token, text, done, lp))
+            if done:
+                finished.append(row)
+                self.stats.finished[r.finish_reason] = self.stats.finished.get(r.finish_reason, 0) + 1
+        if finished:
+            self._remove_rows(finished)
+        return events
+
+    def _remove_rows(self, rows: list[int]) -> None:
+        """Free running rows: each hole is filled by the last running row; the row being prefilled
+        (just past the running ones) moves down to stay adjacent."""
+        for row in sorted(rows, reverse=True):
+            last = len(self.running) - 1
+            if row != last:
+                self.cache.move_row(last, row)
+                self.running[row] = self.running[last]
+                self.tokens[row] = self.tokens[last]
+            self.running.pop()
+            keep = list(range(len(self.running)))
+            if row != last:
+                keep[row] = last
+            self.sampler = self.sampler.select_rows(keep) if keep else None
+            self.tokens = self.tokens[:len(self.running)] if self.running else None
+            if self.prefilling is not None:
+                self.cache.move_row(last + 1, len(self.running))
