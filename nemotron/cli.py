@@ -267,6 +267,24 @@ def _with_system(system: str | None, history: list[dict]) -> list[dict]:
     return ([{"role": "system", "content": system}] if system else []) + history
 
 
+def cmd_serve(args: argparse.Namespace) -> None:
+    from .serve import serve
+
+    kwargs = None
+    if args.default_chat_template_kwargs:
+        try:
+            kwargs = json.loads(args.default_chat_template_kwargs)
+        except ValueError as e:
+            raise ValueError(f"--default-chat-template-kwargs is not valid JSON: {e}") from None
+        if not isinstance(kwargs, dict):
+            raise ValueError("--default-chat-template-kwargs must be a JSON object")
+    for flag in ("port", "max_batch", "max_model_len", "prefill_chunk", "max_waiting", "max_tokens"):
+        if getattr(args, flag) < (0 if flag == "port" else 1):
+            raise ValueError(f"--{flag.replace('_', '-')} must be positive")
+    serve(args.model, args.host, args.port, args.api_key, args.served_model_name, args.max_batch, args.max_model_len,
+          args.prefill_chunk, args.max_waiting, args.prefix_cache_mb, args.max_tokens, kwargs, args.dtype)
+
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nemotron", description="The NVIDIA Nemotron model family in plain PyTorch.")
@@ -317,6 +335,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tools", help="JSON file with an OpenAI-style tool list to offer the model")
     generation_flags(p)
     p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server (continuous batching)")
+    p.add_argument("--model", required=True, help="checkpoint directory")
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1 routes")
+    p.add_argument("--served-model-name", help="the model id clients use (default: the directory name)")
+    p.add_argument("--max-batch", type=int, default=32, help="sequences decoded together (cache rows)")
+    p.add_argument("--max-model-len", type=int, default=4096, help="context length per sequence")
+    p.add_argument("--prefill-chunk", type=int, default=256,
+                   help="prompt tokens prefilled per engine step (also the prefix-cache block)")
+    p.add_argument("--max-waiting", type=int, default=256, help="queued requests before answering 429")
+    p.add_argument("--prefix-cache-mb", type=int, default=256, help="prefix-cache budget (0 turns it off)")
+    p.add_argument("--max-tokens", type=int, default=4096, help="largest max_tokens a request may ask for")
+    p.add_argument("--default-chat-template-kwargs", help='JSON, e.g. \'{"enable_thinking": false}\'')
+    p.add_argument("--dtype", default=None, help="float32 / bfloat16 / float16 (default: the checkpoint's)")
+    p.set_defaults(func=cmd_serve)
     return parser
 
 

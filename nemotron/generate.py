@@ -90,7 +90,9 @@ def _compiled_decode(model: nn.Module):
 class ThinkingBudget:
     """Caps reasoning at `budget` tokens. Once spent, reasoning is closed at the next line end, or
     after `grace` more tokens at the latest, by forcing `</think>` (NIM's budget control: a grace
-    window to finish the line). The answer then follows as usual."""
+    window to finish the line). The answer then follows as usual. `after_close` tokens are forced
+    right after the reasoning ends, however it ends (the server's required/named tool_choice starts
+    the tool call there)."""
 
     budget: int
     close_ids: list[int]           # tokens of "</think>\n"
@@ -102,10 +104,11 @@ class ThinkingBudget:
     at_line_start: bool = True     # generation prompt "<think>\n" ends a line
     spent: int = 0
     closed: bool = False
+    after_close: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if self.grace <= 0:
-            self.grace = max(8, self.budget // 10)
+            self.grace = max(8, min(self.budget // 10, 1 << 20))
 
     def observe(self, token: int, text: str) -> None:
         if self.closed:
@@ -124,15 +127,20 @@ class ThinkingBudget:
 
     def force(self) -> list[int]:
         """Tokens to force next (empty while within budget)."""
-        if self.closed or not self.active or self.spent < self.budget:
+        if self.closed:
+            after, self.after_close = self.after_close, []
+            return after
+        if not self.active or self.spent < self.budget:
             return []
         if self.at_line_start:
-            self.closed = True
-            return list(self.close_ids)
-        if self.spent >= self.budget + self.grace:
-            self.closed = True
-            return list(self.newline_close_ids)
-        return []
+            close = self.close_ids
+        elif self.spent >= self.budget + self.grace:
+            close = self.newline_close_ids
+        else:
+            return []
+        self.closed = True
+        after, self.after_close = self.after_close, []
+        return list(close) + after
 
 
 # --------------------------------------------------------------------------------------------------
@@ -208,7 +216,7 @@ def accept_token(req: Request, token: int, logprob: dict | None, stop_ids: set[i
     req.output_ids.append(token)
     if logprob is not None:
         req.logprobs.append(logprob)
-    stopped_by_id = token in stop_ids or token in req.params.stop_token_ids
+    stopped_by_id = (token in stop_ids and not req.params.ignore_eos) or token in req.params.stop_token_ids
     text = req.detok.add(token) if req.detok is not None and not stopped_by_id else ""
     if req.thinking_budget is not None:
         req.thinking_budget.observe(token, text)

@@ -37,6 +37,7 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)
     logprobs: bool = False
     top_logprobs: int = 0  # 0..20, requires logprobs
+    ignore_eos: bool = False  # vLLM's option: keep going past the model's end-of-turn ids
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):  # OpenAI accepts a single string

@@ -199,6 +199,25 @@ def test_select_rows_carries_counts():
     assert len(kept) == 1
 
 
+def test_concat_keeps_each_rows_state():
+    """Continuous batching adds a request's 1-row sampler to the running one: penalties, seeds and
+    stop ids carry over, rows without a penalty stay unpenalised."""
+    a = Sampler([P(frequency_penalty=1.0, stop_token_ids=[4]), P(seed=3, temperature=1.0)], 5)
+    a.update(torch.tensor([1, 2]))
+    b = Sampler([P(repetition_penalty=2.0, stop_token_ids=[2, 3])], 5, prompt_ids=[[0]])
+    both = Sampler.concat([a, b])
+    assert len(both) == 3 and both.is_stop(torch.tensor([4, 4, 3])).tolist() == [True, False, True]
+    logits = torch.ones(3, 5)
+    expect = torch.ones(3, 5)
+    expect[0, 1] = 0.0       # row 0: token 1 seen once, frequency 1.0
+    expect[2, 0] = 0.5       # row 2: prompt token 0, repetition 2.0
+    torch.testing.assert_close(both.process(logits)[[0, 2]], expect[[0, 2]])
+    # the seeded row draws what it would alone (its generator moved over, unused so far)
+    x = torch.zeros(1, 5)   # uniform: 20 draws of 5 tokens match by chance with probability 5**-20
+    fresh = Sampler([P(seed=3, temperature=1.0)], 5)
+    assert [both(x.expand(3, 5)).tokens[1].item() for _ in range(20)] == [fresh(x).tokens.item() for _ in range(20)]
+
+
 def test_stop_token_ids():
     sampler = Sampler([P(stop_token_ids=[4, 7]), P(), P(stop_token_ids=[1])], 10)
     assert sampler.is_stop(torch.tensor([7, 4, 1])).tolist() == [True, False, True]

@@ -1,0 +1,453 @@
+"""The OpenAI-compatible HTTP server: FastAPI routes over one continuous-batching Engine.
+
+Each HTTP request becomes one engine Request per choice; the engine thread hands token events to
+the request's asyncio queue (`call_soon_threadsafe`). Streams are Server-Sent Events in OpenAI's
+chunk shape. A client that disconnects has its requests cancelled, which frees their cache rows
+before the engine's next step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import time
+from dataclasses import dataclass, replace
+from typing import Any
+
+from fastapi import FastAPI, Request as HTTPRequest
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from ..api import LoadedModel, make_thinking_budget
+from ..chat import ChatInputError, ChatTemplateError, prepare_chat
+from ..engine import Engine, QueueFull
+from ..generate import Request, TokenEvent
+from ..parsers import Delta, StreamingParser, parse_output
+from .metrics import Metrics
+from .protocol import (APIError, ChatRequest, Limits, error_body, new_id, now, parse_chat_request,
+                       parse_completion_request, sampling_params, usage)
+
+# the start of a tool call, forced for tool_choice "required" (name chosen by the model) or a named function
+_CALL_PREFIX = {
+    "nemotron3": ("<tool_call>\n<function=", "<tool_call>\n<function={name}>\n"),
+    "nemotron_json": ('<TOOLCALL>[{"name": "', '<TOOLCALL>[{"name": "{name}", "arguments": '),
+}
+
+
+@dataclass
+class ServerConfig:
+    model_name: str
+    api_key: str | None = None
+    limits: Limits | None = None
+    default_template_kwargs: dict | None = None
+
+
+class _Tracker:
+    """Per-request timing for the latency histograms."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+        self.arrival = time.perf_counter()
+        self.last: float | None = None
+
+    def token(self, event: TokenEvent) -> None:
+        t = time.perf_counter()
+        if self.last is None:
+            self.metrics.observe("time_to_first_token_seconds", t - self.arrival)
+            self.metrics.inc("prompt_tokens_total", len(event.request.prompt_ids))
+        else:
+            self.metrics.observe("inter_token_latency_seconds", t - self.last)
+        self.last = t
+        if event.token_id >= 0:
+            self.metrics.inc("generation_tokens_total")
+        if event.finished:
+            self.metrics.observe("e2e_request_latency_seconds", t - self.arrival)
+            self.metrics.finished(event.request.finish_reason or "stop")
+
+
+class Server:
+    def __init__(self, loaded: LoadedModel, engine: Engine, config: ServerConfig) -> None:
+        self.loaded, self.engine, self.config = loaded, engine, config
+        self.tokenizer = loaded.tokenizer
+        self.limits = config.limits or Limits()
+        self.metrics = Metrics(config.model_name)
+        self.created = now()
+
+    # ---- plumbing ----
+
+    def check_auth(self, request: HTTPRequest) -> None:
+        key = self.config.api_key
+        if key is None:
+            return
+        given = request.headers.get("authorization", "")
+        token = given[7:] if given[:7].lower() == "bearer " else ""
+        if not hmac.compare_digest(token.encode(), key.encode()):
+            raise APIError(401, "invalid or missing API key (send 'Authorization: Bearer <key>')",
+                           code="invalid_api_key")
+
+    async def read_json(self, request: HTTPRequest) -> Any:
+        limit = self.limits.max_body_bytes
+        length = request.headers.get("content-length")
+        declared = int(length) if length is not None and length.isdigit() else None
+        if declared is not None and declared > 16 * limit:
+            raise APIError(413, f"request body of {declared} bytes exceeds the {limit}-byte limit")
+        body, size = bytearray(), 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size <= limit:
+                body += chunk
+            elif size > 16 * limit:
+                break  # past this, the connection is dropped rather than drained
+        if size > limit:  # drained (up to a bound) so that the client reads the answer, not a reset
+            raise APIError(413, f"request body of {size}+ bytes exceeds the {limit}-byte limit")
+        try:
+            return json.loads(body)
+        except (ValueError, RecursionError) as e:
+            raise APIError(400, f"the request body is not valid JSON: {str(e)[:200]}") from None
+
+    def check_model(self, body: dict) -> None:
+        model = body.get("model")
+        if model is not None and model != self.config.model_name:
+            raise APIError(404, f"the model {model!r} does not exist; this server serves {self.config.model_name!r}",
+                           param="model", code="model_not_found")
+
+    def submit(self, reqs: list[Request]) -> asyncio.Queue:
+        """Queue the requests on the engine; their events arrive on the returned asyncio queue."""
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+
+        def deliver(event: TokenEvent) -> None:
+            loop.call_soon_threadsafe(queue.put_nowait, event)
+
+        submitted = []
+        try:
+            for r in reqs:
+                self.engine.submit(r, deliver)
+                submitted.append(r)
+        except QueueFull as e:
+            for r in submitted:
+                self.engine.cancel(r)
+            raise APIError(429, f"the server is at capacity ({e}); retry shortly", headers={"Retry-After": "1"}) from None
+        except ValueError as e:
+            for r in submitted:
+                self.engine.cancel(r)
+            raise APIError(400, str(e)) from None
+        return queue
+
+    def cancel_unfinished(self, reqs: list[Request]) -> None:
+        for r in reqs:
+            if r.finish_reason is None:
+                self.engine.cancel(r)
+
+    async def events(self, reqs: list[Request], queue: asyncio.Queue, http: HTTPRequest | None = None):
+        """Yield (choice index, event) until every request finished; cancels the rest on exit
+        (a disconnect, an error). With `http`, a watcher cancels them when the client goes away."""
+        index = {id(r): i for i, r in enumerate(reqs)}
+        trackers = [_Tracker(self.metrics) for _ in reqs]
+        left = len(reqs)
+        watcher = asyncio.create_task(self._watch(http, reqs)) if http is not None else None
+        try:
+            while left:
+                event = await queue.get()
+                i = index[id(event.request)]
+                trackers[i].token(event)
+                if event.finished:
+                    left -= 1
+                    if event.request.finish_reason == "error":
+                        raise APIError(500, f"generation failed: {self.engine.error!r}")
+                yield i, event
+        finally:
+            if watcher is not None:
+                watcher.cancel()
+            self.cancel_unfinished(reqs)
+
+    async def _watch(self, http: HTTPRequest, reqs: list[Request]) -> None:
+        while True:
+            if await http.is_disconnected():
+                for r in reqs:
+                    self.engine.cancel(r)
+                return
+            await asyncio.sleep(0.05)
+
+    def logprob_entry(self, lp: dict) -> dict:
+        def one(token_id: int, value: float) -> dict:
+            text = self.tokenizer.decode([token_id]) if self.tokenizer is not None else str(token_id)
+            return {"token": text, "logprob": value, "bytes": list(text.encode("utf-8"))}
+
+        entry = one(lp["token_id"], lp["logprob"])
+        entry["top_logprobs"] = [one(t, v) for t, v in lp.get("top", [])]
+        return entry
+
+    # ---- chat completions ----
+
+    def _chat_requests(self, cr: ChatRequest):
+        tok = self.tokenizer
+        if tok is None:
+            raise APIError(400, "this model has no tokenizer; use /v1/completions with token ids")
+        tools = None if cr.tool_choice == "none" else cr.tools
+        try:
+            prompt = prepare_chat(tok, cr.messages, tools, cr.enable_thinking, **cr.template_kwargs)
+        except (ChatInputError, ChatTemplateError) as e:
+            raise APIError(400, str(e), param="messages") from None
+        context_left = self.engine.max_len - len(prompt.ids)
+        if context_left < 1:
+            raise APIError(400, f"the prompt is {len(prompt.ids)} tokens; this model's context holds "
+                                f"{self.engine.max_len}", param="messages", code="context_length_exceeded")
+        params = sampling_params(cr.body, self.limits, context_left, chat=True)
+        prefix = None
+        if cr.tool_choice == "required" or cr.forced_function:
+            any_name, named = _CALL_PREFIX[prompt.fmt]
+            text = named.replace("{name}", cr.forced_function) if cr.forced_function else any_name
+            prefix = tok.encode(text, add_special_tokens=False)
+        reqs = []
+        for i in range(cr.n):
+            p = params if params.seed is None or i == 0 else replace(params, seed=params.seed + i)
+            budget = None
+            if prompt.thinking and (cr.thinking_budget is not None or prefix):
+                budget = make_thinking_budget(tok, cr.thinking_budget if cr.thinking_budget is not None else 1 << 40,
+                                              prompt.prompt_opens_think)
+                budget.after_close = list(prefix or [])
+            req = Request(list(prompt.ids), p, budget)
+            if prefix and budget is None:
+                req.forced = list(prefix)
+            reqs.append(req)
+        return prompt, tools, reqs
+
+    async def chat(self, http: HTTPRequest):
+        self.check_auth(http)
+        body = await self.read_json(http)
+        cr = parse_chat_request(body, self.limits, self.config.default_template_kwargs)
+        self.check_model(body)
+        prompt, tools, reqs = self._chat_requests(cr)
+        queue = self.submit(reqs)
+        rid, created = new_id("chatcmpl"), now()
+        if cr.stream:
+            return StreamingResponse(self._chat_stream(rid, created, cr, prompt, tools, reqs, queue),
+                                     media_type="text/event-stream")
+        logprobs = [[] for _ in reqs]
+        async for i, event in self.events(reqs, queue, http):
+            if event.logprob is not None:
+                logprobs[i].append(self.logprob_entry(event.logprob))
+        choices = []
+        for i, r in enumerate(reqs):
+            parsed = parse_output(r.text, prompt.fmt, prompt.thinking, tools, prompt.prompt_opens_think)
+            finish = "tool_calls" if parsed.tool_calls and r.finish_reason == "stop" else r.finish_reason
+            choices.append({"index": i, "message": parsed.to_message(),
+                            "logprobs": {"content": logprobs[i]} if r.params.logprobs else None,
+                            "finish_reason": finish})
+        return {"id": rid, "object": "chat.completion", "created": created, "model": self.config.model_name,
+                "choices": choices,
+                "usage": usage(len(prompt.ids) * len(reqs), sum(len(r.output_ids) for r in reqs),
+                               sum(r.cached_tokens for r in reqs))}
+
+    async def _chat_stream(self, rid, created, cr, prompt, tools, reqs, queue):
+        model = self.config.model_name
+
+        def chunk(choices: list[dict], usage_: dict | None = None, with_usage: bool = False) -> str:
+            out = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
+                   "choices": choices}
+            if with_usage:
+                out["usage"] = usage_
+            return f"data: {json.dumps(out, ensure_ascii=False)}\n\n"
+
+        parsers = [StreamingParser(prompt.fmt, prompt.thinking, tools, prompt.prompt_opens_think) for _ in reqs]
+        saw_call = [False] * len(reqs)
+        try:
+            for i in range(len(reqs)):
+                yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                              "finish_reason": None}], None, cr.include_usage)
+            async for i, event in self.events(reqs, queue):
+                delta = parsers[i].feed(event.text) if event.text else Delta()
+                if event.finished:
+                    tail = parsers[i].finish()
+                    delta = Delta(delta.reasoning + tail.reasoning, delta.content + tail.content,
+                                  delta.tool_calls + tail.tool_calls)
+                saw_call[i] |= bool(delta.tool_calls)
+                lp = {"content": [self.logprob_entry(event.logprob)]} if event.logprob is not None else None
+                if delta or lp is not None:
+                    yield chunk([{"index": i, "delta": delta.to_openai(), "logprobs": lp, "finish_reason": None}],
+                                None, cr.include_usage)
+                if event.finished:
+                    r = event.request
+                    finish = "tool_calls" if saw_call[i] and r.finish_reason == "stop" else r.finish_reason
+                    yield chunk([{"index": i, "delta": {}, "logprobs": None, "finish_reason": finish}],
+                                None, cr.include_usage)
+            if cr.include_usage:
+                yield chunk([], usage(len(prompt.ids) * len(reqs), sum(len(r.output_ids) for r in reqs),
+                                      sum(r.cached_tokens for r in reqs)), True)
+            yield "data: [DONE]\n\n"
+        except APIError as e:
+            yield f"data: {json.dumps(e.body())}\n\n"
+        finally:
+            self.cancel_unfinished(reqs)
+
+    # ---- completions ----
+
+    async def completions(self, http: HTTPRequest):
+        self.check_auth(http)
+        body = await self.read_json(http)
+        cr = parse_completion_request(body, self.limits)
+        self.check_model(body)
+        prompts = []
+        for p in cr.prompts:
+            if isinstance(p, str):
+                if self.tokenizer is None:
+                    raise APIError(400, "this model has no tokenizer: send the prompt as token ids", param="prompt")
+                ids = self.tokenizer.encode(p)
+                prompts.append((p, ids))
+            else:
+                text = self.tokenizer.decode(p) if self.tokenizer is not None and cr.echo else ""
+                prompts.append((text, p))
+        longest = max(len(ids) for _, ids in prompts)
+        if longest >= self.engine.max_len:
+            raise APIError(400, f"the prompt is {longest} tokens; this model's context holds {self.engine.max_len}",
+                           param="prompt", code="context_length_exceeded")
+        params = sampling_params(body, self.limits, self.engine.max_len - longest, chat=False)
+        reqs, texts = [], []
+        for text, ids in prompts:
+            for j in range(cr.n):
+                k = len(reqs)
+                p = params if params.seed is None or k == 0 else replace(params, seed=params.seed + k)
+                reqs.append(Request(list(ids), p))
+                texts.append(text if cr.echo else "")
+        queue = self.submit(reqs)
+        rid, created = new_id("cmpl"), now()
+        n_prompt = sum(len(r.prompt_ids) for r in reqs)
+        if cr.stream:
+            return StreamingResponse(self._completion_stream(rid, created, cr, reqs, texts, queue, n_prompt),
+                                     media_type="text/event-stream")
+        lps = [[] for _ in reqs]
+        async for i, event in self.events(reqs, queue, http):
+            if event.logprob is not None:
+                lps[i].append(event.logprob)
+        choices = [{"index": i, "text": texts[i] + r.text, "finish_reason": r.finish_reason,
+                    "logprobs": self._completion_logprobs(lps[i], len(texts[i])) if r.params.logprobs else None}
+                   for i, r in enumerate(reqs)]
+        return {"id": rid, "object": "text_completion", "created": created, "model": self.config.model_name,
+                "choices": choices, "usage": usage(n_prompt, sum(len(r.output_ids) for r in reqs),
+                                                   sum(r.cached_tokens for r in reqs))}
+
+    def _completion_logprobs(self, lps: list[dict], offset: int) -> dict:
+        out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+        for lp in lps:
+            entry = self.logprob_entry(lp)
+            out["tokens"].append(entry["token"])
+            out["token_logprobs"].append(entry["logprob"])
+            out["top_logprobs"].append({t["token"]: t["logprob"] for t in entry["top_logprobs"]})
+            out["text_offset"].append(offset)
+            offset += len(entry["token"])
+        return out
+
+    async def _completion_stream(self, rid, created, cr, reqs, texts, queue, n_prompt):
+        model = self.config.model_name
+
+        def chunk(choices: list[dict], usage_: dict | None = None, with_usage: bool = False) -> str:
+            out = {"id": rid, "object": "text_completion", "created": created, "model": model, "choices": choices}
+            if with_usage:
+                out["usage"] = usage_
+            return f"data: {json.dumps(out, ensure_ascii=False)}\n\n"
+
+        try:
+            for i, text in enumerate(texts):
+                if text:
+                    yield chunk([{"index": i, "text": text, "logprobs": None, "finish_reason": None}], None,
+                                cr.include_usage)
+            async for i, event in self.events(reqs, queue):
+                lp = self._completion_logprobs([event.logprob], 0) if event.logprob is not None else None
+                if event.text or lp is not None or event.finished:
+                    yield chunk([{"index": i, "text": event.text, "logprobs": lp,
+                                  "finish_reason": event.request.finish_reason if event.finished else None}],
+                                None, cr.include_usage)
+            if cr.include_usage:
+                yield chunk([], usage(n_prompt, sum(len(r.output_ids) for r in reqs),
+                                      sum(r.cached_tokens for r in reqs)), True)
+            yield "data: [DONE]\n\n"
+        except APIError as e:
+            yield f"data: {json.dumps(e.body())}\n\n"
+        finally:
+            self.cancel_unfinished(reqs)
+
+    # ---- the rest ----
+
+    def models(self, http: HTTPRequest) -> dict:
+        self.check_auth(http)
+        return {"object": "list", "data": [{
+            "id": self.config.model_name, "object": "model", "created": self.created, "owned_by": "nemotron",
+            "root": str(self.loaded.path) if self.loaded.path else self.config.model_name, "parent": None,
+            "max_model_len": self.engine.max_len, "permission": []}]}
+
+    def render_metrics(self) -> str:
+        e = self.engine
+        gauges = {"num_requests_running": e.num_running, "num_requests_waiting": e.num_waiting}
+        counters = {}
+        if e.prefix_cache is not None:
+            gauges["prefix_cache_bytes"] = e.prefix_cache.bytes
+            counters["prefix_cache_queries_total"] = e.prefix_cache.queries
+            counters["prefix_cache_hits_total"] = e.prefix_cache.hits
+        return self.metrics.render(gauges, counters)
+
+
+def build_app(server: Server) -> FastAPI:
+    app = FastAPI(title="nemotron", docs_url=None, redoc_url=None, openapi_url=None)
+
+    @app.exception_handler(APIError)
+    async def _api_error(request, exc: APIError):
+        return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request, exc: StarletteHTTPException):
+        kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+        return JSONResponse(error_body(str(exc.detail), kind), status_code=exc.status_code)
+
+    @app.exception_handler(Exception)
+    async def _internal(request, exc: Exception):
+        return JSONResponse(error_body(f"internal error: {type(exc).__name__}", "server_error"), status_code=500)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: HTTPRequest):
+        return await server.chat(request)
+
+    @app.post("/v1/completions")
+    async def completions(request: HTTPRequest):
+        return await server.completions(request)
+
+    @app.get("/v1/models")
+    async def models(request: HTTPRequest):
+        return server.models(request)
+
+    @app.get("/health")
+    async def health():
+        if server.engine.error is not None or (server.engine._thread is not None
+                                               and not server.engine._thread.is_alive()):
+            return JSONResponse(error_body("the engine has stopped", "server_error"), status_code=503)
+        return {"status": "ok"}
+
+    @app.get("/metrics")
+    async def metrics():
+        return PlainTextResponse(server.render_metrics(), media_type="text/plain; version=0.0.4")
+
+    return app
+
+
+def serve(model: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
+          served_model_name: str | None = None, max_batch: int = 32, max_model_len: int = 4096,
+          prefill_chunk: int = 256, max_waiting: int = 256, prefix_cache_mb: int = 256,
+          max_tokens: int = 4096, default_template_kwargs: dict | None = None, dtype: str | None = None) -> None:
+    """Load `model` and serve it until interrupted."""
+    import uvicorn
+
+    from ..api import load
+
+    loaded = load(model, dtype=dtype, progress=True)
+    max_len = min(max_model_len, getattr(loaded.config, "max_position_embeddings", None) or max_model_len)
+    engine = Engine(loaded.model, loaded.tokenizer, loaded.stop_ids, max_batch=max_batch, max_len=max_len,
+                    prefill_chunk=prefill_chunk, max_waiting=max_waiting,
+                    prefix_cache_bytes=prefix_cache_mb << 20).start()
+    name = served_model_name or (loaded.path.name if loaded.path else str(model))
+    server = Server(loaded, engine, ServerConfig(name, api_key, Limits(max_tokens=max_tokens), default_template_kwargs))
+    print(f"serving {name} on http://{host}:{port}/v1 (max batch {max_batch}, context {max_len})", flush=True)
+    try:
+        uvicorn.run(build_app(server), host=host, port=port, log_level="warning", timeout_graceful_shutdown=2)
+    finally:
+        engine.shutdown()

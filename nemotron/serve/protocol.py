@@ -1,0 +1,298 @@
+"""OpenAI request validation and response shapes.
+
+Requests are plain JSON objects checked field by field here, so that every bad input becomes a
+one-line `APIError` in OpenAI's error shape (`{"error": {"message", "type", "param", "code"}}`) with
+a 4xx status, never a 500. Unknown fields are ignored, as OpenAI and vLLM do.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..chat import ChatInputError, validate_messages, validate_tools
+from ..sampling import MAX_TOP_LOGPROBS, SamplingParams
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, param: str | None = None, type: str | None = None,
+                 code: str | None = None, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.param = status, message, param
+        self.type = type or {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
+                             413: "invalid_request_error", 429: "rate_limit_error"}.get(status, "server_error")
+        self.code = code
+        self.headers = headers or {}
+
+    def body(self) -> dict:
+        return error_body(self.message, self.type, self.param, self.code)
+
+
+def error_body(message: str, type: str, param: str | None = None, code: str | None = None) -> dict:
+    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+@dataclass
+class Limits:
+    max_body_bytes: int = 4 << 20
+    max_messages: int = 1024
+    max_tokens: int = 4096          # per request; also capped by the context length
+    max_n: int = 16
+    max_stop: int = 16
+
+
+# --------------------------------------------------------------------------------------------------
+# field readers: each names the offending field in its error
+# --------------------------------------------------------------------------------------------------
+
+_TYPE_NAMES = {bool: "a boolean", int: "an integer", float: "a number", str: "a string", list: "an array",
+               dict: "an object"}
+
+
+def _kind(value: Any) -> str:
+    return {bool: "boolean", int: "integer", float: "number", str: "string", list: "array", dict: "object",
+            type(None): "null"}.get(type(value), type(value).__name__)
+
+
+def get(body: dict, key: str, typ: type | tuple[type, ...], default: Any = None) -> Any:
+    """body[key] checked against typ (None -> default). ints are accepted where numbers are, bools
+    are not accepted as numbers."""
+    value = body.get(key)
+    if value is None:
+        return default
+    types = typ if isinstance(typ, tuple) else (typ,)
+    ok = any(isinstance(value, t) and not (isinstance(value, bool) and t is not bool) for t in types) or \
+        (float in types and isinstance(value, int) and not isinstance(value, bool))
+    if not ok:
+        want = " or ".join(_TYPE_NAMES.get(t, t.__name__) for t in types)
+        raise APIError(400, f"'{key}' must be {want}, got {_kind(value)}", param=key)
+    if isinstance(value, float) and not math.isfinite(value):
+        raise APIError(400, f"'{key}' must be a finite number", param=key)
+    return value
+
+
+def _stop_list(body: dict, limits: Limits) -> list[str]:
+    stop = get(body, "stop", (str, list), [])
+    stop = [stop] if isinstance(stop, str) else stop
+    if len(stop) > limits.max_stop or not all(isinstance(s, str) and s for s in stop):
+        raise APIError(400, f"'stop' must be a string or at most {limits.max_stop} non-empty strings", param="stop")
+    return stop
+
+
+def sampling_params(body: dict, limits: Limits, context_left: int, chat: bool) -> SamplingParams:
+    """The sampling fields of a chat or completions request. context_left: tokens the prompt leaves."""
+    max_tokens = get(body, "max_completion_tokens", int) if chat else None
+    max_tokens = get(body, "max_tokens", int, max_tokens)
+    key = "max_completion_tokens" if chat and body.get("max_completion_tokens") is not None else "max_tokens"
+    if max_tokens is None:
+        max_tokens = min(limits.max_tokens, context_left)
+    elif max_tokens < 1:
+        raise APIError(400, f"'{key}' must be >= 1, got {max_tokens}", param=key)
+    elif max_tokens > limits.max_tokens:
+        raise APIError(400, f"'{key}' must be <= {limits.max_tokens} on this server, got {max_tokens}", param=key)
+    elif max_tokens > context_left:
+        raise APIError(400, f"the prompt leaves room for {context_left} tokens in the context, "
+                            f"but '{key}' asks for {max_tokens}", param=key)
+    if chat:
+        logprobs = get(body, "logprobs", bool, False)
+        top = get(body, "top_logprobs", int, 0)
+    else:  # completions: logprobs is the number of top alternatives (0..5 in OpenAI, 0..20 here)
+        n_top = get(body, "logprobs", int)
+        logprobs, top = n_top is not None, n_top or 0
+        if n_top is not None and not 0 <= n_top <= MAX_TOP_LOGPROBS:
+            raise APIError(400, f"'logprobs' must be in [0, {MAX_TOP_LOGPROBS}]", param="logprobs")
+    stop_ids = get(body, "stop_token_ids", list, [])
+    if not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in stop_ids):
+        raise APIError(400, "'stop_token_ids' must be an array of token ids", param="stop_token_ids")
+    top_k = get(body, "top_k", int, 0)
+    params = SamplingParams(
+        max_new_tokens=max_tokens,
+        temperature=get(body, "temperature", float, 1.0),
+        top_k=0 if top_k == -1 else top_k,   # vLLM spells "off" as -1
+        top_p=get(body, "top_p", float, 1.0),
+        min_p=get(body, "min_p", float, 0.0),
+        repetition_penalty=get(body, "repetition_penalty", float, 1.0),
+        presence_penalty=get(body, "presence_penalty", float, 0.0),
+        frequency_penalty=get(body, "frequency_penalty", float, 0.0),
+        seed=get(body, "seed", int),
+        stop=_stop_list(body, limits),
+        stop_token_ids=stop_ids,
+        logprobs=logprobs,
+        top_logprobs=top,
+        ignore_eos=get(body, "ignore_eos", bool, False),
+    )
+    if params.temperature > 2:
+        raise APIError(400, f"'temperature' must be in [0, 2], got {params.temperature}", param="temperature")
+    try:
+        params.validate()
+    except ValueError as e:
+        name = str(e).split(" ", 1)[0]
+        raise APIError(400, str(e), param={"max_new_tokens": "max_tokens"}.get(name, name)) from None
+    return params
+
+
+def n_choices(body: dict, limits: Limits) -> int:
+    n = get(body, "n", int, 1)
+    if not 1 <= n <= limits.max_n:
+        raise APIError(400, f"'n' must be in [1, {limits.max_n}], got {n}", param="n")
+    return n
+
+
+def stream_options(body: dict) -> tuple[bool, bool]:
+    """(stream, include_usage)"""
+    stream = get(body, "stream", bool, False)
+    opts = get(body, "stream_options", dict, {})
+    if opts and not stream:
+        raise APIError(400, "'stream_options' is only allowed with stream=true", param="stream_options")
+    return stream, bool(get(opts, "include_usage", bool, False))
+
+
+# --------------------------------------------------------------------------------------------------
+# chat completions
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ChatRequest:
+    messages: list[dict]
+    tools: list[dict] | None
+    tool_choice: str | dict           # "auto" | "none" | "required" | {"type": "function", "function": {...}}
+    forced_function: str | None       # a named tool_choice
+    template_kwargs: dict[str, Any]
+    enable_thinking: bool
+    thinking_budget: int | None
+    n: int
+    stream: bool
+    include_usage: bool
+    body: dict = field(repr=False, default_factory=dict)
+
+
+def parse_chat_request(body: Any, limits: Limits, default_template_kwargs: dict | None = None) -> ChatRequest:
+    if not isinstance(body, dict):
+        raise APIError(400, f"the request body must be a JSON object, got {_kind(body)}")
+    messages = body.get("messages")
+    if messages is None:
+        raise APIError(400, "'messages' is required", param="messages")
+    if isinstance(messages, list) and len(messages) > limits.max_messages:
+        raise APIError(400, f"at most {limits.max_messages} messages per request, got {len(messages)}",
+                       param="messages")
+    try:
+        validate_messages(messages)
+    except ChatInputError as e:
+        raise APIError(400, str(e), param="messages") from None
+    tools = get(body, "tools", list)
+    if tools is not None and not tools:
+        tools = None
+    try:
+        validate_tools(tools)
+    except ChatInputError as e:
+        raise APIError(400, str(e), param="tools") from None
+    choice = body.get("tool_choice")
+    choice = ("auto" if tools else "none") if choice is None else choice
+    forced = None
+    if isinstance(choice, str):
+        if choice not in ("auto", "none", "required"):
+            raise APIError(400, f"'tool_choice' must be 'auto', 'none', 'required' or a named function, got {choice!r}",
+                           param="tool_choice")
+        if choice in ("auto", "required") and not tools:
+            raise APIError(400, f"tool_choice={choice!r} needs 'tools'", param="tool_choice")
+    elif isinstance(choice, dict):
+        fn = choice.get("function")
+        name = fn.get("name") if isinstance(fn, dict) else None
+        if choice.get("type") != "function" or not isinstance(name, str):
+            raise APIError(400, "a named 'tool_choice' is {\"type\": \"function\", \"function\": {\"name\": ...}}",
+                           param="tool_choice")
+        if not tools or name not in {t["function"]["name"] for t in tools}:
+            raise APIError(400, f"tool_choice names {name!r}, which is not among 'tools'", param="tool_choice")
+        forced = name
+    else:
+        raise APIError(400, f"'tool_choice' must be a string or an object, got {_kind(choice)}", param="tool_choice")
+    kwargs = dict(default_template_kwargs or {})
+    kwargs.update(get(body, "chat_template_kwargs", dict, {}))
+    enable_thinking = kwargs.pop("enable_thinking", True)
+    if not isinstance(enable_thinking, bool):
+        raise APIError(400, "chat_template_kwargs.enable_thinking must be a boolean", param="chat_template_kwargs")
+    budget = get(body, "thinking_token_budget", int)
+    if budget is not None and budget < 0:
+        raise APIError(400, f"'thinking_token_budget' must be >= 0, got {budget}", param="thinking_token_budget")
+    fmt = get(body, "response_format", dict)
+    if fmt is not None and fmt.get("type") not in (None, "text"):
+        raise APIError(400, f"response_format type {fmt.get('type')!r} is not supported (only 'text')",
+                       param="response_format")
+    stream, include_usage = stream_options(body)
+    return ChatRequest(messages, tools, choice, forced, kwargs, enable_thinking, budget,
+                       n_choices(body, limits), stream, include_usage, body)
+
+
+# --------------------------------------------------------------------------------------------------
+# completions
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class CompletionRequest:
+    prompts: list[str | list[int]]
+    echo: bool
+    n: int
+    stream: bool
+    include_usage: bool
+    body: dict = field(repr=False, default_factory=dict)
+
+
+def parse_completion_request(body: Any, limits: Limits) -> CompletionRequest:
+    if not isinstance(body, dict):
+        raise APIError(400, f"the request body must be a JSON object, got {_kind(body)}")
+    prompt = body.get("prompt")
+    bad = APIError(400, "'prompt' must be a string, an array of strings, an array of token ids or an array "
+                        "of such arrays", param="prompt")
+    if isinstance(prompt, str):
+        prompts = [prompt]
+    elif isinstance(prompt, list) and prompt:
+        if all(isinstance(p, str) for p in prompt):
+            prompts = list(prompt)
+        elif all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+            prompts = [list(prompt)]
+        elif all(isinstance(p, list) and p and all(isinstance(t, int) and not isinstance(t, bool) for t in p)
+                 for p in prompt):
+            prompts = [list(p) for p in prompt]
+        else:
+            raise bad
+    elif prompt is None:
+        raise APIError(400, "'prompt' is required", param="prompt")
+    else:
+        raise bad
+    if len(prompts) > limits.max_n:
+        raise APIError(400, f"at most {limits.max_n} prompts per request", param="prompt")
+    if any(p == "" for p in prompts):
+        raise APIError(400, "'prompt' must not be empty", param="prompt")
+    if body.get("suffix") is not None:
+        raise APIError(400, "'suffix' is not supported", param="suffix")
+    stream, include_usage = stream_options(body)
+    n = n_choices(body, limits)
+    if n * len(prompts) > limits.max_n:
+        raise APIError(400, f"n x prompts must be <= {limits.max_n}", param="n")
+    return CompletionRequest(prompts, get(body, "echo", bool, False), n, stream, include_usage, body)
+
+
+# --------------------------------------------------------------------------------------------------
+# responses
+# --------------------------------------------------------------------------------------------------
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+def now() -> int:
+    return int(time.time())
+
+
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict:
+    out = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+           "total_tokens": prompt_tokens + completion_tokens}
+    if cached_tokens:
+        out["prompt_tokens_details"] = {"cached_tokens": cached_tokens}
+    return out
