@@ -278,11 +278,12 @@ def cmd_serve(args: argparse.Namespace) -> None:
             raise ValueError(f"--default-chat-template-kwargs is not valid JSON: {e}") from None
         if not isinstance(kwargs, dict):
             raise ValueError("--default-chat-template-kwargs must be a JSON object")
-    for flag in ("port", "max_batch", "max_model_len", "prefill_chunk", "max_waiting", "max_tokens"):
-        if getattr(args, flag) < (0 if flag == "port" else 1):
+    for flag in ("port", "max_batch", "max_model_len", "prefill_chunk", "max_waiting", "max_tokens", "threads"):
+        if getattr(args, flag) is not None and getattr(args, flag) < (0 if flag == "port" else 1):
             raise ValueError(f"--{flag.replace('_', '-')} must be positive")
     serve(args.model, args.host, args.port, args.api_key, args.served_model_name, args.max_batch, args.max_model_len,
-          args.prefill_chunk, args.max_waiting, args.prefix_cache_mb, args.max_tokens, kwargs, args.dtype)
+          args.prefill_chunk, args.max_waiting, args.prefix_cache_mb, args.max_tokens, kwargs, args.dtype,
+          args.device, args.threads)
 
 
 
@@ -351,6 +352,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-tokens", type=int, default=4096, help="largest max_tokens a request may ask for")
     p.add_argument("--default-chat-template-kwargs", help='JSON, e.g. \'{"enable_thinking": false}\'')
     p.add_argument("--dtype", default=None, help="float32 / bfloat16 / float16 (default: the checkpoint's)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: all cores but one, for the HTTP side)")
     p.set_defaults(func=cmd_serve)
     return parser
 

@@ -56,9 +56,15 @@ def ssd_step(state: torch.Tensor, x: torch.Tensor, dt: torch.Tensor, A: torch.Te
     dt = dt.float()
     decay = torch.exp(dt * A.float()).view(b, g, h // g, 1, 1)
     xdt = (x.float() * dt[..., None]).view(b, g, h // g, p, 1)
+    Bg = B.float().view(b, g, 1, 1, n)
     # heads grouped as [g, h/g] so B and C broadcast instead of being repeated per head
-    new = state.float().view(b, g, h // g, p, n) * decay + xdt * B.float().view(b, g, 1, 1, n)
-    state.copy_(new.view(b, h, p, n))
+    if state.dtype == torch.float32:
+        # in place: the state is the largest tensor of a decode step; no temporaries of its size
+        new = state.view(b, g, h // g, p, n)
+        new.mul_(decay).addcmul_(xdt, Bg)
+    else:  # a low-precision state is updated in fp32 and rounded once
+        new = state.float().view(b, g, h // g, p, n) * decay + xdt * Bg
+        state.copy_(new.view(b, h, p, n))
     return (new @ C.float().view(b, g, 1, n, 1)).view(b, h, p)
 
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import sys
+import threading
 import time
 from dataclasses import dataclass, replace
 from typing import Any
@@ -73,6 +75,23 @@ class Server:
         self.limits = config.limits or Limits()
         self.metrics = Metrics(config.model_name)
         self.created = now()
+        # events from the engine thread are batched: one event-loop wake-up per engine step, not per token
+        self._pending: list[tuple[asyncio.Queue, TokenEvent]] = []
+        self._pending_lock = threading.Lock()
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def _deliver(self, queue: asyncio.Queue, event: TokenEvent) -> None:  # engine thread
+        with self._pending_lock:
+            self._pending.append((queue, event))
+            wake = len(self._pending) == 1
+        if wake:
+            self._loop.call_soon_threadsafe(self._drain)
+
+    def _drain(self) -> None:  # event loop
+        with self._pending_lock:
+            events, self._pending = self._pending, []
+        for queue, event in events:
+            queue.put_nowait(event)
 
     # ---- plumbing ----
 
@@ -114,11 +133,11 @@ class Server:
 
     def submit(self, reqs: list[Request]) -> asyncio.Queue:
         """Queue the requests on the engine; their events arrive on the returned asyncio queue."""
-        loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
+        self._loop = asyncio.get_running_loop()
 
         def deliver(event: TokenEvent) -> None:
-            loop.call_soon_threadsafe(queue.put_nowait, event)
+            self._deliver(queue, event)
 
         submitted = []
         try:
@@ -433,13 +452,19 @@ def build_app(server: Server) -> FastAPI:
 def serve(model: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
           served_model_name: str | None = None, max_batch: int = 32, max_model_len: int = 4096,
           prefill_chunk: int = 256, max_waiting: int = 256, prefix_cache_mb: int = 256,
-          max_tokens: int = 4096, default_template_kwargs: dict | None = None, dtype: str | None = None) -> None:
-    """Load `model` and serve it until interrupted."""
+          max_tokens: int = 4096, default_template_kwargs: dict | None = None, dtype: str | None = None,
+          device: str = "cpu", threads: int | None = None) -> None:
+    """Load `model` and serve it until interrupted. threads: torch's CPU threads; by default one core is
+    left to the HTTP side (on a small machine, compute threads that take every core starve it)."""
+    import os
+
+    import torch
     import uvicorn
 
     from ..api import load
 
-    loaded = load(model, dtype=dtype, progress=True)
+    torch.set_num_threads(threads or max(1, (os.cpu_count() or 2) - 1))
+    loaded = load(model, dtype=dtype, device=device, progress=True)
     max_len = min(max_model_len, getattr(loaded.config, "max_position_embeddings", None) or max_model_len)
     engine = Engine(loaded.model, loaded.tokenizer, loaded.stop_ids, max_batch=max_batch, max_len=max_len,
                     prefill_chunk=prefill_chunk, max_waiting=max_waiting,
@@ -447,6 +472,9 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | 
     name = served_model_name or (loaded.path.name if loaded.path else str(model))
     server = Server(loaded, engine, ServerConfig(name, api_key, Limits(max_tokens=max_tokens), default_template_kwargs))
     print(f"serving {name} on http://{host}:{port}/v1 (max batch {max_batch}, context {max_len})", flush=True)
+    # the engine thread and the event loop share the GIL: hand it over sooner than the 5 ms default so
+    # neither waits long for the other (token streams stay smooth)
+    sys.setswitchinterval(0.0005)
     try:
         uvicorn.run(build_app(server), host=host, port=port, log_level="warning", timeout_graceful_shutdown=2)
     finally:
