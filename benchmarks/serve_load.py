@@ -125,6 +125,7 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=2, help="requests per stream at each level")
     parser.add_argument("--levels", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--timeout", type=float, default=600, help="seconds per level")
+    parser.add_argument("--server-threads", type=int, help="the server's --threads (default: its own, cores - 1)")
     parser.add_argument("--config", choices=sorted(CONFIGS), default="small-moe",
                         help="small-moe: hidden 256 (per-step overhead bound on CPU); dense-146m: weight-read bound")
     args = parser.parse_args()
@@ -132,7 +133,8 @@ def main() -> None:
         path = build(Path(tmp) / f"{args.config}-chat", args.config)
         port = free_port()
         server = subprocess.Popen([sys.executable, "-m", "nemotron.cli", "serve", "--model", str(path),
-                                   "--port", str(port), "--max-batch", str(max(args.levels))],
+                                   "--port", str(port), "--max-batch", str(max(args.levels)),
+                                   *(["--threads", str(args.server_threads)] if args.server_threads else [])],
                                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                                   env={**os.environ, "PYTHONWARNINGS": "ignore"})
         try:
@@ -150,7 +152,8 @@ def main() -> None:
             server.terminate()
             server.wait(timeout=30)
     print(f"config {args.config}, fp32, greedy, {args.new_tokens} new tokens per request, {args.requests} requests "
-          f"per stream, {os.cpu_count()} cores (server: torch threads = cores - 1)\n")
+          f"per stream, {os.cpu_count()} cores, server torch threads "
+          f"{args.server_threads or max(1, (os.cpu_count() or 2) - 1)}\n")
     print("| streams | requests | tokens/s (end to end) | decode tokens/s | requests/s | TTFT p50 / p90 / p99 (ms) "
           "| ITL p50 / p90 / p99 (ms) |")
     print("|---|---|---|---|---|---|---|")

@@ -24,7 +24,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .generate import Request, TokenEvent, accept_token, check_prompt, start_request, token_logprob
+from .generate import (Request, SpecStats, TokenEvent, accept_token, check_prompt, draft_and_verify, speculation_ok,
+                       start_request, token_logprob)
 from .prefix_cache import PrefixCache, block_keys
 from .sampling import Sampler
 
@@ -44,7 +45,7 @@ class EngineStats:
 class Engine:
     def __init__(self, model: nn.Module, tokenizer=None, stop_ids: set[int] | None = None,
                  max_batch: int = 16, max_len: int = 4096, prefill_chunk: int = 256,
-                 max_waiting: int = 256, prefix_cache_bytes: int = 0) -> None:
+                 max_waiting: int = 256, prefix_cache_bytes: int = 0, speculative_tokens: int = 0) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.stop_ids = set(stop_ids or ())
@@ -53,8 +54,18 @@ class Engine:
         self.max_waiting = max_waiting
         self.vocab_size = model.lm_head.weight.shape[0]
         self.device = model.lm_head.weight.device
-        self.cache = model.new_cache(max_batch, max_len)
+        self.k = speculative_tokens
+        if self.k and getattr(model, "mtp", None) is None:
+            raise ValueError("speculative decoding needs a checkpoint with MTP weights (num_nextn_predict_layers > 0)")
+        if self.k and prefix_cache_bytes:
+            # a cached prefix has no target hidden states for the MTP block to start from
+            raise ValueError("the prefix cache and MTP speculation cannot be combined yet; turn one off")
+        # speculation verifies k+1 tokens per row past the request's own budget
+        self.cache = model.new_cache(max_batch, max_len + self.k + 1)
         self.prefix_cache = PrefixCache(prefill_chunk, prefix_cache_bytes) if prefix_cache_bytes > 0 else None
+        self.spec_stats = SpecStats()
+        self.pending: list = []                       # per running row: MTP pairs still owed (speculation)
+        self._prefill_hidden: list[torch.Tensor] = []
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.sampler: Sampler | None = None
@@ -129,7 +140,7 @@ class Engine:
         with self._wake:
             reqs = list(self.waiting) + self.running + ([self.prefilling] if self.prefilling else [])
             self.waiting.clear()
-        self.running, self.prefilling, self.sampler, self.tokens = [], None, None, None
+        self.running, self.prefilling, self.sampler, self.tokens, self.pending = [], None, None, None, []
         for r in reqs:
             r.finish_reason = "error"
             if r.on_event is not None:
@@ -158,6 +169,7 @@ class Engine:
                 self.waiting = deque(r for r in self.waiting if not r.cancelled)
         if self.prefilling is not None and self.prefilling.cancelled:
             self.prefilling = None
+            self._prefill_hidden = []
         gone = [row for row, r in enumerate(self.running) if r.cancelled]
         if gone:
             self._remove_rows(gone)
@@ -173,6 +185,7 @@ class Engine:
         self.cache.reset_row(row)
         self.stats.prompt_tokens += len(req.prompt_ids)
         self._prefill_keys = []
+        self._prefill_hidden = []
         if self.prefix_cache is not None:
             keys = self.prefix_cache.lookup(req.prompt_ids)
             self.prefix_cache.restore(keys, self.cache, row)
@@ -186,7 +199,12 @@ class Engine:
         pos = int(view.seq_lens[0])
         end = min(len(req.prompt_ids), (pos // self.prefill_chunk + 1) * self.prefill_chunk)
         ids = torch.tensor([req.prompt_ids[pos:end]], device=self.device)
-        logits = self.model(ids, view, logits_to_keep=1)[:, -1]
+        if self.k:  # the MTP block drafts from the target's hidden states: keep them
+            h = self.model.hidden_states(ids, view)
+            self._prefill_hidden.append(h)
+            logits = self.model.lm_head(h[:, -1]).float()
+        else:
+            logits = self.model(ids, view, logits_to_keep=1)[:, -1]
         if self.prefix_cache is not None and end % self.prefill_chunk == 0:
             self.prefix_cache.save(self._prefill_keys[end // self.prefill_chunk - 1], self.cache, row, end)
         if end < len(req.prompt_ids):
@@ -199,16 +217,48 @@ class Engine:
         self.sampler = sampler if self.sampler is None else Sampler.concat([self.sampler, sampler])
         token = torch.zeros(1, dtype=torch.long, device=self.device)
         self.tokens = token if self.tokens is None else torch.cat([self.tokens, token])
+        if self.k:
+            self.pending.append((torch.cat(self._prefill_hidden, 1),
+                                 torch.tensor([req.prompt_ids[1:]], dtype=torch.long, device=self.device)))
+            self._prefill_hidden = []
         return self._emit(logits, sampler, [len(self.running) - 1])
 
     def _decode(self) -> list[TokenEvent]:
         n = len(self.running)
-        logits = self.model(self.tokens[:, None], self.cache.rows(0, n))[:, -1]
-        return self._emit(logits, self.sampler, list(range(n)))
+        view = self.cache.rows(0, n)
+        if not self.k:
+            logits = self.model(self.tokens[:, None], view)[:, -1]
+            return self._emit(logits, self.sampler, list(range(n)))
+        if all(speculation_ok(r) for r in self.running):
+            return self._speculative_decode(view)
+        h = self.model.hidden_states(self.tokens[:, None], view)
+        for row in range(n):  # the new token pairs with the hidden state before it, for the MTP cache
+            ph, pt = self.pending[row]
+            self.pending[row] = (torch.cat([ph, h[row:row + 1]], 1), torch.cat([pt, self.tokens[row:row + 1, None]], 1))
+        return self._emit(self.model.lm_head(h[:, -1]).float(), self.sampler, list(range(n)))
 
-    def _emit(self, logits: torch.Tensor, sampler: Sampler, rows: list[int]) -> list[TokenEvent]:
+    def _speculative_decode(self, view) -> list[TokenEvent]:
+        """One MTP round for every running row: the accepted drafts are reported, then each row's next
+        token is sampled from the logits after its last accepted one."""
+        n = len(self.running)
+        accepted, logits, self.pending = draft_and_verify(self.model, self.k, view, self.tokens, self.pending,
+                                                          self.spec_stats)
+        events, finished = [], set()
+        for row, r in enumerate(self.running):
+            for token in accepted[row]:
+                text, done = accept_token(r, token, None, self.stop_ids)
+                self.stats.generation_tokens += 1
+                events.append(TokenEvent(r, -1, token, text, done))
+                if done:
+                    finished.add(row)
+                    self.stats.finished[r.finish_reason] = self.stats.finished.get(r.finish_reason, 0) + 1
+                    break
+        return events + self._emit(logits, self.sampler, list(range(n)), done_rows=finished)
+
+    def _emit(self, logits: torch.Tensor, sampler: Sampler, rows: list[int],
+              done_rows: set[int] = frozenset()) -> list[TokenEvent]:
         """Sample for `rows` (logits/sampler rows in that order), record and report the tokens, set
-        each row's next input, and remove the rows that finished."""
+        each row's next input, and remove the rows that finished (`done_rows` already had)."""
         out = sampler(logits)
         tokens = out.tokens.clone()
         reqs = [self.running[row] for row in rows]
@@ -217,8 +267,10 @@ class Engine:
                 tokens[i] = r.forced.pop(0)
         sampler.update(tokens)
         self.tokens[rows[0]:rows[-1] + 1] = tokens
-        events, finished = [], []
+        events, finished = [], sorted(done_rows)
         for i, (row, r, token) in enumerate(zip(rows, reqs, tokens.tolist())):
+            if row in done_rows:
+                continue
             lp = token_logprob(logits, out, i, token) if r.params.logprobs else None
             text, done = accept_token(r, token, lp, self.stop_ids)
             self.stats.generation_tokens += 1
@@ -239,7 +291,11 @@ class Engine:
                 self.cache.move_row(last, row)
                 self.running[row] = self.running[last]
                 self.tokens[row] = self.tokens[last]
+                if self.pending:
+                    self.pending[row] = self.pending[last]
             self.running.pop()
+            if self.pending:
+                self.pending.pop()
             keep = list(range(len(self.running)))
             if row != last:
                 keep[row] = last

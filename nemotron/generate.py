@@ -287,11 +287,7 @@ class Generator:
             raise ValueError("speculative decoding needs a checkpoint with MTP weights (num_nextn_predict_layers > 0)")
 
     def _speculate(self, reqs: list[Request]) -> bool:
-        """MTP speculation is exact for greedy rows without penalties, forced tokens or logprobs."""
-        return self.k > 0 and all(
-            r.params.greedy and not r.forced and not r.params.logprobs and r.params.repetition_penalty == 1.0
-            and r.params.presence_penalty == 0.0 and r.params.frequency_penalty == 0.0
-            and (r.thinking_budget is None or r.thinking_budget.closed) for r in reqs)
+        return self.k > 0 and all(speculation_ok(r) for r in reqs)
 
     # ---- the loop ----
 
@@ -356,7 +352,7 @@ class Generator:
                 logits = self._decode(live, cache, tokens, pending)
                 continue
             # 2b. MTP drafts, verified in one forward; the accepted drafts are emitted now
-            accepted, logits, pending = self._draft_and_verify(live, cache, tokens, pending)
+            accepted, logits, pending = draft_and_verify(self.model, self.k, cache, tokens, pending, self.stats)
             finished = []
             for row, r in enumerate(live):
                 for token in accepted[row]:
@@ -396,43 +392,56 @@ class Generator:
             pending[row] = (torch.cat([ph, h[row:row + 1]], 1), torch.cat([pt, tokens[row:row + 1, None]], 1))
         return self.model.lm_head(h[:, -1]).float()
 
-    # ---- MTP speculation ----
 
-    def _draft_and_verify(self, live, cache, tokens, pending):
-        """Draft k tokens per row with the MTP block, verify [token, drafts] in one target forward, keep
-        the accepted prefix (Mamba state rolled back from per-token snapshots). Returns (the accepted
-        drafts per row, the logits that follow the last kept token, the MTP pairs still owed)."""
-        model, k = self.model, self.k
-        drafts = []
-        for row in range(len(live)):
-            view = cache.rows(row)
-            ph, pt = pending[row]
-            # pairs still owed to the MTP cache, the newest ending with this step's token
-            pt = torch.cat([pt, tokens[row:row + 1, None]], 1)[:, -ph.shape[1]:]
-            logits_d, hd = model.mtp_forward(ph, pt, cache=view)
-            row_drafts = [int(logits_d[0, -1].argmax())]
-            for _ in range(k - 1):
-                logits_d, hd = model.mtp_forward(hd[:, -1:], torch.tensor([[row_drafts[-1]]], device=self.device),
-                                                 cache=view)
-                row_drafts.append(int(logits_d[0, -1].argmax()))
-            view.mtp_seq_lens -= k - 1  # recursive drafts used MTP hidden states: recomputed next round
-            drafts.append(row_drafts)
-        block = torch.cat([tokens[:, None], torch.tensor(drafts, device=self.device)], dim=1)   # [B, k+1]
-        cache.set_record(True)
-        h = model.hidden_states(block, cache)
-        cache.set_record(False)
-        all_logits = model.lm_head(h).float()                                                # [B, k+1, V]
-        preds = all_logits.argmax(-1).tolist()
-        keep, out_tokens, new_pending = [], [], []
-        for row, row_drafts in enumerate(drafts):
-            n = 0
-            while n < k and preds[row][n] == row_drafts[n]:
-                n += 1
-            keep.append(n + 1)
-            out_tokens.append(row_drafts[:n])
-            self.stats.drafted += k
-            self.stats.accepted += n
-            new_pending.append((h[row:row + 1, :n + 1], block[row:row + 1, 1:n + 1]))
-        self.stats.rounds += len(drafts)
-        cache.rollback(keep, k + 1)
-        return out_tokens, all_logits[torch.arange(len(keep)), torch.tensor(keep) - 1], new_pending
+# --------------------------------------------------------------------------------------------------
+# MTP speculation, shared by the Generator and the serving Engine
+# --------------------------------------------------------------------------------------------------
+
+
+def speculation_ok(req: Request) -> bool:
+    """MTP speculation is exact for greedy rows without penalties, forced tokens or logprobs."""
+    p = req.params
+    return (p.greedy and not req.forced and not p.logprobs and p.repetition_penalty == 1.0
+            and p.presence_penalty == 0.0 and p.frequency_penalty == 0.0
+            and (req.thinking_budget is None or req.thinking_budget.closed))
+
+
+def draft_and_verify(model: nn.Module, k: int, cache: HybridCache, tokens: torch.Tensor, pending: list,
+                     stats: SpecStats):
+    """Draft k tokens per row with the MTP block, verify [token, drafts] in one target forward, keep
+    the accepted prefix (Mamba state rolled back from per-token snapshots). `pending[row]` is the
+    (target hidden states, next tokens) pairs the row's MTP cache still owes. Returns (the accepted
+    drafts per row, the logits that follow each row's last kept token, the new pending pairs)."""
+    device = tokens.device
+    drafts = []
+    for row in range(tokens.shape[0]):
+        view = cache.rows(row)
+        ph, pt = pending[row]
+        # pairs still owed to the MTP cache, the newest ending with this step's token
+        pt = torch.cat([pt, tokens[row:row + 1, None]], 1)[:, -ph.shape[1]:]
+        logits_d, hd = model.mtp_forward(ph, pt, cache=view)
+        row_drafts = [int(logits_d[0, -1].argmax())]
+        for _ in range(k - 1):
+            logits_d, hd = model.mtp_forward(hd[:, -1:], torch.tensor([[row_drafts[-1]]], device=device), cache=view)
+            row_drafts.append(int(logits_d[0, -1].argmax()))
+        view.mtp_seq_lens -= k - 1  # recursive drafts used MTP hidden states: recomputed next round
+        drafts.append(row_drafts)
+    block = torch.cat([tokens[:, None], torch.tensor(drafts, device=device)], dim=1)      # [B, k+1]
+    cache.set_record(True)
+    h = model.hidden_states(block, cache)
+    cache.set_record(False)
+    all_logits = model.lm_head(h).float()                                                # [B, k+1, V]
+    preds = all_logits.argmax(-1).tolist()
+    keep, out_tokens, new_pending = [], [], []
+    for row, row_drafts in enumerate(drafts):
+        n = 0
+        while n < k and preds[row][n] == row_drafts[n]:
+            n += 1
+        keep.append(n + 1)
+        out_tokens.append(row_drafts[:n])
+        stats.drafted += k
+        stats.accepted += n
+        new_pending.append((h[row:row + 1, :n + 1], block[row:row + 1, 1:n + 1]))
+    stats.rounds += len(drafts)
+    cache.rollback(keep, k + 1)
+    return out_tokens, all_logits[torch.arange(len(keep)), torch.tensor(keep) - 1], new_pending

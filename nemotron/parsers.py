@@ -447,7 +447,7 @@ class StreamingParser:
     """
 
     def __init__(self, fmt: str = "nemotron3", thinking: bool = True, tools: list[dict] | None = None,
-                 prompt_opens_think: bool = True) -> None:
+                 prompt_opens_think: bool = True, tool_calls: bool = True) -> None:
         if fmt not in _TAGS:
             raise ValueError(f"unknown output format {fmt!r}; expected one of {FORMATS}")
         self.fmt = fmt
@@ -463,7 +463,8 @@ class StreamingParser:
         self._buf = ""
         self._origin = _CONTENT  # span a tool-call block was opened in
         self._scan = 0  # block state: where the search for its end resumes
-        self._text_tags = (THINK_OPEN, THINK_CLOSE, self._open)
+        # tool_calls=False (tool_choice "none"): tool-call markup is left in the text as it is
+        self._text_tags = (THINK_OPEN, THINK_CLOSE, self._open) if tool_calls else (THINK_OPEN, THINK_CLOSE)
         self._maxtag = max(len(t) for t in self._text_tags + (self._close,))
         self._started = {_REASONING: False, _CONTENT: False}
         self._ws = {_REASONING: "", _CONTENT: ""}
@@ -631,15 +632,17 @@ class StreamingParser:
 
 
 def parse_output(text: str, fmt: str = "nemotron3", thinking: bool = True, tools: list[dict] | None = None,
-                 prompt_opens_think: bool = True) -> ParsedOutput:
+                 prompt_opens_think: bool = True, tool_calls: bool = True) -> ParsedOutput:
     """Split a finished generation (the text after the prompt) into reasoning, content and tool calls.
 
     ``thinking``: whether the prompt enabled reasoning (``enable_thinking`` / ``/think`` / "detailed
     thinking on"); ``prompt_opens_think``: whether the generation prompt already ends with ``<think>``
     (Nemotron 3, Nano 2) rather than leaving the model to open it (Llama-Nemotron).  ``tools``: the
     request's OpenAI tool list; it types Qwen3-Coder parameters and rejects calls to other functions.
+    ``tool_calls=False`` leaves tool-call markup in the content (OpenAI's ``tool_choice="none"``).
     """
-    p = StreamingParser(fmt, thinking=thinking, tools=tools, prompt_opens_think=prompt_opens_think)
+    p = StreamingParser(fmt, thinking=thinking, tools=tools, prompt_opens_think=prompt_opens_think,
+                        tool_calls=tool_calls)
     a = p.feed(text or "")
     b = p.finish()
     calls = [{"id": c["id"], "type": c["type"], "function": dict(c["function"])}

@@ -116,6 +116,24 @@ def test_cancel_frees_the_row_and_the_queue_is_bounded(tiny):
     assert [r.output_ids for r in waiting] == solo and len(long[1].output_ids) == 100
 
 
+def test_mtp_speculation_in_the_engine_is_exact(tiny):
+    """Greedy rows speculate with the MTP block (drafts verified in one forward, Mamba state rolled
+    back); a sampled row in the batch switches the batch to plain decoding until it leaves. The greedy
+    outputs equal their solo runs either way."""
+    prompts = _prompts(6, seed=7)
+    solo = [greedy_generate(tiny.model, torch.tensor([p]), 10)[0].tolist() for p in prompts]
+    engine = Engine(tiny.model, max_batch=3, max_len=128, prefill_chunk=16, speculative_tokens=2)
+    reqs = [Request(p, SamplingParams(max_new_tokens=10, temperature=0)) for p in prompts]
+    reqs.insert(2, Request(prompts[0], SamplingParams(max_new_tokens=4, temperature=1.0, seed=1)))
+    _run(engine, reqs)
+    assert [r.output_ids for i, r in enumerate(reqs) if i != 2] == solo
+    assert len(reqs[2].output_ids) == 4
+    st = engine.spec_stats
+    assert st.rounds > 0 and st.drafted == 2 * st.rounds and 0 <= st.accepted <= st.drafted
+    with pytest.raises(ValueError, match="MTP"):
+        Engine(tiny.model, speculative_tokens=2, prefix_cache_bytes=1 << 20)
+
+
 def test_bad_requests_raise(tiny):
     engine = Engine(tiny.model, max_batch=1, max_len=32)
     with pytest.raises(ValueError, match="context length"):

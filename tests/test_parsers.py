@@ -106,6 +106,14 @@ def test_stray_think_open_is_stripped():
     check_splits("a<think>b</think>c<think>d", ("ab", "cd", []))
 
 
+def test_tool_parsing_off_keeps_markup_as_content():
+    text = "ok</think>\n<tool_call>\n<function=f>\n<parameter=a>\n1\n</parameter>\n</function>\n</tool_call>"
+    parsed = parse_output(text, tool_calls=False)
+    assert parsed.reasoning == "ok" and not parsed.tool_calls
+    assert parsed.content == text.split("</think>\n", 1)[1]
+    assert parse_output(text).tool_calls  # the same text with parsing on is a call
+
+
 def test_thinking_off_everything_is_content():
     check_splits("Plain answer.", (None, "Plain answer.", []), thinking=False)
     check_splits("reasoned?</think>\nAnswer", (None, "reasoned?\nAnswer", []), thinking=False)

@@ -324,3 +324,15 @@ def test_api_key_body_limit_and_queue_limit(scripted):
         rejected = next(h for s, h, _ in results if s == 429)
         assert rejected.get("retry-after") == "1"
         assert http(base, "/v1/chat/completions", {"messages": HI, "temperature": 0}, headers=auth)[0] == 200
+
+
+def test_mtp_speculation_through_the_server(scripted):
+    with running_server(scripted, "--speculative-tokens", "2") as base:
+        client = openai.OpenAI(base_url=base + "/v1", api_key="unused", max_retries=0, timeout=60)
+        r = client.chat.completions.create(model=_name(client), messages=ASK, tools=TOOLS, temperature=0)
+        assert json.loads(r.choices[0].message.tool_calls[0].function.arguments) == {"city": "Paris"}
+        r = client.chat.completions.create(model=_name(client), messages=HI, temperature=0)
+        assert r.choices[0].message.content == "Hi!"
+        drafts = _metric(base, "spec_decode_num_draft_tokens_total")
+        accepted = _metric(base, "spec_decode_num_accepted_tokens_total")
+        assert drafts > 0 and 0 <= accepted <= drafts

@@ -250,7 +250,8 @@ class Server:
                 logprobs[i].append(self.logprob_entry(event.logprob))
         choices = []
         for i, r in enumerate(reqs):
-            parsed = parse_output(r.text, prompt.fmt, prompt.thinking, tools, prompt.prompt_opens_think)
+            parsed = parse_output(r.text, prompt.fmt, prompt.thinking, tools, prompt.prompt_opens_think,
+                                  tool_calls=cr.tool_choice != "none")
             finish = "tool_calls" if parsed.tool_calls and r.finish_reason == "stop" else r.finish_reason
             choices.append({"index": i, "message": parsed.to_message(),
                             "logprobs": {"content": logprobs[i]} if r.params.logprobs else None,
@@ -270,7 +271,8 @@ class Server:
                 out["usage"] = usage_
             return f"data: {json.dumps(out, ensure_ascii=False)}\n\n"
 
-        parsers = [StreamingParser(prompt.fmt, prompt.thinking, tools, prompt.prompt_opens_think) for _ in reqs]
+        parsers = [StreamingParser(prompt.fmt, prompt.thinking, tools, prompt.prompt_opens_think,
+                                   tool_calls=cr.tool_choice != "none") for _ in reqs]
         saw_call = [False] * len(reqs)
         try:
             for i in range(len(reqs)):
@@ -404,6 +406,10 @@ class Server:
             gauges["prefix_cache_bytes"] = e.prefix_cache.bytes
             counters["prefix_cache_queries_total"] = e.prefix_cache.queries
             counters["prefix_cache_hits_total"] = e.prefix_cache.hits
+        if e.k:
+            counters["spec_decode_num_drafts_total"] = e.spec_stats.rounds
+            counters["spec_decode_num_draft_tokens_total"] = e.spec_stats.drafted
+            counters["spec_decode_num_accepted_tokens_total"] = e.spec_stats.accepted
         return self.metrics.render(gauges, counters)
 
 
@@ -453,7 +459,7 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | 
           served_model_name: str | None = None, max_batch: int = 32, max_model_len: int = 4096,
           prefill_chunk: int = 256, max_waiting: int = 256, prefix_cache_mb: int = 256,
           max_tokens: int = 4096, default_template_kwargs: dict | None = None, dtype: str | None = None,
-          device: str = "cpu", threads: int | None = None) -> None:
+          device: str = "cpu", threads: int | None = None, speculative_tokens: int = 0) -> None:
     """Load `model` and serve it until interrupted. threads: torch's CPU threads; by default one core is
     left to the HTTP side (on a small machine, compute threads that take every core starve it)."""
     import os
@@ -466,9 +472,12 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | 
     torch.set_num_threads(threads or max(1, (os.cpu_count() or 2) - 1))
     loaded = load(model, dtype=dtype, device=device, progress=True)
     max_len = min(max_model_len, getattr(loaded.config, "max_position_embeddings", None) or max_model_len)
+    if speculative_tokens and prefix_cache_mb:
+        print("note: MTP speculation is on, so the prefix cache is off (they cannot be combined yet)", flush=True)
+        prefix_cache_mb = 0
     engine = Engine(loaded.model, loaded.tokenizer, loaded.stop_ids, max_batch=max_batch, max_len=max_len,
-                    prefill_chunk=prefill_chunk, max_waiting=max_waiting,
-                    prefix_cache_bytes=prefix_cache_mb << 20).start()
+                    prefill_chunk=prefill_chunk, max_waiting=max_waiting, prefix_cache_bytes=prefix_cache_mb << 20,
+                    speculative_tokens=speculative_tokens).start()
     name = served_model_name or (loaded.path.name if loaded.path else str(model))
     server = Server(loaded, engine, ServerConfig(name, api_key, Limits(max_tokens=max_tokens), default_template_kwargs))
     print(f"serving {name} on http://{host}:{port}/v1 (max batch {max_batch}, context {max_len})", flush=True)
