@@ -37,6 +37,11 @@ _CALL_PREFIX = {
 }
 
 
+def _choice_params(params, i: int):
+    """Choice i of a request: with a seed, each choice draws from seed + i (n > 1 gives n samples)."""
+    return params if params.seed is None or i == 0 else replace(params, seed=params.seed + i)
+
+
 @dataclass
 class ServerConfig:
     model_name: str
@@ -181,6 +186,14 @@ class Server:
                 watcher.cancel()
             self.cancel_unfinished(reqs)
 
+    async def finish(self, reqs: list[Request], queue: asyncio.Queue, http: HTTPRequest) -> list[list[dict]]:
+        """Wait until every request finished (non-streaming); returns each one's log-prob entries."""
+        logprobs: list[list[dict]] = [[] for _ in reqs]
+        async for i, event in self.events(reqs, queue, http):
+            if event.logprob is not None:
+                logprobs[i].append(event.logprob)
+        return logprobs
+
     async def _watch(self, http: HTTPRequest, reqs: list[Request]) -> None:
         while True:
             if await http.is_disconnected():
@@ -221,7 +234,7 @@ class Server:
             prefix = tok.encode(text, add_special_tokens=False)
         reqs = []
         for i in range(cr.n):
-            p = params if params.seed is None or i == 0 else replace(params, seed=params.seed + i)
+            p = _choice_params(params, i)
             budget = None
             if prompt.thinking and (cr.thinking_budget is not None or prefix):
                 budget = make_thinking_budget(tok, cr.thinking_budget if cr.thinking_budget is not None else 1 << 40,
@@ -242,12 +255,11 @@ class Server:
         queue = self.submit(reqs)
         rid, created = new_id("chatcmpl"), now()
         if cr.stream:
-            return StreamingResponse(self._chat_stream(rid, created, cr, prompt, tools, reqs, queue),
-                                     media_type="text/event-stream")
-        logprobs = [[] for _ in reqs]
-        async for i, event in self.events(reqs, queue, http):
-            if event.logprob is not None:
-                logprobs[i].append(self.logprob_entry(event.logprob))
+            return StreamingResponse(
+                self.sse(self._chat_choices(cr, prompt, tools, reqs, queue), reqs, rid, created,
+                         "chat.completion.chunk", cr.include_usage, len(prompt.ids) * len(reqs)),
+                media_type="text/event-stream")
+        logprobs = [[self.logprob_entry(lp) for lp in lps] for lps in await self.finish(reqs, queue, http)]
         choices = []
         for i, r in enumerate(reqs):
             parsed = parse_output(r.text, prompt.fmt, prompt.thinking, tools, prompt.prompt_opens_think,
@@ -261,47 +273,50 @@ class Server:
                 "usage": usage(len(prompt.ids) * len(reqs), sum(len(r.output_ids) for r in reqs),
                                sum(r.cached_tokens for r in reqs))}
 
-    async def _chat_stream(self, rid, created, cr, prompt, tools, reqs, queue):
+    async def sse(self, choices, reqs: list[Request], rid: str, created: int, obj: str, include_usage: bool,
+                  n_prompt: int):
+        """Server-Sent Events framing: one `data:` chunk per list of choices from `choices`, the usage
+        chunk when asked for, `[DONE]`; an error mid-stream is sent as an error event."""
         model = self.config.model_name
 
-        def chunk(choices: list[dict], usage_: dict | None = None, with_usage: bool = False) -> str:
-            out = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
-                   "choices": choices}
-            if with_usage:
+        def chunk(choice_list: list[dict], usage_: dict | None = None) -> str:
+            out = {"id": rid, "object": obj, "created": created, "model": model, "choices": choice_list}
+            if include_usage:
                 out["usage"] = usage_
             return f"data: {json.dumps(out, ensure_ascii=False)}\n\n"
 
-        parsers = [StreamingParser(prompt.fmt, prompt.thinking, tools, prompt.prompt_opens_think,
-                                   tool_calls=cr.tool_choice != "none") for _ in reqs]
-        saw_call = [False] * len(reqs)
         try:
-            for i in range(len(reqs)):
-                yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                              "finish_reason": None}], None, cr.include_usage)
-            async for i, event in self.events(reqs, queue):
-                delta = parsers[i].feed(event.text) if event.text else Delta()
-                if event.finished:
-                    tail = parsers[i].finish()
-                    delta = Delta(delta.reasoning + tail.reasoning, delta.content + tail.content,
-                                  delta.tool_calls + tail.tool_calls)
-                saw_call[i] |= bool(delta.tool_calls)
-                lp = {"content": [self.logprob_entry(event.logprob)]} if event.logprob is not None else None
-                if delta or lp is not None:
-                    yield chunk([{"index": i, "delta": delta.to_openai(), "logprobs": lp, "finish_reason": None}],
-                                None, cr.include_usage)
-                if event.finished:
-                    r = event.request
-                    finish = "tool_calls" if saw_call[i] and r.finish_reason == "stop" else r.finish_reason
-                    yield chunk([{"index": i, "delta": {}, "logprobs": None, "finish_reason": finish}],
-                                None, cr.include_usage)
-            if cr.include_usage:
-                yield chunk([], usage(len(prompt.ids) * len(reqs), sum(len(r.output_ids) for r in reqs),
-                                      sum(r.cached_tokens for r in reqs)), True)
+            async for choice_list in choices:
+                yield chunk(choice_list)
+            if include_usage:
+                yield chunk([], usage(n_prompt, sum(len(r.output_ids) for r in reqs),
+                                      sum(r.cached_tokens for r in reqs)))
             yield "data: [DONE]\n\n"
         except APIError as e:
             yield f"data: {json.dumps(e.body())}\n\n"
         finally:
             self.cancel_unfinished(reqs)
+
+    async def _chat_choices(self, cr, prompt, tools, reqs, queue):
+        parsers = [StreamingParser(prompt.fmt, prompt.thinking, tools, prompt.prompt_opens_think,
+                                   tool_calls=cr.tool_choice != "none") for _ in reqs]
+        saw_call = [False] * len(reqs)
+        for i in range(len(reqs)):
+            yield [{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}]
+        async for i, event in self.events(reqs, queue):
+            delta = parsers[i].feed(event.text) if event.text else Delta()
+            if event.finished:
+                tail = parsers[i].finish()
+                delta = Delta(delta.reasoning + tail.reasoning, delta.content + tail.content,
+                              delta.tool_calls + tail.tool_calls)
+            saw_call[i] |= bool(delta.tool_calls)
+            lp = {"content": [self.logprob_entry(event.logprob)]} if event.logprob is not None else None
+            if delta or lp is not None:
+                yield [{"index": i, "delta": delta.to_openai(), "logprobs": lp, "finish_reason": None}]
+            if event.finished:
+                r = event.request
+                finish = "tool_calls" if saw_call[i] and r.finish_reason == "stop" else r.finish_reason
+                yield [{"index": i, "delta": {}, "logprobs": None, "finish_reason": finish}]
 
     # ---- completions ----
 
@@ -328,20 +343,17 @@ class Server:
         reqs, texts = [], []
         for text, ids in prompts:
             for j in range(cr.n):
-                k = len(reqs)
-                p = params if params.seed is None or k == 0 else replace(params, seed=params.seed + k)
-                reqs.append(Request(list(ids), p))
+                reqs.append(Request(list(ids), _choice_params(params, len(reqs))))
                 texts.append(text if cr.echo else "")
         queue = self.submit(reqs)
         rid, created = new_id("cmpl"), now()
         n_prompt = sum(len(r.prompt_ids) for r in reqs)
         if cr.stream:
-            return StreamingResponse(self._completion_stream(rid, created, cr, reqs, texts, queue, n_prompt),
-                                     media_type="text/event-stream")
-        lps = [[] for _ in reqs]
-        async for i, event in self.events(reqs, queue, http):
-            if event.logprob is not None:
-                lps[i].append(event.logprob)
+            return StreamingResponse(
+                self.sse(self._completion_choices(reqs, texts, queue), reqs, rid, created, "text_completion",
+                         cr.include_usage, n_prompt),
+                media_type="text/event-stream")
+        lps = await self.finish(reqs, queue, http)
         choices = [{"index": i, "text": texts[i] + r.text, "finish_reason": r.finish_reason,
                     "logprobs": self._completion_logprobs(lps[i], len(texts[i])) if r.params.logprobs else None}
                    for i, r in enumerate(reqs)]
@@ -360,34 +372,15 @@ class Server:
             offset += len(entry["token"])
         return out
 
-    async def _completion_stream(self, rid, created, cr, reqs, texts, queue, n_prompt):
-        model = self.config.model_name
-
-        def chunk(choices: list[dict], usage_: dict | None = None, with_usage: bool = False) -> str:
-            out = {"id": rid, "object": "text_completion", "created": created, "model": model, "choices": choices}
-            if with_usage:
-                out["usage"] = usage_
-            return f"data: {json.dumps(out, ensure_ascii=False)}\n\n"
-
-        try:
-            for i, text in enumerate(texts):
-                if text:
-                    yield chunk([{"index": i, "text": text, "logprobs": None, "finish_reason": None}], None,
-                                cr.include_usage)
-            async for i, event in self.events(reqs, queue):
-                lp = self._completion_logprobs([event.logprob], 0) if event.logprob is not None else None
-                if event.text or lp is not None or event.finished:
-                    yield chunk([{"index": i, "text": event.text, "logprobs": lp,
-                                  "finish_reason": event.request.finish_reason if event.finished else None}],
-                                None, cr.include_usage)
-            if cr.include_usage:
-                yield chunk([], usage(n_prompt, sum(len(r.output_ids) for r in reqs),
-                                      sum(r.cached_tokens for r in reqs)), True)
-            yield "data: [DONE]\n\n"
-        except APIError as e:
-            yield f"data: {json.dumps(e.body())}\n\n"
-        finally:
-            self.cancel_unfinished(reqs)
+    async def _completion_choices(self, reqs, texts, queue):
+        for i, text in enumerate(texts):
+            if text:
+                yield [{"index": i, "text": text, "logprobs": None, "finish_reason": None}]
+        async for i, event in self.events(reqs, queue):
+            lp = self._completion_logprobs([event.logprob], 0) if event.logprob is not None else None
+            if event.text or lp is not None or event.finished:
+                yield [{"index": i, "text": event.text, "logprobs": lp,
+                        "finish_reason": event.request.finish_reason if event.finished else None}]
 
     # ---- the rest ----
 
