@@ -128,3 +128,22 @@ def test_chunked_scan_gradients_equal_recurrent():
             t.grad = None
     for ref, got in zip(*grads):
         assert torch.allclose(got, ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("L,chunk,bounds", [(40, 8, [5, 6, 16, 30]), (37, 16, [16, 17]), (12, 4, [1, 2, 3, 11]),
+                                            (20, 8, [])])
+def test_packed_sequences_restart_from_zero(L, chunk, bounds):
+    """seq_idx: the chunked scan over packed sequences equals the recurrence with resets and each
+    sequence run on its own, boundaries at and inside chunk edges, one-token sequences included."""
+    x, dt, A, B, C, s0 = _inputs(2, L, 4, 3, 2, 5, seed=4)
+    seq = torch.zeros(2, L, dtype=torch.long)
+    for i in bounds:
+        seq[0, i:] += 1
+    seq[1, L // 2:] = 1
+    y_ref, s_ref = ssd_recurrent(x, dt, A, B, C, s0, seq_idx=seq)
+    y, s = ssd_chunked(x, dt, A, B, C, chunk, s0, seq_idx=seq)
+    assert torch.allclose(y, y_ref, atol=1e-5) and torch.allclose(s, s_ref, atol=1e-5)
+    starts = [0] + bounds + [L]
+    for k, (a, e) in enumerate(zip(starts[:-1], starts[1:])):
+        alone, _ = ssd_chunked(x[:1, a:e], dt[:1, a:e], A, B[:1, a:e], C[:1, a:e], chunk, s0[:1] if k == 0 else None)
+        assert torch.allclose(y[:1, a:e], alone, atol=1e-5)

@@ -25,9 +25,11 @@ class Attention(nn.Module):
         state: KVState | None = None,
         pos: list[int] | torch.Tensor | None = None,
         rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+        seq_idx: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """x [B, T, H]; row b's tokens sit at absolute positions pos[b]..pos[b]+T-1 (0 without a cache).
-        pos as a tensor [B] (one token per row) selects the static-shape path used by compiled decode."""
+        pos as a tensor [B] (one token per row) selects the static-shape path used by compiled decode.
+        seq_idx [B, T] (training, no cache): packed sequences, which do not attend to each other."""
         b, t, _ = x.shape
         q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
@@ -35,7 +37,10 @@ class Attention(nn.Module):
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         mask = None
-        if isinstance(pos, torch.Tensor):  # static decode: the whole buffer, keys past each row masked
+        if seq_idx is not None:
+            causal = torch.ones(t, t, dtype=torch.bool, device=x.device).tril()
+            mask = (causal & (seq_idx[:, :, None] == seq_idx[:, None, :]))[:, None]
+        elif isinstance(pos, torch.Tensor):  # static decode: the whole buffer, keys past each row masked
             k, v = state.update_static(k, v, pos)
             mask = (torch.arange(k.shape[2], device=x.device) <= pos[:, None])[:, None, None]
         elif state is not None:
@@ -58,5 +63,6 @@ class LinearAttention(nn.Module):
         super().__init__()
         self.linear_attn = nn.Linear(hidden_size, hidden_size, bias=False)
 
-    def forward(self, x: torch.Tensor, state: None = None, pos: list[int] | None = None, rope=None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, state: None = None, pos: list[int] | None = None, rope=None,
+                seq_idx: torch.Tensor | None = None) -> torch.Tensor:
         return self.linear_attn(x)

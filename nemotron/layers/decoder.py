@@ -20,12 +20,22 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm, self.mlp = post_attention_layernorm, mlp
 
     def forward(self, x: torch.Tensor, state: KVState | None, pos: list[int] | torch.Tensor | None,
-                rope) -> torch.Tensor:
+                rope, seq_idx: torch.Tensor | None = None) -> torch.Tensor:
         if self.self_attn is not None:
-            x = x + self.self_attn(self.input_layernorm(x), state, pos, rope)
+            x = x + self.self_attn(self.input_layernorm(x), state, pos, rope, seq_idx=seq_idx)
         if self.mlp is not None:
             x = x + self.mlp(self.post_attention_layernorm(x))
         return x
+
+
+def packed_positions(seq_idx: torch.Tensor) -> torch.Tensor:
+    """[B, T] position of each token within its own packed sequence."""
+    t = seq_idx.shape[1]
+    index = torch.arange(t, device=seq_idx.device).expand_as(seq_idx)
+    starts = torch.ones_like(seq_idx, dtype=torch.bool)
+    starts[:, 1:] = seq_idx[:, 1:] != seq_idx[:, :-1]
+    first = torch.cummax(torch.where(starts, index, torch.zeros_like(index)), dim=1).values
+    return index - first
 
 
 class DecoderBody(nn.Module):
@@ -47,11 +57,14 @@ class DecoderLM(nn.Module):
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
     def forward(self, input_ids: torch.Tensor, cache: HybridCache | None = None, logits_to_keep: int = 0,
-                positions: torch.Tensor | None = None) -> torch.Tensor:
+                positions: torch.Tensor | None = None, seq_idx: torch.Tensor | None = None) -> torch.Tensor:
         """`positions` [B] (a tensor, one token per row): static-shape decode for torch.compile; the
-        caller then advances `cache.seq_lens` itself."""
+        caller then advances `cache.seq_lens` itself. `seq_idx` [B, T]: packed training sequences, which
+        neither attend to each other nor share rotary positions (each counts from 0)."""
         b, t = input_ids.shape
-        if positions is not None:
+        if seq_idx is not None:
+            pos, token_pos = None, packed_positions(seq_idx)
+        elif positions is not None:
             pos, token_pos = positions, positions[:, None]
         else:
             pos = None if cache is None else cache.positions()
@@ -60,7 +73,7 @@ class DecoderLM(nn.Module):
         x = self.model.embed_tokens(input_ids)
         rope = rope_cos_sin(self.inv_freq, token_pos, x.dtype)
         for i, layer in enumerate(self.model.layers):
-            x = layer(x, None if cache is None else cache.layers[i], pos, rope)
+            x = layer(x, None if cache is None else cache.layers[i], pos, rope, seq_idx)
         if cache is not None and positions is None:
             cache.seq_lens += t
         x = self.model.norm(x[:, -logits_to_keep:] if logits_to_keep else x)

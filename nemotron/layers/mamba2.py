@@ -50,7 +50,8 @@ class Mamba2Mixer(nn.Module):
         self.norm = GatedRMSNorm(self.inner, groups=n_groups, eps=eps)
         self.out_proj = nn.Linear(self.inner, hidden_size, bias=proj_bias)
 
-    def _conv(self, xBC: torch.Tensor, state: MambaState | None, fresh: bool = False) -> torch.Tensor:
+    def _conv(self, xBC: torch.Tensor, state: MambaState | None, fresh: bool = False,
+              seq_idx: torch.Tensor | None = None) -> torch.Tensor:
         """Causal depthwise conv + SiLU in fp32 over [b, T, conv_dim], continuing (and updating) the
         conv state when one is given (`fresh`: every row starts a sequence, so the state is only
         written). Done as K shifted multiply-adds in the [b, T, channels] layout (no transposes, no
@@ -62,7 +63,10 @@ class Mamba2Mixer(nn.Module):
         out = x * weight[:, k - 1]
         for s in range(1, min(k, t + 1)):  # tap k-1-s reads the input s steps back
             if s < t:
-                out[:, s:].addcmul_(x[:, :t - s], weight[:, k - 1 - s])
+                back = x[:, :t - s]
+                if seq_idx is not None:  # packed sequences: no tap reaches into the previous one
+                    back = back * (seq_idx[:, s:] == seq_idx[:, :t - s])[..., None]
+                out[:, s:].addcmul_(back, weight[:, k - 1 - s])
         if state is not None:
             if not fresh:
                 prefix = _f32(state.conv).transpose(1, 2)                             # [b, K-1, c]
@@ -112,14 +116,17 @@ class Mamba2Mixer(nn.Module):
         return self.out_proj(self.norm(y, z[:, None]))
 
     def forward(self, x: torch.Tensor, state: MambaState | None = None, pos: list[int] | None = None,
-                rope=None) -> torch.Tensor:
+                rope=None, seq_idx: torch.Tensor | None = None) -> torch.Tensor:
+        """seq_idx [b, T] (training, no cache): packed sequences, each starting from zero conv/SSM state."""
         b, t, _ = x.shape
+        if seq_idx is not None and state is not None:
+            raise ValueError("seq_idx (packed sequences) is for cache-free forwards")
         if state is not None and t == 1 and not state.record:
             return self.step(x, state)
         z, xBC, dt = self.in_proj(x).split([self.inner, self.conv_dim, self.num_heads], dim=-1)
         # every row at position 0: the cached states of a previous sequence are not read
         fresh = state is not None and isinstance(pos, list) and not any(pos)
-        xBC = self._conv(xBC, state, fresh)
+        xBC = self._conv(xBC, state, fresh, seq_idx)
         xs, B, C = xBC.split([self.inner, self.n_groups * self.state_size, self.n_groups * self.state_size], dim=-1)
         xs = xs.unflatten(-1, (self.num_heads, self.head_dim))     # views, no copies
         B = B.unflatten(-1, (self.n_groups, self.state_size))
@@ -136,7 +143,7 @@ class Mamba2Mixer(nn.Module):
             y, state.ssm_history = torch.stack(ys, 1), torch.stack(history, 1)
         else:
             y, final = ssd_chunked(xs, dt, A, B, C, self.chunk_size,
-                                   initial_state=None if state is None or fresh else state.ssm)
+                                   initial_state=None if state is None or fresh else state.ssm, seq_idx=seq_idx)
             if state is not None:
                 state.ssm.copy_(final)
         y = y.addcmul_(_f32(xs), _f32(self.D)[:, None])                 # D skip, in place

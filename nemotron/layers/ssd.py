@@ -69,22 +69,31 @@ def ssd_step(state: torch.Tensor, x: torch.Tensor, dt: torch.Tensor, A: torch.Te
 
 
 def ssd_recurrent(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
-                  initial_state: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Step-by-step reference: returns (y [b, L, h, p] fp32, final state [b, h, p, n] fp32)."""
+                  initial_state: torch.Tensor | None = None,
+                  seq_idx: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Step-by-step reference: returns (y [b, L, h, p] fp32, final state [b, h, p, n] fp32).
+    seq_idx [b, L]: packed sequences; the state restarts from zero where the index changes."""
     b, L, h, p = x.shape
     n = B.shape[-1]
     state = torch.zeros(b, h, p, n, dtype=torch.float32, device=x.device) if initial_state is None \
         else initial_state.float().clone()
-    ys = [ssd_step(state, x[:, t], dt[:, t], A, B[:, t], C[:, t]) for t in range(L)]
+    ys = []
+    for t in range(L):
+        if seq_idx is not None and t > 0:
+            state *= (seq_idx[:, t] == seq_idx[:, t - 1]).view(b, 1, 1, 1)
+        ys.append(ssd_step(state, x[:, t], dt[:, t], A, B[:, t], C[:, t]))
     return torch.stack(ys, dim=1), state
 
 
 def ssd_chunked(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
-                chunk_size: int, initial_state: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                chunk_size: int, initial_state: torch.Tensor | None = None,
+                seq_idx: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Chunked SSD: returns (y [b, L, h, p] fp32, final state [b, h, p, n] fp32).
 
     The sequence is zero-padded to whole chunks and viewed as [b, c, Q, ...]; `ssd_chunks` does the
-    work on that layout (so its only free size is the chunk count c)."""
+    work on that layout (so its only free size is the chunk count c). seq_idx [b, L] (non-decreasing
+    per row): packed sequences, each starting from a zero state (mamba_ssm's seq_idx); an initial
+    state belongs to the first one."""
     b, L, h, p = x.shape
     g, n = B.shape[2], B.shape[3]
     Q = chunk_size
@@ -95,13 +104,17 @@ def ssd_chunked(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Ten
         dt = F.pad(dt, (0, 0, 0, pad))
         B = F.pad(B, (0, 0, 0, 0, 0, pad))
         C = F.pad(C, (0, 0, 0, 0, 0, pad))
+        if seq_idx is not None:  # padding continues the last sequence (and adds nothing to it)
+            seq_idx = F.pad(seq_idx, (0, pad), mode="replicate") if seq_idx.shape[1] > 0 else seq_idx
     y, final_state = ssd_chunks(x.view(b, c, Q, h, p), dt.view(b, c, Q, h), A, B.view(b, c, Q, g, n),
-                                C.view(b, c, Q, g, n), initial_state)
+                                C.view(b, c, Q, g, n), initial_state,
+                                None if seq_idx is None else seq_idx.view(b, c, Q))
     return y.reshape(b, c * Q, h, p)[:, :L], final_state
 
 
 def ssd_chunks(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
-               initial_state: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+               initial_state: torch.Tensor | None = None,
+               seq_idx: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """SSD over whole chunks: x [b, c, Q, h, p], dt [b, c, Q, h], B/C [b, c, Q, g, n] ->
     (y [b, c, Q, g, h/g, p] fp32, final state [b, h, p, n] fp32).
 
@@ -127,6 +140,15 @@ def ssd_chunks(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tens
     # clamping it to 0 keeps exp finite (and fast), and the causal mask is applied to C.B instead,
     # which is per group and so r times smaller.
     diff = a_cum[..., :, None] - a_cum[..., None, :]
+    if seq_idx is not None:
+        # packed sequences: nothing flows between positions of different sequences
+        seq = seq_idx[:, None]                                                          # [b, 1, c, Q]
+        causal = causal & (seq[..., :, None] == seq[..., None, :])                      # [b, 1, c, Q, Q]
+        # the sequence each chunk starts in: that of the position before it (the first: its own)
+        before = torch.cat([seq[..., :1, :1], seq[..., :-1, -1:]], dim=-2)              # [b, 1, c, 1]
+        keeps_start = seq == before                   # positions that continue the incoming state
+        keeps_end = seq == seq[..., -1:]              # positions that reach the chunk's end state
+        resets = ~keeps_start[..., -1]                # [b, 1, c]: the incoming state stops in this chunk
     CB = (Cc @ Bc.transpose(-1, -2)).masked_fill_(~causal, 0.0)[:, :, None]
     if diff.requires_grad:  # training: out of place (the backward reads exp's output)
         M = diff.clamp(LOG_DECAY_FLOOR, 0.0).exp() * CB
@@ -136,11 +158,16 @@ def ssd_chunks(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tens
 
     # 2. the state each chunk leaves behind, from its own inputs only: [b, g, c, n, r*p]
     decay_to_end = (a_cum[..., -1:] - a_cum).clamp_(min=LOG_DECAY_FLOOR).exp_().permute(0, 1, 3, 4, 2)  # [b, g, c, Q, r]
+    if seq_idx is not None:
+        decay_to_end = decay_to_end * keeps_end[..., None]
     chunk_states = Bc.transpose(-1, -2) @ (xg * decay_to_end[..., None]).view(b, g, c, Q, r * p)
 
     # 3. carry states across chunks (the initial state enters as chunk -1), per head
     chunk_states = chunk_states.view(b, g, c, n, r, p).permute(0, 1, 4, 2, 3, 5)       # [b, g, r, c, n, p]
-    chunk_decay = torch.exp(segsum(F.pad(a_cum[..., -1], (1, 0))))   # [b, g, r, c+1, c+1]
+    chunk_total = a_cum[..., -1]                                       # [b, g, r, c]
+    if seq_idx is not None:  # a chunk where a new sequence starts passes nothing of the old state on
+        chunk_total = chunk_total.masked_fill(resets[:, :, None], float("-inf"))
+    chunk_decay = torch.exp(segsum(F.pad(chunk_total, (1, 0))))       # [b, g, r, c+1, c+1]
     states = chunk_decay[..., 1:] @ chunk_states.flatten(-2)         # [b, g, r, c+1, n*p]
     if initial_state is not None:
         init = initial_state.float().view(b, g, r, 1, p, n).transpose(-1, -2).flatten(-2)
@@ -150,7 +177,10 @@ def ssd_chunks(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tens
 
     # 4. contribution of the state entering each chunk: C @ [n, r*p] per group, decayed per head
     y_off = Cc @ start_states.permute(0, 1, 3, 4, 2, 5).reshape(b, g, c, n, r * p)    # [b, g, c, Q, r*p]
-    y_off = y_off.view(b, g, c, Q, r, p) * a_cum.clamp(min=LOG_DECAY_FLOOR).exp_().permute(0, 1, 3, 4, 2)[..., None]
+    start_decay = a_cum.clamp(min=LOG_DECAY_FLOOR).exp_().permute(0, 1, 3, 4, 2)         # [b, g, c, Q, r]
+    if seq_idx is not None:
+        start_decay = start_decay * keeps_start[..., None]
+    y_off = y_off.view(b, g, c, Q, r, p) * start_decay[..., None]
 
     y = _into((b, c, Q, g, r, p), torch.add, y_off.permute(0, 2, 3, 1, 4, 5), y_diag.permute(0, 3, 4, 1, 2, 5))
     return y, final_state.transpose(-1, -2).reshape(b, h, p, n)

@@ -48,9 +48,9 @@ class HybridBlock(nn.Module):
         self.mixer = build_mixer(config, kind)
 
     def forward(self, x: torch.Tensor, state: KVState | MambaState | None = None,
-                pos: list[int] | torch.Tensor | None = None) -> torch.Tensor:
+                pos: list[int] | torch.Tensor | None = None, seq_idx: torch.Tensor | None = None) -> torch.Tensor:
         h = self.norm(x if x.dtype == self.norm.weight.dtype else x.to(self.norm.weight.dtype))
-        h = self.mixer(h, state, pos) if self.kind in ("mamba", "attention") else self.mixer(h)
+        h = self.mixer(h, state, pos, seq_idx=seq_idx) if self.kind in ("mamba", "attention") else self.mixer(h)
         return (x.float() if self.residual_in_fp32 else x) + h
 
 
@@ -98,26 +98,28 @@ class NemotronHForCausalLM(nn.Module):
         self.mtp = MTP(config) if config.num_nextn_predict_layers else None
 
     def hidden_states(self, input_ids: torch.Tensor, cache: HybridCache | None = None,
-                      positions: torch.Tensor | None = None) -> torch.Tensor:
+                      positions: torch.Tensor | None = None, seq_idx: torch.Tensor | None = None) -> torch.Tensor:
         """The final-normed hidden states [B, T, H] (what lm_head and the MTP block consume).
 
         `positions` [B] (a tensor, one token per row) is the static-shape decode used under
-        torch.compile; the caller then advances `cache.seq_lens` itself."""
+        torch.compile; the caller then advances `cache.seq_lens` itself. `seq_idx` [B, T] marks packed
+        training sequences (non-decreasing per row): no state or attention crosses from one to the next."""
         pos = positions if positions is not None else None if cache is None else cache.positions()
         x = self.backbone.embeddings(input_ids)
         for i, layer in enumerate(self.backbone.layers):
-            x = layer(x, None if cache is None else cache.layers[i], pos)
+            x = layer(x, None if cache is None else cache.layers[i], pos, seq_idx)
         if cache is not None and positions is None:
             cache.seq_lens += input_ids.shape[1]
         return self.backbone.norm_f(x.to(self.backbone.norm_f.weight.dtype))
 
     def forward(self, input_ids: torch.Tensor, cache: HybridCache | None = None, logits_to_keep: int = 0,
-                positions: torch.Tensor | None = None) -> torch.Tensor:
-        h = self.hidden_states(input_ids, cache, positions)
+                positions: torch.Tensor | None = None, seq_idx: torch.Tensor | None = None) -> torch.Tensor:
+        h = self.hidden_states(input_ids, cache, positions, seq_idx)
         return self.lm_head(h[:, -logits_to_keep:] if logits_to_keep else h).float()
 
     def mtp_forward(self, hidden: torch.Tensor, next_ids: torch.Tensor, depth: int = 0,
-                    cache: HybridCache | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                    cache: HybridCache | None = None,
+                    seq_idx: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """One MTP depth: from the hidden state at t and the token at t+1, predict the token at t+2.
 
         hidden [B, T, H] (post norm_f, or the previous depth's output); next_ids [B, T]. With a cache,
@@ -133,7 +135,7 @@ class NemotronHForCausalLM(nn.Module):
         pos = None if cache is None else cache.mtp_seq_lens.tolist()
         for j, layer in enumerate(block):
             index = (depth % stored) * self.mtp.depth_size + j
-            x = layer(x, None if cache is None else cache.mtp_layers[index], pos)
+            x = layer(x, None if cache is None else cache.mtp_layers[index], pos, seq_idx)
         if cache is not None:
             cache.mtp_seq_lens += next_ids.shape[1]
         x = last.final_layernorm(x)
