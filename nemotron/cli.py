@@ -267,6 +267,14 @@ def _with_system(system: str | None, history: list[dict]) -> list[dict]:
     return ([{"role": "system", "content": system}] if system else []) + history
 
 
+def cmd_train(args: argparse.Namespace) -> None:
+    from .train import load_recipe, train
+
+    cfg = load_recipe(args.config, args.overrides, stage=args.stage)  # every key checked before any work
+    summary = train(cfg, progress=not args.quiet)
+    print(json.dumps(summary, indent=1))
+
+
 def cmd_serve(args: argparse.Namespace) -> None:
     from .serve import serve
 
@@ -338,6 +346,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tools", help="JSON file with an OpenAI-style tool list to offer the model")
     generation_flags(p)
     p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("train", help="pretrain or fine-tune from a recipe (recipes/*.yaml)")
+    p.add_argument("stage", choices=["pretrain", "sft"])
+    p.add_argument("--config", help="recipe file (YAML or JSON)")
+    p.add_argument("overrides", nargs="*", help="key=value settings that override the recipe")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP server (continuous batching)")
     p.add_argument("--model", required=True, help="checkpoint directory")

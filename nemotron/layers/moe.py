@@ -52,21 +52,35 @@ class TopkRouter(nn.Module):
         self.register_buffer("e_score_correction_bias", torch.zeros(num_experts, dtype=torch.float32))
         self.top_k, self.n_group, self.topk_group = top_k, n_group, topk_group
         self.norm_topk_prob, self.scaling_factor = norm_topk_prob, scaling_factor
+        # training only: tokens routed to each expert since the last balancing update, and the last
+        # forward's (scores, choices) for the sequence-level auxiliary loss
+        self.register_buffer("tokens_per_expert", torch.zeros(num_experts, dtype=torch.float32), persistent=False)
+        self.last_routing: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def _apply(self, fn, recurse=True):
-        # `.to(bfloat16)` & co. must not round the selection bias: it only follows the device.
-        bias = self._buffers.pop("e_score_correction_bias")
+        # `.to(bfloat16)` & co. must not round the selection bias (or the load counts): they only
+        # follow the device.
+        kept = {name: self._buffers.pop(name) for name in ("e_score_correction_bias", "tokens_per_expert")}
         try:
             return super()._apply(fn, recurse)
         finally:
-            self._buffers["e_score_correction_bias"] = bias.to(self.weight.device)
+            for name, buf in kept.items():
+                if buf.is_meta and not self.weight.is_meta:  # built on meta, loaded: the counts start at 0
+                    buf = torch.zeros(buf.shape, dtype=buf.dtype)
+                self._buffers[name] = buf.to(self.weight.device)
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x.float(), self.weight.float())
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return route(self.logits(x), self.e_score_correction_bias, self.top_k, self.n_group, self.topk_group,
-                     self.norm_topk_prob, self.scaling_factor)
+        logits = self.logits(x)
+        weights, idx = route(logits, self.e_score_correction_bias, self.top_k, self.n_group, self.topk_group,
+                             self.norm_topk_prob, self.scaling_factor)
+        if self.training:
+            with torch.no_grad():
+                self.tokens_per_expert += torch.bincount(idx.reshape(-1), minlength=self.tokens_per_expert.numel())
+            self.last_routing = (logits.sigmoid(), idx)
+        return weights, idx
 
 
 class Experts(nn.Module):

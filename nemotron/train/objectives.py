@@ -1,0 +1,109 @@
+"""Training objectives on packed batches: next-token loss, the MTP loss, MoE load balancing.
+
+Nemotron 3's pretraining and SFT losses: token-level cross-entropy averaged over the scored tokens,
+plus `mtp_weight` (0.3) x the mean over depths of the MTP block's loss (the one MTP block applied
+repeatedly: depth k predicts the token k+1 places ahead), plus the sequence-level load-balancing loss
+(alpha = 1e-4) of every MoE layer. The aux-loss-free expert-bias update runs after each optimizer step
+(`update_expert_bias`).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..layers.moe import TopkRouter
+from .data import IGNORE, Batch
+
+
+def _ce_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), ignore_index=IGNORE,
+                           reduction="sum")
+
+
+def routers(model: nn.Module) -> list[TopkRouter]:
+    return [m for m in model.modules() if isinstance(m, TopkRouter)]
+
+
+def sequence_aux_loss(model: nn.Module, seq_idx: torch.Tensor) -> torch.Tensor:
+    """Sum over MoE layers of alpha-free sum_i f_i P_i, averaged over the packed sequences:
+    f_i = E / (K T_s) x tokens of sequence s routed to expert i, P_i = the mean normalised score of
+    expert i over those tokens (Megatron's seq_aux_loss). Uses each router's last training forward."""
+    b, t = seq_idx.shape
+    seq = (seq_idx + torch.arange(b, device=seq_idx.device)[:, None] * (int(seq_idx.max()) + 1)).reshape(-1)
+    _, seq = torch.unique(seq, return_inverse=True)
+    n_seq = int(seq.max()) + 1
+    tokens = torch.bincount(seq, minlength=n_seq).float()                             # T_s
+    total = seq_idx.new_zeros((), dtype=torch.float32)
+    for router in routers(model):
+        if router.last_routing is None:
+            continue
+        scores, idx = router.last_routing
+        if scores.shape[0] != seq.numel():  # the MTP block's routers saw fewer positions
+            continue
+        e, k = scores.shape[1], idx.shape[1]
+        probs = scores / (scores.sum(-1, keepdim=True) + 1e-20)
+        p_mean = torch.zeros(n_seq, e, device=scores.device).index_add_(0, seq, probs) / tokens[:, None]
+        counts = torch.zeros(n_seq, e, device=scores.device).index_add_(
+            0, seq.repeat_interleave(k), torch.ones(idx.numel(), device=scores.device)[:, None]
+            * F.one_hot(idx.reshape(-1), e).float())
+        f = counts * e / (k * tokens[:, None])
+        total = total + (f * p_mean).sum(-1).mean()
+    return total
+
+
+def lm_loss(model: nn.Module, batch: Batch, mtp_weight: float = 0.0, mtp_depth: int = 1,
+            aux_coeff: float = 0.0, loss_scale_tokens: int | None = None) -> tuple[torch.Tensor, dict]:
+    """Loss of one (micro-)batch. The cross-entropy is summed and divided by `loss_scale_tokens`
+    (the scored tokens of the whole optimizer step, so that gradient accumulation averages per token)
+    or by this batch's own count. Returns (loss, metrics)."""
+    ids, labels, seq_idx = batch.input_ids, batch.labels, batch.seq_idx
+    n = max(1, loss_scale_tokens if loss_scale_tokens is not None else batch.num_targets)
+    use_mtp = mtp_weight > 0 and getattr(model, "mtp", None) is not None
+    if use_mtp:
+        h = model.hidden_states(ids, seq_idx=seq_idx)
+        logits = model.lm_head(h).float()
+    else:
+        logits = model(ids, seq_idx=seq_idx)
+    ce = _ce_sum(logits, labels)
+    loss = ce / n
+    metrics = {"ce_sum": float(ce.detach()), "targets": batch.num_targets}
+    if aux_coeff > 0:
+        aux = sequence_aux_loss(model, seq_idx)
+        loss = loss + aux_coeff * aux
+        metrics["aux"] = float(aux.detach())
+    if use_mtp:
+        mtp_total, hidden = 0.0, h
+        for k in range(1, mtp_depth + 1):
+            length = ids.shape[1] - k
+            if length <= 0:
+                break
+            # depth k: hidden at t (and the previous depth's output) + token t+k -> token t+k+1
+            same = seq_idx[:, :length] == seq_idx[:, k:]
+            target = torch.where(same, labels[:, k:], torch.full_like(labels[:, k:], IGNORE))
+            logits_k, hidden = model.mtp_forward(hidden[:, :length], ids[:, k:], depth=k - 1,
+                                                 seq_idx=seq_idx[:, :length])
+            ce_k = _ce_sum(logits_k, target)
+            mtp_total = mtp_total + ce_k / n
+            metrics[f"mtp{k}_ce_sum"] = float(ce_k.detach())
+        loss = loss + mtp_weight * mtp_total / mtp_depth
+    return loss, metrics
+
+
+@torch.no_grad()
+def update_expert_bias(model: nn.Module, rate: float) -> dict:
+    """The aux-loss-free balancing step (DeepSeek-V3, Nemotron 3): each router's selection bias moves by
+    `rate` x sign(mean load - load), re-centred to mean zero; the load counts restart. Returns the
+    max/mean load of each MoE layer since the previous update."""
+    out = {}
+    for i, router in enumerate(routers(model)):
+        load = router.tokens_per_expert
+        if load.sum() == 0:
+            continue
+        out[i] = float(load.max() / load.mean())
+        if rate > 0:
+            delta = rate * torch.sign(load.mean() - load)
+            router.e_score_correction_bias += delta - delta.mean()
+        load.zero_()
+    return out

@@ -1,0 +1,354 @@
+"""The training loop for pretraining and SFT, driven by a recipe (`TrainConfig`).
+
+One loop: packed batches -> loss (next token, MTP, MoE balancing) -> AdamW step -> expert-bias update,
+with gradient accumulation, clipping, a schedule, periodic atomic checkpoints that resume
+bit-identically, metrics as JSONL (and TensorBoard when installed), a progress bar, a loss plot, and
+an export in the Hugging Face layout at the end.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import time
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..checkpoint import save_checkpoint
+from .data import DataStream, chat_examples, text_examples
+from .objectives import lm_loss, routers, update_expert_bias
+from .optim import DECAYS, SCHEDULES, lr_at, make_optimizer
+from .state import latest_checkpoint, load_training_state, save_training_state
+
+STAGES = ("pretrain", "sft")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json")
+
+
+@dataclass
+class TrainConfig:
+    """A training recipe. Every field can be set in the recipe file or as key=value on the command line."""
+
+    stage: str = "pretrain"
+    data: list[str] = field(default_factory=list)   # pretrain: .jsonl ("text") or .txt; sft: .jsonl conversations
+    out_dir: str = "runs/train"
+    model: str | None = None          # a checkpoint directory to start from ...
+    init_config: str | None = None    # ... or a config.json to initialise from ("tiny": the tiny Super layout)
+    tokenizer: str | None = None      # tokenizer files (default: the model directory)
+    seed: int = 0
+    steps: int = 100
+    seq_len: int = 512
+    batch_size: int = 8               # packed rows per micro-batch
+    grad_accum: int = 1
+    lr: float = 3e-4
+    min_lr: float = 3e-5
+    warmup: int = 10
+    schedule: str = "wsd"
+    decay: str = "minus_sqrt"
+    decay_fraction: float = 0.2
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    mtp_weight: float = 0.3
+    mtp_depth: int = 1
+    aux_loss_coeff: float = 1e-4
+    bias_update_rate: float = 1e-3
+    freeze_router: bool = False       # RL-style: router weights and expert biases stay put
+    autocast: str = "none"            # "bfloat16" where the hardware has it
+    activation_checkpointing: bool = False
+    compile: bool = False
+    save_every: int = 100
+    log_every: int = 1
+    resume: bool = True               # continue from out_dir's latest checkpoint when there is one
+    template_kwargs: dict = field(default_factory=dict)
+
+    def validate(self) -> "TrainConfig":
+        def fail(name: str, rule: str) -> None:
+            raise ValueError(f"recipe: {name} {rule}, got {getattr(self, name)!r}")
+
+        if self.stage not in STAGES:
+            fail("stage", f"must be one of {', '.join(STAGES)}")
+        if not self.data:
+            fail("data", "must list at least one file")
+        for path in self.data:
+            if not Path(path).is_file():
+                raise ValueError(f"recipe: data file {path} does not exist")
+        if (self.model is None) == (self.init_config is None):
+            raise ValueError("recipe: set exactly one of model (a checkpoint to start from) and init_config")
+        if self.init_config is not None and self.tokenizer is None:
+            fail("tokenizer", "is needed with init_config (a directory with tokenizer.json)")
+        for name in ("steps", "seq_len", "batch_size", "grad_accum", "save_every", "log_every", "mtp_depth"):
+            if getattr(self, name) < 1:
+                fail(name, "must be >= 1")
+        for name in ("lr", "min_lr", "weight_decay", "grad_clip", "mtp_weight", "aux_loss_coeff",
+                     "bias_update_rate", "warmup"):
+            if getattr(self, name) < 0:
+                fail(name, "must be >= 0")
+        if not 0 <= self.decay_fraction <= 1:
+            fail("decay_fraction", "must be in [0, 1]")
+        if self.schedule not in SCHEDULES:
+            fail("schedule", f"must be one of {', '.join(SCHEDULES)}")
+        if self.decay not in DECAYS:
+            fail("decay", f"must be one of {', '.join(DECAYS)}")
+        if self.autocast not in ("none", "bfloat16"):
+            fail("autocast", "must be none or bfloat16")
+        return self
+
+
+def _coerce(name: str, value: Any, annotation: str) -> Any:
+    """Check a recipe value against the field's type (ints are accepted for floats)."""
+    kind = {"str": str, "int": int, "float": float, "bool": bool, "dict": dict}
+    base = annotation.replace(" | None", "")
+    if value is None and "None" in annotation:
+        return None
+    if base.startswith("list"):
+        value = [value] if isinstance(value, str) else value
+        if not (isinstance(value, list) and all(isinstance(v, str) for v in value)):
+            raise ValueError(f"recipe: {name} must be a list of strings, got {value!r}")
+        return value
+    want = kind[base]
+    if want is float and isinstance(value, str):  # YAML 1.1 reads 3e-4 (no dot) as a string
+        try:
+            value = float(value)
+        except ValueError:
+            pass
+    if want is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if not isinstance(value, want) or (want is int and isinstance(value, bool)):
+        raise ValueError(f"recipe: {name} must be {base}, got {value!r}")
+    return value
+
+
+def load_recipe(path: str | Path | None, overrides: list[str] = (), stage: str | None = None) -> TrainConfig:
+    """A recipe file (YAML or JSON) plus key=value overrides -> a validated TrainConfig. Unknown keys
+    and bad values are one-line errors before any work starts."""
+    import yaml
+
+    values: dict[str, Any] = {}
+    if path is not None:
+        try:
+            loaded = yaml.safe_load(Path(path).read_text())
+        except (OSError, yaml.YAMLError) as e:
+            raise ValueError(f"recipe {path}: cannot be read ({e})") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ValueError(f"recipe {path}: must be a mapping of keys to values")
+        values.update(loaded or {})
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep:
+            raise ValueError(f"override {item!r}: expected key=value")
+        values[key.strip()] = yaml.safe_load(raw) if raw.strip() else ""
+    if stage is not None:
+        if values.get("stage", stage) != stage:
+            raise ValueError(f"recipe stage {values['stage']!r} does not match the command ({stage})")
+        values["stage"] = stage
+    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        raise ValueError(f"recipe: unknown key(s) {', '.join(unknown)} (known: {', '.join(fields)})")
+    hints = typing.get_type_hints(TrainConfig)
+    clean = {k: _coerce(k, v, str(hints[k]).replace("typing.", "").replace("<class '", "").replace("'>", ""))
+             for k, v in values.items()}
+    return TrainConfig(**clean).validate()
+
+
+# --------------------------------------------------------------------------------------------------
+# the loop
+# --------------------------------------------------------------------------------------------------
+
+
+def _build(cfg: TrainConfig):
+    import nemotron
+    from ..config import config_from_dict
+    from ..init import init_weights_, tiny_super_config
+    from ..models import build_model
+    from ..tokenizer import Tokenizer
+
+    if cfg.model is not None:
+        loaded = nemotron.load(cfg.model, dtype="float32")
+        model, config = loaded.model, loaded.config
+        tok_dir = Path(cfg.tokenizer or cfg.model)
+    else:
+        config = tiny_super_config() if cfg.init_config == "tiny" else \
+            config_from_dict(json.loads(Path(cfg.init_config).read_text()))
+        torch.manual_seed(cfg.seed)
+        model = init_weights_(build_model(config), config, seed=cfg.seed)
+        tok_dir = Path(cfg.tokenizer)
+    tokenizer = Tokenizer.from_dir(tok_dir)
+    if tokenizer.vocab_size > config.vocab_size:
+        raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens, the model's vocabulary {config.vocab_size}")
+    return model, config, tokenizer, tok_dir
+
+
+def enable_activation_checkpointing(model: nn.Module) -> None:
+    """Recompute each block's activations in the backward pass (applied from outside: the block's
+    forward is wrapped on the instance, names and weights are unchanged)."""
+    from torch.utils.checkpoint import checkpoint
+
+    blocks = model.backbone.layers if hasattr(model, "backbone") else model.model.layers
+    for block in blocks:
+        inner = block.forward
+        block.forward = lambda *a, _f=inner, **k: checkpoint(_f, *a, use_reentrant=False, **k)
+
+
+def plot_curves(records: list[dict], out: Path, keys: tuple[str, ...] = ("loss",)) -> Path | None:
+    """A PNG of the logged curves (needs matplotlib; without it nothing is drawn)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    fig, axes = plt.subplots(1, len(keys), figsize=(5 * len(keys), 3.5), squeeze=False)
+    for ax, key in zip(axes[0], keys):
+        xs = [r["step"] for r in records if key in r]
+        ax.plot(xs, [r[key] for r in records if key in r])
+        ax.set_xlabel("step")
+        ax.set_title(key)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def train(cfg: TrainConfig, progress: bool = True, stop_after: int | None = None) -> dict:
+    """Run the recipe; returns a summary. `stop_after`: leave after that many steps of this call
+    (as a crash would, but cleanly): used to test resuming."""
+    cfg.validate()
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.seed)
+    model, config, tokenizer, tok_dir = _build(cfg)
+    model.train()
+    if cfg.freeze_router:
+        for router in routers(model):
+            router.weight.requires_grad_(False)
+    if cfg.activation_checkpointing:
+        enable_activation_checkpointing(model)
+    if cfg.compile:
+        for block in (model.backbone.layers if hasattr(model, "backbone") else model.model.layers):
+            block.compile()
+    examples = text_examples(cfg.data, tokenizer) if cfg.stage == "pretrain" else \
+        chat_examples(cfg.data, tokenizer, cfg.template_kwargs)
+    pad = tokenizer.token_id(tokenizer.config.get("pad_token") if isinstance(tokenizer.config.get("pad_token"), str)
+                             else None) or 0
+    stream = DataStream(examples, cfg.seq_len, cfg.batch_size, cfg.seed, pad)
+    optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2))
+    start = 0
+    metrics_path = out / "metrics.jsonl"
+    ckpt = latest_checkpoint(out) if cfg.resume else None
+    if ckpt is not None:
+        meta = load_training_state(ckpt, model, optimizer)
+        stream.load_state_dict(meta["data"])
+        start = meta["step"]
+    records = []
+    if metrics_path.is_file() and start > 0:  # keep the history up to the checkpoint
+        records = [r for r in (json.loads(line) for line in metrics_path.read_text().splitlines() if line)
+                   if r["step"] <= start]
+    metrics_path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    writer = _tensorboard(out)
+    autocast = torch.autocast(device_type=next(model.parameters()).device.type, dtype=torch.bfloat16,
+                              enabled=cfg.autocast == "bfloat16")
+    bar = _progress(progress, cfg.steps, start)
+    last_loss = float("nan")
+    steps_run = 0
+    try:
+        with metrics_path.open("a") as log:
+            for step in range(start, cfg.steps):
+                t0 = time.perf_counter()
+                lr = lr_at(step, cfg.steps, cfg.lr, cfg.min_lr, cfg.warmup, cfg.schedule, cfg.decay_fraction,
+                           cfg.decay)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                micro = [next(stream) for _ in range(cfg.grad_accum)]
+                n_targets = sum(b.num_targets for b in micro)
+                optimizer.zero_grad(set_to_none=True)
+                sums: dict[str, float] = {}
+                for batch in micro:
+                    with autocast:
+                        loss, m = lm_loss(model, batch, cfg.mtp_weight, cfg.mtp_depth, cfg.aux_loss_coeff, n_targets)
+                    loss.backward()
+                    for k, v in m.items():
+                        sums[k] = sums.get(k, 0.0) + v
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)) \
+                    if cfg.grad_clip > 0 else float("nan")
+                optimizer.step()
+                loads = update_expert_bias(model, 0.0 if cfg.freeze_router else cfg.bias_update_rate)
+                tokens = sum(int(b.input_ids.numel()) for b in micro)
+                dt = time.perf_counter() - t0
+                last_loss = sums["ce_sum"] / max(1, n_targets)
+                record = {"step": step + 1, "loss": last_loss, "lr": lr, "grad_norm": grad_norm,
+                          "tokens_per_s": tokens / dt, "targets": n_targets}
+                for k in range(1, cfg.mtp_depth + 1):
+                    if f"mtp{k}_ce_sum" in sums:
+                        record[f"mtp{k}_loss"] = sums[f"mtp{k}_ce_sum"] / max(1, n_targets)
+                if "aux" in sums:
+                    record["aux_loss"] = sums["aux"] / len(micro)
+                if loads:
+                    record["max_over_mean_load"] = {str(i): round(v, 4) for i, v in loads.items()}
+                if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
+                    log.write(json.dumps(record) + "\n")
+                    log.flush()
+                    records.append(record)
+                    if writer is not None:
+                        for k, v in record.items():
+                            if isinstance(v, float):
+                                writer.add_scalar(k, v, step + 1)
+                if bar is not None:
+                    bar.update(step + 1, last_loss, record["tokens_per_s"])
+                if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
+                    save_training_state(out, step + 1, model, optimizer,
+                                        {"data": stream.state_dict(), "recipe": dataclasses.asdict(cfg)})
+                steps_run += 1
+                if stop_after is not None and steps_run >= stop_after:
+                    return {"stopped_at": step + 1, "loss": last_loss}
+    finally:
+        if bar is not None:
+            bar.close()
+        if writer is not None:
+            writer.close()
+    final = save_checkpoint(model, config, out / "final")
+    for name in TOKENIZER_FILES:
+        if (tok_dir / name).is_file():
+            shutil.copyfile(tok_dir / name, final / name)
+    plot = plot_curves(records, out / "loss.png", ("loss",) + (("mtp1_loss",) if cfg.mtp_weight > 0 and any(
+        "mtp1_loss" in r for r in records) else ()))
+    return {"steps": cfg.steps, "loss": last_loss, "final": str(final), "metrics": str(metrics_path),
+            "plot": str(plot) if plot else None}
+
+
+def _tensorboard(out: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return None
+    return SummaryWriter(str(out / "tensorboard"))
+
+
+class _Bar:
+    def __init__(self, total: int, start: int) -> None:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.progress = Progress(TextColumn("train"), BarColumn(), MofNCompleteColumn(),
+                                 TextColumn("loss {task.fields[loss]:.4f}"), TextColumn("{task.fields[tps]:.0f} tok/s"),
+                                 TimeRemainingColumn())
+        self.progress.start()
+        self.task = self.progress.add_task("train", total=total, completed=start, loss=float("nan"), tps=0.0)
+
+    def update(self, step: int, loss: float, tps: float) -> None:
+        self.progress.update(self.task, completed=step, loss=loss, tps=tps)
+
+    def close(self) -> None:
+        self.progress.stop()
+
+
+def _progress(on: bool, total: int, start: int) -> _Bar | None:
+    return _Bar(total, start) if on else None

@@ -1,0 +1,213 @@
+"""Training: SFT masking, packing, objectives, balancing, schedules, recipes, and resuming exactly."""
+
+from __future__ import annotations
+
+import json
+import random
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import nemotron
+from nemotron.init import init_checkpoint, init_weights_, tiny_super_config
+from nemotron.models import build_model
+from nemotron.train import (DataStream, Example, chat_example, collate, lm_loss, load_recipe, pack, train,
+                            update_expert_bias)
+from nemotron.train.data import IGNORE
+from nemotron.train.optim import lr_at, param_groups
+
+from scripted import ASK, CALL, HI, RESULT, TOOLS
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return nemotron.load(init_checkpoint(tmp_path_factory.mktemp("tiny"), seed=0))
+
+
+CONVERSATIONS = [
+    {"messages": HI + [{"role": "assistant", "content": "Hi!", "reasoning_content": "A greeting."}]},
+    {"messages": ASK + [CALL, RESULT, {"role": "assistant", "content": "It is sunny in Paris.",
+                                       "reasoning_content": "The tool says sunny."}], "tools": TOOLS},
+    {"messages": HI + [{"role": "assistant", "content": "Hello there!"}], "enable_thinking": False},
+]
+
+
+def _fresh_model(seed: int = 0):
+    config = tiny_super_config()
+    return init_weights_(build_model(config), config, seed=seed)
+
+
+def test_sft_targets_are_exactly_the_assistant_turns(tiny):
+    tok = tiny.tokenizer
+    (ex,) = chat_example(tok, CONVERSATIONS[1])
+    scored = tok.decode([i for i, t in zip(ex.ids, ex.targets) if t], skip_special_tokens=False)
+    call = "<tool_call>\n<function=get_weather>\n<parameter=city>\nParis\n</parameter>\n</function>\n</tool_call>\n"
+    assert scored == ("I should call the tool.\n</think>\n" + call + "<|im_end|>"
+                      + "The tool says sunny.\n</think>\nIt is sunny in Paris.<|im_end|>")
+    (off,) = chat_example(tok, CONVERSATIONS[2])   # reasoning off: the prompt closes <think> itself
+    assert tok.decode([i for i, t in zip(off.ids, off.targets) if t], skip_special_tokens=False) == \
+        "Hello there!<|im_end|>"
+
+
+def test_template_that_rewrites_history_gives_one_example_per_turn(tiny):
+    """The Nemotron 3 format drops earlier reasoning once a new user turn arrives: each assistant turn
+    is then trained with the history as the template shows it at that point."""
+    record = {"messages": HI + [{"role": "assistant", "content": "Hi!", "reasoning_content": "A greeting."},
+                                {"role": "user", "content": "Again"},
+                                {"role": "assistant", "content": "Hi again!", "reasoning_content": "Repeat."}]}
+    examples = chat_example(tiny.tokenizer, record)
+    assert len(examples) == 2
+    texts = [tiny.tokenizer.decode([i for i, t in zip(e.ids, e.targets) if t], skip_special_tokens=False)
+             for e in examples]
+    assert texts == ["A greeting.\n</think>\nHi!<|im_end|>", "Repeat.\n</think>\nHi again!<|im_end|>"]
+
+
+def test_gradients_come_only_from_assistant_tokens(tiny):
+    examples = [e for c in CONVERSATIONS for e in chat_example(tiny.tokenizer, c)]
+    batch = collate(pack(examples, 4096))
+    model = _fresh_model()
+    logits = model(batch.input_ids, seq_idx=batch.seq_idx)
+    logits.retain_grad()
+    torch.nn.functional.cross_entropy(logits[0].float(), batch.labels[0], ignore_index=IGNORE).backward()
+    scored = (logits.grad[0].abs().sum(-1) > 0)
+    assert torch.equal(scored, batch.labels[0] != IGNORE)
+    targets = sum(sum(e.targets[1:]) for e in examples)
+    assert int(scored.sum()) == targets > 0
+
+
+def test_packed_loss_equals_unpacked(tiny):
+    examples = [e for c in CONVERSATIONS for e in chat_example(tiny.tokenizer, c)]
+    model = _fresh_model(seed=1).eval()
+    packed = collate(pack(examples, 4096))
+    assert packed.input_ids.shape[0] == 1 and int(packed.seq_idx.max()) == len(examples) - 1
+    with torch.no_grad():
+        loss, m = lm_loss(model, packed, mtp_weight=0.3)
+        total_ce, total_targets, total_mtp = 0.0, 0, 0.0
+        for ex in examples:
+            single = collate([[ex]])
+            _, ms = lm_loss(model, single, mtp_weight=0.3)
+            total_ce += ms["ce_sum"]
+            total_mtp += ms["mtp1_ce_sum"]
+            total_targets += ms["targets"]
+    assert m["targets"] == total_targets
+    assert abs(m["ce_sum"] - total_ce) <= 1e-4 * total_ce
+    assert abs(m["mtp1_ce_sum"] - total_mtp) <= 1e-4 * total_mtp
+
+
+def test_pack_and_stream_are_deterministic_and_resumable():
+    examples = [Example(list(range(n)), [True] * n) for n in (5, 9, 3, 12, 7, 30)]
+    rows = pack(examples, 16)
+    assert [sum(len(e.ids) for e in r) for r in rows] == [14, 15, 7, 16, 14]   # 30 split into 16 + 14
+    a, b = DataStream(examples, 16, 2, seed=3), DataStream(examples, 16, 2, seed=3)
+    first = [next(a).input_ids for _ in range(5)]
+    for _ in range(2):
+        next(b)
+    c = DataStream(examples, 16, 2, seed=3)
+    c.load_state_dict(b.state_dict())
+    assert all(torch.equal(x, next(c).input_ids) for x in first[2:])
+    assert not all(torch.equal(x, y) for x, y in zip(first, [next(DataStream(examples, 16, 2, seed=4)).input_ids]))
+
+
+def test_schedules_and_param_groups():
+    assert lr_at(0, 100, 1.0, warmup=10) == pytest.approx(0.1)
+    assert lr_at(50, 100, 1.0, 0.1, warmup=10, schedule="wsd", decay_fraction=0.2) == 1.0
+    assert lr_at(99, 100, 1.0, 0.1, warmup=10, schedule="wsd", decay_fraction=0.2) == pytest.approx(0.1)
+    assert lr_at(89, 100, 1.0, 0.0, schedule="wsd", decay_fraction=0.2, decay="minus_sqrt") == \
+        pytest.approx(1 - (10 / 20) ** 0.5)
+    assert lr_at(99, 100, 1.0, 0.0, schedule="cosine") == pytest.approx(0.0, abs=1e-3)
+    groups = param_groups(_fresh_model(), 0.1)
+    decayed = {id(p) for p in groups[0]["params"]}
+    model = _fresh_model()
+    names = {n for n, p in model.named_parameters() if p.ndim < 2 or "norm" in n}
+    assert names and all(p.ndim >= 2 for p in groups[0]["params"]) and groups[1]["weight_decay"] == 0.0
+    assert len(decayed) == len(groups[0]["params"])
+
+
+def test_bias_update_balances_a_skewed_router():
+    torch.manual_seed(0)
+    model = _fresh_model()
+    router = model.backbone.layers[1].mixer.gate
+    with torch.no_grad():   # a router skewed towards its first two experts
+        router.e_score_correction_bias[:2] = 0.4
+    model.train()
+    ids = torch.randint(3, 260, (4, 64), generator=torch.Generator().manual_seed(1))
+    loads = []
+    with torch.no_grad():
+        for _ in range(200):
+            model(ids)
+            loads.append(update_expert_bias(model, rate=1e-2)[0])
+    assert loads[0] > 2.0 and loads[-1] < 1.5 and loads[-1] < loads[0] / 2, (loads[0], loads[-1])
+    assert abs(float(router.e_score_correction_bias.mean()) - 0.1) < 1e-5   # re-centred updates keep the mean
+
+
+def _pretrain_data(tmp_path) -> str:
+    rng = random.Random(0)
+    words = "the cat sat on a mat and the dog ran to the park while birds sang in trees".split()
+    path = tmp_path / "pre.jsonl"
+    path.write_text("".join(json.dumps({"text": " ".join(rng.choice(words) for _ in range(rng.randint(5, 40)))})
+                            + "\n" for _ in range(100)))
+    return str(path)
+
+
+def test_pretrain_loss_falls_and_resume_is_bit_identical(tmp_path, tiny):
+    data = _pretrain_data(tmp_path)
+    common = [f"data=[{data}]", "init_config=tiny", f"tokenizer={tiny.path}", "steps=8", "seq_len=128",
+              "batch_size=2", "grad_accum=2", "lr=3e-3", "warmup=2", "save_every=2"]
+    straight = train(load_recipe(None, common + [f"out_dir={tmp_path / 'a'}"], "pretrain"), progress=False)
+    losses = [json.loads(line)["loss"] for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    assert len(losses) == 8 and losses[-1] < 0.8 * losses[0]
+    # 4 steps, a stop, then a resume that runs the remaining 4 from the latest checkpoint
+    cfg = load_recipe(None, common + [f"out_dir={tmp_path / 'b'}"], "pretrain")
+    assert train(cfg, progress=False, stop_after=4)["stopped_at"] == 4
+    resumed = train(cfg, progress=False)
+    assert resumed["loss"] == straight["loss"]
+    a = nemotron.load(tmp_path / "a" / "final").model.state_dict()
+    b = nemotron.load(tmp_path / "b" / "final").model.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert len((tmp_path / "b" / "metrics.jsonl").read_text().splitlines()) == 8
+
+
+def test_sft_stage_trains_on_conversations(tmp_path, tiny):
+    data = tmp_path / "sft.jsonl"
+    data.write_text("".join(json.dumps(c) + "\n" for c in CONVERSATIONS))
+    summary = train(load_recipe(None, [f"data=[{data}]", f"model={tiny.path}", f"out_dir={tmp_path / 'sft'}",
+                                       "steps=12", "seq_len=1024", "batch_size=1", "lr=3e-3", "warmup=0",
+                                       "schedule=constant"], "sft"), progress=False)
+    losses = [json.loads(line)["loss"] for line in (tmp_path / "sft" / "metrics.jsonl").read_text().splitlines()]
+    assert losses[-1] < 0.6 * losses[0]
+    assert nemotron.load(summary["final"]).tokenizer is not None   # exported with its tokenizer
+    png = (tmp_path / "sft" / "loss.png").read_bytes()
+    assert summary["plot"] and png[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["stepz=3"], "unknown key"),
+    (["steps=0"], "steps must be >= 1"),
+    (["lr=fast"], "lr must be float"),
+    (["schedule=zigzag"], "schedule must be one of"),
+    (["data=[/no/such/file.jsonl]"], "does not exist"),
+])
+def test_bad_recipes_fail_before_any_work(tmp_path, tiny, overrides, message):
+    data = _pretrain_data(tmp_path)
+    base = [f"data=[{data}]", "init_config=tiny", f"tokenizer={tiny.path}", f"out_dir={tmp_path / 'x'}"]
+    with pytest.raises(ValueError, match=message):
+        load_recipe(None, base + overrides, "pretrain")
+    result = subprocess.run([sys.executable, "-m", "nemotron.cli", "train", "pretrain", *base, *overrides],
+                            capture_output=True, text=True)
+    assert result.returncode != 0 and message in result.stderr
+    assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("name", ["pretrain", "sft"])
+def test_shipped_recipes_parse(name, tmp_path):
+    """The recipe files in recipes/ use only known keys and valid values (paths overridden)."""
+    from pathlib import Path
+
+    recipe = Path(__file__).parent.parent / "recipes" / f"{name}.yaml"
+    data = tmp_path / "d.jsonl"
+    data.write_text("{}\n")
+    source = ["model=null", f"init_config={tmp_path}"] if name == "pretrain" else [f"model={tmp_path}"]
+    cfg = load_recipe(recipe, [f"data=[{data}]", f"tokenizer={tmp_path}", *source], name)
+    assert cfg.stage == name and cfg.steps > 0
