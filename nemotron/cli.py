@@ -347,8 +347,8 @@ def build_parser() -> argparse.ArgumentParser:
     generation_flags(p)
     p.set_defaults(func=cmd_chat)
 
-    p = sub.add_parser("train", help="pretrain or fine-tune from a recipe (recipes/*.yaml)")
-    p.add_argument("stage", choices=["pretrain", "sft"])
+    p = sub.add_parser("train", help="pretrain, fine-tune (SFT), DPO or GRPO from a recipe (recipes/*.yaml)")
+    p.add_argument("stage", choices=["pretrain", "sft", "dpo", "grpo"])
     p.add_argument("--config", help="recipe file (YAML or JSON)")
     p.add_argument("overrides", nargs="*", help="key=value settings that override the recipe")
     p.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -211,3 +211,68 @@ def test_shipped_recipes_parse(name, tmp_path):
     source = ["model=null", f"init_config={tmp_path}"] if name == "pretrain" else [f"model={tmp_path}"]
     cfg = load_recipe(recipe, [f"data=[{data}]", f"tokenizer={tmp_path}", *source], name)
     assert cfg.stage == name and cfg.steps > 0
+
+
+def test_dpo_loss_by_hand():
+    from nemotron.train.stages import dpo_loss
+
+    pc, pr, rc, rr = torch.tensor([-1.0]), torch.tensor([-3.0]), torch.tensor([-2.0]), torch.tensor([-2.0])
+    loss, m = dpo_loss(pc, pr, rc, rr, beta=0.5)          # margin 2, beta*margin 1
+    assert loss.item() == pytest.approx(-torch.nn.functional.logsigmoid(torch.tensor(1.0)).item())
+    assert m["reward_margin"] == pytest.approx(1.0) and m["accuracy"] == 1.0
+    smoothed, _ = dpo_loss(pc, pr, rc, rr, beta=0.5, label_smoothing=0.1)
+    ls = torch.nn.functional.logsigmoid
+    assert smoothed.item() == pytest.approx(-(0.9 * ls(torch.tensor(1.0)) + 0.1 * ls(torch.tensor(-1.0))).item())
+
+
+def test_grpo_advantages_and_clipping_by_hand():
+    from nemotron.train.stages import group_advantages, grpo_token_loss
+
+    adv = group_advantages(torch.tensor([[1.0, 0.0, 0.0, 1.0], [1.0, 1.0, 1.0, 1.0]]))
+    assert adv[0].tolist() == pytest.approx([1.0, -1.0, -1.0, 1.0], abs=1e-5) and adv[1].abs().max() == 0
+    old = torch.zeros(2, 3)
+    new = torch.log(torch.tensor([[1.5, 1.0, 0.5], [1.5, 1.0, 0.5]]))   # ratios 1.5, 1, 0.5 on each row
+    mask = torch.tensor([[True, True, True], [True, True, False]])
+    loss, m = grpo_token_loss(new, old, torch.tensor([1.0, -1.0]), mask, clip_low=0.2, clip_high=0.28)
+    # positive advantage: min(r, clip(r)) -> 1.28, 1, 0.5; negative: min(-r, -clip(r)) -> -1.5, -1
+    assert loss.item() == pytest.approx(-(1.28 + 1.0 + 0.5 - 1.5 - 1.0) / 5)
+    assert m["clip_fraction"] == pytest.approx(3 / 5)
+
+
+def test_dpo_learns_the_preference(tmp_path, tiny):
+    data = tmp_path / "pairs.jsonl"
+    rows = [{"messages": [{"role": "user", "content": q}], "chosen": "Happy to help!", "rejected": "Go away.",
+             "enable_thinking": False} for q in ("Hi", "Help me", "Question", "Hello")]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    train(load_recipe(None, [f"data=[{data}]", f"model={tiny.path}", f"out_dir={tmp_path / 'dpo'}", "steps=10",
+                             "batch_size=2", "lr=1e-3", "warmup=0", "schedule=constant", "seq_len=512"], "dpo"),
+          progress=False)
+    records = [json.loads(line) for line in (tmp_path / "dpo" / "metrics.jsonl").read_text().splitlines()]
+    assert records[0]["reward_margin"] == pytest.approx(0.0, abs=1e-6)   # the policy starts as its reference
+    assert records[-1]["accuracy"] == 1.0 and records[-1]["reward_margin"] > 0.5
+    assert records[-1]["loss"] < records[0]["loss"] - 0.2
+
+
+def test_grpo_raises_mean_reward(tmp_path, tiny):
+    """A verifiable reward the random model already earns sometimes (the share of lowercase letters in
+    its answer); groups of 8 samples from the engine, 15 steps, the mean reward rises."""
+    data = tmp_path / "prompts.jsonl"
+    data.write_text("".join(json.dumps({"messages": [{"role": "user", "content": q}], "answer": "",
+                                        "enable_thinking": False}) + "\n"
+                            for q in ("Say hi", "Say something", "Write", "Talk")))
+
+    def lowercase_share(answer: str, record: dict) -> float:
+        return sum(c.islower() for c in answer) / max(1, len(answer))
+
+    cfg = load_recipe(None, [f"data=[{data}]", f"model={tiny.path}", f"out_dir={tmp_path / 'grpo'}", "steps=15",
+                             "batch_size=2", "group_size=8", "max_new_tokens=16", "lr=1e-2", "warmup=0",
+                             "schedule=constant", "grpo_reward=lowercase", "seq_len=256"], "grpo")
+    assert cfg.freeze_router is True
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")   # the random model writes stray <tool_call> tags
+        train(cfg, progress=False, stage_kwargs={"rewards": {"lowercase": lowercase_share}})
+    rewards = [json.loads(line)["reward"] for line in (tmp_path / "grpo" / "metrics.jsonl").read_text().splitlines()]
+    assert sum(rewards[-3:]) / 3 > sum(rewards[:3]) / 3 + 0.1, rewards
+    router_bias = nemotron.load(tmp_path / "grpo" / "final").model.backbone.layers[1].mixer.gate.e_score_correction_bias
+    assert torch.equal(router_bias, tiny.model.backbone.layers[1].mixer.gate.e_score_correction_bias)

@@ -174,10 +174,12 @@ def _char_targets(tokenizer, text: str, spans: list[tuple[int, int]]) -> Example
     return Example(list(enc.ids), targets)
 
 
-def chat_example(tokenizer, record: dict[str, Any], template_kwargs: dict | None = None) -> list[Example]:
+def chat_example(tokenizer, record: dict[str, Any], template_kwargs: dict | None = None,
+                 last_turn_only: bool = False) -> list[Example]:
     """A conversation {"messages": [...], "tools"?: [...], "enable_thinking"?: bool} rendered with the
     model's chat template; the loss covers each assistant turn (through its end-of-turn token) and
-    nothing else. With enable_thinking false the reasoning is stripped from the turns. If the template
+    nothing else (`last_turn_only`: the final turn alone, as preference pairs score it). With
+    enable_thinking false the reasoning is stripped from the turns. If the template
     rewrites earlier turns as the conversation grows (it drops old reasoning), each assistant turn
     becomes its own example with the history as the template shows it at that point."""
     messages, tools = record.get("messages"), record.get("tools")
@@ -202,6 +204,9 @@ def chat_example(tokenizer, record: dict[str, Any], template_kwargs: dict | None
         end = full.rfind(eos) + len(eos) if eos and eos in full[len(prompt):] else len(full)
         return full, len(prompt), end
 
+    if last_turn_only:
+        full, start, end = span(turns[-1])
+        return [_char_targets(tokenizer, full[:end], [(start, end)])]
     whole = apply_chat_template(tokenizer, messages, tools=tools, add_generation_prompt=False, **kwargs)
     spans = []
     for i in turns:

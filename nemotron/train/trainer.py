@@ -21,12 +21,12 @@ import torch
 from torch import nn
 
 from ..checkpoint import save_checkpoint
-from .data import DataStream, chat_examples, text_examples
-from .objectives import lm_loss, routers, update_expert_bias
+from .objectives import routers, update_expert_bias
 from .optim import DECAYS, SCHEDULES, lr_at, make_optimizer
+from .stages import make_stage
 from .state import latest_checkpoint, load_training_state, save_training_state
 
-STAGES = ("pretrain", "sft")
+STAGES = ("pretrain", "sft", "dpo", "grpo")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json")
 
 
@@ -59,7 +59,18 @@ class TrainConfig:
     mtp_depth: int = 1
     aux_loss_coeff: float = 1e-4
     bias_update_rate: float = 1e-3
-    freeze_router: bool = False       # RL-style: router weights and expert biases stay put
+    freeze_router: bool | None = None  # router weights and expert biases stay put (default: only in grpo)
+    # dpo
+    dpo_beta: float = 0.1
+    dpo_label_smoothing: float = 0.0
+    # grpo
+    group_size: int = 8
+    max_new_tokens: int = 64
+    temperature: float = 1.0
+    clip_low: float = 0.2
+    clip_high: float = 0.28
+    kl_coeff: float = 0.0
+    grpo_reward: str = "number"       # the verifier of prompts that name none: number, exact, contains
     autocast: str = "none"            # "bfloat16" where the hardware has it
     activation_checkpointing: bool = False
     compile: bool = False
@@ -83,11 +94,12 @@ class TrainConfig:
             raise ValueError("recipe: set exactly one of model (a checkpoint to start from) and init_config")
         if self.init_config is not None and self.tokenizer is None:
             fail("tokenizer", "is needed with init_config (a directory with tokenizer.json)")
-        for name in ("steps", "seq_len", "batch_size", "grad_accum", "save_every", "log_every", "mtp_depth"):
+        for name in ("steps", "seq_len", "batch_size", "grad_accum", "save_every", "log_every", "mtp_depth",
+                     "group_size", "max_new_tokens"):
             if getattr(self, name) < 1:
                 fail(name, "must be >= 1")
         for name in ("lr", "min_lr", "weight_decay", "grad_clip", "mtp_weight", "aux_loss_coeff",
-                     "bias_update_rate", "warmup"):
+                     "bias_update_rate", "warmup", "dpo_beta", "temperature", "clip_low", "clip_high", "kl_coeff"):
             if getattr(self, name) < 0:
                 fail(name, "must be >= 0")
         if not 0 <= self.decay_fraction <= 1:
@@ -98,6 +110,12 @@ class TrainConfig:
             fail("decay", f"must be one of {', '.join(DECAYS)}")
         if self.autocast not in ("none", "bfloat16"):
             fail("autocast", "must be none or bfloat16")
+        if not 0 <= self.dpo_label_smoothing < 0.5:
+            fail("dpo_label_smoothing", "must be in [0, 0.5)")
+        if self.stage == "grpo" and self.group_size < 2:
+            fail("group_size", "must be >= 2 (advantages are relative to the group)")
+        if self.freeze_router is None:
+            self.freeze_router = self.stage == "grpo"   # NeMo-RL: router and expert biases frozen in RL
         return self
 
 
@@ -219,15 +237,19 @@ def plot_curves(records: list[dict], out: Path, keys: tuple[str, ...] = ("loss",
     return out
 
 
-def train(cfg: TrainConfig, progress: bool = True, stop_after: int | None = None) -> dict:
+def train(cfg: TrainConfig, progress: bool = True, stop_after: int | None = None,
+          stage_kwargs: dict | None = None) -> dict:
     """Run the recipe; returns a summary. `stop_after`: leave after that many steps of this call
-    (as a crash would, but cleanly): used to test resuming."""
+    (as a crash would, but cleanly): used to test resuming. `stage_kwargs`: e.g. {"rewards": {name:
+    fn(answer, record) -> float}} to add GRPO verifiers."""
     cfg.validate()
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
     model, config, tokenizer, tok_dir = _build(cfg)
     model.train()
+    # the stage first: DPO/GRPO keep a frozen copy of the starting model, made before any wrapping
+    stage = make_stage(cfg, model, tokenizer, **(stage_kwargs or {}))
     if cfg.freeze_router:
         for router in routers(model):
             router.weight.requires_grad_(False)
@@ -236,18 +258,13 @@ def train(cfg: TrainConfig, progress: bool = True, stop_after: int | None = None
     if cfg.compile:
         for block in (model.backbone.layers if hasattr(model, "backbone") else model.model.layers):
             block.compile()
-    examples = text_examples(cfg.data, tokenizer) if cfg.stage == "pretrain" else \
-        chat_examples(cfg.data, tokenizer, cfg.template_kwargs)
-    pad = tokenizer.token_id(tokenizer.config.get("pad_token") if isinstance(tokenizer.config.get("pad_token"), str)
-                             else None) or 0
-    stream = DataStream(examples, cfg.seq_len, cfg.batch_size, cfg.seed, pad)
     optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2))
     start = 0
     metrics_path = out / "metrics.jsonl"
     ckpt = latest_checkpoint(out) if cfg.resume else None
     if ckpt is not None:
         meta = load_training_state(ckpt, model, optimizer)
-        stream.load_state_dict(meta["data"])
+        stage.load_state_dict(meta["data"])
         start = meta["step"]
     records = []
     if metrics_path.is_file() and start > 0:  # keep the history up to the checkpoint
@@ -268,30 +285,16 @@ def train(cfg: TrainConfig, progress: bool = True, stop_after: int | None = None
                            cfg.decay)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
-                micro = [next(stream) for _ in range(cfg.grad_accum)]
-                n_targets = sum(b.num_targets for b in micro)
                 optimizer.zero_grad(set_to_none=True)
-                sums: dict[str, float] = {}
-                for batch in micro:
-                    with autocast:
-                        loss, m = lm_loss(model, batch, cfg.mtp_weight, cfg.mtp_depth, cfg.aux_loss_coeff, n_targets)
-                    loss.backward()
-                    for k, v in m.items():
-                        sums[k] = sums.get(k, 0.0) + v
+                record = {"step": step + 1, **stage.step(model, autocast), "lr": lr}
                 grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)) \
                     if cfg.grad_clip > 0 else float("nan")
                 optimizer.step()
                 loads = update_expert_bias(model, 0.0 if cfg.freeze_router else cfg.bias_update_rate)
-                tokens = sum(int(b.input_ids.numel()) for b in micro)
                 dt = time.perf_counter() - t0
-                last_loss = sums["ce_sum"] / max(1, n_targets)
-                record = {"step": step + 1, "loss": last_loss, "lr": lr, "grad_norm": grad_norm,
-                          "tokens_per_s": tokens / dt, "targets": n_targets}
-                for k in range(1, cfg.mtp_depth + 1):
-                    if f"mtp{k}_ce_sum" in sums:
-                        record[f"mtp{k}_loss"] = sums[f"mtp{k}_ce_sum"] / max(1, n_targets)
-                if "aux" in sums:
-                    record["aux_loss"] = sums["aux"] / len(micro)
+                last_loss = record["loss"]
+                record["grad_norm"] = grad_norm
+                record["tokens_per_s"] = record.pop("tokens") / dt
                 if loads:
                     record["max_over_mean_load"] = {str(i): round(v, 4) for i, v in loads.items()}
                 if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
@@ -306,7 +309,7 @@ def train(cfg: TrainConfig, progress: bool = True, stop_after: int | None = None
                     bar.update(step + 1, last_loss, record["tokens_per_s"])
                 if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
                     save_training_state(out, step + 1, model, optimizer,
-                                        {"data": stream.state_dict(), "recipe": dataclasses.asdict(cfg)})
+                                        {"data": stage.state_dict(), "recipe": dataclasses.asdict(cfg)})
                 steps_run += 1
                 if stop_after is not None and steps_run >= stop_after:
                     return {"stopped_at": step + 1, "loss": last_loss}
@@ -319,8 +322,8 @@ def train(cfg: TrainConfig, progress: bool = True, stop_after: int | None = None
     for name in TOKENIZER_FILES:
         if (tok_dir / name).is_file():
             shutil.copyfile(tok_dir / name, final / name)
-    plot = plot_curves(records, out / "loss.png", ("loss",) + (("mtp1_loss",) if cfg.mtp_weight > 0 and any(
-        "mtp1_loss" in r for r in records) else ()))
+    curves = ("loss",) + tuple(k for k in ("mtp1_loss", "reward", "accuracy") if any(k in r for r in records))
+    plot = plot_curves(records, out / "loss.png", curves)
     return {"steps": cfg.steps, "loss": last_loss, "final": str(final), "metrics": str(metrics_path),
             "plot": str(plot) if plot else None}
 
