@@ -276,3 +276,33 @@ def test_grpo_raises_mean_reward(tmp_path, tiny):
     assert sum(rewards[-3:]) / 3 > sum(rewards[:3]) / 3 + 0.1, rewards
     router_bias = nemotron.load(tmp_path / "grpo" / "final").model.backbone.layers[1].mixer.gate.e_score_correction_bias
     assert torch.equal(router_bias, tiny.model.backbone.layers[1].mixer.gate.e_score_correction_bias)
+
+
+def test_lora_trains_adapters_only_and_merges_exactly(tmp_path, tiny):
+    from nemotron.train.lora import LoRALinear, apply_lora, merge_lora
+
+    data = tmp_path / "sft.jsonl"
+    data.write_text("".join(json.dumps(c) + "\n" for c in CONVERSATIONS))
+    summary = train(load_recipe(None, [f"data=[{data}]", f"model={tiny.path}", f"out_dir={tmp_path / 'lora'}",
+                                       "steps=6", "seq_len=1024", "batch_size=1", "lr=1e-2", "warmup=0",
+                                       "lora_rank=4", "schedule=constant"], "sft"), progress=False)
+    losses = [json.loads(line)["loss"] for line in (tmp_path / "lora" / "metrics.jsonl").read_text().splitlines()]
+    assert losses[-1] < losses[0]
+    adapter = json.loads((tmp_path / "lora" / "adapter" / "adapter_config.json").read_text())
+    assert adapter["r"] == 4 and "in_proj" in adapter["target_modules"]
+    merged = nemotron.load(summary["final"]).model
+    base = tiny.model.state_dict()
+    changed = {k for k, v in merged.state_dict().items() if not torch.equal(v, base[k])}
+    assert changed and all(k.endswith(".weight") and k.rsplit(".", 2)[-2] in adapter["target_modules"] for k in changed)
+    # merging computes what the adapted model computes
+    model = _fresh_model(seed=2).eval()
+    apply_lora(model, rank=4, targets=["q_proj", "in_proj", "up_proj"])
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, LoRALinear):
+                m.lora_B.normal_(0, 0.05)
+    ids = torch.randint(3, 260, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        before = model(ids)
+        assert merge_lora(model) > 0
+        assert (model(ids) - before).abs().max() < 1e-4

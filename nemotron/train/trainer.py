@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from ..checkpoint import save_checkpoint
+from .lora import DEFAULT_TARGETS, apply_lora, merge_lora, save_adapter
 from .objectives import routers, update_expert_bias
 from .optim import DECAYS, SCHEDULES, lr_at, make_optimizer
 from .stages import make_stage
@@ -71,6 +72,9 @@ class TrainConfig:
     clip_high: float = 0.28
     kl_coeff: float = 0.0
     grpo_reward: str = "number"       # the verifier of prompts that name none: number, exact, contains
+    lora_rank: int = 0                # > 0: train low-rank adapters only (merged into the export)
+    lora_alpha: float = 16.0
+    lora_targets: list[str] = field(default_factory=lambda: list(DEFAULT_TARGETS))
     autocast: str = "none"            # "bfloat16" where the hardware has it
     activation_checkpointing: bool = False
     compile: bool = False
@@ -94,6 +98,8 @@ class TrainConfig:
             raise ValueError("recipe: set exactly one of model (a checkpoint to start from) and init_config")
         if self.init_config is not None and self.tokenizer is None:
             fail("tokenizer", "is needed with init_config (a directory with tokenizer.json)")
+        if self.lora_rank < 0:
+            fail("lora_rank", "must be >= 0 (0: full fine-tuning)")
         for name in ("steps", "seq_len", "batch_size", "grad_accum", "save_every", "log_every", "mtp_depth",
                      "group_size", "max_new_tokens"):
             if getattr(self, name) < 1:
@@ -250,6 +256,8 @@ def train(cfg: TrainConfig, progress: bool = True, stop_after: int | None = None
     model.train()
     # the stage first: DPO/GRPO keep a frozen copy of the starting model, made before any wrapping
     stage = make_stage(cfg, model, tokenizer, **(stage_kwargs or {}))
+    if cfg.lora_rank:
+        apply_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets)
     if cfg.freeze_router:
         for router in routers(model):
             router.weight.requires_grad_(False)
@@ -290,7 +298,8 @@ def train(cfg: TrainConfig, progress: bool = True, stop_after: int | None = None
                 grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)) \
                     if cfg.grad_clip > 0 else float("nan")
                 optimizer.step()
-                loads = update_expert_bias(model, 0.0 if cfg.freeze_router else cfg.bias_update_rate)
+                frozen = cfg.freeze_router or cfg.lora_rank > 0   # LoRA: the base model (biases too) stays put
+                loads = update_expert_bias(model, 0.0 if frozen else cfg.bias_update_rate)
                 dt = time.perf_counter() - t0
                 last_loss = record["loss"]
                 record["grad_norm"] = grad_norm
@@ -318,6 +327,9 @@ def train(cfg: TrainConfig, progress: bool = True, stop_after: int | None = None
             bar.close()
         if writer is not None:
             writer.close()
+    if cfg.lora_rank:
+        save_adapter(model, out / "adapter", cfg.model)
+        merge_lora(model)
     final = save_checkpoint(model, config, out / "final")
     for name in TOKENIZER_FILES:
         if (tok_dir / name).is_file():
