@@ -113,9 +113,13 @@ class NemotronHForCausalLM(nn.Module):
         return self.backbone.norm_f(x.to(self.backbone.norm_f.weight.dtype))
 
     def forward(self, input_ids: torch.Tensor, cache: HybridCache | None = None, logits_to_keep: int = 0,
-                positions: torch.Tensor | None = None, seq_idx: torch.Tensor | None = None) -> torch.Tensor:
+                positions: torch.Tensor | None = None, seq_idx: torch.Tensor | None = None,
+                return_hidden: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Logits [B, T, V] fp32; with return_hidden, (logits, final hidden states) in one call (training
+        with MTP: a single entry point is also what FSDP wraps)."""
         h = self.hidden_states(input_ids, cache, positions, seq_idx)
-        return self.lm_head(h[:, -logits_to_keep:] if logits_to_keep else h).float()
+        logits = self.lm_head(h[:, -logits_to_keep:] if logits_to_keep else h).float()
+        return (logits, h) if return_hidden else logits
 
     def mtp_forward(self, hidden: torch.Tensor, next_ids: torch.Tensor, depth: int = 0,
                     cache: HybridCache | None = None,

@@ -62,8 +62,7 @@ def lm_loss(model: nn.Module, batch: Batch, mtp_weight: float = 0.0, mtp_depth: 
     n = max(1, loss_scale_tokens if loss_scale_tokens is not None else batch.num_targets)
     use_mtp = mtp_weight > 0 and getattr(model, "mtp", None) is not None
     if use_mtp:
-        h = model.hidden_states(ids, seq_idx=seq_idx)
-        logits = model.lm_head(h).float()
+        logits, h = model(ids, seq_idx=seq_idx, return_hidden=True)
     else:
         logits = model(ids, seq_idx=seq_idx)
     ce = _ce_sum(logits, labels)
@@ -92,13 +91,18 @@ def lm_loss(model: nn.Module, batch: Batch, mtp_weight: float = 0.0, mtp_depth: 
 
 
 @torch.no_grad()
-def update_expert_bias(model: nn.Module, rate: float) -> dict:
+def update_expert_bias(model: nn.Module, rate: float, group=None) -> dict:
     """The aux-loss-free balancing step (DeepSeek-V3, Nemotron 3): each router's selection bias moves by
-    `rate` x sign(mean load - load), re-centred to mean zero; the load counts restart. Returns the
-    max/mean load of each MoE layer since the previous update."""
+    `rate` x sign(mean load - load), re-centred to mean zero; the load counts restart. With a
+    data-parallel `group` the counts are summed over it first (every rank then moves alike). Returns
+    the max/mean load of each MoE layer since the previous update."""
     out = {}
     for i, router in enumerate(routers(model)):
         load = router.tokens_per_expert
+        if group is not None:
+            import torch.distributed as dist
+
+            dist.all_reduce(load, group=group)
         if load.sum() == 0:
             continue
         out[i] = float(load.max() / load.mean())
