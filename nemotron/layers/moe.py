@@ -136,25 +136,31 @@ class Experts(nn.Module):
         order = flat.argsort(stable=True)
         token = order // k
         counts = torch.bincount(flat, minlength=self.num_experts)
-        xs = x[token]
+        # index_select rather than x[token]: its backward is an index_add, not a sorting index_put
+        xs = x.index_select(0, token)
         if method == "grouped":
             offsets = counts.cumsum(0).to(torch.int32)
             h = relu2(torch._grouped_mm(xs, self.up_proj.transpose(1, 2), offs=offsets))
             ys = torch._grouped_mm(h, self.down_proj.transpose(1, 2), offs=offsets)
+        elif torch.is_grad_enabled():
+            # training: per-expert outputs joined by one cat (its backward is free views)
+            parts, start = [], 0
+            for e, n in enumerate(counts.tolist()):
+                if n:
+                    parts.append(F.linear(relu2(F.linear(xs[start:start + n], self.up_proj[e])), self.down_proj[e]))
+                    start += n
+            ys = torch.cat(parts)
         else:
             ys = torch.empty_like(xs)
             start = 0
-            write = not torch.is_grad_enabled()  # matmul(out=) has no autograd
-            for e, n in enumerate(counts.tolist()):  # one matmul per expert that has tokens
+            for e, n in enumerate(counts.tolist()):  # one matmul per expert that has tokens, written in place
                 if n:
                     h = relu2(F.linear(xs[start:start + n], self.up_proj[e]))
-                    if write:
-                        torch.matmul(h, self.down_proj[e].t(), out=ys[start:start + n])
-                    else:
-                        ys[start:start + n] = F.linear(h, self.down_proj[e])
+                    torch.matmul(h, self.down_proj[e].t(), out=ys[start:start + n])
                     start += n
-        # ys is this function's own buffer (or a fresh fp32 copy of it): scaled in place
-        ys = ys.float().mul_(weights.reshape(-1)[order, None].float())
+        w = weights.reshape(-1).index_select(0, order)[:, None].float()
+        # ys is this function's own buffer (or a fresh fp32 copy of it) when nothing is recorded
+        ys = ys.float() * w if torch.is_grad_enabled() else ys.float().mul_(w)
         out = torch.zeros(t, x.shape[-1], dtype=torch.float32, device=x.device)
         return out.index_add_(0, token, ys).to(x.dtype)
 
