@@ -26,10 +26,16 @@ def routers(model: nn.Module) -> list[TopkRouter]:
     return [m for m in model.modules() if isinstance(m, TopkRouter)]
 
 
+def count_sequences(seq_idx: torch.Tensor) -> int:
+    """Packed sequences in a batch (each row's distinct seq_idx values)."""
+    return int(sum(len(torch.unique(row)) for row in seq_idx))
+
+
 def sequence_aux_loss(model: nn.Module, seq_idx: torch.Tensor) -> torch.Tensor:
-    """Sum over MoE layers of alpha-free sum_i f_i P_i, averaged over the packed sequences:
-    f_i = E / (K T_s) x tokens of sequence s routed to expert i, P_i = the mean normalised score of
-    expert i over those tokens (Megatron's seq_aux_loss). Uses each router's last training forward."""
+    """Sum over MoE layers and packed sequences of the alpha-free sum_i f_i P_i (divide by the number
+    of sequences for the mean): f_i = E / (K T_s) x tokens of sequence s routed to expert i, P_i = the
+    mean normalised score of expert i over those tokens (Megatron's seq_aux_loss). Uses each router's
+    last training forward."""
     b, t = seq_idx.shape
     seq = (seq_idx + torch.arange(b, device=seq_idx.device)[:, None] * (int(seq_idx.max()) + 1)).reshape(-1)
     _, seq = torch.unique(seq, return_inverse=True)
@@ -49,15 +55,17 @@ def sequence_aux_loss(model: nn.Module, seq_idx: torch.Tensor) -> torch.Tensor:
             0, seq.repeat_interleave(k), torch.ones(idx.numel(), device=scores.device)[:, None]
             * F.one_hot(idx.reshape(-1), e).float())
         f = counts * e / (k * tokens[:, None])
-        total = total + (f * p_mean).sum(-1).mean()
+        total = total + (f * p_mean).sum()
     return total
 
 
 def lm_loss(model: nn.Module, batch: Batch, mtp_weight: float = 0.0, mtp_depth: int = 1,
-            aux_coeff: float = 0.0, loss_scale_tokens: int | None = None) -> tuple[torch.Tensor, dict]:
+            aux_coeff: float = 0.0, loss_scale_tokens: int | None = None,
+            loss_scale_sequences: int | None = None) -> tuple[torch.Tensor, dict]:
     """Loss of one (micro-)batch. The cross-entropy is summed and divided by `loss_scale_tokens`
-    (the scored tokens of the whole optimizer step, so that gradient accumulation averages per token)
-    or by this batch's own count. Returns (loss, metrics)."""
+    (the scored tokens of the whole optimizer step, so that gradient accumulation and data
+    parallelism average per token) or by this batch's own count; the aux loss likewise by
+    `loss_scale_sequences` (the step's packed sequences). Returns (loss, metrics)."""
     ids, labels, seq_idx = batch.input_ids, batch.labels, batch.seq_idx
     n = max(1, loss_scale_tokens if loss_scale_tokens is not None else batch.num_targets)
     use_mtp = mtp_weight > 0 and getattr(model, "mtp", None) is not None
@@ -70,8 +78,8 @@ def lm_loss(model: nn.Module, batch: Batch, mtp_weight: float = 0.0, mtp_depth: 
     metrics = {"ce_sum": float(ce.detach()), "targets": batch.num_targets}
     if aux_coeff > 0:
         aux = sequence_aux_loss(model, seq_idx)
-        loss = loss + aux_coeff * aux
-        metrics["aux"] = float(aux.detach())
+        loss = loss + aux_coeff * aux / max(1, loss_scale_sequences or count_sequences(seq_idx))
+        metrics["aux_sum"] = float(aux.detach())
     if use_mtp:
         mtp_total, hidden = 0.0, h
         for k in range(1, mtp_depth + 1):

@@ -25,7 +25,7 @@ from torch import nn
 
 from .data import IGNORE, Batch, DataStream, Example, chat_example, chat_examples, collate, pack, read_jsonl, \
     text_examples
-from .objectives import lm_loss
+from .objectives import count_sequences, lm_loss
 
 
 class IndexStream:
@@ -87,30 +87,51 @@ def sequence_logps(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.
 
 
 class LMStage:
-    def __init__(self, cfg, model: nn.Module, tokenizer) -> None:
-        self.cfg = cfg
+    """shard = (rank, world) for data parallelism: every rank packs the same global batch of
+    batch_size x world rows and takes every world-th row; the loss is scaled by the global count of
+    scored tokens (x world under FSDP, which averages gradients), so the step equals one process
+    training on the whole batch."""
+
+    def __init__(self, cfg, model: nn.Module, tokenizer, shard: tuple[int, int] = (0, 1)) -> None:
+        self.cfg, (self.rank, self.world) = cfg, shard
         examples = text_examples(cfg.data, tokenizer) if cfg.stage == "pretrain" else \
             chat_examples(cfg.data, tokenizer, cfg.template_kwargs)
-        self.stream = DataStream(examples, cfg.seq_len, cfg.batch_size, cfg.seed, _pad_id(tokenizer))
+        self.stream = DataStream(examples, cfg.seq_len, cfg.batch_size * self.world, cfg.seed, _pad_id(tokenizer))
+
+    def _mine(self, batch: Batch) -> Batch:
+        rows = slice(self.rank, None, self.world)
+        return Batch(batch.input_ids[rows], batch.labels[rows], batch.seq_idx[rows])
 
     def step(self, model: nn.Module, autocast) -> dict:
         cfg = self.cfg
-        micro = [next(self.stream) for _ in range(cfg.grad_accum)]
-        n_targets = sum(b.num_targets for b in micro)
+        global_micro = [next(self.stream) for _ in range(cfg.grad_accum)]
+        n_targets = sum(b.num_targets for b in global_micro)
+        n_sequences = sum(count_sequences(b.seq_idx) for b in global_micro)
+        micro = [self._mine(b) for b in global_micro] if self.world > 1 else global_micro
+        factor = self.world if self.world > 1 and cfg.parallel == "fsdp" else 1
         sums: dict[str, float] = {}
         for batch in micro:
-            with autocast:
-                loss, m = lm_loss(model, batch, cfg.mtp_weight, cfg.mtp_depth, cfg.aux_loss_coeff, n_targets)
-            loss.backward()
+            if batch.input_ids.shape[0] == 0:
+                continue
+            with autocast:   # the aux loss is per sequence: its mean over ranks is already the batch's
+                loss, m = lm_loss(model, batch, cfg.mtp_weight, cfg.mtp_depth, cfg.aux_loss_coeff / factor, n_targets,
+                                  n_sequences)
+            (loss * factor).backward()
             for k, v in m.items():
                 sums[k] = sums.get(k, 0.0) + v
-        record = {"loss": sums["ce_sum"] / max(1, n_targets), "targets": n_targets,
+        if self.world > 1:   # the logged figures are the whole step's
+            import torch.distributed as dist
+
+            totals = torch.tensor([sums.get(k, 0.0) for k in sorted(sums)], dtype=torch.float64)
+            dist.all_reduce(totals)
+            sums = dict(zip(sorted(sums), totals.tolist()))
+        record = {"loss": sums.get("ce_sum", 0.0) / max(1, n_targets), "targets": n_targets,
                   "tokens": sum(int(b.input_ids.numel()) for b in micro)}
         for k in range(1, cfg.mtp_depth + 1):
             if f"mtp{k}_ce_sum" in sums:
                 record[f"mtp{k}_loss"] = sums[f"mtp{k}_ce_sum"] / max(1, n_targets)
-        if "aux" in sums:
-            record["aux_loss"] = sums["aux"] / len(micro)
+        if "aux_sum" in sums:
+            record["aux_loss"] = sums["aux_sum"] / max(1, n_sequences)
         return record
 
     def state_dict(self) -> dict:
@@ -359,9 +380,9 @@ class GRPOStage:
         self.step_count = int(state.get("step_count", 0))
 
 
-def make_stage(cfg, model: nn.Module, tokenizer, **kwargs: Any):
+def make_stage(cfg, model: nn.Module, tokenizer, shard: tuple[int, int] = (0, 1), **kwargs: Any):
     if cfg.stage in ("pretrain", "sft"):
-        return LMStage(cfg, model, tokenizer)
+        return LMStage(cfg, model, tokenizer, shard)
     if cfg.stage == "dpo":
         return DPOStage(cfg, model, tokenizer)
     if cfg.stage == "grpo":

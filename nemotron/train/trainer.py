@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import shutil
 import time
 import typing
@@ -18,11 +19,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from ..checkpoint import save_checkpoint
 from .lora import DEFAULT_TARGETS, apply_lora, merge_lora, save_adapter
 from .objectives import routers, update_expert_bias
+from .parallel import (all_reduce_grads, apply_ep, apply_fsdp, apply_tp, expert_parameters, full_state_dict,
+                       init_from_env)
 from .optim import DECAYS, SCHEDULES, lr_at, make_optimizer
 from .stages import make_stage
 from .state import latest_checkpoint, load_training_state, save_training_state
@@ -76,6 +80,7 @@ class TrainConfig:
     lora_alpha: float = 16.0
     lora_targets: list[str] = field(default_factory=lambda: list(DEFAULT_TARGETS))
     autocast: str = "none"            # "bfloat16" where the hardware has it
+    parallel: str = "fsdp"            # under torchrun: fsdp (data parallel), tp (tensor), ep (expert + data)
     activation_checkpointing: bool = False
     compile: bool = False
     save_every: int = 100
@@ -116,6 +121,8 @@ class TrainConfig:
             fail("decay", f"must be one of {', '.join(DECAYS)}")
         if self.autocast not in ("none", "bfloat16"):
             fail("autocast", "must be none or bfloat16")
+        if self.parallel not in ("fsdp", "tp", "ep"):
+            fail("parallel", "must be fsdp, tp or ep")
         if not 0 <= self.dpo_label_smoothing < 0.5:
             fail("dpo_label_smoothing", "must be in [0, 0.5)")
         if self.stage == "grpo" and self.group_size < 2:
@@ -251,11 +258,16 @@ def train(cfg: TrainConfig, progress: bool = True, stop_after: int | None = None
     cfg.validate()
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    rank, world = init_from_env() if distributed else (0, 1)
+    if distributed and cfg.stage not in ("pretrain", "sft"):
+        raise ValueError(f"{cfg.stage} runs in one process for now; use torchrun for pretrain and sft")
     torch.manual_seed(cfg.seed)
     model, config, tokenizer, tok_dir = _build(cfg)
     model.train()
     # the stage first: DPO/GRPO keep a frozen copy of the starting model, made before any wrapping
-    stage = make_stage(cfg, model, tokenizer, **(stage_kwargs or {}))
+    shard = (rank, world) if distributed and cfg.parallel != "tp" else (0, 1)
+    stage = make_stage(cfg, model, tokenizer, shard=shard, **(stage_kwargs or {}))
     if cfg.lora_rank:
         apply_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets)
     if cfg.freeze_router:
@@ -266,6 +278,20 @@ def train(cfg: TrainConfig, progress: bool = True, stop_after: int | None = None
     if cfg.compile:
         for block in (model.backbone.layers if hasattr(model, "backbone") else model.model.layers):
             block.compile()
+    dp_group, experts = None, set()
+    if distributed:   # parallelism applied from outside: tensor / expert parallel, then FSDP2
+        from torch.distributed.device_mesh import init_device_mesh
+
+        mesh = init_device_mesh("cuda" if torch.cuda.is_available() else "cpu", (world,))
+        if cfg.parallel == "tp":
+            apply_tp(model, mesh)
+        elif cfg.parallel == "ep":
+            apply_ep(model)
+            experts = expert_parameters(model)
+            dp_group = dist.group.WORLD
+        else:
+            apply_fsdp(model, mesh)
+            dp_group = dist.group.WORLD
     optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2))
     start = 0
     metrics_path = out / "metrics.jsonl"
@@ -282,7 +308,7 @@ def train(cfg: TrainConfig, progress: bool = True, stop_after: int | None = None
     writer = _tensorboard(out)
     autocast = torch.autocast(device_type=next(model.parameters()).device.type, dtype=torch.bfloat16,
                               enabled=cfg.autocast == "bfloat16")
-    bar = _progress(progress, cfg.steps, start)
+    bar = _progress(progress and rank == 0, cfg.steps, start)
     last_loss = float("nan")
     steps_run = 0
     try:
@@ -295,18 +321,20 @@ def train(cfg: TrainConfig, progress: bool = True, stop_after: int | None = None
                     group["lr"] = lr
                 optimizer.zero_grad(set_to_none=True)
                 record = {"step": step + 1, **stage.step(model, autocast), "lr": lr}
+                if distributed and cfg.parallel == "ep":   # replicated weights: sum the ranks' gradients
+                    all_reduce_grads(model, skip=experts)
                 grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)) \
                     if cfg.grad_clip > 0 else float("nan")
                 optimizer.step()
                 frozen = cfg.freeze_router or cfg.lora_rank > 0   # LoRA: the base model (biases too) stays put
-                loads = update_expert_bias(model, 0.0 if frozen else cfg.bias_update_rate)
+                loads = update_expert_bias(model, 0.0 if frozen else cfg.bias_update_rate, dp_group)
                 dt = time.perf_counter() - t0
                 last_loss = record["loss"]
                 record["grad_norm"] = grad_norm
                 record["tokens_per_s"] = record.pop("tokens") / dt
                 if loads:
                     record["max_over_mean_load"] = {str(i): round(v, 4) for i, v in loads.items()}
-                if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
+                if rank == 0 and ((step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps):
                     log.write(json.dumps(record) + "\n")
                     log.flush()
                     records.append(record)
@@ -327,6 +355,14 @@ def train(cfg: TrainConfig, progress: bool = True, stop_after: int | None = None
             bar.close()
         if writer is not None:
             writer.close()
+    if distributed:   # the export is one unsharded checkpoint, written by rank 0
+        full = full_state_dict(model) if cfg.parallel != "fsdp" else \
+            {k: (v.full_tensor() if hasattr(v, "full_tensor") else v) for k, v in model.state_dict().items()}
+        if rank != 0:
+            dist.barrier()
+            return {"steps": cfg.steps, "loss": last_loss, "rank": rank}
+        model, _, _, _ = _build(cfg)
+        model.load_state_dict(full, strict=False)
     if cfg.lora_rank:
         save_adapter(model, out / "adapter", cfg.model)
         merge_lora(model)
@@ -336,6 +372,8 @@ def train(cfg: TrainConfig, progress: bool = True, stop_after: int | None = None
             shutil.copyfile(tok_dir / name, final / name)
     curves = ("loss",) + tuple(k for k in ("mtp1_loss", "reward", "accuracy") if any(k in r for r in records))
     plot = plot_curves(records, out / "loss.png", curves)
+    if distributed:
+        dist.barrier()
     return {"steps": cfg.steps, "loss": last_loss, "final": str(final), "metrics": str(metrics_path),
             "plot": str(plot) if plot else None}
 
