@@ -341,3 +341,20 @@ def test_torchrun_fsdp_matches_one_process(tmp_path, tiny):
     exported = nemotron.load(tmp_path / "dist" / "final").model.state_dict()
     reference = nemotron.load(tmp_path / "one" / "final").model.state_dict()
     assert max(float((exported[k] - reference[k]).abs().max()) for k in reference) < 1e-3
+
+
+def test_activation_checkpointing_keeps_the_gradients(tiny):
+    from nemotron.train.trainer import enable_activation_checkpointing
+
+    examples = [e for c in CONVERSATIONS for e in chat_example(tiny.tokenizer, c)]
+    batch = collate(pack(examples, 4096))
+    grads = []
+    for checkpointed in (False, True):
+        model = _fresh_model(seed=3)
+        if checkpointed:
+            enable_activation_checkpointing(model)
+        loss, _ = lm_loss(model, batch, mtp_weight=0.3, aux_coeff=1e-4)
+        loss.backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys()
+    assert all(torch.allclose(grads[0][n], grads[1][n], atol=1e-6) for n in grads[0])
