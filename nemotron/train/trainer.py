@@ -132,27 +132,28 @@ class TrainConfig:
         return self
 
 
-def _coerce(name: str, value: Any, annotation: str) -> Any:
-    """Check a recipe value against the field's type (ints are accepted for floats)."""
-    kind = {"str": str, "int": int, "float": float, "bool": bool, "dict": dict}
-    base = annotation.replace(" | None", "")
-    if value is None and "None" in annotation:
-        return None
-    if base.startswith("list"):
+def _coerce(name: str, value: Any, hint: Any) -> Any:
+    """Check a recipe value against the field's type hint (ints are accepted for floats, and numeric
+    strings too: YAML 1.1 reads 3e-4, without a dot, as a string)."""
+    args = typing.get_args(hint)
+    if type(None) in args:
+        if value is None:
+            return None
+        hint = next(a for a in args if a is not type(None))
+    if typing.get_origin(hint) is list:
         value = [value] if isinstance(value, str) else value
         if not (isinstance(value, list) and all(isinstance(v, str) for v in value)):
             raise ValueError(f"recipe: {name} must be a list of strings, got {value!r}")
         return value
-    want = kind[base]
-    if want is float and isinstance(value, str):  # YAML 1.1 reads 3e-4 (no dot) as a string
+    if hint is float and isinstance(value, str):
         try:
             value = float(value)
         except ValueError:
             pass
-    if want is float and isinstance(value, int) and not isinstance(value, bool):
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
-    if not isinstance(value, want) or (want is int and isinstance(value, bool)):
-        raise ValueError(f"recipe: {name} must be {base}, got {value!r}")
+    if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
+        raise ValueError(f"recipe: {name} must be {hint.__name__}, got {value!r}")
     return value
 
 
@@ -184,8 +185,7 @@ def load_recipe(path: str | Path | None, overrides: list[str] = (), stage: str |
     if unknown:
         raise ValueError(f"recipe: unknown key(s) {', '.join(unknown)} (known: {', '.join(fields)})")
     hints = typing.get_type_hints(TrainConfig)
-    clean = {k: _coerce(k, v, str(hints[k]).replace("typing.", "").replace("<class '", "").replace("'>", ""))
-             for k, v in values.items()}
+    clean = {k: _coerce(k, v, hints[k]) for k, v in values.items()}
     return TrainConfig(**clean).validate()
 
 
@@ -362,7 +362,11 @@ def train(cfg: TrainConfig, progress: bool = True, stop_after: int | None = None
             dist.barrier()
             return {"steps": cfg.steps, "loss": last_loss, "rank": rank}
         model, _, _, _ = _build(cfg)
-        model.load_state_dict(full, strict=False)
+        if cfg.lora_rank:
+            apply_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets)
+        missing, unexpected = model.load_state_dict(full, strict=False)
+        if [m for m in missing if not m.endswith("tokens_per_expert")] or unexpected:
+            raise RuntimeError(f"gathering the sharded model lost tensors: {missing[:3]} {unexpected[:3]}")
     if cfg.lora_rank:
         save_adapter(model, out / "adapter", cfg.model)
         merge_lora(model)
