@@ -24,6 +24,7 @@ import torch.nn.functional as F
 # checkpoints (large dt*A summed over a chunk) put most intra-chunk decays there. exp(-60) ~ 9e-27
 # stands in for anything smaller: invisible beside the diagonal term, which is weighted by exp(0).
 LOG_DECAY_FLOOR = -60.0
+_FLOOR_VALUE = float(torch.tensor(LOG_DECAY_FLOOR).exp())
 
 
 def _into(shape: tuple[int, ...], op, *args: torch.Tensor) -> torch.Tensor:
@@ -34,6 +35,34 @@ def _into(shape: tuple[int, ...], op, *args: torch.Tensor) -> torch.Tensor:
         return op(*args).contiguous()
     out = torch.empty(shape, dtype=torch.float32, device=args[0].device)
     return op(*args, out=out)
+
+
+def _decays(a_cum: torch.Tensor) -> torch.Tensor:
+    """exp(a_cum_i - a_cum_j) [..., Q, Q], built in place: clamped to [floor, 0] (above the diagonal
+    the difference is positive and is zeroed by the causal mask on C.B later)."""
+    return (a_cum[..., :, None] - a_cum[..., None, :]).clamp_(LOG_DECAY_FLOOR, 0.0).exp_()
+
+
+class _DecayedCB(torch.autograd.Function):
+    """M = exp(clamp(a_cum_i - a_cum_j)) * CB with a hand-written backward: the largest tensors of the
+    scan are touched a few times fewer than autograd's chain of sub/clamp/exp/mul backwards would."""
+
+    @staticmethod
+    def forward(ctx, a_cum: torch.Tensor, CB: torch.Tensor) -> torch.Tensor:
+        E = _decays(a_cum)
+        ctx.save_for_backward(E, CB)
+        return E * CB
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        E, CB = ctx.saved_tensors
+        grad_CB = (grad * E).sum(2, keepdim=True) if ctx.needs_input_grad[1] else None
+        grad_a = None
+        if ctx.needs_input_grad[0]:
+            # d/d diff of exp(clamp(diff)): E inside (floor, 0]; zero where the floor held it
+            g = (grad * CB).mul_(E).masked_fill_(E <= _FLOOR_VALUE, 0.0)
+            grad_a = g.sum(-1) - g.sum(-2)
+        return grad_a, grad_CB
 
 
 def segsum(a: torch.Tensor) -> torch.Tensor:
@@ -139,7 +168,6 @@ def ssd_chunks(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tens
     # M is the largest temporary: built in place. Above the diagonal the difference is positive;
     # clamping it to 0 keeps exp finite (and fast), and the causal mask is applied to C.B instead,
     # which is per group and so r times smaller.
-    diff = a_cum[..., :, None] - a_cum[..., None, :]
     if seq_idx is not None:
         # packed sequences: nothing flows between positions of different sequences
         seq = seq_idx[:, None]                                                          # [b, 1, c, Q]
@@ -150,10 +178,10 @@ def ssd_chunks(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tens
         keeps_end = seq == seq[..., -1:]              # positions that reach the chunk's end state
         resets = ~keeps_start[..., -1]                # [b, 1, c]: the incoming state stops in this chunk
     CB = (Cc @ Bc.transpose(-1, -2)).masked_fill_(~causal, 0.0)[:, :, None]
-    if diff.requires_grad:  # training: out of place (the backward reads exp's output)
-        M = diff.clamp(LOG_DECAY_FLOOR, 0.0).exp() * CB
+    if torch.is_grad_enabled() and (a_cum.requires_grad or CB.requires_grad):
+        M = _DecayedCB.apply(a_cum, CB)                                  # training: a fused backward
     else:
-        M = diff.clamp_(LOG_DECAY_FLOOR, 0.0).exp_().mul_(CB)         # [b, g, r, c, Q, Q]
+        M = _decays(a_cum).mul_(CB)                                      # [b, g, r, c, Q, Q]
     y_diag = M @ xg.permute(0, 1, 4, 2, 3, 5)                        # [b, g, r, c, Q, p]
 
     # 2. the state each chunk leaves behind, from its own inputs only: [b, g, c, n, r*p]
