@@ -16,6 +16,8 @@ state [b, h, p, n].
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -24,7 +26,8 @@ import torch.nn.functional as F
 # checkpoints (large dt*A summed over a chunk) put most intra-chunk decays there. exp(-60) ~ 9e-27
 # stands in for anything smaller: invisible beside the diagonal term, which is weighted by exp(0).
 LOG_DECAY_FLOOR = -60.0
-_FLOOR_VALUE = float(torch.tensor(LOG_DECAY_FLOOR).exp())
+# exp of the floor, with room for fp32 rounding: decays at or under it get no gradient
+_FLOOR_VALUE = math.exp(LOG_DECAY_FLOOR) * (1 + 1e-4)
 
 
 def _into(shape: tuple[int, ...], op, *args: torch.Tensor) -> torch.Tensor:
