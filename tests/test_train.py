@@ -358,3 +358,15 @@ def test_activation_checkpointing_keeps_the_gradients(tiny):
         grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
     assert grads[0].keys() == grads[1].keys()
     assert all(torch.allclose(grads[0][n], grads[1][n], atol=1e-6) for n in grads[0])
+
+
+@pytest.mark.parametrize("option", ["autocast=bfloat16", pytest.param("compile=true", marks=pytest.mark.slow)])
+def test_bf16_autocast_and_compile_train_like_fp32(tmp_path, tiny, option):
+    data = _pretrain_data(tmp_path)
+    common = [f"data=[{data}]", "init_config=tiny", f"tokenizer={tiny.path}", "steps=3", "seq_len=128",
+              "batch_size=2", "lr=1e-3"]
+    losses = []
+    for name, extra in (("plain", []), ("option", [option])):
+        train(load_recipe(None, common + extra + [f"out_dir={tmp_path / name}"], "pretrain"), progress=False)
+        losses.append([json.loads(line)["loss"] for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()])
+    assert all(abs(a - b) < 2e-2 * a for a, b in zip(*losses)), losses

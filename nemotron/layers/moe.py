@@ -70,7 +70,8 @@ class TopkRouter(nn.Module):
                 self._buffers[name] = buf.to(self.weight.device)
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x.float(), self.weight.float())
+        with torch.autocast(x.device.type, enabled=False):  # the router stays fp32 under autocast
+            return F.linear(x.float(), self.weight.float())
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         logits = self.logits(x)
@@ -109,8 +110,11 @@ class Experts(nn.Module):
         batches, loop otherwise."""
         t, k = idx.shape
         if method is None:
-            if torch.compiler.is_compiling() and t * k <= 64:
+            compiling = torch.compiler.is_compiling()
+            if compiling and t * k <= 64:
                 method = "gather"  # decode under torch.compile: no host reads inside the graph
+            elif compiling and not (x.is_cuda and x.dtype == torch.bfloat16):
+                method = "loop"    # the compiler's _grouped_mm wants CUDA bf16
             elif t == 1 and not x.is_cuda:
                 method = "single"
             elif self.grouped_mm_ok(x) and ((x.is_cuda and x.dtype == torch.bfloat16) or
@@ -140,8 +144,11 @@ class Experts(nn.Module):
         xs = x.index_select(0, token)
         if method == "grouped":
             offsets = counts.cumsum(0).to(torch.int32)
-            h = relu2(torch._grouped_mm(xs, self.up_proj.transpose(1, 2), offs=offsets))
-            ys = torch._grouped_mm(h, self.down_proj.transpose(1, 2), offs=offsets)
+            up, down = self.up_proj, self.down_proj
+            if up.dtype != xs.dtype:  # under autocast the activations are already in the low dtype
+                up, down = up.to(xs.dtype), down.to(xs.dtype)
+            h = relu2(torch._grouped_mm(xs, up.transpose(1, 2), offs=offsets))
+            ys = torch._grouped_mm(h, down.transpose(1, 2), offs=offsets)
         elif torch.is_grad_enabled():
             # training: per-expert outputs joined by one cat (its backward is free views)
             parts, start = [], 0
