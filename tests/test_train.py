@@ -370,3 +370,44 @@ def test_bf16_autocast_and_compile_train_like_fp32(tmp_path, tiny, option):
         train(load_recipe(None, common + extra + [f"out_dir={tmp_path / name}"], "pretrain"), progress=False)
         losses.append([json.loads(line)["loss"] for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()])
     assert all(abs(a - b) < 2e-2 * a for a, b in zip(*losses)), losses
+
+
+def test_a_crash_during_a_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    from nemotron.train import state
+
+    model = _fresh_model()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    model(torch.tensor([[5, 6, 7]])).sum().backward()
+    opt.step()
+    first = state.save_training_state(tmp_path, 1, model, opt, {"data": {}})
+    calls = []
+
+    def failing_write(path, tensors, metadata=None):
+        calls.append(path)
+        if len(calls) == 2:
+            raise OSError("disk full")
+        return real_write(path, tensors, metadata)
+
+    real_write = state.write_safetensors
+    monkeypatch.setattr(state, "write_safetensors", failing_write)
+    with pytest.raises(OSError):
+        state.save_training_state(tmp_path, 2, model, opt, {"data": {}})
+    assert state.latest_checkpoint(tmp_path) == first
+    monkeypatch.undo()
+    restored = _fresh_model(seed=5)
+    state.load_training_state(first, restored, torch.optim.AdamW(restored.parameters(), lr=1e-3))
+    assert all(torch.equal(a, b) for a, b in zip(restored.state_dict().values(), model.state_dict().values()))
+
+
+def test_grpo_kl_term_by_hand():
+    from nemotron.train.stages import grpo_token_loss
+
+    logp = torch.log(torch.tensor([[0.5, 0.25]]))
+    mask = torch.ones(1, 2, dtype=torch.bool)
+    base, _ = grpo_token_loss(logp, logp, torch.tensor([1.0]), mask)
+    same, m0 = grpo_token_loss(logp, logp, torch.tensor([1.0]), mask, ref_logp=logp, kl_coeff=0.5)
+    assert same.item() == pytest.approx(base.item()) and m0["kl"] == pytest.approx(0.0)
+    ref = torch.log(torch.tensor([[0.25, 0.25]]))
+    with_kl, m = grpo_token_loss(logp, logp, torch.tensor([1.0]), mask, ref_logp=ref, kl_coeff=0.5)
+    k3 = (0.5 - torch.log(torch.tensor(0.5)) - 1).item() / 2   # token 1: r = 0.25/0.5; token 2: r = 1 -> 0
+    assert m["kl"] == pytest.approx(k3) and with_kl.item() == pytest.approx(base.item() + 0.5 * k3)
