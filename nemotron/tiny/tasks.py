@@ -1,0 +1,268 @@
+"""Procedural tasks with verifiable answers for the embedded tiny model (no downloaded data).
+
+Each family draws a `Problem` from a seeded `random.Random`: a question, the reasoning steps that
+solve it, the answer, the verifier that checks an answer, and (for some families) the tool calls
+that would solve it with the calculator or the lookup tool. `conversation()` turns a problem into a
+Nemotron 3 chat record in one of three modes: reasoning on, reasoning off, or tool use
+(`<tool_call>` -> `<tool_response>` -> answer). Training and held-out splits come from disjoint seed
+ranges, so no held-out question is ever generated for training.
+"""
+
+from __future__ import annotations
+
+import ast
+import datetime as dt
+import json
+import operator
+import random
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+# --------------------------------------------------------------------------------------------------
+# the tools the model may call (OpenAI tool schemas and their implementations)
+# --------------------------------------------------------------------------------------------------
+
+CALCULATOR = {"type": "function", "function": {
+    "name": "calculator", "description": "Evaluate an arithmetic expression with + - * / and parentheses.",
+    "parameters": {"type": "object", "properties": {"expression": {"type": "string"}}, "required": ["expression"]}}}
+LOOKUP = {"type": "function", "function": {
+    "name": "lookup", "description": "Look up a unit conversion factor, e.g. 'minutes in an hour'.",
+    "parameters": {"type": "object", "properties": {"key": {"type": "string"}}, "required": ["key"]}}}
+TOOLS = [CALCULATOR, LOOKUP]
+
+# unit -> (bigger unit, factor): "how many SMALL in N BIG"
+UNITS = {
+    ("minutes", "hours"): 60, ("seconds", "minutes"): 60, ("hours", "days"): 24, ("days", "weeks"): 7,
+    ("meters", "kilometers"): 1000, ("centimeters", "meters"): 100, ("grams", "kilograms"): 1000,
+    ("milliliters", "liters"): 1000, ("months", "years"): 12,
+}
+LOOKUP_TABLE = {f"{small} in a {big[:-1]}": str(f) for (small, big), f in UNITS.items()}
+
+_OPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv}
+
+
+def calculate(expression: str) -> str:
+    """The calculator tool: + - * / and parentheses on numbers, nothing else (no eval)."""
+    def walk(node):
+        if isinstance(node, ast.Expression):
+            return walk(node.body)
+        if isinstance(node, ast.Constant) and isinstance(node.value, (int, float)) and not isinstance(node.value, bool):
+            return node.value
+        if isinstance(node, ast.BinOp) and type(node.op) in _OPS:
+            return _OPS[type(node.op)](walk(node.left), walk(node.right))
+        if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub):
+            return -walk(node.operand)
+        raise ValueError("unsupported expression")
+
+    if len(expression) > 200:
+        return "error: expression too long"
+    try:
+        value = walk(ast.parse(expression, mode="eval"))
+    except (SyntaxError, ValueError, ZeroDivisionError, RecursionError):
+        return "error: cannot evaluate"
+    return _fmt(value)
+
+
+def lookup(key: str) -> str:
+    return LOOKUP_TABLE.get(key.strip().lower(), "error: unknown key")
+
+
+TOOL_FUNCTIONS: dict[str, Callable[..., str]] = {"calculator": calculate, "lookup": lookup}
+
+
+def run_tool(name: str, arguments: dict) -> str:
+    """Execute a tool call the way the recipe's evaluation and a chat client would."""
+    fn = TOOL_FUNCTIONS.get(name)
+    if fn is None:
+        return f"error: unknown tool {name}"
+    try:
+        return fn(**arguments)
+    except TypeError:
+        return "error: bad arguments"
+
+
+def _fmt(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else f"{x:.4g}"
+
+
+# --------------------------------------------------------------------------------------------------
+# problems
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Problem:
+    family: str
+    question: str
+    steps: list[str]                 # the reasoning, one line each
+    answer: str                      # the final answer text
+    verifier: str = "number"         # number | exact | contains
+    tool_calls: list[tuple[str, dict]] = field(default_factory=list)   # (tool, arguments), in order
+    final_from_tools: Callable[[list[str]], str] | None = field(default=None, repr=False)
+
+
+def arithmetic(rng: random.Random) -> Problem:
+    a, b, c = rng.randint(2, 30), rng.randint(2, 30), rng.randint(2, 9)
+    if rng.random() < 0.5:
+        s = a + b
+        expr, steps = f"({a} + {b}) * {c}", [f"{a} + {b} = {s}.", f"{s} * {c} = {s * c}."]
+        value = s * c
+    else:
+        p = b * c
+        expr, steps = f"{a} + {b} * {c}", [f"{b} * {c} = {p}.", f"{a} + {p} = {a + p}."]
+        value = a + p
+    return Problem("arithmetic", f"What is {expr}?", steps, str(value), "number", [("calculator", {"expression": expr})])
+
+
+_NAMES = ["Ana", "Ben", "Chen", "Dara", "Eli", "Fay", "Gus", "Hana", "Ivo", "Jun"]
+_ITEMS = ["apples", "books", "coins", "pens", "stamps", "marbles", "cards", "shells"]
+
+
+def word_problem(rng: random.Random) -> Problem:
+    name, item = rng.choice(_NAMES), rng.choice(_ITEMS)
+    a, b = rng.randint(5, 40), rng.randint(2, 20)
+    c = rng.randint(1, a + b - 1)
+    total = a + b - c
+    q = (f"{name} has {a} {item}. {name} gets {b} more and then gives away {c}. "
+         f"How many {item} does {name} have now?")
+    steps = [f"{name} starts with {a}.", f"{a} + {b} = {a + b}.", f"{a + b} - {c} = {total}."]
+    return Problem("word", q, steps, str(total), "number", [("calculator", {"expression": f"{a} + {b} - {c}"})])
+
+
+def unit_conversion(rng: random.Random) -> Problem:
+    (small, big), factor = rng.choice(list(UNITS.items()))
+    n = rng.randint(2, 12)
+    key = f"{small} in a {big[:-1]}"
+    q = f"How many {small} are in {n} {big}?"
+    steps = [f"There are {factor} {small} in a {big[:-1]}.", f"{n} * {factor} = {n * factor}."]
+    p = Problem("units", q, steps, str(n * factor), "number",
+                [("lookup", {"key": key}), ("calculator", {"expression": f"{n} * {factor}"})])
+    return p
+
+
+_DAYS = ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday"]
+
+
+def date_arithmetic(rng: random.Random) -> Problem:
+    if rng.random() < 0.5:
+        start, k = rng.randrange(7), rng.randint(1, 20)
+        end = _DAYS[(start + k) % 7]
+        steps = [f"{k} days is {k // 7} weeks and {k % 7} days.", f"{k % 7} days after {_DAYS[start]} is {end}."]
+        return Problem("dates", f"What day of the week is {k} days after {_DAYS[start]}?", steps, end, "exact")
+    day = dt.date(2024, 1, 1) + dt.timedelta(days=rng.randrange(366))
+    k = rng.randint(1, 40)
+    end = day + dt.timedelta(days=k)
+    steps = [f"Start from {day.isoformat()}.", f"Adding {k} days gives {end.isoformat()}."]
+    return Problem("dates", f"What date is {k} days after {day.isoformat()}? Answer as YYYY-MM-DD.", steps,
+                   end.isoformat(), "exact")
+
+
+def sorting(rng: random.Random) -> Problem:
+    xs = rng.sample(range(1, 100), rng.randint(3, 6))
+    ordered = sorted(xs)
+    steps = [f"The smallest is {ordered[0]}, the largest is {ordered[-1]}.",
+             "In order: " + ", ".join(map(str, ordered)) + "."]
+    return Problem("sorting", "Sort from smallest to largest: " + ", ".join(map(str, xs)) + ".", steps,
+                   ", ".join(map(str, ordered)), "exact")
+
+
+_WORDS = ["banana", "strawberry", "mississippi", "parallel", "committee", "bookkeeper", "assessment", "balloon"]
+
+
+def counting(rng: random.Random) -> Problem:
+    word = rng.choice(_WORDS)
+    letter = rng.choice(sorted(set(word)))
+    n = word.count(letter)
+    spelled = " ".join(word)
+    steps = [f"Spell it: {spelled}.", f"The letter '{letter}' appears {n} times."]
+    return Problem("counting", f"How many times does the letter '{letter}' appear in '{word}'?", steps, str(n), "number")
+
+
+_GREETINGS = [("Hi!", "Hello! How can I help you today?"), ("Thanks!", "You're welcome!"),
+              ("Good morning", "Good morning! What can I do for you?"), ("Who are you?", "I am a small Nemotron model.")]
+
+
+def chat_turn(rng: random.Random) -> Problem:
+    q, a = rng.choice(_GREETINGS)
+    return Problem("chat", q, ["This is a greeting; answer politely and briefly."], a, "exact")
+
+
+def instruction(rng: random.Random) -> Problem:
+    word = rng.choice(["cat", "blue", "river", "seven", "lamp", "cloud"])
+    if rng.random() < 0.5:
+        n = rng.randint(2, 4)
+        return Problem("instructions", f"Repeat the word '{word}' {n} times, separated by spaces.",
+                       [f"Write '{word}' {n} times."], " ".join([word] * n), "exact")
+    return Problem("instructions", f"Write the word '{word}' in uppercase.", [f"Uppercase of '{word}' is {word.upper()}."],
+                   word.upper(), "exact")
+
+
+FAMILIES: dict[str, Callable[[random.Random], Problem]] = {
+    "arithmetic": arithmetic, "word": word_problem, "units": unit_conversion, "dates": date_arithmetic,
+    "sorting": sorting, "counting": counting, "chat": chat_turn, "instructions": instruction,
+}
+TOOL_FAMILIES = ("arithmetic", "word", "units")
+
+# disjoint seed ranges: training draws below EVAL_SEED_BASE, evaluation at or above it
+EVAL_SEED_BASE = 10_000_000
+
+
+EVAL_FAMILIES = tuple(f for f in FAMILIES if f != "chat")   # the chat turns have no held-out variety
+
+
+def problems(n: int, split: str = "train", seed: int = 0, families: tuple[str, ...] | None = None,
+             exclude: set[str] | None = None) -> list[Problem]:
+    """n problems, round-robin over the families; `split` "train" or "eval" (disjoint seeds).
+    `exclude`: questions to skip (the held-out ones, when drawing training data: small families
+    would otherwise repeat some of them by chance)."""
+    if split not in ("train", "eval"):
+        raise ValueError("split must be 'train' or 'eval'")
+    names = list(families or (EVAL_FAMILIES if split == "eval" else FAMILIES))
+    base = EVAL_SEED_BASE if split == "eval" else 0
+    out, i, tries = [], 0, 0
+    while len(out) < n:
+        rng = random.Random((base + seed * 1_000_003 + i) % (2 ** 63))
+        i += 1
+        p = FAMILIES[names[len(out) % len(names)]](rng)
+        if exclude and p.question in exclude:
+            tries += 1
+            if tries > 100 * n:
+                raise ValueError("the families cannot produce that many questions outside `exclude`")
+            continue
+        out.append(p)
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# conversations
+# --------------------------------------------------------------------------------------------------
+
+
+def conversation(p: Problem, mode: str = "think") -> dict:
+    """A chat record for SFT: mode "think" (reasoning trace), "no_think" (answer only) or "tool"
+    (reasoning, then the tool calls with their results, then the answer; tools offered)."""
+    user = {"role": "user", "content": p.question}
+    if mode == "no_think":
+        return {"messages": [user, {"role": "assistant", "content": p.answer}], "enable_thinking": False}
+    if mode == "think":
+        return {"messages": [user, {"role": "assistant", "content": p.answer, "reasoning_content": " ".join(p.steps)}]}
+    if mode != "tool":
+        raise ValueError(f"unknown mode {mode!r}")
+    if not p.tool_calls:
+        raise ValueError(f"{p.family} problems have no tool solution")
+    messages = [user]
+    for k, (name, args) in enumerate(p.tool_calls):
+        why = "I will use the calculator." if name == "calculator" else "I will look up the factor."
+        messages.append({"role": "assistant", "content": None, "reasoning_content": why,
+                         "tool_calls": [{"id": f"call_{k}", "type": "function",
+                                         "function": {"name": name, "arguments": json.dumps(args)}}]})
+        messages.append({"role": "tool", "tool_call_id": f"call_{k}", "content": run_tool(name, args)})
+    messages.append({"role": "assistant", "content": p.answer,
+                     "reasoning_content": f"The tool returned {run_tool(*p.tool_calls[-1])}."})
+    return {"messages": messages, "tools": TOOLS}
+
+
+def grpo_prompt(p: Problem, thinking: bool = True) -> dict:
+    """A GRPO record: the question, the answer and its verifier."""
+    return {"messages": [{"role": "user", "content": p.question}], "answer": p.answer, "verifier": p.verifier,
+            "enable_thinking": thinking}
