@@ -68,3 +68,27 @@ def test_tool_conversations_render_and_parse_back(tmp_path):
                             enable_thinking=record.get("enable_thinking", True))
     with pytest.raises(ValueError):
         conversation(problems(1, "train", families=("sorting",))[0], "tool")
+
+
+def test_trained_tokenizer_splits_digits_and_keeps_special_tokens(tmp_path):
+    from nemotron.chat import prepare_chat
+    from nemotron.tiny.tokenizer import train_tokenizer
+    from nemotron.tokenizer import Tokenizer
+
+    corpus = []
+    for p in problems(300, "train", seed=4):
+        corpus.append(json.dumps(conversation(p, "think")))
+        corpus.append(p.question + " " + p.answer)
+    tok = Tokenizer.from_dir(train_tokenizer(corpus, tmp_path / "tok", vocab_size=600))
+    assert tok.vocab_size <= 600
+    text = "Ana has 1234 apples. <think>\n12 * 34 = 408.\n</think>\n<|im_end|>"
+    ids = tok.encode(text)
+    assert tok.decode(ids) == text
+    pieces = [tok.decode([i]) for i in tok.encode("1234 + 408")]
+    assert [p for p in pieces if p.strip().isdigit()] == ["1", "2", "3", "4", "4", "0", "8"]
+    for special in ("<|im_start|>", "<|im_end|>", "<think>", "</think>", "<tool_call>", "</tool_call>",
+                    "<tool_response>", "</tool_response>"):
+        assert len(tok.encode(special)) == 1
+    prompt = prepare_chat(tok, [{"role": "user", "content": "What is 2 + 3?"}], TOOLS, True)
+    assert prompt.text.endswith("<|im_start|>assistant\n<think>\n") and prompt.fmt == "nemotron3"
+    assert len(tok.encode("Sort from smallest to largest")) < len("Sort from smallest to largest") / 2  # merges learnt

@@ -1,0 +1,35 @@
+"""The tiny model's tokenizer: byte-level BPE trained with the `tokenizers` library on the task
+corpus, with every digit its own token (numbers are then spelled digit by digit, which small models
+learn arithmetic from far more easily) and the Nemotron 3 special tokens."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from pathlib import Path
+
+from ..init import NEMOTRON3_CHAT_TEMPLATE, NEMOTRON3_SPECIAL_TOKENS
+
+
+def train_tokenizer(texts: Iterable[str], out_dir: str | Path, vocab_size: int = 1024) -> Path:
+    """Train on `texts` and write tokenizer.json, tokenizer_config.json and chat_template.jinja."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Digits(individual_digits=True),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+    ])
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(NEMOTRON3_SPECIAL_TOKENS),
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(texts, trainer=trainer)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tok.save(str(out / "tokenizer.json"))
+    (out / "tokenizer_config.json").write_text(json.dumps(
+        {"bos_token": "<s>", "eos_token": "<|im_end|>", "unk_token": "<unk>", "pad_token": "<unk>",
+         "add_bos_token": False, "model_max_length": 4096, "tokenizer_class": "PreTrainedTokenizerFast"},
+        indent=2) + "\n")
+    (out / "chat_template.jinja").write_text(NEMOTRON3_CHAT_TEMPLATE.read_text())
+    return out
