@@ -92,3 +92,21 @@ def test_trained_tokenizer_splits_digits_and_keeps_special_tokens(tmp_path):
     prompt = prepare_chat(tok, [{"role": "user", "content": "What is 2 + 3?"}], TOOLS, True)
     assert prompt.text.endswith("<|im_start|>assistant\n<think>\n") and prompt.fmt == "nemotron3"
     assert len(tok.encode("Sort from smallest to largest")) < len("Sort from smallest to largest") / 2  # merges learnt
+
+
+def test_the_tiny_recipe_runs_end_to_end_at_toy_scale(tmp_path):
+    """data -> tokenizer -> pretrain -> SFT -> GRPO -> export, with the evaluation table after each
+    stage (a few steps each: the wiring, not the accuracy, which the full recipe run measures)."""
+    import nemotron
+    from nemotron.tiny.recipe import TinyRecipe, run, tiny_config
+
+    table = run(TinyRecipe(out_dir=str(tmp_path / "tiny"), train_problems=200, eval_problems=7, seq_len=512,
+                           pretrain_steps=2, sft_steps=2, grpo_steps=1, batch_size=2, eval_max_new_tokens=8),
+                progress=False)
+    assert list(table) == ["pretrain", "sft", "grpo"] and set(table["sft"]) == {"off", "on", "tools"}
+    assert "tool_call_rate" in table["grpo"]["tools"]
+    assert (tmp_path / "tiny" / "eval.md").read_text().startswith("| stage | reasoning |")
+    m = nemotron.load(tmp_path / "tiny" / "final")
+    assert m.tokenizer is not None and m.model.mtp is not None
+    params = sum(p.numel() for p in nemotron.models.build_model(tiny_config(1024)).parameters())
+    assert 2e6 < params < 8e6   # "a few million parameters"

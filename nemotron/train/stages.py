@@ -16,6 +16,7 @@ from __future__ import annotations
 import copy
 import math
 import re
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -333,7 +334,9 @@ class GRPOStage:
         out = []
         for i, r in reqs:
             p = self.prompts[i]
-            parsed = parse_output(r.text, p.fmt, p.thinking, self.records[i].get("tools"), p.prompt_opens_think)
+            with warnings.catch_warnings():  # early policies write stray tags; the reward judges the answer
+                warnings.simplefilter("ignore")
+                parsed = parse_output(r.text, p.fmt, p.thinking, self.records[i].get("tools"), p.prompt_opens_think)
             verifier = self.rewards[self.records[i].get("verifier", cfg.grpo_reward)]
             out.append((i, list(r.output_ids), float(verifier(parsed.content or "", self.records[i]))))
         return out
