@@ -411,3 +411,19 @@ def test_grpo_kl_term_by_hand():
     with_kl, m = grpo_token_loss(logp, logp, torch.tensor([1.0]), mask, ref_logp=ref, kl_coeff=0.5)
     k3 = (0.5 - torch.log(torch.tensor(0.5)) - 1).item() / 2   # token 1: r = 0.25/0.5; token 2: r = 1 -> 0
     assert m["kl"] == pytest.approx(k3) and with_kl.item() == pytest.approx(base.item() + 0.5 * k3)
+
+
+def test_aux_loss_never_reads_a_previous_steps_routing():
+    """Batches whose lengths make the MTP block's routed positions match the next batch's (packing
+    pads to the longest row) once made the aux loss reach into a freed graph."""
+    model = _fresh_model()
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    for length in (9, 8, 9, 8):   # (9 - 1) * 2 positions in the MTP block == 8 * 2 in the next backbone pass
+        ids = torch.randint(3, 260, (2, length), generator=torch.Generator().manual_seed(length))
+        labels = torch.cat([ids[:, 1:], torch.full((2, 1), IGNORE)], 1)
+        from nemotron.train.data import Batch
+
+        loss, _ = lm_loss(model, Batch(ids, labels, torch.zeros_like(ids)), mtp_weight=0.3, aux_coeff=1e-2)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()

@@ -42,11 +42,14 @@ def sequence_aux_loss(model: nn.Module, seq_idx: torch.Tensor) -> torch.Tensor:
     n_seq = int(seq.max()) + 1
     tokens = torch.bincount(seq, minlength=n_seq).float()                             # T_s
     total = seq_idx.new_zeros((), dtype=torch.float32)
-    for router in routers(model):
+    # the backbone's routers, which the forward just ran (the MTP block runs after this loss, and a
+    # stale routing from an earlier step must never be read: its graph is gone)
+    for router in routers(getattr(model, "backbone", model)):
         if router.last_routing is None:
             continue
         scores, idx = router.last_routing
-        if scores.shape[0] != seq.numel():  # the MTP block's routers saw fewer positions
+        router.last_routing = None
+        if scores.shape[0] != seq.numel():
             continue
         e, k = scores.shape[1], idx.shape[1]
         probs = scores / (scores.sum(-1, keepdim=True) + 1e-20)
