@@ -275,6 +275,30 @@ def cmd_train(args: argparse.Namespace) -> None:
     print(json.dumps(summary, indent=1))
 
 
+def cmd_recipe(args: argparse.Namespace) -> None:
+    import dataclasses
+
+    import yaml
+
+    from .tiny.recipe import TinyRecipe, format_table, run
+
+    fields = {f.name: f for f in dataclasses.fields(TinyRecipe)}
+    values = {}
+    for item in args.overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or key not in fields:
+            raise ValueError(f"recipe tiny: unknown setting {item!r} (known: {', '.join(fields)})")
+        value = yaml.safe_load(raw)
+        default = fields[key].default
+        if isinstance(default, float) and isinstance(value, (int, str)) and not isinstance(value, bool):
+            value = float(value)
+        if type(value) is not type(default):
+            raise ValueError(f"recipe tiny: {key} must be {type(default).__name__}, got {raw!r}")
+        values[key] = value
+    table = run(TinyRecipe(**values), progress=not args.quiet)
+    print(format_table(table))
+
+
 def cmd_serve(args: argparse.Namespace) -> None:
     from .serve import serve
 
@@ -354,6 +378,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_train)
 
+    p = sub.add_parser("recipe", help="run a whole recipe end to end (tiny: data -> tokenizer -> pretrain -> SFT -> GRPO)")
+    p.add_argument("name", choices=["tiny"])
+    p.add_argument("overrides", nargs="*", help="key=value settings (out_dir=..., pretrain_steps=..., ...)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_recipe)
+
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP server (continuous batching)")
     p.add_argument("--model", required=True, help="checkpoint directory")
     p.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
@@ -380,7 +410,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
-    if args.command == "train":  # key=value overrides may come before or after the flags
+    if args.command in ("train", "recipe"):  # key=value overrides may come before or after the flags
         args.overrides += [e for e in extra if "=" in e and not e.startswith("-")]
         extra = [e for e in extra if not ("=" in e and not e.startswith("-"))]
     if extra:

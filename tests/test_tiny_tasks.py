@@ -110,3 +110,14 @@ def test_the_tiny_recipe_runs_end_to_end_at_toy_scale(tmp_path):
     assert m.tokenizer is not None and m.model.mtp is not None
     params = sum(p.numel() for p in nemotron.models.build_model(tiny_config(1024)).parameters())
     assert 2e6 < params < 8e6   # "a few million parameters"
+
+
+def test_recipe_cli_rejects_bad_settings_before_any_work(tmp_path):
+    import subprocess
+    import sys
+
+    for bad, message in (("pretrain_stepz=3", "unknown setting"), ("pretrain_steps=many", "must be int")):
+        r = subprocess.run([sys.executable, "-m", "nemotron.cli", "recipe", "tiny", f"out_dir={tmp_path / 'x'}", bad],
+                           capture_output=True, text=True)
+        assert r.returncode != 0 and message in r.stderr
+    assert not (tmp_path / "x").exists()
