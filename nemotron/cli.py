@@ -276,25 +276,20 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 
 def cmd_recipe(args: argparse.Namespace) -> None:
-    import dataclasses
+    import typing
 
     import yaml
 
     from .tiny.recipe import TinyRecipe, format_table, run
+    from .train.trainer import coerce_setting
 
-    fields = {f.name: f for f in dataclasses.fields(TinyRecipe)}
+    hints = typing.get_type_hints(TinyRecipe)
     values = {}
     for item in args.overrides:
         key, sep, raw = item.partition("=")
-        if not sep or key not in fields:
-            raise ValueError(f"recipe tiny: unknown setting {item!r} (known: {', '.join(fields)})")
-        value = yaml.safe_load(raw)
-        default = fields[key].default
-        if isinstance(default, float) and isinstance(value, (int, str)) and not isinstance(value, bool):
-            value = float(value)
-        if type(value) is not type(default):
-            raise ValueError(f"recipe tiny: {key} must be {type(default).__name__}, got {raw!r}")
-        values[key] = value
+        if not sep or key not in hints:
+            raise ValueError(f"recipe tiny: unknown setting {item!r} (known: {', '.join(hints)})")
+        values[key] = coerce_setting(key, yaml.safe_load(raw), hints[key])
     table = run(TinyRecipe(**values), progress=not args.quiet)
     print(format_table(table))
 

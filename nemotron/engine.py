@@ -24,8 +24,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .generate import (Request, SpecStats, TokenEvent, accept_token, check_prompt, draft_and_verify, speculation_ok,
-                       start_request, token_logprob)
+from .generate import (Request, SpecStats, TokenEvent, accept_token, check_prompt, draft_and_verify, extend_pending,
+                       speculation_ok, start_request, token_logprob)
 from .prefix_cache import PrefixCache, block_keys
 from .sampling import Sampler
 
@@ -232,9 +232,7 @@ class Engine:
         if all(speculation_ok(r) for r in self.running):
             return self._speculative_decode(view)
         h = self.model.hidden_states(self.tokens[:, None], view)
-        for row in range(n):  # the new token pairs with the hidden state before it, for the MTP cache
-            ph, pt = self.pending[row]
-            self.pending[row] = (torch.cat([ph, h[row:row + 1]], 1), torch.cat([pt, self.tokens[row:row + 1, None]], 1))
+        extend_pending(self.pending, h, self.tokens)
         return self._emit(self.model.lm_head(h[:, -1]).float(), self.sampler, list(range(n)))
 
     def _speculative_decode(self, view) -> list[TokenEvent]:

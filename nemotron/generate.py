@@ -386,10 +386,7 @@ class Generator:
                 return logits
             return decode_step(self.model, tokens, cache)
         h = self.model.hidden_states(tokens[:, None], cache)
-        # the new token pairs with the hidden state before it for the MTP cache (kept in step)
-        for row in range(len(live)):
-            ph, pt = pending[row]
-            pending[row] = (torch.cat([ph, h[row:row + 1]], 1), torch.cat([pt, tokens[row:row + 1, None]], 1))
+        extend_pending(pending, h, tokens)
         return self.model.lm_head(h[:, -1]).float()
 
 
@@ -404,6 +401,14 @@ def speculation_ok(req: Request) -> bool:
     return (p.greedy and not req.forced and not p.logprobs and p.repetition_penalty == 1.0
             and p.presence_penalty == 0.0 and p.frequency_penalty == 0.0
             and (req.thinking_budget is None or req.thinking_budget.closed))
+
+
+def extend_pending(pending: list, h: torch.Tensor, tokens: torch.Tensor) -> None:
+    """After a plain decode step: each row's new token pairs with the hidden state before it, owed to
+    its MTP cache (kept in step for the next speculative round)."""
+    for row in range(len(pending)):
+        ph, pt = pending[row]
+        pending[row] = (torch.cat([ph, h[row:row + 1]], 1), torch.cat([pt, tokens[row:row + 1, None]], 1))
 
 
 def draft_and_verify(model: nn.Module, k: int, cache: HybridCache, tokens: torch.Tensor, pending: list,

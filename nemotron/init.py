@@ -103,14 +103,24 @@ def write_byte_tokenizer(out_dir) -> int:
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     tok.decoder = decoders.ByteLevel()
     tok.add_special_tokens(NEMOTRON3_SPECIAL_TOKENS)
+    write_tokenizer_files(tok, out_dir)
+    return tok.get_vocab_size()
+
+
+def write_tokenizer_files(tok, out_dir) -> None:
+    """tokenizer.json, a tokenizer_config.json with the Nemotron 3 special tokens, and the project's
+    chat template, for a `tokenizers.Tokenizer`."""
+    import json
+    from pathlib import Path
+
     out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
     tok.save(str(out / "tokenizer.json"))
     (out / "tokenizer_config.json").write_text(json.dumps(
         {"bos_token": "<s>", "eos_token": "<|im_end|>", "unk_token": "<unk>", "pad_token": "<unk>",
          "add_bos_token": False, "model_max_length": 4096, "tokenizer_class": "PreTrainedTokenizerFast"},
         indent=2) + "\n")
     (out / "chat_template.jinja").write_text(NEMOTRON3_CHAT_TEMPLATE.read_text())
-    return tok.get_vocab_size()
 
 
 def init_checkpoint(out_dir, config: AnyConfig | None = None, seed: int = 0, with_tokenizer: bool = True):

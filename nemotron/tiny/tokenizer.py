@@ -4,11 +4,10 @@ learn arithmetic from far more easily) and the Nemotron 3 special tokens."""
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable
 from pathlib import Path
 
-from ..init import NEMOTRON3_CHAT_TEMPLATE, NEMOTRON3_SPECIAL_TOKENS
+from ..init import NEMOTRON3_SPECIAL_TOKENS, write_tokenizer_files
 
 
 def train_tokenizer(texts: Iterable[str], out_dir: str | Path, vocab_size: int = 1024) -> Path:
@@ -24,12 +23,5 @@ def train_tokenizer(texts: Iterable[str], out_dir: str | Path, vocab_size: int =
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(NEMOTRON3_SPECIAL_TOKENS),
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train_from_iterator(texts, trainer=trainer)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    tok.save(str(out / "tokenizer.json"))
-    (out / "tokenizer_config.json").write_text(json.dumps(
-        {"bos_token": "<s>", "eos_token": "<|im_end|>", "unk_token": "<unk>", "pad_token": "<unk>",
-         "add_bos_token": False, "model_max_length": 4096, "tokenizer_class": "PreTrainedTokenizerFast"},
-        indent=2) + "\n")
-    (out / "chat_template.jinja").write_text(NEMOTRON3_CHAT_TEMPLATE.read_text())
-    return out
+    write_tokenizer_files(tok, out_dir)
+    return Path(out_dir)

@@ -54,9 +54,8 @@ def sequence_aux_loss(model: nn.Module, seq_idx: torch.Tensor) -> torch.Tensor:
         e, k = scores.shape[1], idx.shape[1]
         probs = scores / (scores.sum(-1, keepdim=True) + 1e-20)
         p_mean = torch.zeros(n_seq, e, device=scores.device).index_add_(0, seq, probs) / tokens[:, None]
-        counts = torch.zeros(n_seq, e, device=scores.device).index_add_(
-            0, seq.repeat_interleave(k), torch.ones(idx.numel(), device=scores.device)[:, None]
-            * F.one_hot(idx.reshape(-1), e).float())
+        counts = torch.bincount(seq.repeat_interleave(k) * e + idx.reshape(-1), minlength=n_seq * e)
+        counts = counts.view(n_seq, e).float()
         f = counts * e / (k * tokens[:, None])
         total = total + (f * p_mean).sum()
     return total

@@ -62,15 +62,19 @@ def _pad_id(tokenizer) -> int:
     return (tokenizer.token_id(pad) if isinstance(pad, str) else None) or 0
 
 
+def token_logps(model: nn.Module, batch: Batch) -> torch.Tensor:
+    """[B, L] log-prob of each label under the model (meaningless where the label is IGNORE)."""
+    logits = model(batch.input_ids, seq_idx=batch.seq_idx).float()
+    return -F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch.labels.reshape(-1).clamp(min=0),
+                            reduction="none").view(batch.labels.shape)
+
+
 def sequence_logps(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
     """Sum of the scored tokens' log-probs for every packed sequence of the batch, in row-major order
     (row 0's sequences, then row 1's, ...), and each sequence's scored-token count."""
-    logits = model(batch.input_ids, seq_idx=batch.seq_idx).float()
     labels = batch.labels
-    token_lp = -F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1).clamp(min=0),
-                                reduction="none").view(labels.shape)
     scored = labels != IGNORE
-    token_lp = token_lp * scored
+    token_lp = token_logps(model, batch) * scored
     width, dev = int(batch.seq_idx.max()) + 1, labels.device
     flat_seq = (batch.seq_idx + torch.arange(labels.shape[0], device=dev)[:, None] * width).reshape(-1)
     sums = torch.zeros(labels.shape[0] * width, device=dev).index_add(0, flat_seq, token_lp.reshape(-1))
@@ -359,16 +363,10 @@ class GRPOStage:
         batch = collate(rows)
         adv = advantages[keep]
         mask = batch.labels != IGNORE
-
-        def token_logps(m: nn.Module) -> torch.Tensor:
-            logits = m(batch.input_ids, seq_idx=batch.seq_idx).float()
-            return -F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch.labels.reshape(-1).clamp(min=0),
-                                    reduction="none").view(batch.labels.shape)
-
         with torch.no_grad():
-            ref = token_logps(self.reference) if self.reference is not None else None
+            ref = token_logps(self.reference, batch) if self.reference is not None else None
         with autocast:
-            logp = token_logps(model)
+            logp = token_logps(model, batch)
             loss, m = grpo_token_loss(logp, logp.detach(), adv, mask, cfg.clip_low, cfg.clip_high, ref, cfg.kl_coeff)
         loss.backward()
         metrics["loss"] = float(loss.detach())

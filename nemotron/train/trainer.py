@@ -25,8 +25,8 @@ from torch import nn
 from ..checkpoint import save_checkpoint
 from .lora import DEFAULT_TARGETS, apply_lora, merge_lora, save_adapter
 from .objectives import routers, update_expert_bias
-from .parallel import (all_reduce_grads, apply_ep, apply_fsdp, apply_tp, expert_parameters, full_state_dict,
-                       init_from_env)
+from .parallel import (all_reduce_grads, apply_ep, apply_fsdp, apply_tp, blocks, expert_parameters,
+                       full_state_dict, init_from_env)
 from .optim import DECAYS, SCHEDULES, lr_at, make_optimizer
 from .stages import make_stage
 from .state import latest_checkpoint, load_training_state, save_training_state
@@ -132,7 +132,7 @@ class TrainConfig:
         return self
 
 
-def _coerce(name: str, value: Any, hint: Any) -> Any:
+def coerce_setting(name: str, value: Any, hint: Any) -> Any:
     """Check a recipe value against the field's type hint (ints are accepted for floats, and numeric
     strings too: YAML 1.1 reads 3e-4, without a dot, as a string)."""
     args = typing.get_args(hint)
@@ -185,7 +185,7 @@ def load_recipe(path: str | Path | None, overrides: list[str] = (), stage: str |
     if unknown:
         raise ValueError(f"recipe: unknown key(s) {', '.join(unknown)} (known: {', '.join(fields)})")
     hints = typing.get_type_hints(TrainConfig)
-    clean = {k: _coerce(k, v, hints[k]) for k, v in values.items()}
+    clean = {k: coerce_setting(k, v, hints[k]) for k, v in values.items()}
     return TrainConfig(**clean).validate()
 
 
@@ -222,8 +222,7 @@ def enable_activation_checkpointing(model: nn.Module) -> None:
     forward is wrapped on the instance, names and weights are unchanged)."""
     from torch.utils.checkpoint import checkpoint
 
-    blocks = model.backbone.layers if hasattr(model, "backbone") else model.model.layers
-    for block in blocks:
+    for block in blocks(model):
         inner = block.forward
         block.forward = lambda *a, _f=inner, **k: checkpoint(_f, *a, use_reentrant=False, **k)
 
@@ -276,7 +275,7 @@ def train(cfg: TrainConfig, progress: bool = True, stop_after: int | None = None
     if cfg.activation_checkpointing:
         enable_activation_checkpointing(model)
     if cfg.compile:
-        for block in (model.backbone.layers if hasattr(model, "backbone") else model.model.layers):
+        for block in blocks(model):
             block.compile()
     dp_group, experts = None, set()
     if distributed:   # parallelism applied from outside: tensor / expert parallel, then FSDP2
