@@ -32,8 +32,10 @@ def _config_for(model: str):
     from .checkpoint import load_checkpoint_config
     from .presets import PRESETS, get_preset
 
-    if Path(model).exists():
-        return load_checkpoint_config(Path(model))
+    from .api import resolve_model_path
+
+    if Path(model).exists() or model.lower() == "tiny":
+        return load_checkpoint_config(resolve_model_path(model))
     known = {k.lower() for p in PRESETS.values() for k in (p.name, p.hf_id)}
     if model.lower() in known:
         return get_preset(model).config
@@ -336,7 +338,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_init)
 
     def generation_flags(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--model", required=True, help="checkpoint directory")
+        p.add_argument("--model", default="tiny", help="checkpoint directory (default: the embedded tiny model)")
         p.add_argument("--system", help="system message")
         p.add_argument("--no-think", action="store_true", help="reasoning off (enable_thinking=false)")
         p.add_argument("--thinking-budget", type=int, help="cap on reasoning tokens")
@@ -380,7 +382,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_recipe)
 
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP server (continuous batching)")
-    p.add_argument("--model", required=True, help="checkpoint directory")
+    p.add_argument("--model", default="tiny", help="checkpoint directory (default: the embedded tiny model)")
     p.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1 routes")

@@ -89,9 +89,6 @@ def tiny_super_config(vocab_size: int = 320) -> NemotronHConfig:
 def write_byte_tokenizer(out_dir) -> int:
     """A byte-level tokenizer (256 byte tokens, no merges) with the Nemotron 3 special tokens; returns
     its vocabulary size."""
-    import json
-    from pathlib import Path
-
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from tokenizers.pre_tokenizers import ByteLevel
 

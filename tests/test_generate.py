@@ -11,7 +11,7 @@ from nemotron.generate import Generator, Request, greedy_generate, prefill
 from nemotron.init import init_checkpoint, tiny_super_config
 from nemotron.sampling import SamplingParams
 
-from conftest import disable_hf_dt_clamp_, randomize_
+from conftest import randomize_
 
 DENSE = ["linear_attention", "mlp", "full_attention", "linear_attention", "mlp"]
 MOE = ["linear_attention", "moe", "full_attention", "linear_attention", "moe"]
@@ -104,6 +104,16 @@ def test_mixed_batch_rows_equal_single_runs(tiny):
     list(Generator(tiny.model).stream(reqs))
     assert [r.output_ids for r in reqs] == [s[:n] for s, n in zip(singles, (2, 12, 5))]
     assert [r.finish_reason for r in reqs] == ["length"] * 3
+
+
+def test_chat_batch_equals_one_chat_per_conversation(tiny):
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {}}}}]
+    conversations = [[{"role": "user", "content": q}] for q in ("Hi", "What is 2 + 3?", "Sort 3, 1, 2 please.")]
+    for kwargs in ({"enable_thinking": True}, {"enable_thinking": False}, {"tools": tools}):
+        batch = tiny.chat_batch(conversations, max_new_tokens=10, **kwargs)
+        singles = [tiny.chat(c, max_new_tokens=10, **kwargs) for c in conversations]
+        assert [(r.text, r.reasoning, r.content, r.finish_reason, r.completion_tokens) for r in batch] == \
+            [(r.text, r.reasoning, r.content, r.finish_reason, r.completion_tokens) for r in singles]
 
 
 def test_mtp_speculation_is_exact(tiny):

@@ -4,7 +4,6 @@ restart — and gradients flow through the packed forward."""
 
 from __future__ import annotations
 
-import pytest
 import torch
 
 from nemotron.config import Nemotron4Config

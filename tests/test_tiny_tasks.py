@@ -4,7 +4,6 @@ that the project's chat template renders and its parser reads back."""
 from __future__ import annotations
 
 import json
-import random
 
 import pytest
 
@@ -100,16 +99,28 @@ def test_the_tiny_recipe_runs_end_to_end_at_toy_scale(tmp_path):
     import nemotron
     from nemotron.tiny.recipe import TinyRecipe, run, tiny_config
 
-    table = run(TinyRecipe(out_dir=str(tmp_path / "tiny"), train_problems=200, eval_problems=7, seq_len=512,
-                           pretrain_steps=2, sft_steps=2, grpo_steps=1, batch_size=2, eval_max_new_tokens=8),
-                progress=False)
-    assert list(table) == ["pretrain", "sft", "grpo"] and set(table["sft"]) == {"off", "on", "tools"}
+    recipe = TinyRecipe(out_dir=str(tmp_path / "tiny"), train_problems=200, eval_problems=7, seq_len=512,
+                        pretrain_steps=2, sft_steps=2, grpo_steps=1, batch_size=2, max_new_tokens=8)
+    table = run(recipe, progress=False)
+    assert list(table) == ["pretrain", "sft", "grpo", "speed", "minutes"] and set(table["sft"]) == {"off", "on", "tools"}
     assert "tool_call_rate" in table["grpo"]["tools"]
-    assert (tmp_path / "tiny" / "eval.md").read_text().startswith("| stage | reasoning |")
+    speed = table["speed"]
+    assert speed["decode_tokens_per_s"] > 0 and speed["mtp_acceptance_length"] >= 1.0
+    assert speed["mtp_same_text"]   # MTP speculation is exact
+    report = (tmp_path / "tiny" / "eval.md").read_text()
+    assert report.startswith("| stage | reasoning |") and "acceptance length" in report
     m = nemotron.load(tmp_path / "tiny" / "final")
     assert m.tokenizer is not None and m.model.mtp is not None
     params = sum(p.numel() for p in nemotron.models.build_model(tiny_config(1024)).parameters())
     assert 2e6 < params < 8e6   # "a few million parameters"
+    # a re-run with new GRPO settings reuses the pretrain and SFT stages and redoes GRPO only
+    stamps = {s: (tmp_path / "tiny" / s / "final" / "model.safetensors").stat().st_mtime_ns
+              for s in ("pretrain", "sft", "grpo")}
+    recipe.grpo_lr *= 2
+    run(recipe, progress=False)
+    again = {s: (tmp_path / "tiny" / s / "final" / "model.safetensors").stat().st_mtime_ns
+             for s in ("pretrain", "sft", "grpo")}
+    assert [again[s] == stamps[s] for s in stamps] == [True, True, False]
 
 
 def test_recipe_cli_rejects_bad_settings_before_any_work(tmp_path):

@@ -15,6 +15,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request as HTTPRequest
@@ -471,7 +472,8 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | 
     engine = Engine(loaded.model, loaded.tokenizer, loaded.stop_ids, max_batch=max_batch, max_len=max_len,
                     prefill_chunk=prefill_chunk, max_waiting=max_waiting, prefix_cache_bytes=prefix_cache_mb << 20,
                     speculative_tokens=speculative_tokens).start()
-    name = served_model_name or (loaded.path.name if loaded.path else str(model))
+    # a directory is served under its name; the embedded model under the name it was asked by ("tiny")
+    name = served_model_name or (loaded.path.name if Path(str(model)).exists() else str(model))
     server = Server(loaded, engine, ServerConfig(name, api_key, Limits(max_tokens=max_tokens), default_template_kwargs))
     print(f"serving {name} on http://{host}:{port}/v1 (max batch {max_batch}, context {max_len})", flush=True)
     # the engine thread and the event loop share the GIL: hand it over sooner than the 5 ms default so

@@ -1,2 +1,7 @@
-"""The embedded tiny Nemotron 3: procedural tasks (`tasks`) and, in later steps, its tokenizer and
-the recipe that trains it end to end."""
+"""The embedded tiny Nemotron 3: procedural tasks with verifiable answers (`tasks`), its tokenizer,
+the recipe that trains it end to end (`recipe`), its held-out evaluation (`evaluate`), and the
+trained checkpoint itself (`MODEL_DIR`), loadable offline as `nemotron.load("tiny")`."""
+
+from pathlib import Path
+
+MODEL_DIR = Path(__file__).parent / "model"

@@ -1,6 +1,7 @@
 """Held-out evaluation of a chat model on the procedural tasks: accuracy per family with reasoning
 off, with reasoning on, and with tools (the model's tool calls are executed and their results fed
-back, up to a few rounds), greedy decoding through the project's own generation API."""
+back, up to a few rounds), greedy decoding through the project's own generation API, all questions
+of a mode decoded together as one batch."""
 
 from __future__ import annotations
 
@@ -14,31 +15,51 @@ from .tasks import TOOL_FAMILIES, TOOLS, Problem, grpo_prompt, run_tool
 MODES = ("off", "on", "tools")
 
 
-def answer(m, p: Problem, mode: str, max_new_tokens: int = 128, max_tool_rounds: int = 3) -> tuple[str, bool]:
-    """The model's final answer to `p` and whether it made a valid tool call (tools mode)."""
-    messages = [{"role": "user", "content": p.question}]
-    if mode != "tools":
+def tool_messages(result) -> list[dict]:
+    """The assistant message with its tool calls, then one tool message per call with the executed
+    tool's result (what a chat client does between two turns)."""
+    messages = [result.message()]
+    for call in result.tool_calls:
+        try:
+            args = json.loads(call["function"]["arguments"])
+        except ValueError:
+            args = {}
+        messages.append({"role": "tool", "tool_call_id": call["id"],
+                         "content": run_tool(call["function"]["name"], args if isinstance(args, dict) else {})})
+    return messages
+
+
+def answers(m, held_out: list[Problem], mode: str, max_new_tokens: int = 128, max_tool_rounds: int = 3,
+            batch: int = 64) -> list[tuple[str, bool]]:
+    """For each problem: the model's final answer and whether it made a tool call (tools mode)."""
+    out: list[tuple[str, bool]] = []
+    for start in range(0, len(held_out), batch):
+        chunk = held_out[start:start + batch]
+        conversations = [[{"role": "user", "content": p.question}] for p in chunk]
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            r = m.chat(messages, enable_thinking=mode == "on", max_new_tokens=max_new_tokens)
-        return r.content or "", False
-    called = False
-    for _ in range(max_tool_rounds + 1):
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            r = m.chat(messages, tools=TOOLS, enable_thinking=True, max_new_tokens=max_new_tokens)
-        if not r.tool_calls:
-            return r.content or "", called
-        called = True
-        messages.append(r.message())
-        for call in r.tool_calls:
-            try:
-                args = json.loads(call["function"]["arguments"])
-            except ValueError:
-                args = {}
-            messages.append({"role": "tool", "tool_call_id": call["id"],
-                             "content": run_tool(call["function"]["name"], args if isinstance(args, dict) else {})})
-    return "", called
+            if mode != "tools":
+                results = m.chat_batch(conversations, enable_thinking=mode == "on", max_new_tokens=max_new_tokens)
+                out.extend((r.content or "", False) for r in results)
+                continue
+            final, called = [""] * len(chunk), [False] * len(chunk)
+            active = list(range(len(chunk)))
+            for _ in range(max_tool_rounds + 1):
+                if not active:
+                    break
+                results = m.chat_batch([conversations[i] for i in active], tools=TOOLS, enable_thinking=True,
+                                       max_new_tokens=max_new_tokens)
+                still = []
+                for i, r in zip(active, results):
+                    if r.tool_calls:
+                        called[i] = True
+                        conversations[i].extend(tool_messages(r))
+                        still.append(i)
+                    else:
+                        final[i] = r.content or ""
+                active = still
+            out.extend(zip(final, called))
+    return out
 
 
 def evaluate(m, held_out: list[Problem], modes: tuple[str, ...] = MODES, max_new_tokens: int = 128) -> dict:
@@ -46,18 +67,45 @@ def evaluate(m, held_out: list[Problem], modes: tuple[str, ...] = MODES, max_new
     answered through at least one tool call ("tool_call_rate")."""
     table: dict = {}
     for mode in modes:
-        hits, totals, calls = defaultdict(int), defaultdict(int), 0
+        hits, totals = defaultdict(int), defaultdict(int)
         problems = [p for p in held_out if mode != "tools" or p.family in TOOL_FAMILIES]
-        for p in problems:
-            text, called = answer(m, p, mode, max_new_tokens)
-            record = grpo_prompt(p)
-            ok = REWARDS[p.verifier](text, record) == 1.0
+        results = answers(m, problems, mode, max_new_tokens)
+        for p, (text, _) in zip(problems, results):
+            ok = REWARDS[p.verifier](text, grpo_prompt(p)) == 1.0
             hits[p.family] += ok
             totals[p.family] += 1
-            calls += called
         row = {f: hits[f] / totals[f] for f in sorted(totals)}
         row["all"] = sum(hits.values()) / max(1, sum(totals.values()))
         if mode == "tools":
-            row["tool_call_rate"] = calls / max(1, len(problems))
+            row["tool_call_rate"] = sum(c for _, c in results) / max(1, len(problems))
         table[mode] = row
     return table
+
+
+def decode_speed(m, held_out: list[Problem], speculative_tokens: int = 2, max_new_tokens: int = 96,
+                 n: int = 16) -> dict:
+    """Batch-1 greedy decoding over `n` held-out questions (reasoning on), plain and with MTP
+    speculation: decode tokens/s of each, the speed-up, and the MTP acceptance length (tokens per
+    target forward). The two runs produce the same text (speculation is exact), which is checked."""
+    import time
+
+    prompts = [[{"role": "user", "content": p.question}] for p in held_out[:n]]
+    texts, rates, stats = {}, {}, []
+    for k in (0, speculative_tokens):
+        tokens, seconds, out = 0, 0.0, []
+        m.chat(prompts[0], max_new_tokens=8, speculative_tokens=k)   # warm-up
+        for messages in prompts:
+            start = time.perf_counter()
+            r = m.chat(messages, max_new_tokens=max_new_tokens, speculative_tokens=k)
+            seconds += time.perf_counter() - start
+            tokens += r.completion_tokens
+            out.append(r.text)
+            if k:
+                stats.append(r.speculation)
+        texts[k], rates[k] = out, tokens / seconds
+    rounds = sum(s["rounds"] for s in stats if s)
+    accepted = sum(s["accepted"] for s in stats if s)
+    return {"decode_tokens_per_s": rates[0], "mtp_tokens_per_s": rates[speculative_tokens],
+            "mtp_speedup": rates[speculative_tokens] / rates[0], "mtp_draft_tokens": speculative_tokens,
+            "mtp_acceptance_length": 1.0 + accepted / rounds if rounds else 1.0,
+            "mtp_same_text": texts[0] == texts[speculative_tokens]}

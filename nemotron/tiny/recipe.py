@@ -8,13 +8,14 @@ import dataclasses
 import json
 import random
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..chat import apply_chat_template
 from ..config import NemotronHConfig, save_config
-from .evaluate import MODES, evaluate
-from .tasks import EVAL_FAMILIES, TOOL_FAMILIES, conversation, grpo_prompt, problems
+from .evaluate import MODES, decode_speed, evaluate
+from .tasks import EVAL_FAMILIES, TOOL_FAMILIES, TRAIN_WEIGHTS, conversation, grpo_prompt, problems
 from .tokenizer import train_tokenizer
 
 
@@ -35,18 +36,19 @@ def tiny_config(vocab_size: int) -> NemotronHConfig:
 class TinyRecipe:
     out_dir: str = "runs/tiny"
     seed: int = 0
-    train_problems: int = 12000
-    eval_problems: int = 140
+    train_problems: int = 120_000
+    eval_problems: int = 350          # 50 per evaluated family
     vocab_size: int = 1024
     seq_len: int = 1024
-    pretrain_steps: int = 600
+    pretrain_steps: int = 700
     pretrain_lr: float = 3e-3
-    sft_steps: int = 600
+    sft_steps: int = 300
     sft_lr: float = 1e-3
-    grpo_steps: int = 60
-    grpo_lr: float = 2e-5
+    grpo_steps: int = 80
+    grpo_lr: float = 1e-4
+    grpo_batch_size: int = 8          # prompts per GRPO step (each sampled group_size times)
     batch_size: int = 8
-    eval_max_new_tokens: int = 96
+    max_new_tokens: int = 160         # GRPO samples and evaluation answers
 
 
 def _write_jsonl(path: Path, records) -> Path:
@@ -58,26 +60,30 @@ def build_data(recipe: TinyRecipe, out: Path) -> dict:
     """Write the JSONL files of every stage; returns their paths and the held-out problems."""
     held_out = problems(recipe.eval_problems, "eval", recipe.seed, EVAL_FAMILIES)
     exclude = {p.question for p in held_out}
-    train = problems(recipe.train_problems, "train", recipe.seed, exclude=exclude)
+    train = problems(recipe.train_problems, "train", recipe.seed, exclude=exclude, weights=TRAIN_WEIGHTS)
     rng = random.Random(recipe.seed)
-    sft = []
+    sft, grpo = [], []
     for p in train:
         r = rng.random()
-        mode = "tool" if p.family in TOOL_FAMILIES and r < 0.3 else "no_think" if r > 0.8 else "think"
+        mode = "tool" if p.family in TOOL_FAMILIES and r < 0.25 else "no_think" if r > 0.8 else "think"
         sft.append(conversation(p, mode))
+        if p.family in EVAL_FAMILIES:   # RL on both reasoning modes
+            grpo.append(grpo_prompt(p, thinking=mode != "no_think"))
     data = out / "data"
     data.mkdir(parents=True, exist_ok=True)
     paths = {"sft": _write_jsonl(data / "sft.jsonl", sft),
-             "grpo": _write_jsonl(data / "grpo.jsonl", [grpo_prompt(p) for p in train if p.family in EVAL_FAMILIES]),
+             "grpo": _write_jsonl(data / "grpo.jsonl", grpo),
              "eval": _write_jsonl(data / "eval.jsonl", [grpo_prompt(p) for p in held_out])}
     return {"paths": paths, "held_out": held_out, "sft": sft}
 
 
 def _pretrain_texts(tokenizer, sft: list[dict]) -> list[str]:
     """Pretraining text: the conversations rendered in the chat format (the tiny model learns the
-    format and the tasks' language together)."""
+    format and the tasks' language together). Only one tool conversation in three is kept: their
+    tool schemas make them four times longer than the others, for little more to learn."""
     return [apply_chat_template(tokenizer, r["messages"], tools=r.get("tools"), add_generation_prompt=False,
-                                enable_thinking=r.get("enable_thinking", True)) for r in sft]
+                                enable_thinking=r.get("enable_thinking", True))
+            for i, r in enumerate(sft) if "tools" not in r or i % 3 == 0]
 
 
 def run(recipe: TinyRecipe, progress: bool = True) -> dict:
@@ -86,6 +92,7 @@ def run(recipe: TinyRecipe, progress: bool = True) -> dict:
     from ..tokenizer import Tokenizer
     from ..train import load_recipe, train
 
+    start = time.perf_counter()
     out = Path(recipe.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     data = build_data(recipe, out)
@@ -95,27 +102,49 @@ def run(recipe: TinyRecipe, progress: bool = True) -> dict:
                                  ({"text": t} for t in _pretrain_texts(tokenizer, data["sft"])))
     config = tiny_config(-(-tokenizer.vocab_size // 64) * 64)
     save_config(config, out / "config.json")
-    common = [f"seed={recipe.seed}", f"seq_len={recipe.seq_len}", f"batch_size={recipe.batch_size}",
-              "save_every=100000", "resume=false"]
+    common = [f"seed={recipe.seed}", f"seq_len={recipe.seq_len}", "save_every=100000", "resume=false"]
     stages = [
         ("pretrain", [f"data=[{pretrain_path}]", f"init_config={out / 'config.json'}", f"tokenizer={tok_dir}",
                       f"steps={recipe.pretrain_steps}", f"lr={recipe.pretrain_lr}", "min_lr=1e-4",
-                      f"warmup={max(1, recipe.pretrain_steps // 20)}"]),
+                      f"warmup={max(1, recipe.pretrain_steps // 20)}", f"batch_size={recipe.batch_size}"]),
         ("sft", [f"data=[{data['paths']['sft']}]", f"model={out / 'pretrain' / 'final'}", f"steps={recipe.sft_steps}",
-                 f"lr={recipe.sft_lr}", "min_lr=1e-5", f"warmup={max(1, recipe.sft_steps // 20)}"]),
+                 f"lr={recipe.sft_lr}", "min_lr=1e-5", f"warmup={max(1, recipe.sft_steps // 20)}", f"batch_size={recipe.batch_size}"]),
         ("grpo", [f"data=[{data['paths']['grpo']}]", f"model={out / 'sft' / 'final'}", f"steps={recipe.grpo_steps}",
-                  f"lr={recipe.grpo_lr}", "warmup=0", "schedule=constant", "group_size=8", "batch_size=4",
-                  "max_new_tokens=96", "temperature=1.0"]),
+                  f"lr={recipe.grpo_lr}", "warmup=0", "schedule=constant", "group_size=8",
+                  f"batch_size={recipe.grpo_batch_size}",
+                  f"max_new_tokens={recipe.max_new_tokens}", "temperature=1.0"]),
     ]
-    table = {}
+    table: dict = {}
+    minutes = {"data": (time.perf_counter() - start) / 60}
+    fields = ["seed", "train_problems", "eval_problems", "vocab_size", "seq_len", "batch_size", "max_new_tokens"]
     for stage, args in stages:
-        cfg = load_recipe(None, common + args + [f"out_dir={out / stage}"], stage)
-        if stage == "grpo":
-            cfg.batch_size = 4
-        train(cfg, progress=progress)
-        model = nemotron.load(out / stage / "final")
-        table[stage] = evaluate(model, data["held_out"], MODES, recipe.eval_max_new_tokens)
+        # a stage already run with the same settings (its own and every earlier one) is reused:
+        # re-running the recipe after changing, say, the GRPO settings redoes GRPO only
+        fields += [f.name for f in dataclasses.fields(recipe) if f.name.startswith(stage + "_")]
+        settings = {f: getattr(recipe, f) for f in fields}
+        done = out / stage / "done.json"
+        if done.is_file() and json.loads(done.read_text())["settings"] == settings:
+            record = json.loads(done.read_text())
+        else:
+            done.unlink(missing_ok=True)
+            cfg = load_recipe(None, common + args + [f"out_dir={out / stage}"], stage)
+            t = time.perf_counter()
+            train(cfg, progress=progress)
+            record = {"settings": settings, "minutes": (time.perf_counter() - t) / 60}
+            t = time.perf_counter()
+            record["eval"] = evaluate(nemotron.load(out / stage / "final"), data["held_out"], MODES,
+                                      recipe.max_new_tokens)
+            record["eval_minutes"] = (time.perf_counter() - t) / 60
+            done.write_text(json.dumps(record, indent=1) + "\n")
+        table[stage] = record["eval"]
+        minutes[stage] = record["minutes"] + record["eval_minutes"]
         (out / "eval.json").write_text(json.dumps(table, indent=1) + "\n")
+    t = time.perf_counter()
+    table["speed"] = decode_speed(nemotron.load(out / "grpo" / "final"), data["held_out"],
+                                  max_new_tokens=recipe.max_new_tokens)
+    minutes["speed"] = (time.perf_counter() - t) / 60
+    table["minutes"] = minutes
+    (out / "eval.json").write_text(json.dumps(table, indent=1) + "\n")
     final = out / "final"
     shutil.rmtree(final, ignore_errors=True)
     shutil.copytree(out / "grpo" / "final", final)
@@ -125,14 +154,25 @@ def run(recipe: TinyRecipe, progress: bool = True) -> dict:
 
 
 def format_table(table: dict) -> str:
-    """Markdown: one row per (stage, mode), one column per family."""
-    families = sorted({f for stage in table.values() for row in stage.values() for f in row
+    """Markdown: one row per (stage, mode), one column per family; then the decode speed line."""
+    stages = {k: v for k, v in table.items() if k not in ("speed", "minutes")}
+    families = sorted({f for stage in stages.values() for row in stage.values() for f in row
                        if f not in ("all", "tool_call_rate")})
     lines = ["| stage | reasoning | " + " | ".join(families) + " | all | tool calls |",
              "|---|---|" + "---|" * (len(families) + 2)]
-    for stage, modes in table.items():
+    for stage, modes in stages.items():
         for mode, row in modes.items():
             cells = [f"{row[f]:.0%}" if f in row else "" for f in families]
             rate = f"{row['tool_call_rate']:.0%}" if "tool_call_rate" in row else ""
             lines.append(f"| {stage} | {mode} | " + " | ".join(cells) + f" | {row['all']:.0%} | {rate} |")
+    if "speed" in table:
+        sp = table["speed"]
+        lines += ["", f"Decode (batch 1, greedy): {sp['decode_tokens_per_s']:.0f} tokens/s; with MTP speculation "
+                      f"({sp['mtp_draft_tokens']} draft tokens): {sp['mtp_tokens_per_s']:.0f} tokens/s "
+                      f"({sp['mtp_speedup']:.2f}x), acceptance length {sp['mtp_acceptance_length']:.2f} tokens per "
+                      f"step, same text: {'yes' if sp['mtp_same_text'] else 'no'}."]
+    if "minutes" in table:
+        mins = table["minutes"]
+        lines += ["", "Minutes (training and evaluation per stage): " + ", ".join(f"{k} {v:.1f}" for k, v in mins.items())
+                  + f"; total {sum(mins.values()):.1f}."]
     return "\n".join(lines) + "\n"

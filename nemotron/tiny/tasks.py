@@ -101,16 +101,49 @@ class Problem:
     final_from_tools: Callable[[list[str]], str] | None = field(default=None, repr=False)
 
 
+# The reasoning traces break every operation into steps a few-million-parameter model can learn:
+# a two-digit multiplication goes through its tens and units, an addition or subtraction of a
+# two-digit number adds its tens first and then its units.
+
+def times(x: int, c: int) -> str:
+    """x * c, through x's tens and units when x has two digits."""
+    if x >= 10 and x % 10 and c > 1:
+        t, u = x - x % 10, x % 10
+        return f"{x} * {c} = {t} * {c} + {u} * {c} = {t * c} + {u * c} = {x * c}."
+    return f"{x} * {c} = {x * c}."
+
+
+def plus(a: int, op: str, b: int) -> str:
+    """a + b or a - b, adding (or taking away) b's tens first, then its units."""
+    result = a + b if op == "+" else a - b
+    if b >= 10 and b % 10:
+        t, u = b - b % 10, b % 10
+        mid = a + t if op == "+" else a - t
+        return f"{a} {op} {b} = {a} {op} {t} {op} {u} = {mid} {op} {u} = {result}."
+    return f"{a} {op} {b} = {result}."
+
+
 def arithmetic(rng: random.Random) -> Problem:
-    a, b, c = rng.randint(2, 30), rng.randint(2, 30), rng.randint(2, 9)
-    if rng.random() < 0.5:
-        s = a + b
-        expr, steps = f"({a} + {b}) * {c}", [f"{a} + {b} = {s}.", f"{s} * {c} = {s * c}."]
-        value = s * c
-    else:
+    """Two- and three-step expressions with small operands (results below 400, never negative)."""
+    a, b, c = rng.randint(2, 20), rng.randint(2, 20), rng.randint(2, 9)
+    form = rng.randrange(5)
+    if form == 0:
         p = b * c
-        expr, steps = f"{a} + {b} * {c}", [f"{b} * {c} = {p}.", f"{a} + {p} = {a + p}."]
-        value = a + p
+        expr, steps, value = f"{a} + {b} * {c}", [times(b, c), plus(a, "+", p)], a + p
+    elif form == 1:
+        s = a + b
+        expr, steps, value = f"({a} + {b}) * {c}", [plus(a, "+", b), times(s, c)], s * c
+    elif form == 2:
+        p = a * c
+        d = rng.randint(1, min(30, p - 1))
+        expr, steps, value = f"{a} * {c} - {d}", [times(a, c), plus(p, "-", d)], p - d
+    elif form == 3:
+        p = b * c
+        d = rng.randint(1, min(30, a + p - 1))
+        expr, steps, value = f"{a} + {b} * {c} - {d}", [times(b, c), plus(a, "+", p), plus(a + p, "-", d)], a + p - d
+    else:
+        s, d = a + b, rng.randint(1, 30)
+        expr, steps, value = f"({a} + {b}) * {c} + {d}", [plus(a, "+", b), times(s, c), plus(s * c, "+", d)], s * c + d
     return Problem("arithmetic", f"What is {expr}?", steps, str(value), "number", [("calculator", {"expression": expr})])
 
 
@@ -125,7 +158,7 @@ def word_problem(rng: random.Random) -> Problem:
     total = a + b - c
     q = (f"{name} has {a} {item}. {name} gets {b} more and then gives away {c}. "
          f"How many {item} does {name} have now?")
-    steps = [f"{name} starts with {a}.", f"{a} + {b} = {a + b}.", f"{a + b} - {c} = {total}."]
+    steps = [f"{name} starts with {a}.", plus(a, "+", b), plus(a + b, "-", c)]
     return Problem("word", q, steps, str(total), "number", [("calculator", {"expression": f"{a} + {b} - {c}"})])
 
 
@@ -134,7 +167,7 @@ def unit_conversion(rng: random.Random) -> Problem:
     n = rng.randint(2, 12)
     key = f"{small} in a {big[:-1]}"
     q = f"How many {small} are in {n} {big}?"
-    steps = [f"There are {factor} {small} in a {big[:-1]}.", f"{n} * {factor} = {n * factor}."]
+    steps = [f"There are {factor} {small} in a {big[:-1]}.", times(n, factor)]
     p = Problem("units", q, steps, str(n * factor), "number",
                 [("lookup", {"key": key}), ("calculator", {"expression": f"{n} * {factor}"})])
     return p
@@ -150,9 +183,16 @@ def date_arithmetic(rng: random.Random) -> Problem:
         steps = [f"{k} days is {k // 7} weeks and {k % 7} days.", f"{k % 7} days after {_DAYS[start]} is {end}."]
         return Problem("dates", f"What day of the week is {k} days after {_DAYS[start]}?", steps, end, "exact")
     day = dt.date(2024, 1, 1) + dt.timedelta(days=rng.randrange(366))
-    k = rng.randint(1, 40)
+    k = rng.randint(1, 28)   # at most one month boundary
     end = day + dt.timedelta(days=k)
-    steps = [f"Start from {day.isoformat()}.", f"Adding {k} days gives {end.isoformat()}."]
+    month_days = (dt.date(day.year + day.month // 12, day.month % 12 + 1, 1) - dt.timedelta(days=1)).day
+    s = day.day + k
+    steps = [plus(day.day, "+", k)]
+    if s <= month_days:
+        steps.append(f"{day.strftime('%B')} has {month_days} days, so it stays in {day.strftime('%B')}.")
+    else:
+        steps += [f"{day.strftime('%B')} has {month_days} days: {s} - {month_days} = {s - month_days}.",
+                  f"That is day {end.day} of {end.strftime('%B')} {end.year}."]
     return Problem("dates", f"What date is {k} days after {day.isoformat()}? Answer as YYYY-MM-DD.", steps,
                    end.isoformat(), "exact")
 
@@ -173,8 +213,8 @@ def counting(rng: random.Random) -> Problem:
     word = rng.choice(_WORDS)
     letter = rng.choice(sorted(set(word)))
     n = word.count(letter)
-    spelled = " ".join(word)
-    steps = [f"Spell it: {spelled}.", f"The letter '{letter}' appears {n} times."]
+    found = " ".join(c for c in word if c == letter)
+    steps = [f"Spell it: {' '.join(word)}.", f"The '{letter}'s: {found}.", f"That is {n}."]
     return Problem("counting", f"How many times does the letter '{letter}' appear in '{word}'?", steps, str(n), "number")
 
 
@@ -210,11 +250,16 @@ EVAL_SEED_BASE = 10_000_000
 EVAL_FAMILIES = tuple(f for f in FAMILIES if f != "chat")   # the chat turns have no held-out variety
 
 
+# the training mixture leans on the multi-step families, where the model has the most to learn
+TRAIN_WEIGHTS = {"arithmetic": 0.32, "word": 0.14, "units": 0.1, "dates": 0.12, "sorting": 0.08, "counting": 0.1,
+                 "chat": 0.04, "instructions": 0.1}
+
+
 def problems(n: int, split: str = "train", seed: int = 0, families: tuple[str, ...] | None = None,
-             exclude: set[str] | None = None) -> list[Problem]:
-    """n problems, round-robin over the families; `split` "train" or "eval" (disjoint seeds).
-    `exclude`: questions to skip (the held-out ones, when drawing training data: small families
-    would otherwise repeat some of them by chance)."""
+             exclude: set[str] | None = None, weights: dict[str, float] | None = None) -> list[Problem]:
+    """n problems, round-robin over the families (or drawn with `weights`); `split` "train" or
+    "eval" (disjoint seeds). `exclude`: questions to skip (the held-out ones, when drawing training
+    data: small families would otherwise repeat some of them by chance)."""
     if split not in ("train", "eval"):
         raise ValueError("split must be 'train' or 'eval'")
     names = list(families or (EVAL_FAMILIES if split == "eval" else FAMILIES))
@@ -223,7 +268,9 @@ def problems(n: int, split: str = "train", seed: int = 0, families: tuple[str, .
     while len(out) < n:
         rng = random.Random((base + seed * 1_000_003 + i) % (2 ** 63))
         i += 1
-        p = FAMILIES[names[len(out) % len(names)]](rng)
+        family = rng.choices(names, [weights.get(f, 0.0) for f in names])[0] if weights \
+            else names[len(out) % len(names)]
+        p = FAMILIES[family](rng)
         if exclude and p.question in exclude:
             tries += 1
             if tries > 100 * n:
