@@ -14,7 +14,7 @@ rate at which running streams advance), requests per second, time to first token
 (p50/p90/p99, from the SSE chunks as the client receives them). Bounded: a fixed number of
 requests and a timeout per level; the server is stopped at the end.
 
-    python benchmarks/serve_load.py [--config small-moe] [--new-tokens 64] [--requests 2] [--levels 1 8 32]
+    python benchmarks/serve_load.py [--config small-moe | --model tiny] [--new-tokens 64] [--requests 2] [--levels 1 8 32]
 """
 
 from __future__ import annotations
@@ -128,9 +128,11 @@ def main() -> None:
     parser.add_argument("--server-threads", type=int, help="the server's --threads (default: its own, cores - 1)")
     parser.add_argument("--config", choices=sorted(CONFIGS), default="small-moe",
                         help="small-moe: hidden 256 (per-step overhead bound on CPU); dense-146m: weight-read bound")
+    parser.add_argument("--model", help="serve this checkpoint (a directory, or 'tiny': the embedded model) "
+                                        "instead of a random one of --config")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        path = build(Path(tmp) / f"{args.config}-chat", args.config)
+        path = args.model or build(Path(tmp) / f"{args.config}-chat", args.config)
         port = free_port()
         server = subprocess.Popen([sys.executable, "-m", "nemotron.cli", "serve", "--model", str(path),
                                    "--port", str(port), "--max-batch", str(max(args.levels)),
@@ -151,7 +153,7 @@ def main() -> None:
         finally:
             server.terminate()
             server.wait(timeout=30)
-    print(f"config {args.config}, fp32, greedy, {args.new_tokens} new tokens per request, {args.requests} requests "
+    print(f"{'model ' + args.model if args.model else 'config ' + args.config}, fp32, greedy, {args.new_tokens} new tokens per request, {args.requests} requests "
           f"per stream, {os.cpu_count()} cores, server torch threads "
           f"{args.server_threads or max(1, (os.cpu_count() or 2) - 1)}\n")
     print("| streams | requests | tokens/s (end to end) | decode tokens/s | requests/s | TTFT p50 / p90 / p99 (ms) "

@@ -44,8 +44,9 @@ class TinyRecipe:
     pretrain_lr: float = 3e-3
     sft_steps: int = 300
     sft_lr: float = 1e-3
-    grpo_steps: int = 80
+    grpo_steps: int = 100
     grpo_lr: float = 1e-4
+    grpo_temperature: float = 1.0
     grpo_batch_size: int = 8          # prompts per GRPO step (each sampled group_size times)
     batch_size: int = 8
     max_new_tokens: int = 160         # GRPO samples and evaluation answers
@@ -112,7 +113,7 @@ def run(recipe: TinyRecipe, progress: bool = True) -> dict:
         ("grpo", [f"data=[{data['paths']['grpo']}]", f"model={out / 'sft' / 'final'}", f"steps={recipe.grpo_steps}",
                   f"lr={recipe.grpo_lr}", "warmup=0", "schedule=constant", "group_size=8",
                   f"batch_size={recipe.grpo_batch_size}",
-                  f"max_new_tokens={recipe.max_new_tokens}", "temperature=1.0"]),
+                  f"max_new_tokens={recipe.max_new_tokens}", f"temperature={recipe.grpo_temperature}"]),
     ]
     table: dict = {}
     minutes = {"data": (time.perf_counter() - start) / 60}

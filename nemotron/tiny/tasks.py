@@ -206,16 +206,27 @@ def sorting(rng: random.Random) -> Problem:
                    ", ".join(map(str, ordered)), "exact")
 
 
-_WORDS = ["banana", "strawberry", "mississippi", "parallel", "committee", "bookkeeper", "assessment", "balloon"]
+_WORDS = ["banana", "strawberry", "mississippi", "parallel", "committee", "bookkeeper", "assessment", "balloon",
+          "cat", "blue", "river", "seven", "lamp", "cloud", "apple", "letter", "butter", "coffee", "pepper", "summer"]
+_CONSONANTS, _VOWELS = "bcdfgklmnprstvz", "aeiou"
+
+
+def any_word(rng: random.Random) -> str:
+    """A real word or a made-up one of two to four syllables: families drawn from a handful of
+    words would have no held-out questions left that training never saw."""
+    if rng.random() < 0.3:
+        return rng.choice(_WORDS)
+    return "".join(rng.choice(_CONSONANTS) + rng.choice(_VOWELS) + (rng.choice(_CONSONANTS) if rng.random() < 0.3 else "")
+                   for _ in range(rng.randint(2, 4)))
 
 
 def counting(rng: random.Random) -> Problem:
-    word = rng.choice(_WORDS)
-    letter = rng.choice(sorted(set(word)))
-    n = word.count(letter)
-    found = " ".join(c for c in word if c == letter)
-    steps = [f"Spell it: {' '.join(word)}.", f"The '{letter}'s: {found}.", f"That is {n}."]
-    return Problem("counting", f"How many times does the letter '{letter}' appear in '{word}'?", steps, str(n), "number")
+    word_ = any_word(rng)
+    letter = rng.choice(sorted(set(word_)))
+    n = word_.count(letter)
+    found = " ".join(c for c in word_ if c == letter)
+    steps = [f"Spell it: {' '.join(word_)}.", f"The '{letter}'s: {found}.", f"That is {n}."]
+    return Problem("counting", f"How many times does the letter '{letter}' appear in '{word_}'?", steps, str(n), "number")
 
 
 _GREETINGS = [("Hi!", "Hello! How can I help you today?"), ("Thanks!", "You're welcome!"),
@@ -228,13 +239,13 @@ def chat_turn(rng: random.Random) -> Problem:
 
 
 def instruction(rng: random.Random) -> Problem:
-    word = rng.choice(["cat", "blue", "river", "seven", "lamp", "cloud"])
+    w = any_word(rng)
     if rng.random() < 0.5:
         n = rng.randint(2, 4)
-        return Problem("instructions", f"Repeat the word '{word}' {n} times, separated by spaces.",
-                       [f"Write '{word}' {n} times."], " ".join([word] * n), "exact")
-    return Problem("instructions", f"Write the word '{word}' in uppercase.", [f"Uppercase of '{word}' is {word.upper()}."],
-                   word.upper(), "exact")
+        return Problem("instructions", f"Repeat the word '{w}' {n} times, separated by spaces.",
+                       [f"Write '{w}' {n} times."], " ".join([w] * n), "exact")
+    steps = [f"Spell it: {' '.join(w)}.", f"In capitals: {' '.join(w.upper())}."]
+    return Problem("instructions", f"Write the word '{w}' in uppercase.", steps, w.upper(), "exact")
 
 
 FAMILIES: dict[str, Callable[[random.Random], Problem]] = {
