@@ -278,6 +278,31 @@ def test_grpo_raises_mean_reward(tmp_path, tiny):
     assert torch.equal(router_bias, tiny.model.backbone.layers[1].mixer.gate.e_score_correction_bias)
 
 
+def test_grpo_dynamic_sampling_keeps_only_groups_with_signal(tmp_path, tiny):
+    """Half the prompts score 1 whatever the model writes (groups without signal); with dynamic
+    sampling every step trains on batch_size groups whose rewards differ, without it some do not."""
+    data = tmp_path / "prompts.jsonl"
+    data.write_text("".join(json.dumps({"messages": [{"role": "user", "content": q}], "answer": a,
+                                        "enable_thinking": False}) + "\n"
+                            for q, a in (("Say hi", "same"), ("Write", ""), ("Hello", "same"), ("Talk", ""))))
+
+    def reward(answer: str, record: dict) -> float:
+        return 1.0 if record["answer"] == "same" else sum(c.islower() for c in answer) / max(1, len(answer))
+
+    signal = {}
+    for extra in (0, 4):
+        out = tmp_path / f"grpo{extra}"
+        cfg = load_recipe(None, [f"data=[{data}]", f"model={tiny.path}", f"out_dir={out}", "steps=4",
+                                 "batch_size=2", "group_size=4", "max_new_tokens=8", "warmup=0", "seq_len=256",
+                                 "grpo_reward=mixed", f"dynamic_sampling={extra}"], "grpo")
+        import warnings
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            train(cfg, progress=False, stage_kwargs={"rewards": {"mixed": reward}})
+        signal[extra] = [json.loads(line)["samples_with_signal"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert signal[4] == [8, 8, 8, 8] and min(signal[0]) < 8, signal
+
+
 def test_lora_trains_adapters_only_and_merges_exactly(tmp_path, tiny):
     from nemotron.train.lora import LoRALinear, apply_lora, merge_lora
 

@@ -47,6 +47,7 @@ class TinyRecipe:
     grpo_steps: int = 100
     grpo_lr: float = 1e-4
     grpo_temperature: float = 1.0
+    grpo_dynamic_sampling: int = 0    # extra prompt batches to replace groups without signal (DAPO)
     grpo_batch_size: int = 8          # prompts per GRPO step (each sampled group_size times)
     batch_size: int = 8
     max_new_tokens: int = 160         # GRPO samples and evaluation answers
@@ -113,7 +114,8 @@ def run(recipe: TinyRecipe, progress: bool = True) -> dict:
         ("grpo", [f"data=[{data['paths']['grpo']}]", f"model={out / 'sft' / 'final'}", f"steps={recipe.grpo_steps}",
                   f"lr={recipe.grpo_lr}", "warmup=0", "schedule=constant", "group_size=8",
                   f"batch_size={recipe.grpo_batch_size}",
-                  f"max_new_tokens={recipe.max_new_tokens}", f"temperature={recipe.grpo_temperature}"]),
+                  f"max_new_tokens={recipe.max_new_tokens}", f"temperature={recipe.grpo_temperature}",
+                  f"dynamic_sampling={recipe.grpo_dynamic_sampling}"]),
     ]
     table: dict = {}
     minutes = {"data": (time.perf_counter() - start) / 60}

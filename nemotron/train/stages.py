@@ -345,10 +345,28 @@ class GRPOStage:
             out.append((i, list(r.output_ids), float(verifier(parsed.content or "", self.records[i]))))
         return out
 
+    def _informative(self, samples: list) -> list[list]:
+        """The groups (consecutive group_size samples of one prompt) whose rewards differ."""
+        g = self.cfg.group_size
+        groups = [samples[j:j + g] for j in range(0, len(samples), g)]
+        return [group for group in groups if len({s[2] for s in group}) > 1]
+
     def step(self, model: nn.Module, autocast) -> dict:
         cfg = self.cfg
         indices = self.index.next()
         samples = self._generate(model, indices)
+        if cfg.dynamic_sampling:
+            # DAPO's dynamic sampling: a group whose samples all score alike teaches nothing; draw up
+            # to `dynamic_sampling` more batches of prompts and keep batch_size groups that differ
+            groups = self._informative(samples)
+            for _ in range(cfg.dynamic_sampling):
+                if len(groups) >= len(indices):
+                    break
+                groups += self._informative(self._generate(model, self.index.next()))
+            if groups:
+                groups = groups[:len(indices)]
+                samples = [s for group in groups for s in group]
+                indices = [group[0][0] for group in groups]
         self.step_count += 1
         rewards = torch.tensor([s[2] for s in samples]).view(len(indices), cfg.group_size)
         advantages = group_advantages(rewards).reshape(-1)

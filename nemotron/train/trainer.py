@@ -75,6 +75,7 @@ class TrainConfig:
     clip_low: float = 0.2
     clip_high: float = 0.28
     kl_coeff: float = 0.0
+    dynamic_sampling: int = 0         # grpo: extra prompt batches drawn to replace groups without signal (DAPO)
     grpo_reward: str = "number"       # the verifier of prompts that name none: number, exact, contains
     lora_rank: int = 0                # > 0: train low-rank adapters only (merged into the export)
     lora_alpha: float = 16.0
