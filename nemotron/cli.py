@@ -32,9 +32,9 @@ def _config_for(model: str):
     from .checkpoint import load_checkpoint_config
     from .presets import PRESETS, get_preset
 
-    from .api import resolve_model_path
+    from .api import EMBEDDED, resolve_model_path
 
-    if Path(model).exists() or model.lower() == "tiny":
+    if Path(model).exists() or model.lower() == EMBEDDED:
         return load_checkpoint_config(resolve_model_path(model))
     known = {k.lower() for p in PRESETS.values() for k in (p.name, p.hf_id)}
     if model.lower() in known:

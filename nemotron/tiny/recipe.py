@@ -126,9 +126,8 @@ def run(recipe: TinyRecipe, progress: bool = True) -> dict:
         fields += [f.name for f in dataclasses.fields(recipe) if f.name.startswith(stage + "_")]
         settings = {f: getattr(recipe, f) for f in fields}
         done = out / stage / "done.json"
-        if done.is_file() and json.loads(done.read_text())["settings"] == settings:
-            record = json.loads(done.read_text())
-        else:
+        record = json.loads(done.read_text()) if done.is_file() else {}
+        if record.get("settings") != settings:
             done.unlink(missing_ok=True)
             cfg = load_recipe(None, common + args + [f"out_dir={out / stage}"], stage)
             t = time.perf_counter()
