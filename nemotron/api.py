@@ -15,6 +15,7 @@ from .checkpoint import checkpoint_dtype, load_checkpoint_config, load_weights, 
 from .config import DTYPES, AnyConfig
 from .errors import CheckpointError, NemotronError
 from .models import build_model
+from .quant.modelopt import apply_quant_config, read_quant_config
 from .tokenizer import Tokenizer
 
 _DTYPES = {**DTYPES, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -297,6 +298,9 @@ def load(
     dtype = parse_dtype(dtype) or checkpoint_dtype(config)
     with torch.device("meta"):
         model = build_model(config)
+    quant = read_quant_config(path)
+    if quant is not None:   # NVFP4 / FP8 (ModelOpt format): the layers it quantizes keep its storage
+        apply_quant_config(model, quant, dtype)
     if progress:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 

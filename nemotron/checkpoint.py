@@ -182,7 +182,9 @@ def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: di
 # name maps
 # --------------------------------------------------------------------------------------------------
 
-_EXPERT = re.compile(r"^(.*\.mixer\.experts)\.(\d+)\.(up_proj|down_proj)\.weight$")
+# one expert's tensor: its weight, or (quantized checkpoints) one of its scales
+_EXPERT = re.compile(r"^(.*\.mixer\.experts)\.(\d+)\.(up_proj|down_proj)\.(weight|weight_scale|weight_scale_2|input_scale)$")
+_STACKED_EXPERTS = re.compile(r"^(.*\.mixer\.experts)\.(up_proj|down_proj)(?:_(weight_scale_2|weight_scale|input_scale))?$")
 
 
 def _canonical_name(name: str, config: AnyConfig) -> tuple[str, int | None]:
@@ -194,17 +196,19 @@ def _canonical_name(name: str, config: AnyConfig) -> tuple[str, int | None]:
             name = "backbone." + name[len("model."):]
         m = _EXPERT.match(name)
         if m:
-            return f"{m.group(1)}.{m.group(3)}", int(m.group(2))
+            suffix = "" if m.group(4) == "weight" else "_" + m.group(4)
+            return f"{m.group(1)}.{m.group(3)}{suffix}", int(m.group(2))
     return name, None
 
 
 def release_state_dict(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
-    """Our tensors under their release names (stacked experts split into one tensor per expert)."""
+    """Our tensors under their release names (stacked experts, and their scales when quantized, split
+    into one tensor per expert)."""
     for name, tensor in model.state_dict().items():
-        m = re.match(r"^(.*\.mixer\.experts)\.(up_proj|down_proj)$", name)
+        m = _STACKED_EXPERTS.match(name)
         if m:
             for e in range(tensor.shape[0]):
-                yield f"{m.group(1)}.{e}.{m.group(2)}.weight", tensor[e]
+                yield f"{m.group(1)}.{e}.{m.group(2)}.{m.group(3) or 'weight'}", tensor[e]
         else:
             yield name, tensor
 
@@ -223,8 +227,22 @@ def _set_tensor(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
         module._buffers[leaf] = tensor
 
 
-# tensors that stay fp32 whatever the model dtype
-FP32_TENSORS = ("e_score_correction_bias",)
+# tensors that stay fp32 whatever the model dtype (quantization scales included)
+FP32_TENSORS = ("e_score_correction_bias", "weight_scale", "weight_scale_2", "input_scale", "k_scale", "v_scale")
+# the dtypes a checkpoint's float tensors may be converted between; others (packed FP4, FP8, scales
+# declared by a quantized layer) keep the dtype the model declares
+MODEL_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _keeps_dtype(name: str, declared: torch.dtype) -> bool:
+    return name.endswith(FP32_TENSORS) or declared not in MODEL_FLOATS
+
+
+def _as_declared(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A stored tensor in the dtype the model declares (older ModelOpt exports store FP8 as int8)."""
+    if dtype == torch.float8_e4m3fn and t.dtype in (torch.int8, torch.uint8):
+        return t.view(dtype)
+    return t.to(dtype)
 
 
 def load_weights(
@@ -282,17 +300,15 @@ def load_weights(
 
     done, total = 0, sum(len(v) for v in plan.values())
     for target, entries in plan.items():
-        want_dtype = torch.float32 if target.endswith(FP32_TENSORS) else dtype
         param = expected[target]
-        if not param.is_floating_point():
-            want_dtype = param.dtype
+        want_dtype = param.dtype if _keeps_dtype(target, param.dtype) else dtype
         if entries[0][0] is None:
-            _set_tensor(model, target, entries[0][1].read().to(device=device, dtype=want_dtype))
+            _set_tensor(model, target, _as_declared(entries[0][1].read(), want_dtype).to(device))
             done += 1
         else:
             stacked = torch.empty(param.shape, dtype=want_dtype, device=device)
             for expert, ref in entries:
-                stacked[expert].copy_(ref.read())
+                stacked[expert].copy_(_as_declared(ref.read(), want_dtype))
                 done += 1
                 if progress:
                     progress(done, total)
@@ -315,8 +331,9 @@ _DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 
 
 def save_checkpoint(model: nn.Module, config: AnyConfig, out_dir: str | Path, dtype: torch.dtype | None = None,
-                    max_shard_bytes: int = 5 * 1024**3) -> Path:
-    """Write `config.json` + safetensors in the release layout (sharded above `max_shard_bytes`).
+                    max_shard_bytes: int = 5 * 1024**3, quantization_config: dict | None = None) -> Path:
+    """Write `config.json` + safetensors in the release layout (sharded above `max_shard_bytes`);
+    `quantization_config` goes into config.json as is (a quantized model's format).
 
     Files are written under temporary names and renamed at the end, so a crash never leaves a
     half-written checkpoint that looks complete."""
@@ -326,7 +343,7 @@ def save_checkpoint(model: nn.Module, config: AnyConfig, out_dir: str | Path, dt
     size = 0
     for name, tensor in release_state_dict(model):
         t = tensor.detach()
-        if dtype is not None and t.is_floating_point() and not name.endswith(FP32_TENSORS):
+        if dtype is not None and t.is_floating_point() and not _keeps_dtype(name, t.dtype):
             t = t.to(dtype)
         nbytes = t.numel() * t.element_size()
         if shards[-1] and size + nbytes > max_shard_bytes:
@@ -351,6 +368,9 @@ def save_checkpoint(model: nn.Module, config: AnyConfig, out_dir: str | Path, dt
     config = config.replace(torch_dtype=_DTYPE_NAMES.get(saved_dtype, "float32"))
     tmp = out / "config.json.tmp"
     save_config(config, tmp)
+    if quantization_config is not None:
+        tmp.write_text(json.dumps({**json.loads(tmp.read_text()), "quantization_config": quantization_config},
+                                  indent=2) + "\n")
     written.append((tmp, out / "config.json"))
     for stale in [*out.glob("model*.safetensors"), out / "model.safetensors.index.json"]:
         if stale.exists() and stale not in {final for _, final in written}:

@@ -420,14 +420,15 @@ def draft_and_verify(model: nn.Module, k: int, cache: HybridCache, tokens: torch
     device = tokens.device
     drafts = []
     for row in range(tokens.shape[0]):
-        view = cache.rows(row)
+        view = cache if tokens.shape[0] == 1 else cache.rows(row)
         ph, pt = pending[row]
         # pairs still owed to the MTP cache, the newest ending with this step's token
         pt = torch.cat([pt, tokens[row:row + 1, None]], 1)[:, -ph.shape[1]:]
-        logits_d, hd = model.mtp_forward(ph, pt, cache=view)
+        logits_d, hd = model.mtp_forward(ph, pt, cache=view, logits_to_keep=1)
         row_drafts = [int(logits_d[0, -1].argmax())]
         for _ in range(k - 1):
-            logits_d, hd = model.mtp_forward(hd[:, -1:], torch.tensor([[row_drafts[-1]]], device=device), cache=view)
+            logits_d, hd = model.mtp_forward(hd[:, -1:], torch.tensor([[row_drafts[-1]]], device=device), cache=view,
+                                             logits_to_keep=1)
             row_drafts.append(int(logits_d[0, -1].argmax()))
         view.mtp_seq_lens -= k - 1  # recursive drafts used MTP hidden states: recomputed next round
         drafts.append(row_drafts)

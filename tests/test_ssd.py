@@ -147,3 +147,39 @@ def test_packed_sequences_restart_from_zero(L, chunk, bounds):
     for k, (a, e) in enumerate(zip(starts[:-1], starts[1:])):
         alone, _ = ssd_chunked(x[:1, a:e], dt[:1, a:e], A, B[:1, a:e], C[:1, a:e], chunk, s0[:1] if k == 0 else None)
         assert torch.allclose(y[:1, a:e], alone, atol=1e-5)
+
+
+def test_mamba_verify_equals_steps_and_rolls_back_to_any_token():
+    """The speculative verify of T tokens gives the outputs of T single-token steps, and rolling back
+    to n of them leaves the conv and SSM state that n steps leave."""
+    from nemotron.cache import MambaState
+    from nemotron.layers.mamba2 import Mamba2Mixer
+
+    torch.manual_seed(0)
+    mixer = Mamba2Mixer(hidden_size=32, num_heads=4, head_dim=8, state_size=16, n_groups=2, chunk_size=8)
+    with torch.no_grad():
+        mixer.conv1d.weight.normal_()
+        mixer.dt_bias.normal_()
+    b, t = 2, 3
+    prompt, new = torch.randn(b, 5, 32), torch.randn(b, t, 32)
+
+    def primed() -> MambaState:
+        s = mixer.new_state(b, torch.float32, torch.float32, "cpu")
+        mixer(prompt, s, pos=[0] * b)
+        return s
+
+    with torch.inference_mode():
+        stepped, after = primed(), []
+        outs = []
+        for i in range(t):
+            outs.append(mixer(new[:, i:i + 1], stepped, pos=[5 + i] * b))
+            after.append((stepped.conv.clone(), stepped.ssm.clone()))
+        for keep in ([1, 3], [2, 2], [3, 1]):
+            s = primed()
+            s.record = True
+            y = mixer(new, s, pos=[5] * b)
+            torch.testing.assert_close(y, torch.cat(outs, 1), rtol=1e-5, atol=1e-6)
+            s.rollback(keep)
+            for row, n in enumerate(keep):
+                torch.testing.assert_close(s.conv[row], after[n - 1][0][row])
+                torch.testing.assert_close(s.ssm[row], after[n - 1][1][row], rtol=1e-5, atol=1e-6)

@@ -81,7 +81,7 @@ class DecoderLM(nn.Module):
 
     def new_cache(self, batch: int, max_len: int, dtype: torch.dtype | None = None, device=None,
                   ssm_dtype: torch.dtype | None = None) -> HybridCache:
-        p = self.lm_head.weight
+        p = self.model.embed_tokens.weight   # never quantized, unlike lm_head
         dtype, device = dtype or p.dtype, device or p.device
         states = []
         for layer in self.model.layers:

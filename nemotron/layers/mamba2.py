@@ -75,10 +75,8 @@ class Mamba2Mixer(nn.Module):
                     out[:, :n].addcmul_(prefix[:, k - 1 - s:k - 1 - s + n], weight[:, k - 1 - s])
             else:
                 state.conv.zero_()  # a new sequence: the inputs before its first token are zeros
-            if state.record or t < k - 1:
+            if t < k - 1:
                 full = torch.cat([state.conv.transpose(1, 2), xBC.to(state.conv.dtype)], dim=1)
-                if state.record:
-                    state.conv_history = full.transpose(1, 2)
                 state.conv.copy_(full[:, full.shape[1] - (k - 1):].transpose(1, 2))
             else:
                 state.conv.copy_(xBC[:, t - (k - 1):].transpose(1, 2))
@@ -115,13 +113,46 @@ class Mamba2Mixer(nn.Module):
         y = y.addcmul_(xs, _f32(self.D)[:, None]).view(b, 1, i).to(x.dtype)
         return self.out_proj(self.norm(y, z[:, None]))
 
+    def verify(self, x: torch.Tensor, state: MambaState) -> torch.Tensor:
+        """Speculative verify: a few tokens per row continuing the cache, with `step`'s math (the conv
+        over a window of the state and the new inputs, the recurrence token by token), keeping the
+        conv window and the SSM state after every token (`conv_history`, `ssm_history`) for
+        `MambaState.rollback`. The projections see all T tokens at once."""
+        b, t, _ = x.shape
+        h, p, g, n = self.num_heads, self.head_dim, self.n_groups, self.state_size
+        i, c, k = self.inner, self.conv_dim, self.conv_kernel
+        zxbcdt = self.in_proj(x)
+        z, xBC, dt = zxbcdt[..., :i], zxbcdt[..., i:i + c], zxbcdt[..., i + c:]
+        window = torch.cat([state.conv, xBC.to(state.conv.dtype).transpose(1, 2)], dim=-1)   # [b, c, K-1+T]
+        state.conv_history = window
+        state.conv.copy_(window[:, :, t:])
+        conv = (_f32(window).unfold(-1, k, 1) * _f32(self.conv1d.weight)[:, None, 0]).sum(-1)   # [b, c, T]
+        if self.conv1d.bias is not None:
+            conv = conv + _f32(self.conv1d.bias)[:, None]
+        xBC = F.silu(conv).transpose(1, 2)                                                     # fp32 [b, T, c]
+        if x.dtype != torch.float32:
+            xBC = xBC.to(x.dtype).float()
+        xs = xBC[..., :i].unflatten(-1, (h, p))
+        B, C = xBC[..., i:i + g * n].unflatten(-1, (g, n)), xBC[..., i + g * n:].unflatten(-1, (g, n))
+        dt, A = self._discretize(dt)
+        history = state.ssm.new_empty(b, t, *state.ssm.shape[1:])
+        ys = []
+        for s in range(t):
+            ys.append(ssd_step(state.ssm, xs[:, s], dt[:, s], A, B[:, s], C[:, s]))
+            history[:, s].copy_(state.ssm)
+        state.ssm_history = history
+        y = torch.stack(ys, 1).addcmul_(xs, _f32(self.D)[:, None]).view(b, t, i).to(x.dtype)
+        return self.out_proj(self.norm(y, z))
+
     def forward(self, x: torch.Tensor, state: MambaState | None = None, pos: list[int] | None = None,
                 rope=None, seq_idx: torch.Tensor | None = None) -> torch.Tensor:
         """seq_idx [b, T] (training, no cache): packed sequences, each starting from zero conv/SSM state."""
         b, t, _ = x.shape
         if seq_idx is not None and state is not None:
             raise ValueError("seq_idx (packed sequences) is for cache-free forwards")
-        if state is not None and t == 1 and not state.record:
+        if state is not None and state.record:
+            return self.verify(x, state)
+        if state is not None and t == 1:
             return self.step(x, state)
         z, xBC, dt = self.in_proj(x).split([self.inner, self.conv_dim, self.num_heads], dim=-1)
         # every row at position 0: the cached states of a previous sequence are not read
@@ -134,18 +165,10 @@ class Mamba2Mixer(nn.Module):
 
         dt, A = self._discretize(dt)
 
-        if state is not None and state.record and t > 1:
-            # speculative verify: step token by token (T is small) keeping every intermediate state
-            ys, history = [], []
-            for i in range(t):
-                ys.append(ssd_step(state.ssm, xs[:, i], dt[:, i], A, B[:, i], C[:, i]))
-                history.append(state.ssm.clone())
-            y, state.ssm_history = torch.stack(ys, 1), torch.stack(history, 1)
-        else:
-            y, final = ssd_chunked(xs, dt, A, B, C, self.chunk_size,
-                                   initial_state=None if state is None or fresh else state.ssm, seq_idx=seq_idx)
-            if state is not None:
-                state.ssm.copy_(final)
+        y, final = ssd_chunked(xs, dt, A, B, C, self.chunk_size,
+                               initial_state=None if state is None or fresh else state.ssm, seq_idx=seq_idx)
+        if state is not None:
+            state.ssm.copy_(final)
         y = y.addcmul_(_f32(xs), _f32(self.D)[:, None])                 # D skip, in place
         y = y.reshape(b, t, self.inner).to(x.dtype)
         return self.out_proj(self.norm(y, z))

@@ -122,13 +122,14 @@ class NemotronHForCausalLM(nn.Module):
         return (logits, h) if return_hidden else logits
 
     def mtp_forward(self, hidden: torch.Tensor, next_ids: torch.Tensor, depth: int = 0,
-                    cache: HybridCache | None = None,
-                    seq_idx: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                    cache: HybridCache | None = None, seq_idx: torch.Tensor | None = None,
+                    logits_to_keep: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         """One MTP depth: from the hidden state at t and the token at t+1, predict the token at t+2.
 
         hidden [B, T, H] (post norm_f, or the previous depth's output); next_ids [B, T]. With a cache,
         the MTP attention continues from `cache.mtp_seq_lens` and advances it.
-        Returns (logits [B, T, V] fp32, hidden [B, T, H] for the next depth)."""
+        Returns (logits [B, T, V] fp32, or of the last `logits_to_keep` positions; hidden [B, T, H] for
+        the next depth)."""
         if self.mtp is None:
             raise ValueError("this checkpoint has no MTP block (num_nextn_predict_layers = 0)")
         stored = len(self.mtp.layers) // self.mtp.depth_size
@@ -143,11 +144,11 @@ class NemotronHForCausalLM(nn.Module):
         if cache is not None:
             cache.mtp_seq_lens += next_ids.shape[1]
         x = last.final_layernorm(x)
-        return self.lm_head(x).float(), x
+        return self.lm_head(x[:, -logits_to_keep:] if logits_to_keep else x).float(), x
 
     def new_cache(self, batch: int, max_len: int, dtype: torch.dtype | None = None, device=None,
                   ssm_dtype: torch.dtype | None = None) -> HybridCache:
-        p = self.lm_head.weight
+        p = self.backbone.embeddings.weight   # never quantized, unlike lm_head
         dtype, device = dtype or p.dtype, device or p.device
         ssm_dtype = ssm_dtype or DTYPES.get(self.config.mamba_ssm_cache_dtype, torch.float32)
 

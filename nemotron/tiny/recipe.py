@@ -15,7 +15,7 @@ from pathlib import Path
 from ..chat import apply_chat_template
 from ..config import NemotronHConfig, save_config
 from .evaluate import MODES, decode_speed, evaluate
-from .tasks import EVAL_FAMILIES, TOOL_FAMILIES, TRAIN_WEIGHTS, conversation, grpo_prompt, problems
+from .tasks import EVAL_FAMILIES, GRPO_WEIGHTS, TOOL_FAMILIES, TRAIN_WEIGHTS, conversation, grpo_prompt, problems
 from .tokenizer import train_tokenizer
 
 
@@ -49,6 +49,7 @@ class TinyRecipe:
     grpo_temperature: float = 1.0
     grpo_dynamic_sampling: int = 0    # extra prompt batches to replace groups without signal (DAPO)
     grpo_batch_size: int = 8          # prompts per GRPO step (each sampled group_size times)
+    grpo_prompts: str = "sft"         # "sft": the SFT mixture's questions; "hard": tasks.GRPO_WEIGHTS
     batch_size: int = 8
     max_new_tokens: int = 160         # GRPO samples and evaluation answers
 
@@ -69,8 +70,15 @@ def build_data(recipe: TinyRecipe, out: Path) -> dict:
         r = rng.random()
         mode = "tool" if p.family in TOOL_FAMILIES and r < 0.25 else "no_think" if r > 0.8 else "think"
         sft.append(conversation(p, mode))
-        if p.family in EVAL_FAMILIES:   # RL on both reasoning modes
+        if recipe.grpo_prompts == "sft" and p.family in EVAL_FAMILIES:   # RL on both reasoning modes
             grpo.append(grpo_prompt(p, thinking=mode != "no_think"))
+    if recipe.grpo_prompts == "hard":
+        # questions of their own (another seed), in the same reasoning-on/off proportion as SFT
+        n = recipe.grpo_steps * recipe.grpo_batch_size * (1 + recipe.grpo_dynamic_sampling)
+        for p in problems(n, "train", recipe.seed + 1, tuple(GRPO_WEIGHTS), exclude=exclude, weights=GRPO_WEIGHTS):
+            grpo.append(grpo_prompt(p, thinking=rng.random() <= 0.8))
+    elif recipe.grpo_prompts != "sft":
+        raise ValueError(f"grpo_prompts must be 'hard' or 'sft', not {recipe.grpo_prompts!r}")
     data = out / "data"
     data.mkdir(parents=True, exist_ok=True)
     paths = {"sft": _write_jsonl(data / "sft.jsonl", sft),

@@ -1,0 +1,226 @@
+"""ModelOpt-format checkpoints built by hand (uint8 packed NVFP4 weights, float8_e4m3fn block scales,
+fp32 weight_scale_2 / input_scale, FP8 per-tensor and per-channel, a MIXED_PRECISION config with an
+exclusion) load through `nemotron.load` and compute exactly the dequantize-then-matmul math."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+import nemotron
+from nemotron.checkpoint import read_safetensors_index, write_safetensors
+from nemotron.errors import CheckpointError
+from nemotron.init import init_checkpoint, tiny_super_config
+from nemotron.quant import formats
+from nemotron.quant.modules import QuantExperts, QuantLinear, set_activation_emulation
+
+# layer -> format in the hand-built MIXED_PRECISION checkpoint (layers 1 and 4 are LatentMoE, 3 attention)
+LAYERS = {
+    "backbone.layers.0.mixer.in_proj": "NVFP4",
+    "backbone.layers.0.mixer.out_proj": "W4A16_NVFP4",
+    "backbone.layers.3.mixer.o_proj": "FP8",
+    "backbone.layers.1.mixer.shared_experts.up_proj": "FP8_PER_CHANNEL_PER_TOKEN",
+    "backbone.layers.1.mixer.fc1_latent_proj": "NVFP4",
+}
+EXPERTS = "backbone.layers.4.mixer.experts"   # every expert NVFP4
+
+
+def _stored(algo: str, w: torch.Tensor, amax_in: float) -> dict[str, torch.Tensor]:
+    """One layer's tensors exactly as ModelOpt exports them, from the format functions."""
+    if algo in ("NVFP4", "W4A16_NVFP4"):
+        packed, scale, scale_2 = formats.nvfp4_quantize(w)
+        out = {"weight": packed, "weight_scale": scale, "weight_scale_2": scale_2}
+        if algo == "NVFP4":
+            out["input_scale"] = formats.nvfp4_global_scale(amax_in)
+        return out
+    q, scale = formats.fp8_quantize(w, "tensor" if algo == "FP8" else "channel")
+    out = {"weight": q, "weight_scale": scale}
+    if algo == "FP8":
+        out["input_scale"] = torch.tensor(amax_in / 448.0)
+    return out
+
+
+def _dequantized(algo: str, t: dict[str, torch.Tensor]) -> torch.Tensor:
+    if algo in ("NVFP4", "W4A16_NVFP4"):
+        return formats.nvfp4_dequantize(t["weight"], t["weight_scale"], t["weight_scale_2"])
+    return formats.fp8_dequantize(t["weight"], t["weight_scale"])
+
+
+@pytest.fixture(scope="module")
+def hand_built(tmp_path_factory):
+    """(float checkpoint, ModelOpt mixed checkpoint, {tensor name: stored tensor}, reference model
+    whose quantized layers hold their dequantized weights)."""
+    root = tmp_path_factory.mktemp("modelopt")
+    base = init_checkpoint(root / "float", tiny_super_config(), seed=0)
+    tensors = {k: r.read() for k, r in read_safetensors_index(base / "model.safetensors").items()}
+    quant = root / "mixed"
+    shutil.copytree(base, quant)
+    stored, deq = {}, {}
+    for layer, algo in LAYERS.items():
+        w = tensors.pop(f"{layer}.weight")
+        for name, t in _stored(algo, w, amax_in=3.0).items():
+            stored[f"{layer}.{name}"] = t
+        deq[f"{layer}.weight"] = _dequantized(algo, {k.rsplit(".", 1)[1]: v for k, v in stored.items()
+                                                     if k.rsplit(".", 1)[0] == layer})
+    n_experts = tiny_super_config().n_routed_experts
+    layers = dict(LAYERS)
+    for e in range(n_experts):
+        for proj in ("up_proj", "down_proj"):
+            layer = f"{EXPERTS}.{e}.{proj}"
+            layers[layer] = "NVFP4"
+            t = _stored("NVFP4", tensors.pop(f"{layer}.weight"), amax_in=2.0)
+            stored.update({f"{layer}.{k}": v for k, v in t.items()})
+            deq[f"{layer}.weight"] = _dequantized("NVFP4", t)
+    write_safetensors(quant / "model.safetensors", {**tensors, **stored}, metadata={"format": "pt"})
+    config = {"producer": {"name": "modelopt", "version": "0.39.0"},
+              "quantization": {"quant_algo": "MIXED_PRECISION", "kv_cache_quant_algo": None,
+                               "quantized_layers": {k: ({"quant_algo": a, "group_size": 16} if "NVFP4" in a
+                                                        else {"quant_algo": a}) for k, a in layers.items()},
+                               # an exclusion too: vLLM reads it; here it changes nothing
+                               "exclude_modules": ["lm_head", "backbone.layers.2.mixer*"]}}
+    (quant / "hf_quant_config.json").write_text(json.dumps(config))
+    reference = nemotron.load(base)
+    with torch.no_grad():
+        for name, w in deq.items():
+            if name.startswith(EXPERTS):
+                e, proj = name[len(EXPERTS) + 1:].split(".")[:2]
+                getattr(reference.model.backbone.layers[4].mixer.experts, proj)[int(e)].copy_(w)
+            else:
+                reference.model.get_parameter(name).copy_(w)
+    return base, quant, stored, reference
+
+
+def test_hand_built_modelopt_checkpoint_loads_packed_and_bit_exact(hand_built):
+    _, quant, stored, _ = hand_built
+    m = nemotron.load(quant)
+    layers = m.model.backbone.layers
+    assert isinstance(layers[0].mixer.in_proj, QuantLinear) and layers[0].mixer.in_proj.scheme.algo == "NVFP4"
+    assert isinstance(layers[3].mixer.o_proj, QuantLinear) and layers[3].mixer.o_proj.scheme.algo == "FP8"
+    assert isinstance(layers[4].mixer.experts, QuantExperts)
+    assert not isinstance(layers[3].mixer.q_proj, QuantLinear)     # not listed: unquantized
+    for name, t in stored.items():   # every stored tensor sits in the model as written, same dtype, same bits
+        owner, leaf = name.rsplit(".", 1)
+        if owner.startswith(EXPERTS + "."):
+            e, proj = owner[len(EXPERTS) + 1:].split(".")
+            got = getattr(layers[4].mixer.experts, proj if leaf == "weight" else f"{proj}_{leaf}")[int(e)]
+        else:
+            got = getattr(m.model.get_submodule(owner), leaf)
+        assert got.dtype == t.dtype, name
+        assert torch.equal(got.view(torch.uint8), t.view(torch.uint8)) if t.element_size() == 1 else torch.equal(got, t)
+
+
+def test_hand_built_checkpoint_matches_dequantize_then_matmul(hand_built):
+    _, quant, _, reference = hand_built
+    m = nemotron.load(quant)
+    ids = torch.randint(5, 300, (2, 12))
+    with torch.inference_mode():
+        got, want = m.model(ids), reference.model(ids)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    # greedy generation through the quantized layers agrees too
+    assert m.generate("The", max_new_tokens=8, temperature=0) == \
+        reference.generate("The", max_new_tokens=8, temperature=0)
+
+
+def test_w4a4_emulation_fake_quantizes_inputs(hand_built):
+    _, quant, stored, _ = hand_built
+    m = nemotron.load(quant)
+    layer = m.model.backbone.layers[0].mixer.in_proj
+    x = torch.randn(3, layer.in_features)
+    w = formats.nvfp4_dequantize(stored["backbone.layers.0.mixer.in_proj.weight"],
+                                 stored["backbone.layers.0.mixer.in_proj.weight_scale"],
+                                 stored["backbone.layers.0.mixer.in_proj.weight_scale_2"])
+    torch.testing.assert_close(layer(x), x @ w.t())
+    # NVFP4 (W4A4), FP8 o_proj and the NVFP4 experts carry input scales; W4A16 and per-channel FP8 do not
+    assert set_activation_emulation(m.model) == 4
+    xq = formats.nvfp4_fake_quantize(x, stored["backbone.layers.0.mixer.in_proj.input_scale"])
+    assert not torch.equal(xq, x)
+    torch.testing.assert_close(layer(x), xq @ w.t())
+    out = m.model.backbone.layers[3].mixer.o_proj
+    x = torch.randn(2, out.in_features)
+    xq = formats.fp8_fake_quantize(x, stored["backbone.layers.3.mixer.o_proj.input_scale"])
+    torch.testing.assert_close(out(x), xq @ out.dequantized_weight().t())
+
+
+def test_config_json_quantization_config_shape_loads(hand_built, tmp_path):
+    _, quant, _, reference = hand_built
+    other = tmp_path / "cfgjson"
+    shutil.copytree(quant, other)
+    legacy = json.loads((other / "hf_quant_config.json").read_text())
+    (other / "hf_quant_config.json").unlink()
+    config = json.loads((other / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "modelopt", "quant_algo": "MIXED_PRECISION",
+                                     "quantized_layers": legacy["quantization"]["quantized_layers"],
+                                     "ignore": ["lm_head"], "producer": legacy["producer"]}
+    (other / "config.json").write_text(json.dumps(config))
+    ids = torch.randint(5, 300, (1, 9))
+    with torch.inference_mode():
+        torch.testing.assert_close(nemotron.load(other).model(ids), reference.model(ids), rtol=1e-5, atol=1e-5)
+
+
+def _variant(quant, tmp_path, edit_config=None, edit_tensors=None):
+    out = tmp_path / "variant"
+    shutil.copytree(quant, out)
+    if edit_config:
+        config = json.loads((out / "hf_quant_config.json").read_text())
+        edit_config(config["quantization"])
+        (out / "hf_quant_config.json").write_text(json.dumps(config))
+    if edit_tensors:
+        tensors = {k: r.read() for k, r in read_safetensors_index(out / "model.safetensors").items()}
+        edit_tensors(tensors)
+        write_safetensors(out / "model.safetensors", tensors)
+    return out
+
+
+def test_unknown_per_layer_algo_is_an_error_naming_the_layer(hand_built, tmp_path):
+    _, quant, _, _ = hand_built
+
+    def edit(q):
+        q["quantized_layers"]["backbone.layers.0.mixer.out_proj"] = {"quant_algo": "W4A8_AWQ"}
+
+    with pytest.raises(CheckpointError, match=r"backbone\.layers\.0\.mixer\.out_proj.*W4A8_AWQ"):
+        nemotron.load(_variant(quant, tmp_path, edit_config=edit))
+
+
+def test_unknown_quant_algo_is_an_error(hand_built, tmp_path):
+    _, quant, _, _ = hand_built
+
+    def edit(q):
+        q["quant_algo"] = "INT3_MAGIC"
+
+    with pytest.raises(CheckpointError, match="INT3_MAGIC"):
+        nemotron.load(_variant(quant, tmp_path, edit_config=edit))
+
+
+def test_wrong_shape_scale_is_an_error_naming_the_tensor(hand_built, tmp_path):
+    _, quant, _, _ = hand_built
+    name = "backbone.layers.0.mixer.in_proj.weight_scale"
+
+    def edit(t):
+        t[name] = t[name][:, :-1].contiguous()
+
+    with pytest.raises(CheckpointError, match=rf"wrong tensor shape: {name}"):
+        nemotron.load(_variant(quant, tmp_path, edit_tensors=edit))
+
+
+def test_missing_scale_is_an_error_naming_the_tensor(hand_built, tmp_path):
+    _, quant, _, _ = hand_built
+
+    def edit(t):
+        del t["backbone.layers.3.mixer.o_proj.input_scale"]
+        del t[f"{EXPERTS}.5.down_proj.weight_scale_2"]
+
+    with pytest.raises(CheckpointError, match=r"missing tensor\(s\).*backbone\.layers\.3\.mixer\.o_proj\.input_scale"):
+        nemotron.load(_variant(quant, tmp_path, edit_tensors=edit))
+
+
+def test_mixed_map_naming_no_layer_is_an_error(hand_built, tmp_path):
+    _, quant, _, _ = hand_built
+
+    def edit(q):
+        q["quantized_layers"]["backbone.layers.0.mixer.not_a_layer"] = {"quant_algo": "FP8"}
+
+    with pytest.raises(CheckpointError, match="not_a_layer"):
+        nemotron.load(_variant(quant, tmp_path, edit_config=edit))
