@@ -317,6 +317,33 @@ def cmd_serve(args: argparse.Namespace) -> None:
           args.device, args.threads, args.speculative_tokens)
 
 
+def cmd_quantize(args: argparse.Namespace) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from .quant.quantize import quantize
+
+    if args.budget_bits <= 0:
+        raise ValueError("--budget-bits must be positive")
+    summary = quantize(args.model, args.format, args.output, args.calib, args.budget_bits, args.exclude,
+                       kv_cache=args.kv_cache == "fp8", dtype=args.dtype, progress=not args.quiet)
+    layers = summary["layers"]
+    table = Table(title="most sensitive layers (relative output error on the calibration inputs)")
+    for col in ("layer", "params", "format", "error NVFP4", "error FP8"):
+        table.add_column(col, justify="left" if col == "layer" else "right", overflow="fold")
+    ranked = sorted(layers.items(), key=lambda kv: -kv[1].get("error_nvfp4", 0.0))
+    for name, row in ranked[:args.show]:
+        table.add_row(name, _human(row["params"]), row["format"], f"{row.get('error_nvfp4', float('nan')):.4f}",
+                      f"{row.get('error_fp8', float('nan')):.4f}")
+    console = Console()
+    console.print(table)
+    counts: dict[str, int] = {}
+    for row in layers.values():
+        counts[row["format"]] = counts.get(row["format"], 0) + 1
+    console.print(f"{summary['quant_algo']}: " + ", ".join(f"{n} layers {f}" for f, n in sorted(counts.items()))
+                  + f"; {summary['bits_per_quantized_weight']:.2f} bits per quantizable weight")
+    console.print(f"wrote {args.output} (report: quantization_report.json)")
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nemotron", description="The NVIDIA Nemotron model family in plain PyTorch.")
@@ -401,6 +428,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--speculative-tokens", type=int, default=0,
                    help="MTP draft tokens per step for greedy requests (checkpoints with MTP weights)")
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("quantize", help="NVFP4 / FP8 / mixed post-training quantization (ModelOpt checkpoint format)")
+    p.add_argument("--model", required=True, help="checkpoint directory (or 'tiny')")
+    p.add_argument("--format", required=True, choices=["nvfp4", "fp8", "mixed"])
+    p.add_argument("--output", required=True, help="new checkpoint directory")
+    p.add_argument("--calib", help="calibration text: .jsonl ('text' or 'messages' records) or plain text "
+                                   "(blank-line separated); default: a few built-in samples")
+    p.add_argument("--budget-bits", type=float, default=4.75,
+                   help="mixed: average bits per quantizable weight (NVFP4 4.5, FP8 8, unquantized 16)")
+    p.add_argument("--exclude", nargs="*", default=[], help="module names or wildcards kept unquantized")
+    p.add_argument("--kv-cache", choices=["fp8"], help="also export FP8 KV-cache scales")
+    p.add_argument("--dtype", help="dtype of the tensors left unquantized (default: the checkpoint's)")
+    p.add_argument("--show", type=int, default=15, help="layers listed in the sensitivity table")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_quantize)
     return parser
 
 

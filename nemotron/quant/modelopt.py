@@ -223,10 +223,12 @@ def apply_quant_config(model: nn.Module, cfg: ModelOptConfig, compute_dtype: tor
             for j in range(e):
                 for proj in ("up_proj", "down_proj"):
                     done[f"{name}.{j}.{proj}"] = scheme
-        elif isinstance(module, Attention) and cfg.kv_cache_quant_algo:
-            device = module.k_proj.weight.device
-            module.k_proj.register_buffer("k_scale", torch.ones((), dtype=torch.float32, device=device))
-            module.v_proj.register_buffer("v_scale", torch.ones((), dtype=torch.float32, device=device))
+    if cfg.kv_cache_quant_algo:   # after the projections were replaced: the scales live on them
+        for module in model.modules():
+            if isinstance(module, Attention):
+                device = module.k_proj.weight.device
+                module.k_proj.register_buffer("k_scale", torch.ones((), dtype=torch.float32, device=device))
+                module.v_proj.register_buffer("v_scale", torch.ones((), dtype=torch.float32, device=device))
     if cfg.mixed:
         unknown = sorted(set(cfg.quantized_layers) - set(done))
         if unknown:
