@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .cache import CacheOptions
 from .checkpoint import checkpoint_dtype, load_checkpoint_config, load_weights, save_checkpoint
 from .config import DTYPES, AnyConfig
 from .errors import CheckpointError, NemotronError
@@ -281,18 +282,30 @@ def resolve_model_path(name_or_path: str | Path) -> Path:
     raise CheckpointError(f"{name_or_path}: no such checkpoint directory or preset")
 
 
+def _release_freed_memory() -> None:
+    """Hand the loader's freed read buffers back to the OS (glibc keeps freed heap pages resident)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):   # not glibc: nothing to do
+        pass
+
+
 def load(
     name_or_path: str | Path,
     dtype: torch.dtype | str | None = None,
     device: torch.device | str = "cpu",
     allow_pickle: bool = False,
     progress: bool = False,
+    cache: CacheOptions | None = None,
 ) -> LoadedModel:
     """Load a Hugging Face checkpoint directory (release or transformers 5 layout).
 
     The model is built on the meta device and its tensors are read straight from the files, so
     peak memory stays near one copy of the weights. dtype defaults to the checkpoint's own.
-    `progress=True` shows a progress bar on stderr."""
+    `progress=True` shows a progress bar on stderr. `cache`: how the inference state is stored (FP8
+    KV cache, the SSM state's dtype and rounding; see CacheOptions)."""
     path = resolve_model_path(name_or_path)
     config = load_checkpoint_config(path)
     dtype = parse_dtype(dtype) or checkpoint_dtype(config)
@@ -312,5 +325,8 @@ def load(
     else:
         load_weights(model, config, path, dtype, device, allow_pickle)
     model.to(device).eval()
+    _release_freed_memory()
+    if cache is not None:
+        model.cache_options = cache
     tokenizer = Tokenizer.from_dir(path) if (path / "tokenizer.json").is_file() else None
     return LoadedModel(config, model, tokenizer, path)

@@ -15,20 +15,88 @@ import torch
 
 
 @dataclass
+class CacheOptions:
+    """How a model's inference state is stored (`model.cache_options`, read by `new_cache`).
+
+    kv_dtype: "auto" (the model dtype) or "fp8" (E4M3 with the checkpoint's per-layer k_scale /
+    v_scale, 1.0 when it has none: half the bytes of bf16, a quarter of fp32). ssm_dtype: the Mamba
+    SSM state's dtype ("float32", "float16", "bfloat16"; None: the config's mamba_ssm_cache_dtype).
+    ssm_rounding: how a low-precision SSM state is rounded after each update, "nearest" or
+    "stochastic" (unbiased: a value lands on either neighbour with odds by distance, which keeps
+    the many small decays and updates of a long decode from drifting one way; Nemotron 3 Super's
+    fp16 state does this)."""
+
+    kv_dtype: str = "auto"
+    ssm_dtype: str | None = None
+    ssm_rounding: str = "nearest"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.kv_dtype not in ("auto", "fp8"):
+            raise ValueError(f"kv cache dtype must be 'auto' or 'fp8', not {self.kv_dtype!r}")
+        if self.ssm_dtype not in (None, "float32", "float16", "bfloat16"):
+            raise ValueError(f"SSM cache dtype must be float32, float16 or bfloat16, not {self.ssm_dtype!r}")
+        if self.ssm_rounding not in ("nearest", "stochastic"):
+            raise ValueError(f"SSM rounding must be 'nearest' or 'stochastic', not {self.ssm_rounding!r}")
+
+
+def stochastic_round(x: torch.Tensor, dtype: torch.dtype, generator: torch.Generator | None = None) -> torch.Tensor:
+    """fp32 -> `dtype`, rounding to one of the two neighbours with probability proportional to the
+    closeness (E[result] = x)."""
+    nearest = x.to(dtype)
+    nf = nearest.float()
+    toward = torch.where(x > nf, float("inf"), float("-inf")).to(dtype)
+    other = torch.nextafter(nearest, toward)
+    gap = other.float() - nf
+    p = torch.where(gap != 0, (x - nf) / gap, torch.zeros_like(x))
+    u = torch.rand(x.shape, generator=generator, device=x.device)
+    return torch.where(u < p, other, nearest)
+
+
+def kv_scales(attention) -> tuple[float, float]:
+    """An attention layer's FP8 KV-cache scales (the checkpoint's k_scale / v_scale; 1.0 without)."""
+    k, v = getattr(attention.k_proj, "k_scale", None), getattr(attention.v_proj, "v_scale", None)
+    return (1.0 if k is None else float(k)), (1.0 if v is None else float(v))
+
+
+def round_into(dst: torch.Tensor, src: torch.Tensor, rounding: str = "nearest",
+               generator: torch.Generator | None = None) -> None:
+    """dst.copy_(src) with `rounding` when dst is lower precision than the fp32 src."""
+    if rounding == "stochastic" and dst.dtype != src.dtype and dst.dtype in (torch.float16, torch.bfloat16):
+        dst.copy_(stochastic_round(src.float(), dst.dtype, generator))
+    else:
+        dst.copy_(src)
+
+
+@dataclass
 class KVState:
-    """Static KV cache of one attention layer: [B, kv_heads, max_len, head_dim]."""
+    """Static KV cache of one attention layer: [B, kv_heads, max_len, head_dim]. An FP8 cache stores
+    k / k_scale and v / v_scale in E4M3 and hands back dequantized keys and values."""
 
     k: torch.Tensor
     v: torch.Tensor
+    k_scale: float = 1.0
+    v_scale: float = 1.0
 
     @classmethod
     def empty(cls, batch: int, kv_heads: int, max_len: int, head_dim: int, dtype: torch.dtype,
-              device: torch.device | str) -> "KVState":
+              device: torch.device | str, k_scale: float = 1.0, v_scale: float = 1.0) -> "KVState":
         shape = (batch, kv_heads, max_len, head_dim)
-        return cls(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
+        return cls(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device),
+                   k_scale, v_scale)
+
+    @property
+    def fp8(self) -> bool:
+        return self.k.dtype == torch.float8_e4m3fn
+
+    def _store(self, x: torch.Tensor, scale: float) -> torch.Tensor:
+        return (x.float() / scale).clamp(-448.0, 448.0).to(self.k.dtype) if self.fp8 else x
+
+    def _load(self, x: torch.Tensor, scale: float, dtype: torch.dtype) -> torch.Tensor:
+        return (x.float() * scale).to(dtype) if self.fp8 else x
 
     def rows(self, start: int, end: int) -> "KVState":
-        return KVState(self.k[start:end], self.v[start:end])
+        return KVState(self.k[start:end], self.v[start:end], self.k_scale, self.v_scale)
 
     def update(self, k: torch.Tensor, v: torch.Tensor, pos: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """Write k/v ([B, kv, T, hd]) for row b at positions pos[b]..pos[b]+T-1; return the keys and
@@ -37,6 +105,8 @@ class KVState:
         end = max(pos) + t
         if end > self.k.shape[2]:
             raise ValueError(f"KV cache overflow: {end} tokens > capacity {self.k.shape[2]}")
+        dtype = k.dtype
+        k, v = self._store(k, self.k_scale), self._store(v, self.v_scale)
         if min(pos) == end - t:  # every row at the same position: a plain slice
             self.k[:, :, end - t:end] = k
             self.v[:, :, end - t:end] = v
@@ -45,15 +115,16 @@ class KVState:
             cols = torch.tensor(pos, device=k.device)[:, None] + torch.arange(t, device=k.device)
             self.k[rows, :, cols] = k.transpose(1, 2)
             self.v[rows, :, cols] = v.transpose(1, 2)
-        return self.k[:, :, :end], self.v[:, :, :end]
+        return self._load(self.k[:, :, :end], self.k_scale, dtype), self._load(self.v[:, :, :end], self.v_scale, dtype)
 
     def update_static(self, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """One token per row (k/v [B, kv, 1, hd]) written at pos [B] (a tensor); returns the whole
         buffer. Shapes never change, so a compiled decode step never recompiles (gpt-fast style)."""
         index = pos.view(-1, 1, 1, 1).expand(-1, k.shape[1], 1, k.shape[3])
-        self.k.scatter_(2, index, k)
-        self.v.scatter_(2, index, v)
-        return self.k, self.v
+        dtype = k.dtype
+        self.k.scatter_(2, index, self._store(k, self.k_scale))
+        self.v.scatter_(2, index, self._store(v, self.v_scale))
+        return self._load(self.k, self.k_scale, dtype), self._load(self.v, self.v_scale, dtype)
 
     def copy_row(self, src: int, dst: int) -> None:
         self.k[dst].copy_(self.k[src])
@@ -77,17 +148,26 @@ class MambaState:
     record: bool = False
     conv_history: torch.Tensor | None = field(default=None, repr=False)
     ssm_history: torch.Tensor | None = field(default=None, repr=False)
+    rounding: str = "nearest"                  # of a low-precision ssm state (CacheOptions.ssm_rounding)
+    generator: torch.Generator | None = field(default=None, repr=False)
 
     @classmethod
     def empty(cls, batch: int, conv_dim: int, conv_kernel: int, heads: int, head_dim: int, state_size: int,
-              dtype: torch.dtype, ssm_dtype: torch.dtype, device: torch.device | str) -> "MambaState":
+              dtype: torch.dtype, ssm_dtype: torch.dtype, device: torch.device | str, rounding: str = "nearest",
+              generator: torch.Generator | None = None) -> "MambaState":
         return cls(
             torch.zeros(batch, conv_dim, conv_kernel - 1, dtype=dtype, device=device),
             torch.zeros(batch, heads, head_dim, state_size, dtype=ssm_dtype, device=device),
+            rounding=rounding, generator=generator,
         )
 
     def rows(self, start: int, end: int) -> "MambaState":
-        return MambaState(self.conv[start:end], self.ssm[start:end], self.record)
+        return MambaState(self.conv[start:end], self.ssm[start:end], self.record, rounding=self.rounding,
+                          generator=self.generator)
+
+    def store_ssm(self, new: torch.Tensor, into: torch.Tensor | None = None) -> None:
+        """Write an fp32 state into `into` (default: the whole ssm state) with this cache's rounding."""
+        round_into(self.ssm if into is None else into, new, self.rounding, self.generator)
 
     def rollback(self, keep: list[int]) -> None:
         """After a recorded forward of T tokens, keep the first keep[b] (1..T) of them in row b."""

@@ -119,6 +119,21 @@ def _sampling_kwargs(args: argparse.Namespace) -> dict:
     return out
 
 
+def _cache_options(args: argparse.Namespace):
+    from .cache import CacheOptions
+
+    return CacheOptions(args.kv_cache_dtype, args.ssm_cache_dtype, args.ssm_rounding)
+
+
+def _cache_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--kv-cache-dtype", choices=["auto", "fp8"], default="auto",
+                   help="fp8: E4M3 attention KV cache with the checkpoint's k/v scales")
+    p.add_argument("--ssm-cache-dtype", choices=["float32", "float16", "bfloat16"],
+                   help="the Mamba SSM state's dtype (default: the config's mamba_ssm_cache_dtype)")
+    p.add_argument("--ssm-rounding", choices=["nearest", "stochastic"], default="nearest",
+                   help="rounding of a float16/bfloat16 SSM state after each update")
+
+
 def _load_for_generation(args: argparse.Namespace):
     from .api import load
 
@@ -126,7 +141,8 @@ def _load_for_generation(args: argparse.Namespace):
         raise NemotronError("--max-new-tokens must be >= 0")
     if args.thinking_budget is not None and args.thinking_budget < 0:
         raise NemotronError("--thinking-budget must be >= 0")
-    m = load(args.model, dtype=args.dtype, device=args.device, progress=sys.stderr.isatty())
+    m = load(args.model, dtype=args.dtype, device=args.device, progress=sys.stderr.isatty(),
+             cache=_cache_options(args))
     if m.tokenizer is None:
         raise NemotronError(f"{args.model} has no tokenizer.json")
     return m
@@ -314,7 +330,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
             raise ValueError(f"--{flag.replace('_', '-')} must be positive")
     serve(args.model, args.host, args.port, args.api_key, args.served_model_name, args.max_batch, args.max_model_len,
           args.prefill_chunk, args.max_waiting, args.prefix_cache_mb, args.max_tokens, kwargs, args.dtype,
-          args.device, args.threads, args.speculative_tokens)
+          args.device, args.threads, args.speculative_tokens, _cache_options(args))
 
 
 def cmd_quantize(args: argparse.Namespace) -> None:
@@ -383,6 +399,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--compile", action="store_true", help="torch.compile the decode step (compiles once)")
         p.add_argument("--dtype", default=None, help="float32 / bfloat16 / float16 (default: the checkpoint's)")
         p.add_argument("--device", default="cpu")
+        _cache_flags(p)
 
     p = sub.add_parser("generate", help="one completion (chat-formatted when the checkpoint has a template)")
     p.add_argument("prompt")
@@ -427,6 +444,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, help="torch CPU threads (default: all cores but one, for the HTTP side)")
     p.add_argument("--speculative-tokens", type=int, default=0,
                    help="MTP draft tokens per step for greedy requests (checkpoints with MTP weights)")
+    _cache_flags(p)
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("quantize", help="NVFP4 / FP8 / mixed post-training quantization (ModelOpt checkpoint format)")

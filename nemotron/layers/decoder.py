@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..cache import HybridCache, KVState
+from ..cache import CacheOptions, HybridCache, KVState, kv_scales
 from .attention import Attention
 from .rope import rope_cos_sin
 
@@ -54,6 +54,7 @@ class DecoderLM(nn.Module):
         self.config = config
         self.model = body
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.cache_options = CacheOptions()   # kv_dtype applies (no Mamba state here)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
     def forward(self, input_ids: torch.Tensor, cache: HybridCache | None = None, logits_to_keep: int = 0,
@@ -86,6 +87,7 @@ class DecoderLM(nn.Module):
         states = []
         for layer in self.model.layers:
             attn = layer.self_attn
-            states.append(KVState.empty(batch, attn.num_kv_heads, max_len, attn.head_dim, dtype, device)
-                          if isinstance(attn, Attention) else None)
+            kv_dtype = torch.float8_e4m3fn if self.cache_options.kv_dtype == "fp8" else dtype
+            states.append(KVState.empty(batch, attn.num_kv_heads, max_len, attn.head_dim, kv_dtype, device,
+                                        *kv_scales(attn)) if isinstance(attn, Attention) else None)
         return HybridCache(states)

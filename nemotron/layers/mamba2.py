@@ -109,7 +109,8 @@ class Mamba2Mixer(nn.Module):
             xBC = xBC.to(x.dtype).float()  # the conv output is stored in the model dtype
         xs = xBC[:, :i].view(b, h, p)
         dt, A = self._discretize(dt)
-        y = ssd_step(state.ssm, xs, dt, A, xBC[:, i:i + g * n].view(b, g, n), xBC[:, i + g * n:].view(b, g, n))
+        y = ssd_step(state.ssm, xs, dt, A, xBC[:, i:i + g * n].view(b, g, n), xBC[:, i + g * n:].view(b, g, n),
+                     state.rounding, state.generator)
         y = y.addcmul_(xs, _f32(self.D)[:, None]).view(b, 1, i).to(x.dtype)
         return self.out_proj(self.norm(y, z[:, None]))
 
@@ -138,7 +139,7 @@ class Mamba2Mixer(nn.Module):
         history = state.ssm.new_empty(b, t, *state.ssm.shape[1:])
         ys = []
         for s in range(t):
-            ys.append(ssd_step(state.ssm, xs[:, s], dt[:, s], A, B[:, s], C[:, s]))
+            ys.append(ssd_step(state.ssm, xs[:, s], dt[:, s], A, B[:, s], C[:, s], state.rounding, state.generator))
             history[:, s].copy_(state.ssm)
         state.ssm_history = history
         y = torch.stack(ys, 1).addcmul_(xs, _f32(self.D)[:, None]).view(b, t, i).to(x.dtype)
@@ -168,11 +169,12 @@ class Mamba2Mixer(nn.Module):
         y, final = ssd_chunked(xs, dt, A, B, C, self.chunk_size,
                                initial_state=None if state is None or fresh else state.ssm, seq_idx=seq_idx)
         if state is not None:
-            state.ssm.copy_(final)
+            state.store_ssm(final)
         y = y.addcmul_(_f32(xs), _f32(self.D)[:, None])                 # D skip, in place
         y = y.reshape(b, t, self.inner).to(x.dtype)
         return self.out_proj(self.norm(y, z))
 
-    def new_state(self, batch: int, dtype: torch.dtype, ssm_dtype: torch.dtype, device) -> MambaState:
+    def new_state(self, batch: int, dtype: torch.dtype, ssm_dtype: torch.dtype, device, rounding: str = "nearest",
+                  generator: torch.Generator | None = None) -> MambaState:
         return MambaState.empty(batch, self.conv_dim, self.conv_kernel, self.num_heads, self.head_dim,
-                                self.state_size, dtype, ssm_dtype, device)
+                                self.state_size, dtype, ssm_dtype, device, rounding, generator)

@@ -21,6 +21,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from ..cache import round_into
+
 # Floor for the log-decays fed to exp. Below about -87.3 fp32 exp leaves the normal range, and the
 # CPU's exp (and any product it feeds) drops to a microcode slow path 15-30x slower; trained
 # checkpoints (large dt*A summed over a chunk) put most intra-chunk decays there. exp(-60) ~ 9e-27
@@ -81,8 +83,10 @@ def segsum(a: torch.Tensor) -> torch.Tensor:
 
 
 def ssd_step(state: torch.Tensor, x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor,
-             B: torch.Tensor, C: torch.Tensor) -> torch.Tensor:
-    """One token. x [b, h, p], dt [b, h], B/C [b, g, n]. Updates `state` in place; returns y [b, h, p] fp32."""
+             B: torch.Tensor, C: torch.Tensor, rounding: str = "nearest",
+             generator: torch.Generator | None = None) -> torch.Tensor:
+    """One token. x [b, h, p], dt [b, h], B/C [b, g, n]. Updates `state` in place; returns y [b, h, p] fp32.
+    A low-precision state is updated in fp32 and rounded once (`rounding`: nearest or stochastic)."""
     b, h, p = x.shape
     g, n = B.shape[1], B.shape[2]
     dt = dt.float()
@@ -96,7 +100,7 @@ def ssd_step(state: torch.Tensor, x: torch.Tensor, dt: torch.Tensor, A: torch.Te
         new.mul_(decay).addcmul_(xdt, Bg)
     else:  # a low-precision state is updated in fp32 and rounded once
         new = state.float().view(b, g, h // g, p, n) * decay + xdt * Bg
-        state.copy_(new.view(b, h, p, n))
+        round_into(state, new.view(b, h, p, n), rounding, generator)
     return (new @ C.float().view(b, g, 1, n, 1)).view(b, h, p)
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..cache import HybridCache, KVState, MambaState
+from ..cache import CacheOptions, HybridCache, KVState, MambaState, kv_scales
 from ..config import DTYPES, LAYER_CHARS, NemotronHConfig
 from ..layers.attention import Attention
 from ..layers.mamba2 import Mamba2Mixer
@@ -96,6 +96,7 @@ class NemotronHForCausalLM(nn.Module):
         self.backbone = Backbone(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.mtp = MTP(config) if config.num_nextn_predict_layers else None
+        self.cache_options = CacheOptions()
 
     def hidden_states(self, input_ids: torch.Tensor, cache: HybridCache | None = None,
                       positions: torch.Tensor | None = None, seq_idx: torch.Tensor | None = None) -> torch.Tensor:
@@ -148,16 +149,19 @@ class NemotronHForCausalLM(nn.Module):
 
     def new_cache(self, batch: int, max_len: int, dtype: torch.dtype | None = None, device=None,
                   ssm_dtype: torch.dtype | None = None) -> HybridCache:
+        opts = self.cache_options
         p = self.backbone.embeddings.weight   # never quantized, unlike lm_head
         dtype, device = dtype or p.dtype, device or p.device
-        ssm_dtype = ssm_dtype or DTYPES.get(self.config.mamba_ssm_cache_dtype, torch.float32)
+        ssm_dtype = ssm_dtype or DTYPES.get(opts.ssm_dtype or self.config.mamba_ssm_cache_dtype, torch.float32)
+        kv_dtype = torch.float8_e4m3fn if opts.kv_dtype == "fp8" else dtype
+        generator = torch.Generator(device).manual_seed(opts.seed) if opts.ssm_rounding == "stochastic" else None
 
         def state(block: HybridBlock):
             m = block.mixer
             if block.kind == "attention":
-                return KVState.empty(batch, m.num_kv_heads, max_len, m.head_dim, dtype, device)
+                return KVState.empty(batch, m.num_kv_heads, max_len, m.head_dim, kv_dtype, device, *kv_scales(m))
             if block.kind == "mamba":
-                return m.new_state(batch, dtype, ssm_dtype, device)
+                return m.new_state(batch, dtype, ssm_dtype, device, opts.ssm_rounding, generator)
             return None
 
         mtp = [state(b) for b in self.mtp.layers] if self.mtp is not None else None

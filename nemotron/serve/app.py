@@ -453,9 +453,11 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | 
           served_model_name: str | None = None, max_batch: int = 32, max_model_len: int = 4096,
           prefill_chunk: int = 256, max_waiting: int = 256, prefix_cache_mb: int = 256,
           max_tokens: int = 4096, default_template_kwargs: dict | None = None, dtype: str | None = None,
-          device: str = "cpu", threads: int | None = None, speculative_tokens: int = 0) -> None:
+          device: str = "cpu", threads: int | None = None, speculative_tokens: int = 0,
+          cache_options=None) -> None:
     """Load `model` and serve it until interrupted. threads: torch's CPU threads; by default one core is
-    left to the HTTP side (on a small machine, compute threads that take every core starve it)."""
+    left to the HTTP side (on a small machine, compute threads that take every core starve it).
+    cache_options: a CacheOptions (FP8 KV cache, SSM state dtype and rounding)."""
     import os
 
     import torch
@@ -464,7 +466,7 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | 
     from ..api import load
 
     torch.set_num_threads(threads or max(1, (os.cpu_count() or 2) - 1))
-    loaded = load(model, dtype=dtype, device=device, progress=True)
+    loaded = load(model, dtype=dtype, device=device, progress=True, cache=cache_options)
     max_len = min(max_model_len, getattr(loaded.config, "max_position_embeddings", None) or max_model_len)
     if speculative_tokens and prefix_cache_mb:
         print("note: MTP speculation is on, so the prefix cache is off (they cannot be combined yet)", flush=True)
