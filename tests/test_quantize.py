@@ -126,3 +126,18 @@ def test_quantize_cli(float_ckpt, tmp_path):
     assert r.returncode == 1 and "no such calibration file" in r.stderr and not (tmp_path / "x").exists()
     r = _cli("--model", str(float_ckpt), "--format", "int3", "--output", str(tmp_path / "y"))
     assert r.returncode == 2 and "invalid choice" in r.stderr
+
+
+def test_wildcard_exclusions_round_trip(float_ckpt, tmp_path):
+    loaded = nemotron.load(float_ckpt)
+    # transformers' `model.` prefix names the same modules as the release's `backbone.`
+    cfg, report = quantize_model(loaded, "fp8", TEXTS, exclude=["model.layers.3.mixer*", "mtp.*"])
+    out = save_quantized(loaded, cfg, tmp_path / "excl", report)
+    legacy = json.loads((out / HF_QUANT_CONFIG).read_text())["quantization"]
+    assert {"backbone.layers.3.mixer*", "mtp.*"} <= set(legacy["exclude_modules"])   # in the checkpoint's names
+    m = nemotron.load(out)
+    attn = m.model.backbone.layers[3].mixer
+    assert not any(isinstance(getattr(attn, p), QuantLinear) for p in ("q_proj", "k_proj", "v_proj", "o_proj"))
+    assert not any(isinstance(x, (QuantLinear, QuantExperts)) for x in m.model.mtp.modules())
+    assert isinstance(m.model.backbone.layers[0].mixer.in_proj, QuantLinear)
+    assert quantized_layers(m.model) == quantized_layers(loaded.model)

@@ -39,10 +39,7 @@ class ModelOptConfig:
         return self.quant_algo == "MIXED_PRECISION"
 
     def excluded(self, module: str) -> bool:
-        """exclude_modules entries are module names or fnmatch wildcards ("backbone.layers.4.mixer*");
-        an entry also covers the modules below it."""
-        return any(module == p or fnmatch.fnmatchcase(module, p) or module.startswith(p + ".")
-                   for p in self.exclude_modules)
+        return matches(module, self.exclude_modules)
 
     def scheme(self, module: str) -> QuantScheme | None:
         """The format of linear layer `module` (our / the release's name), or None if unquantized."""
@@ -83,11 +80,17 @@ class ModelOptConfig:
         return out
 
 
+def matches(module: str, patterns: list[str]) -> bool:
+    """exclude_modules entries are module names or fnmatch wildcards ("backbone.layers.4.mixer*");
+    an entry also covers the modules below it."""
+    return any(module == p or fnmatch.fnmatchcase(module, p) or module.startswith(p + ".") for p in patterns)
+
+
 def _layer_entry(s: QuantScheme) -> dict:
     return {"quant_algo": s.algo, "group_size": s.group_size} if s.nvfp4 else {"quant_algo": s.algo}
 
 
-def _normalize(name: str) -> str:
+def normalize_name(name: str) -> str:
     """A checkpoint module name in our naming (transformers' `model.` is the release's `backbone.`)."""
     if name.startswith("language_model."):
         name = name[len("language_model."):]
@@ -134,7 +137,7 @@ def parse_quant_config(raw: dict, source: str = HF_QUANT_CONFIG) -> ModelOptConf
     exclude = q.get("exclude_modules", q.get("ignore")) or []
     if not isinstance(exclude, list) or not all(isinstance(p, str) for p in exclude):
         raise CheckpointError(f"{source}: exclude_modules must be a list of module names or patterns")
-    cfg = ModelOptConfig(algo, int(group_size or 16), [_normalize(p) for p in exclude],
+    cfg = ModelOptConfig(algo, int(group_size or 16), [normalize_name(p) for p in exclude],
                          kv_cache_quant_algo=str(kv).upper() if kv is not None else None,
                          producer=raw.get("producer") or q.get("producer") or {})
     if algo == "MIXED_PRECISION":
@@ -144,7 +147,7 @@ def parse_quant_config(raw: dict, source: str = HF_QUANT_CONFIG) -> ModelOptConf
         for name, entry in layers.items():
             if not isinstance(entry, dict):
                 raise CheckpointError(f"{source}: quantized_layers[{name!r}] must be an object")
-            cfg.quantized_layers[_normalize(name)] = _scheme(entry.get("quant_algo"), entry.get("group_size"),
+            cfg.quantized_layers[normalize_name(name)] = _scheme(entry.get("quant_algo"), entry.get("group_size"),
                                                              f"{source}: layer {name}")
     elif algo not in ALGOS:
         raise CheckpointError(f"{source}: quant_algo {algo!r} is not supported (supported: "

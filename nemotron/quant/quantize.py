@@ -16,7 +16,6 @@ are not linear layers here), and modules matching `exclude` patterns."""
 
 from __future__ import annotations
 
-import fnmatch
 import json
 import shutil
 from collections.abc import Iterable
@@ -29,7 +28,7 @@ from torch import nn
 
 from ..layers.moe import Experts
 from .formats import E4M3_MAX
-from .modelopt import HF_QUANT_CONFIG, ModelOptConfig, quantized_layers
+from .modelopt import HF_QUANT_CONFIG, ModelOptConfig, matches, normalize_name, quantized_layers
 from .modules import QuantExperts, QuantLinear, QuantScheme
 
 FORMATS = {"nvfp4": "NVFP4", "fp8": "FP8"}
@@ -55,10 +54,6 @@ class LayerStats:
     inputs: list[torch.Tensor] = field(default_factory=list)   # a sample of its input rows (fp32)
 
 
-def _excluded(name: str, patterns: Iterable[str]) -> bool:
-    return any(name == p or fnmatch.fnmatchcase(name, p) or name.startswith(p + ".") for p in patterns)
-
-
 def calibrate(model: nn.Module, batches: Iterable[torch.Tensor], exclude: Iterable[str] = DEFAULT_EXCLUDE,
               keep_rows: int = 256) -> tuple[dict[str, LayerStats], dict[str, float]]:
     """Run `batches` (token ids [B, T]) through the model recording, per quantizable layer, the max
@@ -80,10 +75,10 @@ def calibrate(model: nn.Module, batches: Iterable[torch.Tensor], exclude: Iterab
                 s.inputs.append(x[:keep_rows])
 
     for name, m in model.named_modules():
-        if isinstance(m, nn.Linear) and not _excluded(name, exclude):
+        if isinstance(m, nn.Linear) and not matches(name, exclude):
             stats[name] = LayerStats(name, m.weight.numel())
             hooks.append(m.register_forward_pre_hook(lambda mod, args, n=name: record(n, args[0])))
-        elif isinstance(m, Experts) and not _excluded(name, exclude):
+        elif isinstance(m, Experts) and not matches(name, exclude):
             for e in range(m.num_experts):
                 for proj in ("up_proj", "down_proj"):
                     stats[f"{name}.{e}.{proj}"] = LayerStats(f"{name}.{e}.{proj}", getattr(m, proj)[e].numel())
@@ -234,7 +229,7 @@ def export_config(model: nn.Module, fmt: str, kv_cache: bool, exclude: list[str]
     # one format: vLLM quantizes every linear layer outside exclude_modules, so every layer left in
     # the model dtype is listed (the default exclusions and the user's patterns, and any other)
     unquantized = [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, Experts))]
-    listed = list(dict.fromkeys(exclude + [n for n in unquantized if not _excluded(n, exclude)]))
+    listed = list(dict.fromkeys(exclude + [n for n in unquantized if not matches(n, exclude)]))
     return ModelOptConfig(FORMATS[fmt], exclude_modules=listed, kv_cache_quant_algo=kv)
 
 
@@ -287,7 +282,7 @@ def quantize_model(loaded, fmt: str, texts: list[str] | None = None, budget_bits
     if loaded.tokenizer is None:
         raise ValueError("calibration needs the checkpoint's tokenizer")
     model = loaded.model
-    exclude = DEFAULT_EXCLUDE + list(exclude or [])
+    exclude = DEFAULT_EXCLUDE + [normalize_name(p) for p in exclude or []]
     batches = calibration_batches(loaded.tokenizer, texts or CALIBRATION_TEXTS)
     stats, kv_amax = calibrate(model, _progress(batches, progress, "calibrating"), exclude)
     errors = sensitivity(model, stats)
