@@ -126,6 +126,11 @@ def test_quantize_cli(float_ckpt, tmp_path):
     assert r.returncode == 1 and "no such calibration file" in r.stderr and not (tmp_path / "x").exists()
     r = _cli("--model", str(float_ckpt), "--format", "int3", "--output", str(tmp_path / "y"))
     assert r.returncode == 2 and "invalid choice" in r.stderr
+    # a quantized checkpoint is served and chatted with, not trained
+    r = subprocess.run([sys.executable, "-m", "nemotron.cli", "train", "sft", f"model={out}", f"data=[{calib}]",
+                        "steps=1", f"out_dir={tmp_path / 'train'}", "--quiet"], capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 1 and "is quantized" in r.stderr
 
 
 def test_wildcard_exclusions_round_trip(float_ckpt, tmp_path):

@@ -210,7 +210,7 @@ class QuantExperts(_KeepsStorageDtypes):
             x = self.scheme.fake_quantize_input(x, t["input_scale"])
         return F.linear(x, self.scheme.dequantize(t, x.dtype))
 
-    def forward(self, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor, method: str | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """x [T, X], idx/weights [T, k] -> sum_j w_j e_j(x) (fp32 accumulation, returned in x.dtype)."""
         from ..layers.mlp import relu2
 

@@ -200,11 +200,15 @@ def _build(cfg: TrainConfig):
     from ..config import config_from_dict
     from ..init import init_weights_, tiny_super_config
     from ..models import build_model
+    from ..quant.modelopt import quantized_layers
     from ..tokenizer import Tokenizer
 
     if cfg.model is not None:
         loaded = nemotron.load(cfg.model, dtype="float32")
         model, config = loaded.model, loaded.config
+        if quantized_layers(model):
+            raise ValueError(f"{cfg.model} is quantized ({next(iter(quantized_layers(model).values())).algo}); "
+                             "train the full-precision checkpoint and quantize the result")
         tok_dir = Path(cfg.tokenizer or cfg.model)
     else:
         config = tiny_super_config() if cfg.init_config == "tiny" else \
