@@ -32,7 +32,8 @@ class ModelOptConfig:
     exclude_modules: list[str] = field(default_factory=list)
     quantized_layers: dict[str, QuantScheme] = field(default_factory=dict)
     kv_cache_quant_algo: str | None = None
-    producer: dict = field(default_factory=lambda: {"name": "modelopt", "version": "0.39.0"})
+    # the format's producer name (what readers key on), and who actually wrote the files
+    producer: dict = field(default_factory=lambda: {"name": "modelopt", "writer": "nemotron"})
 
     @property
     def mixed(self) -> bool:
