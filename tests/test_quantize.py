@@ -126,6 +126,11 @@ def test_quantize_cli(float_ckpt, tmp_path):
     assert r.returncode == 1 and "no such calibration file" in r.stderr and not (tmp_path / "x").exists()
     r = _cli("--model", str(float_ckpt), "--format", "int3", "--output", str(tmp_path / "y"))
     assert r.returncode == 2 and "invalid choice" in r.stderr
+    # the quantized checkpoint generates from the CLI, with the low-precision cache options too
+    r = subprocess.run([sys.executable, "-m", "nemotron.cli", "generate", "--model", str(out), "Hello", "--raw",
+                        "--max-new-tokens", "6", "--kv-cache-dtype", "fp8", "--ssm-cache-dtype", "float16",
+                        "--ssm-rounding", "stochastic"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and r.stdout.startswith("Hello"), r.stderr[-2000:]
     # a quantized checkpoint is served and chatted with, not trained
     r = subprocess.run([sys.executable, "-m", "nemotron.cli", "train", "sft", f"model={out}", f"data=[{calib}]",
                         "steps=1", f"out_dir={tmp_path / 'train'}", "--quiet"], capture_output=True, text=True,
