@@ -6,7 +6,8 @@ rendered in the chat format, in all three modes (reasoning on, off, tool use); e
 Calibration uses training-split conversations. Each variant is produced by `nemotron quantize`'s
 code (`quantize_model` + `save_quantized`) and loaded back from disk through `nemotron.load`.
 Weight-only execution (W4A16 / W8A16) is the default; the W4A4 / W8A8 rows fake-quantize
-activations with the calibrated input scales (Blackwell / Hopper numerics).
+activations with the calibrated input scales (Blackwell / Hopper numerics). Decode speed: batch-1
+greedy, one thread, 64 tokens, median of 3.
 
 Memory: each checkpoint is loaded in a fresh process (after a warm-up load of the embedded model,
 which pays the one-off costs), which reports the bytes of its model's parameters and buffers and the
@@ -22,9 +23,11 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import statistics
 import subprocess
 import sys
 import tempfile
+import time
 import warnings
 from pathlib import Path
 
@@ -68,6 +71,23 @@ def perplexity(model, tokenizer, texts: list[str]) -> float:
         nll += float(torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="sum"))
         n += ids.shape[1] - 1
     return math.exp(nll / n)
+
+
+def decode_speed(model, tokenizer, new_tokens: int = 64, runs: int = 3) -> float:
+    """Batch-1 greedy decode tokens/s (one thread), median of `runs`."""
+    from nemotron.generate import greedy_generate
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    ids = torch.tensor([tokenizer.encode("What is 12 + 7 * 3?")])
+    greedy_generate(model, ids, 4)
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        greedy_generate(model, ids, new_tokens)
+        times.append(time.perf_counter() - start)
+    torch.set_num_threads(threads)
+    return new_tokens / statistics.median(times)
 
 
 def memory(path: Path) -> dict:
@@ -126,8 +146,10 @@ def main() -> None:
         ref = {}
         if not args.memory_only:
             ref["fp32"] = perplexity(base.model, base.tokenizer, held_out)
-            ref["bf16"] = perplexity(nemotron.load(bf16_dir).model, base.tokenizer, held_out)
-            rows += [("fp32 (as trained)", "-", ref["fp32"]), ("bf16", "-", ref["bf16"])]
+            bf16 = nemotron.load(bf16_dir).model
+            ref["bf16"] = perplexity(bf16, base.tokenizer, held_out)
+            rows += [("fp32 (as trained)", "-", ref["fp32"], decode_speed(base.model, base.tokenizer)),
+                     ("bf16", "-", ref["bf16"], decode_speed(bf16, base.tokenizer))]
         for fmt in ("fp8", "nvfp4", "mixed"):
             if args.memory_only and fmt != "nvfp4":
                 continue
@@ -137,11 +159,12 @@ def main() -> None:
             q = nemotron.load(out, dtype=torch.float32)   # the unquantized rest computes in fp32 like the reference
             bits = f"{report['bits_per_quantized_weight']:.2f}"
             if not args.memory_only:
-                rows.append((f"{fmt} weight-only", bits, perplexity(q.model, base.tokenizer, held_out)))
+                rows.append((f"{fmt} weight-only", bits, perplexity(q.model, base.tokenizer, held_out),
+                             decode_speed(q.model, base.tokenizer)))
             if fmt != "mixed" and not args.memory_only:
                 set_activation_emulation(q.model)
                 rows.append((f"{fmt} {'W4A4' if fmt == 'nvfp4' else 'W8A8'} (emulated)", bits,
-                             perplexity(q.model, base.tokenizer, held_out)))
+                             perplexity(q.model, base.tokenizer, held_out), None))
             if fmt == "nvfp4":
                 mem.append(("tiny", "nvfp4", memory(out)))
         nano = nano_shaped(tmp / "nano-bf16")
@@ -153,10 +176,11 @@ def main() -> None:
     if rows:
         print(f"Perplexity of the tiny model on {len(held_out)} held-out conversations (calibration: {len(calib)} "
               f"training-split conversations)\n")
-        print("| variant | bits per quantized weight | perplexity | vs bf16 | vs fp32 |")
-        print("|---|---|---|---|---|")
-    for name, bits, ppl in rows:
-        print(f"| {name} | {bits} | {ppl:.5f} | {100 * (ppl / ref['bf16'] - 1):+.2f}% | {100 * (ppl / ref['fp32'] - 1):+.2f}% |")
+        print("| variant | bits per quantized weight | perplexity | vs bf16 | vs fp32 | decode tokens/s (batch 1) |")
+        print("|---|---|---|---|---|---|")
+    for name, bits, ppl, speed in rows:
+        print(f"| {name} | {bits} | {ppl:.5f} | {100 * (ppl / ref['bf16'] - 1):+.2f}% | {100 * (ppl / ref['fp32'] - 1):+.2f}% "
+              f"| {'-' if speed is None else f'{speed:.0f}'} |")
     print("\nResident weight memory, each checkpoint loaded in a fresh process\n")
     print("| model | format | parameter + buffer bytes | ratio to bf16 | RSS rise on loading | ratio to bf16 |")
     print("|---|---|---|---|---|---|")

@@ -98,12 +98,24 @@ def nvfp4_quantize(w: torch.Tensor, scale_2: torch.Tensor | None = None
     return pack_fp4(e2m1_encode(scaled.flatten(-2))), block_scale, scale_2
 
 
+_BYTE_PAIRS: dict[torch.device, torch.Tensor] = {}
+
+
+def _byte_pairs(device: torch.device) -> torch.Tensor:
+    """[256, 2]: the two E2M1 values of every byte (low nibble first): one gather decodes a byte."""
+    if device not in _BYTE_PAIRS:
+        byte = torch.arange(256, dtype=torch.uint8, device=device)
+        _BYTE_PAIRS[device] = torch.stack([e2m1_decode(byte & 0x0F), e2m1_decode(byte >> 4)], dim=-1)
+    return _BYTE_PAIRS[device]
+
+
 def nvfp4_dequantize(packed: torch.Tensor, block_scale: torch.Tensor, scale_2: torch.Tensor,
                      dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """(packed [..., K/2], block scales [..., K/16], scale_2) -> [..., K] values: E2M1 * (block scale * scale_2)."""
-    values = e2m1_decode(unpack_fp4(packed)).unflatten(-1, (-1, NVFP4_BLOCK))
+    pairs = torch.index_select(_byte_pairs(packed.device), 0, packed.reshape(-1).int())       # [..., 2]
+    values = pairs.view(*packed.shape[:-1], -1, NVFP4_BLOCK)
     step = block_scale.float() * torch.as_tensor(scale_2, dtype=torch.float32, device=packed.device)
-    return (values * step[..., None]).flatten(-2).to(dtype)
+    return values.mul_(step[..., None]).flatten(-2).to(dtype)
 
 
 def nvfp4_fake_quantize(x: torch.Tensor, input_scale: torch.Tensor) -> torch.Tensor:
