@@ -123,3 +123,13 @@ def test_mxfp4_read_and_write():
     assert mxfp4_dequantize(blocks, scales).tolist() == w.tolist()
     blocks, scales = mxfp4_quantize(w * 8)
     assert scales.tolist() == [[130]] and mxfp4_dequantize(blocks, scales).tolist() == (w * 8).tolist()
+
+
+def test_e4m3_table_decode_equals_the_cast_on_every_code():
+    from nemotron.quant.formats import e4m3_to_float
+
+    codes = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).reshape(16, 16)
+    got, want = e4m3_to_float(codes), codes.float()
+    assert torch.equal(torch.isnan(got), torch.isnan(want)) and int(torch.isnan(got).sum()) == 2
+    assert torch.equal(got.nan_to_num(0.0), want.nan_to_num(0.0))
+    assert torch.equal(torch.signbit(got), torch.signbit(want))   # -0.0 stays negative
