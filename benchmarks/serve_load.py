@@ -130,12 +130,13 @@ def main() -> None:
                         help="small-moe: hidden 256 (per-step overhead bound on CPU); dense-146m: weight-read bound")
     parser.add_argument("--model", help="serve this checkpoint (a directory, or 'tiny': the embedded model) "
                                         "instead of a random one of --config")
+    parser.add_argument("--device", default="cpu", help="the server's --device (cuda on a GPU machine)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         path = args.model or build(Path(tmp) / f"{args.config}-chat", args.config)
         port = free_port()
         server = subprocess.Popen([sys.executable, "-m", "nemotron.cli", "serve", "--model", str(path),
-                                   "--port", str(port), "--max-batch", str(max(args.levels)),
+                                   "--port", str(port), "--max-batch", str(max(args.levels)), "--device", args.device,
                                    *(["--threads", str(args.server_threads)] if args.server_threads else [])],
                                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                                   env={**os.environ, "PYTHONWARNINGS": "ignore"})
@@ -155,7 +156,7 @@ def main() -> None:
             server.wait(timeout=30)
     print(f"{'model ' + args.model if args.model else 'config ' + args.config}, fp32, greedy, {args.new_tokens} new tokens per request, {args.requests} requests "
           f"per stream, {os.cpu_count()} cores, server torch threads "
-          f"{args.server_threads or max(1, (os.cpu_count() or 2) - 1)}\n")
+          f"{args.server_threads or max(1, (os.cpu_count() or 2) - 1)}, device {args.device}\n")
     print("| streams | requests | tokens/s (end to end) | decode tokens/s | requests/s | TTFT p50 / p90 / p99 (ms) "
           "| ITL p50 / p90 / p99 (ms) |")
     print("|---|---|---|---|---|---|---|")
