@@ -72,6 +72,9 @@ def cmd_info(args: argparse.Namespace) -> None:
     from .info import summarize
 
     info = summarize(_config_for(args.model))
+    quant = _quant_summary(args.model)
+    if quant:
+        info["quantization"] = quant
     if args.json:
         print(json.dumps(info, indent=2))
         return
@@ -95,7 +98,29 @@ def cmd_info(args: argparse.Namespace) -> None:
     if info["mamba_state_bytes_per_sequence"]:
         lines.append(f"Mamba state       {_bytes(info['mamba_state_bytes_per_sequence'])} per sequence "
                      "(bf16 conv, fp32 SSM)")
+    if quant:
+        lines.append(f"quantization      {quant['quant_algo']} (ModelOpt format)"
+                     + (f", KV cache {quant['kv_cache_quant_algo']}" if quant["kv_cache_quant_algo"] else "")
+                     + ("; " + ", ".join(f"{n} layers {a}" for a, n in sorted(quant["layers"].items()))
+                        if quant["layers"] else "")
+                     + (f"; excluded: {', '.join(quant['exclude_modules'])}" if quant["exclude_modules"] else ""))
     print("\n".join(lines))
+
+
+def _quant_summary(model: str) -> dict | None:
+    """A checkpoint directory's quantization config (None for presets and unquantized checkpoints)."""
+    from .quant.modelopt import read_quant_config
+
+    if not Path(model).is_dir():
+        return None
+    cfg = read_quant_config(Path(model))
+    if cfg is None:
+        return None
+    layers: dict[str, int] = {}
+    for scheme in cfg.quantized_layers.values():
+        layers[scheme.algo] = layers.get(scheme.algo, 0) + 1
+    return {"quant_algo": cfg.quant_algo, "kv_cache_quant_algo": cfg.kv_cache_quant_algo, "layers": layers,
+            "exclude_modules": cfg.exclude_modules}
 
 
 def cmd_init(args: argparse.Namespace) -> None:

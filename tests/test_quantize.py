@@ -126,6 +126,10 @@ def test_quantize_cli(float_ckpt, tmp_path):
     assert r.returncode == 1 and "no such calibration file" in r.stderr and not (tmp_path / "x").exists()
     r = _cli("--model", str(float_ckpt), "--format", "int3", "--output", str(tmp_path / "y"))
     assert r.returncode == 2 and "invalid choice" in r.stderr
+    info = subprocess.run([sys.executable, "-m", "nemotron.cli", "info", str(out)], capture_output=True, text=True,
+                          timeout=120)
+    assert info.returncode == 0 and "MIXED_PRECISION (ModelOpt format), KV cache FP8" in info.stdout
+    assert "layers NVFP4" in info.stdout
     # the quantized checkpoint generates from the CLI, with the low-precision cache options too
     r = subprocess.run([sys.executable, "-m", "nemotron.cli", "generate", "--model", str(out), "Hello", "--raw",
                         "--max-new-tokens", "6", "--kv-cache-dtype", "fp8", "--ssm-cache-dtype", "float16",
