@@ -155,3 +155,28 @@ def test_wildcard_exclusions_round_trip(float_ckpt, tmp_path):
     assert not any(isinstance(x, (QuantLinear, QuantExperts)) for x in m.model.mtp.modules())
     assert isinstance(m.model.backbone.layers[0].mixer.in_proj, QuantLinear)
     assert quantized_layers(m.model) == quantized_layers(loaded.model)
+
+
+def test_serving_a_quantized_checkpoint(tmp_path):
+    """The embedded model in NVFP4 with an FP8 KV cache, served to the official client: concurrent
+    requests decode as one batch through the quantized experts and still answer correctly."""
+    import concurrent.futures
+
+    openai = pytest.importorskip("openai")
+    from serving import running_server
+
+    loaded = nemotron.load("tiny")
+    cfg, report = quantize_model(loaded, "nvfp4", TEXTS, kv_cache=True)
+    out = save_quantized(loaded, cfg, tmp_path / "tiny-nvfp4", report)
+    questions = {"What is 4 + 5 * 3?": "19", "What is (6 + 2) * 3?": "24", "What is 7 * 3 - 5?": "16"}
+    with running_server(out, "--kv-cache-dtype", "fp8", "--served-model-name", "tiny-nvfp4") as base:
+        client = openai.OpenAI(base_url=base + "/v1", api_key="none", timeout=120)
+
+        def ask(q: str) -> str:
+            r = client.chat.completions.create(model="tiny-nvfp4", messages=[{"role": "user", "content": q}],
+                                               max_tokens=160, temperature=0)
+            return r.choices[0].message.content or ""
+
+        with concurrent.futures.ThreadPoolExecutor(3) as pool:
+            answers = dict(zip(questions, pool.map(ask, questions)))
+    assert all(answers[q].strip().endswith(a) for q, a in questions.items()), answers
