@@ -6,7 +6,7 @@ the machine falls on both alike (`nemotron.tiny.evaluate.decode_speed`, which al
 produce the same text). Reported per k: the median over runs of plain and speculative decode
 tokens/s, their ratio, and the acceptance length (tokens produced per target-model forward).
 
-    python benchmarks/tiny_mtp.py [--runs 3] [--questions 16] [--draft 1 2 3] [--threads 1]
+    python benchmarks/tiny_mtp.py [--runs 3] [--questions 16] [--draft 1 2 3] [--threads 1] [--device cuda]
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ def main() -> None:
     parser.add_argument("--draft", type=int, nargs="+", default=[1, 2, 3])
     parser.add_argument("--threads", type=int, default=1, help="torch threads (batch-1 decode of a tiny model)")
     parser.add_argument("--max-new-tokens", type=int, default=160)
+    parser.add_argument("--device", default="cpu", help="cuda on a GPU machine")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -31,7 +32,7 @@ def main() -> None:
     from nemotron.tiny.evaluate import decode_speed
     from nemotron.tiny.tasks import problems
 
-    m = nemotron.load("tiny")
+    m = nemotron.load("tiny", device=args.device)
     held_out = problems(args.questions, "eval", seed=3)
     print("| draft tokens | plain tokens/s | MTP tokens/s | speed-up | acceptance length | same text |")
     print("|---|---|---|---|---|---|")
