@@ -126,6 +126,8 @@ def test_quantize_cli(float_ckpt, tmp_path):
     assert r.returncode == 1 and "no such calibration file" in r.stderr and not (tmp_path / "x").exists()
     r = _cli("--model", str(float_ckpt), "--format", "int3", "--output", str(tmp_path / "y"))
     assert r.returncode == 2 and "invalid choice" in r.stderr
+    r = _cli("--model", str(float_ckpt), "--format", "mixed", "--budget-bits", "4", "--output", str(tmp_path / "z"))
+    assert r.returncode == 1 and "below NVFP4" in r.stderr and not (tmp_path / "z").exists()
     info = subprocess.run([sys.executable, "-m", "nemotron.cli", "info", str(out)], capture_output=True, text=True,
                           timeout=120)
     assert info.returncode == 0 and "MIXED_PRECISION (ModelOpt format), KV cache FP8" in info.stdout

@@ -279,6 +279,8 @@ def quantize_model(loaded, fmt: str, texts: list[str] | None = None, budget_bits
     quantizable layer, its sensitivity, the bits per quantizable weight)."""
     if fmt not in (*FORMATS, "mixed"):
         raise ValueError(f"unknown format {fmt!r} (nvfp4, fp8 or mixed)")
+    if fmt == "mixed" and budget_bits < QuantScheme("NVFP4").bits:
+        raise ValueError(f"a mixed budget of {budget_bits} bits is below NVFP4's 4.5 bits per weight")
     if loaded.tokenizer is None:
         raise ValueError("calibration needs the checkpoint's tokenizer")
     model = loaded.model
