@@ -224,3 +224,21 @@ def test_mixed_map_naming_no_layer_is_an_error(hand_built, tmp_path):
 
     with pytest.raises(CheckpointError, match="not_a_layer"):
         nemotron.load(_variant(quant, tmp_path, edit_config=edit))
+
+
+def test_mixed_map_entry_for_a_whole_experts_module(hand_built, tmp_path):
+    """quantized_layers may name the experts module instead of every expert (vLLM resolves such
+    prefixes too)."""
+    _, quant, _, reference = hand_built
+
+    def edit(q):
+        layers = q["quantized_layers"]
+        for key in [k for k in layers if k.startswith(EXPERTS + ".")]:
+            del layers[key]
+        layers[EXPERTS] = {"quant_algo": "NVFP4", "group_size": 16}
+
+    m = nemotron.load(_variant(quant, tmp_path, edit_config=edit))
+    assert isinstance(m.model.backbone.layers[4].mixer.experts, QuantExperts)
+    ids = torch.randint(5, 300, (1, 9))
+    with torch.inference_mode():
+        torch.testing.assert_close(m.model(ids), reference.model(ids), rtol=1e-5, atol=1e-5)

@@ -44,8 +44,13 @@ class ModelOptConfig:
 
     def scheme(self, module: str) -> QuantScheme | None:
         """The format of linear layer `module` (our / the release's name), or None if unquantized."""
-        if self.mixed:
-            return self.quantized_layers.get(module)
+        if self.mixed:   # the layer's own entry, else its closest listed ancestor ("...mixer.experts")
+            parts = module.split(".")
+            for i in range(len(parts), 0, -1):
+                scheme = self.quantized_layers.get(".".join(parts[:i]))
+                if scheme is not None:
+                    return scheme
+            return None
         if self.excluded(module):
             return None
         return QuantScheme(self.quant_algo, self.group_size)
@@ -234,7 +239,7 @@ def apply_quant_config(model: nn.Module, cfg: ModelOptConfig, compute_dtype: tor
                 module.k_proj.register_buffer("k_scale", torch.ones((), dtype=torch.float32, device=device))
                 module.v_proj.register_buffer("v_scale", torch.ones((), dtype=torch.float32, device=device))
     if cfg.mixed:
-        unknown = sorted(set(cfg.quantized_layers) - set(done))
+        unknown = sorted(k for k in cfg.quantized_layers if not any(n == k or n.startswith(k + ".") for n in done))
         if unknown:
             raise CheckpointError(f"quantized_layers names {unknown[0]!r}, which is not a linear layer of this model"
                                   + (f" (+{len(unknown) - 1} more)" if len(unknown) > 1 else ""))
