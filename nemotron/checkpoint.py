@@ -238,6 +238,12 @@ def _keeps_dtype(name: str, declared: torch.dtype) -> bool:
     return name.endswith(FP32_TENSORS) or declared not in MODEL_FLOATS
 
 
+def _fits(stored: tuple[int, ...], want: tuple[int, ...]) -> bool:
+    """A stored shape that fills an expected one: equal, or a one-element tensor ([1], as some
+    exports write per-tensor scales) for a scalar."""
+    return tuple(stored) == tuple(want) or (want == () and tuple(stored) == (1,))
+
+
 def _as_declared(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """A stored tensor in the dtype the model declares (older ModelOpt exports store FP8 as int8)."""
     if dtype == torch.float8_e4m3fn and t.dtype in (torch.int8, torch.uint8):
@@ -270,10 +276,10 @@ def load_weights(
             continue
         want = tuple(expected[target].shape)
         if expert is not None:
-            if expert >= want[0] or ref.shape != want[1:]:
+            if expert >= want[0] or not _fits(ref.shape, want[1:]):
                 misshaped.append(f"{name}: {list(ref.shape)} (expected expert < {want[0]} of shape {list(want[1:])})")
                 continue
-        elif ref.shape != want:
+        elif not _fits(ref.shape, want):
             misshaped.append(f"{name}: {list(ref.shape)} (expected {list(want)})")
             continue
         plan.setdefault(target, []).append((expert, ref))
@@ -303,12 +309,12 @@ def load_weights(
         param = expected[target]
         want_dtype = param.dtype if _keeps_dtype(target, param.dtype) else dtype
         if entries[0][0] is None:
-            _set_tensor(model, target, _as_declared(entries[0][1].read(), want_dtype).to(device))
+            _set_tensor(model, target, _as_declared(entries[0][1].read(), want_dtype).reshape(param.shape).to(device))
             done += 1
         else:
             stacked = torch.empty(param.shape, dtype=want_dtype, device=device)
             for expert, ref in entries:
-                stacked[expert].copy_(_as_declared(ref.read(), want_dtype))
+                stacked[expert].copy_(_as_declared(ref.read(), want_dtype).reshape(param.shape[1:]))
                 done += 1
                 if progress:
                     progress(done, total)

@@ -242,3 +242,19 @@ def test_mixed_map_entry_for_a_whole_experts_module(hand_built, tmp_path):
     ids = torch.randint(5, 300, (1, 9))
     with torch.inference_mode():
         torch.testing.assert_close(m.model(ids), reference.model(ids), rtol=1e-5, atol=1e-5)
+
+
+def test_per_tensor_scales_stored_as_one_element_vectors_load(hand_built, tmp_path):
+    """Some exports write per-tensor scales as [1] rather than as scalars."""
+    _, quant, _, reference = hand_built
+
+    def edit(t):
+        for name in list(t):
+            if name.endswith(("weight_scale_2", "input_scale")) or name == "backbone.layers.3.mixer.o_proj.weight_scale":
+                t[name] = t[name].reshape(1)
+
+    m = nemotron.load(_variant(quant, tmp_path, edit_tensors=edit))
+    assert m.model.backbone.layers[0].mixer.in_proj.weight_scale_2.shape == ()
+    ids = torch.randint(5, 300, (1, 9))
+    with torch.inference_mode():
+        torch.testing.assert_close(m.model(ids), reference.model(ids), rtol=1e-5, atol=1e-5)
