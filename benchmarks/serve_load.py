@@ -5,7 +5,8 @@ configs of benchmarks/generation.py (`small-moe`: hidden 256, 8 layers, LatentMo
 a byte-level tokenizer and the Nemotron 3 chat template, then for each concurrency level runs that many client streams, each
 sending `--requests` streaming chat requests back to back (greedy, `ignore_eos`, a fixed number of
 new tokens, prompts that differ so the prefix cache does not help). The clients are minimal asyncio
-HTTP/1.1 readers, so that on a small machine they take little CPU from the server.
+HTTP/1.1 readers that parse only the final usage chunk, so that on a small machine they take little
+CPU from the server.
 
 Reported per level: aggregate generated tokens per second end to end (wall clock, first request sent
 to last token received, prefills included), aggregate decode tokens per second (streams x the mean
@@ -75,11 +76,12 @@ async def stream_chat(port: int, body: dict) -> tuple[float, list[float], int]:
             break
         if not line.startswith(b"data: {"):
             continue
-        chunk = json.loads(line[6:])
-        if chunk.get("usage"):
-            tokens = chunk["usage"]["completion_tokens"]
-        delta = chunk["choices"][0]["delta"] if chunk["choices"] else {}
-        if delta.get("content") or delta.get("reasoning_content"):
+        # only the usage chunk is parsed: the clients share the machine with the server, and a JSON
+        # parse per chunk would take CPU from it. A token chunk's delta has content or reasoning keys
+        # (the first chunk's delta carries the role, the last one's is empty).
+        if b'"usage": {' in line:
+            tokens = json.loads(line[6:])["usage"]["completion_tokens"]
+        if b'"delta": {"' in line and b'"delta": {"role"' not in line:
             now = time.perf_counter()
             if first is None:
                 first = now - start
