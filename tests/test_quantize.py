@@ -48,6 +48,9 @@ def test_quantize_save_load_round_trip_is_bit_identical(float_ckpt, tmp_path, fm
     ids = torch.randint(5, 300, (2, 10))
     with torch.inference_mode():
         assert torch.equal(back.model(ids), loaded.model(ids))
+    # MTP speculation through the quantized MTP block stays exact
+    assert back.generate("Hello", max_new_tokens=12, temperature=0, speculative_tokens=2) == \
+        back.generate("Hello", max_new_tokens=12, temperature=0)
     algos = {row["format"] for row in report["layers"].values()}
     if fmt == "mixed":   # a 6-bit budget: NVFP4 for most, FP8 for the most sensitive
         assert {"NVFP4", "FP8"} <= algos and 4.5 < report["bits_per_quantized_weight"] <= 6.0
