@@ -185,3 +185,13 @@ def test_serving_a_quantized_checkpoint(tmp_path):
         with concurrent.futures.ThreadPoolExecutor(3) as pool:
             answers = dict(zip(questions, pool.map(ask, questions)))
     assert all(answers[q].strip().endswith(a) for q, a in questions.items()), answers
+
+
+def test_compiled_decode_of_a_quantized_model_matches_eager(float_ckpt, tmp_path):
+    """Decode gathers the chosen experts' stored tensors (static shapes, no host reads), so
+    torch.compile traces the quantized MoE without graph breaks on routing."""
+    loaded = nemotron.load(float_ckpt)
+    cfg, report = quantize_model(loaded, "nvfp4", TEXTS)
+    m = nemotron.load(save_quantized(loaded, cfg, tmp_path / "nvfp4", report))
+    eager = m.generate("Hello there", max_new_tokens=10, temperature=0)
+    assert m.generate("Hello there", max_new_tokens=10, temperature=0, compile=True) == eager

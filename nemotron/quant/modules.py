@@ -210,11 +210,32 @@ class QuantExperts(_KeepsStorageDtypes):
             x = self.scheme.fake_quantize_input(x, t["input_scale"])
         return F.linear(x, self.scheme.dequantize(t, x.dtype))
 
+    def _gathered(self, proj: str, experts: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """The dequantized weights of `experts` [P] (with repeats), [P, N, K]: the stored tensors are
+        gathered first, so only the chosen experts are decoded."""
+        w = getattr(self, proj).index_select(0, experts)
+        scale = getattr(self, f"{proj}_weight_scale").index_select(0, experts)
+        if self.scheme.nvfp4:
+            scale_2 = getattr(self, f"{proj}_weight_scale_2").index_select(0, experts)
+            return formats.nvfp4_dequantize(w, scale, scale_2[:, None, None], dtype)
+        step = scale[:, None, None] if scale.dim() == 1 else scale[:, :, None]   # per tensor / per channel
+        return (formats.e4m3_to_float(w) * step).to(dtype)
+
     def forward(self, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """x [T, X], idx/weights [T, k] -> sum_j w_j e_j(x) (fp32 accumulation, returned in x.dtype)."""
+        """x [T, X], idx/weights [T, k] -> sum_j w_j e_j(x) (fp32 accumulation, returned in x.dtype).
+
+        Few (token, expert) pairs (decode): the chosen experts' stored tensors are gathered and
+        decoded for two batched matmuls, with static shapes and no host reads (what torch.compile
+        needs). Otherwise the tokens are grouped by expert and each expert is decoded once."""
         from ..layers.mlp import relu2
 
         t, k = idx.shape
+        if t * k <= 16 and self.scheme.algo != "FP8_PB_WO" and not self.emulate_activations:
+            flat = idx.reshape(-1)
+            xs = x.repeat_interleave(k, dim=0)[:, :, None]                                    # [T*k, X, 1]
+            h = relu2(torch.bmm(self._gathered("up_proj", flat, x.dtype), xs))               # [T*k, I, 1]
+            ys = torch.bmm(self._gathered("down_proj", flat, x.dtype), h).view(t, k, -1).float()
+            return (ys * weights[..., None].float()).sum(1).to(x.dtype)
         flat = idx.reshape(-1)
         order = flat.argsort(stable=True)
         token = order // k
