@@ -258,3 +258,17 @@ def test_per_tensor_scales_stored_as_one_element_vectors_load(hand_built, tmp_pa
     ids = torch.randint(5, 300, (1, 9))
     with torch.inference_mode():
         torch.testing.assert_close(m.model(ids), reference.model(ids), rtol=1e-5, atol=1e-5)
+
+
+def test_changing_the_model_dtype_keeps_the_stored_formats(hand_built):
+    _, quant, stored, _ = hand_built
+    m = nemotron.load(quant)
+    m.model.to(torch.bfloat16)
+    layer = m.model.backbone.layers[0].mixer.in_proj
+    assert (layer.weight.dtype, layer.weight_scale.dtype, layer.weight_scale_2.dtype) == \
+        (torch.uint8, torch.float8_e4m3fn, torch.float32)
+    assert torch.equal(layer.weight, stored["backbone.layers.0.mixer.in_proj.weight"])
+    assert m.model.backbone.layers[4].mixer.experts.up_proj.dtype == torch.uint8
+    with torch.inference_mode():
+        logits = m.model(torch.randint(5, 300, (1, 6)))
+    assert logits.dtype == torch.float32 and torch.isfinite(logits).all()

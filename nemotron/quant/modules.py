@@ -101,13 +101,12 @@ class QuantScheme:
 
 
 class _KeepsStorageDtypes(nn.Module):
-    """`.to(dtype)`, `.half()` & co. move the stored tensors between devices but never convert them
-    (a packed or FP8 weight cast to bf16 would be garbage); only `bias` follows the model dtype."""
-
-    _float_ok = ("bias",)
+    """`.to(dtype)`, `.half()` & co. move the stored tensors (buffers) between devices but never
+    convert them (a packed or FP8 weight cast to bf16 would be garbage); parameters (a bias) follow
+    the model dtype."""
 
     def _apply(self, fn, recurse=True):
-        kept = {k: self._buffers.pop(k) for k in list(self._buffers) if k not in self._float_ok}
+        kept = {k: self._buffers.pop(k) for k in list(self._buffers)}
         try:
             return super()._apply(fn, recurse)
         finally:
