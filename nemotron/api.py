@@ -68,9 +68,12 @@ class LoadedModel:
 
     # ---- persistence ----
 
-    def save(self, out_dir: str | Path, dtype: torch.dtype | str | None = None) -> Path:
-        """Save in the release layout (config.json + safetensors) with the tokenizer files, if any."""
-        out = save_checkpoint(self.model, self.config, out_dir, parse_dtype(dtype))
+    def save(self, out_dir: str | Path, dtype: torch.dtype | str | None = None,
+             quantization_config: dict | None = None) -> Path:
+        """Save in the release layout (config.json + safetensors) with the tokenizer files, if any
+        (`quantization_config`: a quantized model's entry for config.json)."""
+        out = save_checkpoint(self.model, self.config, out_dir, parse_dtype(dtype),
+                              quantization_config=quantization_config)
         if self.path is not None:
             for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
                          "special_tokens_map.json", "generation_config.json"):

@@ -39,6 +39,15 @@ class CacheOptions:
         if self.ssm_rounding not in ("nearest", "stochastic"):
             raise ValueError(f"SSM rounding must be 'nearest' or 'stochastic', not {self.ssm_rounding!r}")
 
+    def kv_state(self, attention, batch: int, max_len: int, dtype: torch.dtype, device) -> "KVState":
+        """An attention layer's empty KV cache: the model dtype, or E4M3 with the checkpoint's
+        k_scale / v_scale (1.0 without)."""
+        if self.kv_dtype != "fp8":
+            return KVState.empty(batch, attention.num_kv_heads, max_len, attention.head_dim, dtype, device)
+        k, v = getattr(attention.k_proj, "k_scale", None), getattr(attention.v_proj, "v_scale", None)
+        return KVState.empty(batch, attention.num_kv_heads, max_len, attention.head_dim, torch.float8_e4m3fn, device,
+                             1.0 if k is None else float(k), 1.0 if v is None else float(v))
+
 
 def stochastic_round(x: torch.Tensor, dtype: torch.dtype, generator: torch.Generator | None = None) -> torch.Tensor:
     """fp32 -> `dtype`, rounding to one of the two neighbours with probability proportional to the
@@ -51,12 +60,6 @@ def stochastic_round(x: torch.Tensor, dtype: torch.dtype, generator: torch.Gener
     p = torch.where(gap != 0, (x - nf) / gap, torch.zeros_like(x))
     u = torch.rand(x.shape, generator=generator, device=x.device)
     return torch.where(u < p, other, nearest)
-
-
-def kv_scales(attention) -> tuple[float, float]:
-    """An attention layer's FP8 KV-cache scales (the checkpoint's k_scale / v_scale; 1.0 without)."""
-    k, v = getattr(attention.k_proj, "k_scale", None), getattr(attention.v_proj, "v_scale", None)
-    return (1.0 if k is None else float(k)), (1.0 if v is None else float(v))
 
 
 def round_into(dst: torch.Tensor, src: torch.Tensor, rounding: str = "nearest",

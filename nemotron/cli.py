@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections import Counter
 import sys
 from pathlib import Path
 
@@ -116,10 +117,8 @@ def _quant_summary(model: str) -> dict | None:
     cfg = read_quant_config(Path(model))
     if cfg is None:
         return None
-    layers: dict[str, int] = {}
-    for scheme in cfg.quantized_layers.values():
-        layers[scheme.algo] = layers.get(scheme.algo, 0) + 1
-    return {"quant_algo": cfg.quant_algo, "kv_cache_quant_algo": cfg.kv_cache_quant_algo, "layers": layers,
+    layers = Counter(scheme.algo for scheme in cfg.quantized_layers.values())
+    return {"quant_algo": cfg.quant_algo, "kv_cache_quant_algo": cfg.kv_cache_quant_algo, "layers": dict(layers),
             "exclude_modules": cfg.exclude_modules}
 
 

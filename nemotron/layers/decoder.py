@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..cache import CacheOptions, HybridCache, KVState, kv_scales
+from ..cache import CacheOptions, HybridCache, KVState
 from .attention import Attention
 from .rope import rope_cos_sin
 
@@ -87,7 +87,6 @@ class DecoderLM(nn.Module):
         states = []
         for layer in self.model.layers:
             attn = layer.self_attn
-            kv_dtype = torch.float8_e4m3fn if self.cache_options.kv_dtype == "fp8" else dtype
-            states.append(KVState.empty(batch, attn.num_kv_heads, max_len, attn.head_dim, kv_dtype, device,
-                                        *kv_scales(attn)) if isinstance(attn, Attention) else None)
+            states.append(self.cache_options.kv_state(attn, batch, max_len, dtype, device)
+                          if isinstance(attn, Attention) else None)
         return HybridCache(states)

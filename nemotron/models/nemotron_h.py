@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..cache import CacheOptions, HybridCache, KVState, MambaState, kv_scales
+from ..cache import CacheOptions, HybridCache, KVState, MambaState
 from ..config import DTYPES, LAYER_CHARS, NemotronHConfig
 from ..layers.attention import Attention
 from ..layers.mamba2 import Mamba2Mixer
@@ -153,13 +153,12 @@ class NemotronHForCausalLM(nn.Module):
         p = self.backbone.embeddings.weight   # never quantized, unlike lm_head
         dtype, device = dtype or p.dtype, device or p.device
         ssm_dtype = ssm_dtype or DTYPES.get(opts.ssm_dtype or self.config.mamba_ssm_cache_dtype, torch.float32)
-        kv_dtype = torch.float8_e4m3fn if opts.kv_dtype == "fp8" else dtype
         generator = torch.Generator(device).manual_seed(opts.seed) if opts.ssm_rounding == "stochastic" else None
 
         def state(block: HybridBlock):
             m = block.mixer
             if block.kind == "attention":
-                return KVState.empty(batch, m.num_kv_heads, max_len, m.head_dim, kv_dtype, device, *kv_scales(m))
+                return opts.kv_state(m, batch, max_len, dtype, device)
             if block.kind == "mamba":
                 return m.new_state(batch, dtype, ssm_dtype, device, opts.ssm_rounding, generator)
             return None

@@ -55,11 +55,14 @@ class ModelOptConfig:
             return None
         return QuantScheme(self.quant_algo, self.group_size)
 
+    def _layer_map(self) -> dict:
+        return {k: _layer_entry(s) for k, s in sorted(self.quantized_layers.items())}
+
     def to_hf_quant_config(self) -> dict:
         """The legacy `hf_quant_config.json` body."""
         q: dict = {"quant_algo": self.quant_algo, "kv_cache_quant_algo": self.kv_cache_quant_algo}
         if self.mixed:
-            q["quantized_layers"] = {k: _layer_entry(s) for k, s in sorted(self.quantized_layers.items())}
+            q["quantized_layers"] = self._layer_map()
         else:
             if self.quant_algo in ("NVFP4", "W4A16_NVFP4"):
                 q["group_size"] = self.group_size
@@ -70,7 +73,7 @@ class ModelOptConfig:
         """The `quantization_config` entry of config.json (ModelOpt's compressed-tensors-shaped one)."""
         out: dict = {"quant_method": "modelopt", "quant_algo": self.quant_algo, "producer": dict(self.producer)}
         if self.mixed:
-            out["quantized_layers"] = {k: _layer_entry(s) for k, s in sorted(self.quantized_layers.items())}
+            out["quantized_layers"] = self._layer_map()
         else:
             nvfp4 = self.quant_algo in ("NVFP4", "W4A16_NVFP4")
             weights = {"num_bits": 4 if nvfp4 else 8, "type": "float", "dynamic": False}

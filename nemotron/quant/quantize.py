@@ -17,7 +17,6 @@ are not linear layers here), and modules matching `exclude` patterns."""
 from __future__ import annotations
 
 import json
-import shutil
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -252,24 +251,19 @@ def read_calibration(path: str | Path) -> list[str]:
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"{path}: no such calibration file")
-    raw = path.read_text()
     if path.suffix == ".jsonl":
+        from ..train.data import read_jsonl
+
         texts = []
-        for n, line in enumerate(raw.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                r = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{n}: not valid JSON ({e})") from None
-            if isinstance(r, dict) and isinstance(r.get("text"), str):
+        for n, r in enumerate(read_jsonl(path), 1):
+            if isinstance(r.get("text"), str):
                 texts.append(r["text"])
-            elif isinstance(r, dict) and isinstance(r.get("messages"), list):
+            elif isinstance(r.get("messages"), list):
                 texts.append("\n".join(str(m.get("content") or "") for m in r["messages"] if isinstance(m, dict)))
             else:
-                raise ValueError(f"{path}:{n}: expected a 'text' string or a 'messages' list")
+                raise ValueError(f"{path}: record {n}: expected a 'text' string or a 'messages' list")
         return texts
-    return [t for t in raw.split("\n\n") if t.strip()]
+    return [t for t in path.read_text().split("\n\n") if t.strip()]
 
 
 def quantize_model(loaded, fmt: str, texts: list[str] | None = None, budget_bits: float = 4.75,
@@ -312,16 +306,8 @@ def save_quantized(loaded, cfg: ModelOptConfig, out: str | Path, report: dict | 
                    dtype: torch.dtype | None = None) -> Path:
     """Write a quantized model in ModelOpt's layout: safetensors, config.json with its
     quantization_config, hf_quant_config.json, the tokenizer files (and the report)."""
-    from ..checkpoint import save_checkpoint
-
-    out = Path(out)
-    save_checkpoint(loaded.model, loaded.config, out, dtype=dtype, quantization_config=cfg.to_config_json())
+    out = loaded.save(out, dtype, quantization_config=cfg.to_config_json())
     (out / HF_QUANT_CONFIG).write_text(json.dumps(cfg.to_hf_quant_config(), indent=2) + "\n")
-    if loaded.path is not None:
-        for f in Path(loaded.path).iterdir():
-            if f.is_file() and (f.name.startswith("tokenizer") or f.name in (
-                    "special_tokens_map.json", "chat_template.jinja", "generation_config.json")):
-                shutil.copy2(f, out / f.name)
     if report is not None:
         (out / "quantization_report.json").write_text(json.dumps(report, indent=1) + "\n")
     return out
