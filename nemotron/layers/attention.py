@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..cache import KVState
+from .linear import Linear
 from .rope import apply_rope
 
 
@@ -14,10 +15,10 @@ class Attention(nn.Module):
     def __init__(self, hidden_size: int, num_heads: int, num_kv_heads: int, head_dim: int, bias: bool = False) -> None:
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
-        self.q_proj = nn.Linear(hidden_size, num_heads * head_dim, bias=bias)
-        self.k_proj = nn.Linear(hidden_size, num_kv_heads * head_dim, bias=bias)
-        self.v_proj = nn.Linear(hidden_size, num_kv_heads * head_dim, bias=bias)
-        self.o_proj = nn.Linear(num_heads * head_dim, hidden_size, bias=bias)
+        self.q_proj = Linear(hidden_size, num_heads * head_dim, bias=bias)
+        self.k_proj = Linear(hidden_size, num_kv_heads * head_dim, bias=bias)
+        self.v_proj = Linear(hidden_size, num_kv_heads * head_dim, bias=bias)
+        self.o_proj = Linear(num_heads * head_dim, hidden_size, bias=bias)
 
     def forward(
         self,
@@ -61,7 +62,7 @@ class LinearAttention(nn.Module):
 
     def __init__(self, hidden_size: int) -> None:
         super().__init__()
-        self.linear_attn = nn.Linear(hidden_size, hidden_size, bias=False)
+        self.linear_attn = Linear(hidden_size, hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor, state: None = None, pos: list[int] | None = None, rope=None,
                 seq_idx: torch.Tensor | None = None) -> torch.Tensor:

@@ -9,6 +9,7 @@ from torch import nn
 
 from ..cache import CacheOptions, HybridCache, KVState
 from .attention import Attention
+from .linear import Linear
 from .rope import rope_cos_sin
 
 
@@ -53,7 +54,7 @@ class DecoderLM(nn.Module):
         super().__init__()
         self.config = config
         self.model = body
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         self.cache_options = CacheOptions()   # kv_dtype applies (no Mamba state here)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 

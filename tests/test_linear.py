@@ -1,0 +1,54 @@
+"""The model's linear layer: oneDNN for CPU fp32 inference where it is faster, F.linear otherwise."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from nemotron.layers import linear as L
+from nemotron.layers.linear import Linear, linear, use_onednn
+
+onednn = pytest.mark.skipif(not L._ONEDNN, reason="oneDNN is only taken on AVX-512 CPUs")
+
+
+@onednn
+@pytest.mark.parametrize("rows", [1, 3, 16, 64])
+def test_onednn_path_matches_f_linear(rows):
+    torch.manual_seed(0)
+    w, b = torch.randn(1024, 1024) / 32, torch.randn(1024)
+    x = torch.randn(2, rows, 1024)
+    with torch.inference_mode():
+        assert use_onednn(x, w)   # a 4 MB weight takes oneDNN at any row count
+        got = linear(x, w, b)
+    torch.testing.assert_close(got, F.linear(x, w, b), rtol=1e-5, atol=1e-5)
+    assert got.shape == (2, rows, 1024)
+
+
+@onednn
+def test_dispatch_rule():
+    small, medium = torch.randn(192, 192), torch.randn(256, 256)
+    with torch.no_grad():
+        assert not use_onednn(torch.randn(8, 192), small)       # a tiny model's decode stays on MKL
+        assert not use_onednn(torch.randn(8, 256), medium)
+        assert use_onednn(torch.randn(16, 256), medium)         # many rows: prefill
+        assert not use_onednn(torch.randn(64, 192).double(), small.double())  # fp32 only
+        assert not use_onednn(torch.randn(64, 192).bfloat16(), small.bfloat16())
+
+
+def test_gradients_take_f_linear():
+    layer = Linear(1024, 1024)
+    x = torch.randn(32, 1024, requires_grad=True)
+    assert not use_onednn(x, layer.weight)
+    layer(x).square().sum().backward()
+    expected = torch.autograd.grad(F.linear(x, layer.weight, layer.bias).square().sum(), x)[0]
+    torch.testing.assert_close(x.grad, expected)
+    assert layer.weight.grad is not None
+
+
+def test_linear_is_an_nn_linear_with_the_same_state_dict():
+    layer = Linear(8, 4, bias=True)
+    plain = torch.nn.Linear(8, 4, bias=True)
+    assert isinstance(layer, torch.nn.Linear)
+    assert layer.state_dict().keys() == plain.state_dict().keys()
+    plain.load_state_dict(layer.state_dict())
+    x = torch.randn(3, 8)
+    torch.testing.assert_close(layer(x), plain(x))
