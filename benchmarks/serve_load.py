@@ -128,6 +128,8 @@ def main() -> None:
     parser.add_argument("--levels", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--timeout", type=float, default=600, help="seconds per level")
     parser.add_argument("--server-threads", type=int, help="the server's --threads (default: its own, cores - 1)")
+    parser.add_argument("--server-prefill-threads", type=int,
+                        help="the server's --prefill-threads (default: its own, all cores)")
     parser.add_argument("--config", choices=sorted(CONFIGS), default="small-moe",
                         help="small-moe: hidden 256 (per-step overhead bound on CPU); dense-146m: weight-read bound")
     parser.add_argument("--model", help="serve this checkpoint (a directory, or 'tiny': the embedded model) "
@@ -139,7 +141,9 @@ def main() -> None:
         port = free_port()
         server = subprocess.Popen([sys.executable, "-m", "nemotron.cli", "serve", "--model", str(path),
                                    "--port", str(port), "--max-batch", str(max(args.levels)), "--device", args.device,
-                                   *(["--threads", str(args.server_threads)] if args.server_threads else [])],
+                                   *(["--threads", str(args.server_threads)] if args.server_threads else []),
+                                   *(["--prefill-threads", str(args.server_prefill_threads)]
+                                     if args.server_prefill_threads else [])],
                                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                                   env={**os.environ, "PYTHONWARNINGS": "ignore"})
         try:
@@ -158,7 +162,8 @@ def main() -> None:
             server.wait(timeout=30)
     print(f"{'model ' + args.model if args.model else 'config ' + args.config}, fp32, greedy, {args.new_tokens} new tokens per request, {args.requests} requests "
           f"per stream, {os.cpu_count()} cores, server torch threads "
-          f"{args.server_threads or max(1, (os.cpu_count() or 2) - 1)}, device {args.device}\n")
+          f"{args.server_threads or max(1, (os.cpu_count() or 2) - 1)} (prefill "
+          f"{args.server_prefill_threads or os.cpu_count()}), device {args.device}\n")
     print("| streams | requests | tokens/s (end to end) | decode tokens/s | requests/s | TTFT p50 / p90 / p99 (ms) "
           "| ITL p50 / p90 / p99 (ms) |")
     print("|---|---|---|---|---|---|---|")

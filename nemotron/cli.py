@@ -349,12 +349,13 @@ def cmd_serve(args: argparse.Namespace) -> None:
             raise ValueError("--default-chat-template-kwargs must be a JSON object")
     if args.speculative_tokens < 0:
         raise ValueError("--speculative-tokens must be >= 0")
-    for flag in ("port", "max_batch", "max_model_len", "prefill_chunk", "max_waiting", "max_tokens", "threads"):
+    for flag in ("port", "max_batch", "max_model_len", "prefill_chunk", "max_waiting", "max_tokens", "threads",
+                 "prefill_threads"):
         if getattr(args, flag) is not None and getattr(args, flag) < (0 if flag == "port" else 1):
             raise ValueError(f"--{flag.replace('_', '-')} must be positive")
     serve(args.model, args.host, args.port, args.api_key, args.served_model_name, args.max_batch, args.max_model_len,
           args.prefill_chunk, args.max_waiting, args.prefix_cache_mb, args.max_tokens, kwargs, args.dtype,
-          args.device, args.threads, args.speculative_tokens, _cache_options(args))
+          args.device, args.threads, args.speculative_tokens, _cache_options(args), args.prefill_threads)
 
 
 def cmd_quantize(args: argparse.Namespace) -> None:
@@ -465,7 +466,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--default-chat-template-kwargs", help='JSON, e.g. \'{"enable_thinking": false}\'')
     p.add_argument("--dtype", default=None, help="float32 / bfloat16 / float16 (default: the checkpoint's)")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--threads", type=int, help="torch CPU threads (default: all cores but one, for the HTTP side)")
+    p.add_argument("--threads", type=int,
+                   help="torch CPU threads for decode steps (default: all cores but one, for the HTTP side)")
+    p.add_argument("--prefill-threads", type=int, help="torch CPU threads for prefill chunks (default: all cores)")
     p.add_argument("--speculative-tokens", type=int, default=0,
                    help="MTP draft tokens per step for greedy requests (checkpoints with MTP weights)")
     _cache_flags(p)

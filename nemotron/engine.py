@@ -45,8 +45,13 @@ class EngineStats:
 class Engine:
     def __init__(self, model: nn.Module, tokenizer=None, stop_ids: set[int] | None = None,
                  max_batch: int = 16, max_len: int = 4096, prefill_chunk: int = 256,
-                 max_waiting: int = 256, prefix_cache_bytes: int = 0, speculative_tokens: int = 0) -> None:
+                 max_waiting: int = 256, prefix_cache_bytes: int = 0, speculative_tokens: int = 0,
+                 threads: int | None = None, prefill_threads: int | None = None) -> None:
         self.model = model
+        # torch's CPU threads for decode steps and for prefill chunks. OpenMP keeps the setting per OS
+        # thread, so the engine thread applies them itself (by default, the creator's setting)
+        self.threads = threads or torch.get_num_threads()
+        self.prefill_threads = prefill_threads or self.threads
         self.tokenizer = tokenizer
         self.stop_ids = set(stop_ids or ())
         self.max_batch, self.max_len = max_batch, max_len
@@ -122,6 +127,7 @@ class Engine:
             self._thread.join()
 
     def _loop(self) -> None:
+        torch.set_num_threads(self.threads)
         while True:
             with self._wake:
                 while not self._stop and not (self.waiting or self.running or self.prefilling):
@@ -160,8 +166,17 @@ class Engine:
         if self.prefilling is None:
             self._admit()
         if self.prefilling is not None:
-            events += self._prefill_chunk()
+            events += self._with_threads(self.prefill_threads, self._prefill_chunk)
         return events
+
+    def _with_threads(self, n: int, fn: Callable[[], list[TokenEvent]]) -> list[TokenEvent]:
+        if n == self.threads:
+            return fn()
+        torch.set_num_threads(n)
+        try:
+            return fn()
+        finally:
+            torch.set_num_threads(self.threads)
 
     def _drop_cancelled(self) -> None:
         with self._lock:

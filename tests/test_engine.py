@@ -142,3 +142,28 @@ def test_bad_requests_raise(tiny):
         engine.submit(Request([10 ** 6], SamplingParams(max_new_tokens=1)))
     with pytest.raises(ValueError, match="empty"):
         engine.submit(Request([], SamplingParams(max_new_tokens=1)))
+
+
+def test_engine_thread_uses_its_own_thread_counts(tiny):
+    """Decode steps run with `threads`, prefill chunks with `prefill_threads`, set by the engine's own
+    thread (OpenMP keeps the count per OS thread: the creator's setting does not carry over)."""
+    import threading
+
+    seen = []   # (tokens per row, torch threads, OS thread) for every forward
+    hook = tiny.model.backbone.embeddings.register_forward_hook(
+        lambda mod, args, out: seen.append((args[0].shape[1], torch.get_num_threads(), threading.get_ident())))
+    before = torch.get_num_threads()
+    try:
+        engine = Engine(tiny.model, max_batch=2, max_len=128, prefill_chunk=16, threads=1, prefill_threads=2).start()
+        done = threading.Event()
+        req = Request(_prompts(1, seed=5)[0], SamplingParams(max_new_tokens=4, temperature=0))
+        engine.submit(req, on_event=lambda e: e.finished and done.set())
+        assert done.wait(60)
+        engine.shutdown()
+    finally:
+        hook.remove()
+    assert torch.get_num_threads() == before          # the caller's setting is left alone
+    prefill = {threads for t, threads, _ in seen if t > 1}
+    decode = {threads for t, threads, _ in seen if t == 1}
+    assert prefill == {2} and decode == {1}
+    assert {ident for *_, ident in seen} == {engine._thread.ident}

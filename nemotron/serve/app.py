@@ -454,9 +454,10 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | 
           prefill_chunk: int = 256, max_waiting: int = 256, prefix_cache_mb: int = 256,
           max_tokens: int = 4096, default_template_kwargs: dict | None = None, dtype: str | None = None,
           device: str = "cpu", threads: int | None = None, speculative_tokens: int = 0,
-          cache_options=None) -> None:
-    """Load `model` and serve it until interrupted. threads: torch's CPU threads; by default one core is
-    left to the HTTP side (on a small machine, compute threads that take every core starve it).
+          cache_options=None, prefill_threads: int | None = None) -> None:
+    """Load `model` and serve it until interrupted. threads: torch's CPU threads for decode steps; by
+    default one core is left to the HTTP side (on a small machine, compute threads that take every core
+    starve it). prefill_threads: for prefill chunks, which stream nothing (default: every core).
     cache_options: a CacheOptions (FP8 KV cache, SSM state dtype and rounding)."""
     import os
 
@@ -465,7 +466,9 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | 
 
     from ..api import load
 
-    torch.set_num_threads(threads or max(1, (os.cpu_count() or 2) - 1))
+    cores = os.cpu_count() or 2
+    threads = threads or max(1, cores - 1)
+    torch.set_num_threads(threads)
     loaded = load(model, dtype=dtype, device=device, progress=True, cache=cache_options)
     max_len = min(max_model_len, getattr(loaded.config, "max_position_embeddings", None) or max_model_len)
     if speculative_tokens and prefix_cache_mb:
@@ -473,7 +476,8 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | 
         prefix_cache_mb = 0
     engine = Engine(loaded.model, loaded.tokenizer, loaded.stop_ids, max_batch=max_batch, max_len=max_len,
                     prefill_chunk=prefill_chunk, max_waiting=max_waiting, prefix_cache_bytes=prefix_cache_mb << 20,
-                    speculative_tokens=speculative_tokens).start()
+                    speculative_tokens=speculative_tokens, threads=threads,
+                    prefill_threads=prefill_threads or max(threads, cores)).start()
     # a directory is served under its name; the embedded model under the name it was asked by ("tiny")
     name = served_model_name or (loaded.path.name if Path(str(model)).exists() else str(model))
     server = Server(loaded, engine, ServerConfig(name, api_key, Limits(max_tokens=max_tokens), default_template_kwargs))
