@@ -9,6 +9,8 @@ oneDNN's op has no autograd: anything that records gradients takes `F.linear`.""
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -17,7 +19,8 @@ from torch import nn
 LARGE_WEIGHT = 1 << 20
 MANY_ROWS, SMALL_WEIGHT = 16, 1 << 15
 
-_ONEDNN = (torch.backends.mkldnn.is_available()
+# NEMOTRON_ONEDNN=0 keeps every product on F.linear (A/B measurements)
+_ONEDNN = (os.environ.get("NEMOTRON_ONEDNN", "1") != "0" and torch.backends.mkldnn.is_available()
            and torch.backends.cpu.get_cpu_capability().startswith("AVX512"))
 
 
