@@ -16,6 +16,7 @@ rate at which running streams advance), requests per second, time to first token
 requests and a timeout per level; the server is stopped at the end.
 
     python benchmarks/serve_load.py [--config small-moe | --model tiny] [--new-tokens 64] [--requests 2] [--levels 1 8 32]
+                                    [--rounds 1]
 """
 
 from __future__ import annotations
@@ -127,6 +128,9 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=2, help="requests per stream at each level")
     parser.add_argument("--levels", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--timeout", type=float, default=600, help="seconds per level")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="run the levels this many times, alternating (the machine's speed drifts); the "
+                             "table shows the last round, the ratios each round's and their median")
     parser.add_argument("--server-threads", type=int, help="the server's --threads (default: its own, cores - 1)")
     parser.add_argument("--server-prefill-threads", type=int,
                         help="the server's --prefill-threads (default: its own, all cores)")
@@ -156,7 +160,8 @@ def main() -> None:
                         raise RuntimeError(server.stderr.read()[-2000:])
                     time.sleep(0.2)
             asyncio.run(level(port, 1, 1, 8, args.timeout))  # warm-up
-            rows = [asyncio.run(level(port, n, args.requests, args.new_tokens, args.timeout)) for n in args.levels]
+            rounds = [[asyncio.run(level(port, n, args.requests, args.new_tokens, args.timeout)) for n in args.levels]
+                      for _ in range(args.rounds)]
         finally:
             server.terminate()
             server.wait(timeout=30)
@@ -167,14 +172,18 @@ def main() -> None:
     print("| streams | requests | tokens/s (end to end) | decode tokens/s | requests/s | TTFT p50 / p90 / p99 (ms) "
           "| ITL p50 / p90 / p99 (ms) |")
     print("|---|---|---|---|---|---|---|")
+    rows = rounds[-1]
     for r in rows:
         print(f"| {r['streams']} | {r['requests']} | {r['tok_per_s']:.0f} | {r['decode_tok_per_s']:.0f} | "
               f"{r['req_per_s']:.2f} | "
               + " / ".join(f"{x:.0f}" for x in r["ttft_ms"]) + " | "
               + " / ".join(f"{x:.1f}" for x in r["itl_ms"]) + " |")
     for key, what in (("tok_per_s", "end-to-end throughput"), ("decode_tok_per_s", "decode throughput")):
-        print(f"aggregate {what} relative to 1 stream: "
-              + ", ".join(f"{r['streams']} streams {r[key] / rows[0][key]:.2f}x" for r in rows))
+        ratios = [[r[key] / rs[0][key] for r in rs] for rs in rounds]   # per round, relative to its first level
+        print(f"aggregate {what} relative to {rows[0]['streams']} stream(s): " + ", ".join(
+            f"{r['streams']} streams {statistics.median(x[i] for x in ratios):.2f}x"
+            + (f" (rounds: {', '.join(f'{x[i]:.2f}' for x in ratios)})" if len(rounds) > 1 else "")
+            for i, r in enumerate(rows)))
 
 
 if __name__ == "__main__":

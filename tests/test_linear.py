@@ -25,11 +25,15 @@ def test_onednn_path_matches_f_linear(rows):
 
 @onednn
 def test_dispatch_rule():
-    small, medium = torch.randn(192, 192), torch.randn(256, 256)
+    """oneDNN from rows x weight elements >= 2^20, and from 16 rows unless the weight alone is that
+    large (its ~10 us per call must pay off)."""
+    in_proj, small, big = torch.randn(908, 192), torch.randn(192, 192), torch.randn(1024, 1024)
     with torch.no_grad():
-        assert not use_onednn(torch.randn(8, 192), small)       # a tiny model's decode stays on MKL
-        assert not use_onednn(torch.randn(8, 256), medium)
-        assert use_onednn(torch.randn(16, 256), medium)         # many rows: prefill
+        assert not use_onednn(torch.randn(8, 192), in_proj)     # a tiny model's decode stays on MKL
+        assert use_onednn(torch.randn(16, 192), in_proj)        # 16 rows x 174k elements
+        assert use_onednn(torch.randn(1, 1024), big)            # a 1M-element weight at any row count
+        assert not use_onednn(torch.randn(16, 192), small)      # 16 x 37k
+        assert use_onednn(torch.randn(2, 16, 192), small)       # 32 rows, counted over the leading dims
         assert not use_onednn(torch.randn(64, 192).double(), small.double())  # fp32 only
         assert not use_onednn(torch.randn(64, 192).bfloat16(), small.bfloat16())
 

@@ -3,7 +3,7 @@
 PyTorch runs fp32 `F.linear` on CPU through MKL, which uses AVX-512 only on Intel CPUs. On an
 AVX-512 AMD CPU, oneDNN (also in every PyTorch CPU build) multiplies about 2x faster for prefill
 and batched decode, and reads a large weight faster at batch 1 (BENCHMARKS.md). oneDNN costs ~10 us
-more per call, so small weights at few rows (a tiny model's decode, cache-resident) stay on MKL.
+more per call, so small products (a tiny model's decode, cache-resident) stay on MKL.
 
 oneDNN's op has no autograd: anything that records gradients takes `F.linear`."""
 
@@ -15,9 +15,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-# weights this large are worth oneDNN's per-call cost at any row count; smaller ones from 16 rows up
-LARGE_WEIGHT = 1 << 20
-MANY_ROWS, SMALL_WEIGHT = 16, 1 << 15
+# oneDNN's extra per-call cost pays off once rows x weight elements reach MIN_WORK (crossovers
+# measured alone: a 1M-element weight at one row, 74k at 16 rows, 33k at 32). Below MIN_ROWS only a
+# weight of MIN_WORK elements qualifies: in a tiny model's 8-row decode, its 174k-element in_proj
+# measured faster alone on oneDNN but made the whole step 6% slower.
+MIN_WORK, MIN_ROWS = 1 << 20, 16
 
 # NEMOTRON_ONEDNN=0 keeps every product on F.linear (A/B measurements)
 _ONEDNN = (os.environ.get("NEMOTRON_ONEDNN", "1") != "0" and torch.backends.mkldnn.is_available()
@@ -32,8 +34,8 @@ def use_onednn(x: torch.Tensor, weight: torch.Tensor) -> bool:
         return False
     if torch.compiler.is_compiling() or x.numel() == 0:
         return False
-    rows = x.numel() // x.shape[-1]
-    return weight.numel() >= LARGE_WEIGHT or (rows >= MANY_ROWS and weight.numel() >= SMALL_WEIGHT)
+    rows, size = x.numel() // x.shape[-1], weight.numel()
+    return size >= MIN_WORK or (rows >= MIN_ROWS and rows * size >= MIN_WORK)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
