@@ -15,7 +15,7 @@ from pathlib import Path
 from ..chat import apply_chat_template
 from ..config import NemotronHConfig, save_config
 from .evaluate import MODES, decode_speed, evaluate
-from .tasks import EVAL_FAMILIES, GRPO_WEIGHTS, TOOL_FAMILIES, TRAIN_WEIGHTS, conversation, grpo_prompt, problems
+from .tasks import EVAL_FAMILIES, GRPO_SOLVABLE, GRPO_WEIGHTS, TOOL_FAMILIES, TRAIN_WEIGHTS, conversation, grpo_prompt, problems
 from .tokenizer import train_tokenizer
 
 
@@ -44,12 +44,15 @@ class TinyRecipe:
     pretrain_lr: float = 3e-3
     sft_steps: int = 300
     sft_lr: float = 1e-3
-    grpo_steps: int = 100
-    grpo_lr: float = 1e-4
+    grpo_steps: int = 200
+    grpo_lr: float = 5e-5
     grpo_temperature: float = 1.0
-    grpo_dynamic_sampling: int = 0    # extra prompt batches to replace groups without signal (DAPO)
+    grpo_dynamic_sampling: int = 2    # extra prompt batches to replace groups without signal (DAPO)
     grpo_batch_size: int = 8          # prompts per GRPO step (each sampled group_size times)
-    grpo_prompts: str = "sft"         # "sft": the SFT mixture's questions; "hard": tasks.GRPO_WEIGHTS
+    grpo_kl_coeff: float = 0.02       # KL to the SFT model, per token
+    # "solvable": tasks.GRPO_SOLVABLE, half reasoning off; "sft": the SFT mixture's questions;
+    # "hard": tasks.GRPO_WEIGHTS
+    grpo_prompts: str = "solvable"
     batch_size: int = 8
     max_new_tokens: int = 160         # GRPO samples and evaluation answers
 
@@ -72,13 +75,16 @@ def build_data(recipe: TinyRecipe, out: Path) -> dict:
         sft.append(conversation(p, mode))
         if recipe.grpo_prompts == "sft" and p.family in EVAL_FAMILIES:   # RL on both reasoning modes
             grpo.append(grpo_prompt(p, thinking=mode != "no_think"))
+    n = recipe.grpo_steps * recipe.grpo_batch_size * (1 + recipe.grpo_dynamic_sampling)
     if recipe.grpo_prompts == "hard":
         # questions of their own (another seed), in the same reasoning-on/off proportion as SFT
-        n = recipe.grpo_steps * recipe.grpo_batch_size * (1 + recipe.grpo_dynamic_sampling)
         for p in problems(n, "train", recipe.seed + 1, tuple(GRPO_WEIGHTS), exclude=exclude, weights=GRPO_WEIGHTS):
             grpo.append(grpo_prompt(p, thinking=rng.random() <= 0.8))
+    elif recipe.grpo_prompts == "solvable":
+        for p in problems(n, "train", recipe.seed + 1, GRPO_SOLVABLE, exclude=exclude):
+            grpo.append(grpo_prompt(p, thinking=rng.random() < 0.5))
     elif recipe.grpo_prompts != "sft":
-        raise ValueError(f"grpo_prompts must be 'hard' or 'sft', not {recipe.grpo_prompts!r}")
+        raise ValueError(f"grpo_prompts must be 'solvable', 'hard' or 'sft', not {recipe.grpo_prompts!r}")
     data = out / "data"
     data.mkdir(parents=True, exist_ok=True)
     paths = {"sft": _write_jsonl(data / "sft.jsonl", sft),
@@ -123,7 +129,7 @@ def run(recipe: TinyRecipe, progress: bool = True) -> dict:
                   f"lr={recipe.grpo_lr}", "warmup=0", "schedule=constant", "group_size=8",
                   f"batch_size={recipe.grpo_batch_size}",
                   f"max_new_tokens={recipe.max_new_tokens}", f"temperature={recipe.grpo_temperature}",
-                  f"dynamic_sampling={recipe.grpo_dynamic_sampling}"]),
+                  f"dynamic_sampling={recipe.grpo_dynamic_sampling}", f"kl_coeff={recipe.grpo_kl_coeff}"]),
     ]
     table: dict = {}
     minutes = {"data": (time.perf_counter() - start) / 60}
