@@ -15,7 +15,8 @@ from pathlib import Path
 from ..chat import apply_chat_template
 from ..config import NemotronHConfig, save_config
 from .evaluate import MODES, decode_speed, evaluate
-from .tasks import EVAL_FAMILIES, GRPO_SOLVABLE, GRPO_WEIGHTS, TOOL_FAMILIES, TRAIN_WEIGHTS, conversation, grpo_prompt, problems
+from .tasks import (EVAL_FAMILIES, GRPO_SOLVABLE, GRPO_WEIGHTS, TOOL_FAMILIES, TRAIN_WEIGHTS, conversation, grpo_prompt,
+                    problems)
 from .tokenizer import train_tokenizer
 
 
