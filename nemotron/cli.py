@@ -378,9 +378,7 @@ def cmd_quantize(args: argparse.Namespace) -> None:
                       f"{row.get('error_fp8', float('nan')):.4f}")
     console = Console()
     console.print(table)
-    counts: dict[str, int] = {}
-    for row in layers.values():
-        counts[row["format"]] = counts.get(row["format"], 0) + 1
+    counts = Counter(row["format"] for row in layers.values())
     console.print(f"{summary['quant_algo']}: " + ", ".join(f"{n} layers {f}" for f, n in sorted(counts.items()))
                   + f"; {summary['bits_per_quantized_weight']:.2f} bits per quantizable weight")
     console.print(f"wrote {args.output} (report: quantization_report.json)")

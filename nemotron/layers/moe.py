@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .linear import Linear, linear, use_onednn
+from .linear import Linear, linear
 from .mlp import ReLU2MLP, relu2
 
 
@@ -161,13 +161,10 @@ class Experts(nn.Module):
         else:
             ys = torch.empty_like(xs)
             start = 0
-            for e, n in enumerate(counts.tolist()):  # one matmul per expert that has tokens, written in place
+            for e, n in enumerate(counts.tolist()):  # one matmul per expert that has tokens
                 if n:
                     h = relu2(linear(xs[start:start + n], self.up_proj[e]))
-                    if use_onednn(h, self.down_proj[e]):
-                        ys[start:start + n] = linear(h, self.down_proj[e])
-                    else:
-                        torch.matmul(h, self.down_proj[e].t(), out=ys[start:start + n])
+                    ys[start:start + n] = linear(h, self.down_proj[e])
                     start += n
         w = weights.reshape(-1).index_select(0, order)[:, None].float()
         # ys is this function's own buffer (or a fresh fp32 copy of it) when nothing is recorded

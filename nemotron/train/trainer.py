@@ -206,8 +206,9 @@ def _build(cfg: TrainConfig):
     if cfg.model is not None:
         loaded = nemotron.load(cfg.model, dtype="float32")
         model, config = loaded.model, loaded.config
-        if quantized_layers(model):
-            raise ValueError(f"{cfg.model} is quantized ({next(iter(quantized_layers(model).values())).algo}); "
+        quantized = quantized_layers(model)
+        if quantized:
+            raise ValueError(f"{cfg.model} is quantized ({next(iter(quantized.values())).algo}); "
                              "train the full-precision checkpoint and quantize the result")
         tok_dir = Path(cfg.tokenizer or cfg.model)
     else:
