@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from nemotron.layers.moe import route
-from nemotron.layers.ssd import segsum, ssd_chunked, ssd_recurrent
+from nemotron.layers.ssd import segsum, ssd_chunked, ssd_recurrent, ssd_step, ssd_steps
 
 
 def _inputs(b, L, h, p, g, n, seed=0):
@@ -147,6 +147,22 @@ def test_packed_sequences_restart_from_zero(L, chunk, bounds):
     for k, (a, e) in enumerate(zip(starts[:-1], starts[1:])):
         alone, _ = ssd_chunked(x[:1, a:e], dt[:1, a:e], A, B[:1, a:e], C[:1, a:e], chunk, s0[:1] if k == 0 else None)
         assert torch.allclose(y[:1, a:e], alone, atol=1e-5)
+
+
+@pytest.mark.parametrize("t,groups", [(1, 1), (2, 2), (4, 2)])
+def test_ssd_steps_is_ssd_step_token_by_token(t, groups):
+    """The verify's multi-token update does ssd_step's arithmetic: the same bits, and the state after
+    every token."""
+    x, dt, A, B, C, s0 = _inputs(2, t, 4, 8, groups, 16)
+    state, ys, states = s0.clone(), [], []
+    for i in range(t):
+        ys.append(ssd_step(state, x[:, i], dt[:, i], A, B[:, i], C[:, i]))
+        states.append(state.clone())
+    multi = s0.clone()
+    y, history = ssd_steps(multi, x, dt, A, B, C)
+    assert torch.equal(y, torch.stack(ys, 1))
+    assert torch.equal(history, torch.stack(states, 1))
+    assert torch.equal(multi, state)
 
 
 def test_mamba_verify_equals_steps_and_rolls_back_to_any_token():

@@ -14,7 +14,7 @@ from torch import nn
 from ..cache import MambaState
 from .linear import Linear
 from .norm import GatedRMSNorm
-from .ssd import ssd_chunked, ssd_step
+from .ssd import ssd_chunked, ssd_step, ssd_steps
 
 
 def _f32(t: torch.Tensor) -> torch.Tensor:
@@ -137,13 +137,18 @@ class Mamba2Mixer(nn.Module):
         xs = xBC[..., :i].unflatten(-1, (h, p))
         B, C = xBC[..., i:i + g * n].unflatten(-1, (g, n)), xBC[..., i + g * n:].unflatten(-1, (g, n))
         dt, A = self._discretize(dt)
-        history = state.ssm.new_empty(b, t, *state.ssm.shape[1:])
-        ys = []
-        for s in range(t):
-            ys.append(ssd_step(state.ssm, xs[:, s], dt[:, s], A, B[:, s], C[:, s], state.rounding, state.generator))
-            history[:, s].copy_(state.ssm)
+        if state.ssm.dtype == torch.float32:
+            y, history = ssd_steps(state.ssm, xs, dt, A, B, C)
+        else:  # a low-precision state is rounded after every token, as `step` does
+            history = state.ssm.new_empty(b, t, *state.ssm.shape[1:])
+            ys = []
+            for s in range(t):
+                ys.append(ssd_step(state.ssm, xs[:, s], dt[:, s], A, B[:, s], C[:, s], state.rounding,
+                                   state.generator))
+                history[:, s].copy_(state.ssm)
+            y = torch.stack(ys, 1)
         state.ssm_history = history
-        y = torch.stack(ys, 1).addcmul_(xs, _f32(self.D)[:, None]).view(b, t, i).to(x.dtype)
+        y = y.addcmul_(xs, _f32(self.D)[:, None]).view(b, t, i).to(x.dtype)
         return self.out_proj(self.norm(y, z))
 
     def forward(self, x: torch.Tensor, state: MambaState | None = None, pos: list[int] | None = None,

@@ -105,6 +105,27 @@ def ssd_step(state: torch.Tensor, x: torch.Tensor, dt: torch.Tensor, A: torch.Te
     return torch.linalg.vecdot(new, C.float().view(b, g, 1, 1, n)).view(b, h, p)
 
 
+def ssd_steps(state: torch.Tensor, x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
+              C: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A few tokens continuing an fp32 `state` (speculative verify): `ssd_step`'s arithmetic token by
+    token, written straight into the state history. x [b, T, h, p], dt [b, T, h], B/C [b, T, g, n].
+    Returns (y [b, T, h, p] fp32, the state after each token [b, T, h, p, n]); `state` ends as the last."""
+    b, t, h, p = x.shape
+    g, n = B.shape[-2], B.shape[-1]
+    dt = dt.float()
+    decay = torch.exp(dt * A.float()).view(b, t, g, h // g, 1, 1)
+    xdt = (x.float() * dt[..., None]).view(b, t, g, h // g, p, 1)
+    Bg = B.float().view(b, t, g, 1, 1, n)
+    history = state.new_empty(b, t, g, h // g, p, n)
+    prev = state.view(b, g, h // g, p, n)
+    for s in range(t):  # the same two in-place operations per token as ssd_step
+        torch.mul(prev, decay[:, s], out=history[:, s])
+        prev = history[:, s].addcmul_(xdt[:, s], Bg[:, s])
+    state.copy_(prev.view(state.shape))
+    y = torch.linalg.vecdot(history, C.float().view(b, t, g, 1, 1, n)).view(b, t, h, p)
+    return y, history.view(b, t, h, p, n)
+
+
 def ssd_recurrent(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
                   initial_state: torch.Tensor | None = None,
                   seq_idx: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
