@@ -167,7 +167,7 @@ def main() -> None:
             server.wait(timeout=30)
     print(f"{'model ' + args.model if args.model else 'config ' + args.config}, fp32, greedy, {args.new_tokens} new tokens per request, {args.requests} requests "
           f"per stream, {os.cpu_count()} cores, server torch threads "
-          f"{args.server_threads or max(1, (os.cpu_count() or 2) - 1)} (prefill "
+          f"{args.server_threads or 'by the server default'} (prefill "
           f"{args.server_prefill_threads or os.cpu_count()}), device {args.device}\n")
     print("| streams | requests | tokens/s (end to end) | decode tokens/s | requests/s | TTFT p50 / p90 / p99 (ms) "
           "| ITL p50 / p90 / p99 (ms) |")

@@ -465,7 +465,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default=None, help="float32 / bfloat16 / float16 (default: the checkpoint's)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int,
-                   help="torch CPU threads for decode steps (default: all cores but one, for the HTTP side)")
+                   help="torch CPU threads for decode steps (default: all cores for a model of 128 MiB of weights "
+                        "or more, else all cores but one, left to the HTTP side)")
     p.add_argument("--prefill-threads", type=int, help="torch CPU threads for prefill chunks (default: all cores)")
     p.add_argument("--speculative-tokens", type=int, default=0,
                    help="MTP draft tokens per step for greedy requests (checkpoints with MTP weights)")

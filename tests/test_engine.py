@@ -144,6 +144,19 @@ def test_bad_requests_raise(tiny):
         engine.submit(Request([], SamplingParams(max_new_tokens=1)))
 
 
+def test_decode_threads_leave_a_core_to_http_unless_weights_stream_from_memory():
+    """The server's default decode threads: all cores but one for a cache-sized model, every core for
+    one whose weights (>= 128 MiB) are read from memory at each step."""
+    from nemotron.serve.app import STREAMED_WEIGHT_BYTES, decode_threads
+
+    small = torch.nn.Linear(192, 192)
+    with torch.device("meta"):  # sized, never allocated
+        big = torch.nn.Linear(8192, 8192)
+    assert sum(p.numel() * p.element_size() for p in big.parameters()) >= STREAMED_WEIGHT_BYTES
+    assert decode_threads(small, 2) == 1 and decode_threads(small, 16) == 15 and decode_threads(small, 1) == 1
+    assert decode_threads(big, 2) == 2 and decode_threads(big, 16) == 16
+
+
 def test_engine_thread_uses_its_own_thread_counts(tiny):
     """Decode steps run with `threads`, prefill chunks with `prefill_threads`, set by the engine's own
     thread (OpenMP keeps the count per OS thread: the creator's setting does not carry over)."""

@@ -449,15 +449,29 @@ def build_app(server: Server) -> FastAPI:
     return app
 
 
+# Weights at least this large are read from memory at every decode step (they are past any CPU cache)
+STREAMED_WEIGHT_BYTES = 128 << 20
+
+
+def decode_threads(model, cores: int) -> int:
+    """The default count of torch threads for decode steps. A model whose weights stream from memory
+    takes long steps and yields few tokens per second, so the HTTP side needs little CPU: decode takes
+    every core. A smaller model's fast steps feed the HTTP side many events per second: it keeps a core
+    (on 2 cores, 8 streams of the embedded model ran at 1531 tokens/s with one decode thread and 484
+    with two, while the 146M model ran 13-25% faster at 1, 8 and 32 streams with two: BENCHMARKS.md)."""
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    return cores if weight_bytes >= STREAMED_WEIGHT_BYTES else max(1, cores - 1)
+
+
 def serve(model: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
           served_model_name: str | None = None, max_batch: int = 32, max_model_len: int = 4096,
           prefill_chunk: int = 256, max_waiting: int = 256, prefix_cache_mb: int = 256,
           max_tokens: int = 4096, default_template_kwargs: dict | None = None, dtype: str | None = None,
           device: str = "cpu", threads: int | None = None, speculative_tokens: int = 0,
           cache_options=None, prefill_threads: int | None = None) -> None:
-    """Load `model` and serve it until interrupted. threads: torch's CPU threads for decode steps; by
-    default one core is left to the HTTP side (on a small machine, compute threads that take every core
-    starve it). prefill_threads: for prefill chunks, which stream nothing (default: every core).
+    """Load `model` and serve it until interrupted. threads: torch's CPU threads for decode steps
+    (default: `decode_threads`). prefill_threads: for prefill chunks, which stream nothing (default:
+    every core).
     cache_options: a CacheOptions (FP8 KV cache, SSM state dtype and rounding)."""
     import os
 
@@ -467,9 +481,9 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | 
     from ..api import load
 
     cores = os.cpu_count() or 2
-    threads = threads or max(1, cores - 1)
-    torch.set_num_threads(threads)
     loaded = load(model, dtype=dtype, device=device, progress=True, cache=cache_options)
+    threads = threads or decode_threads(loaded.model, cores)
+    torch.set_num_threads(threads)
     max_len = min(max_model_len, getattr(loaded.config, "max_position_embeddings", None) or max_model_len)
     if speculative_tokens and prefix_cache_mb:
         print("note: MTP speculation is on, so the prefix cache is off (they cannot be combined yet)", flush=True)
@@ -481,7 +495,8 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | 
     # a directory is served under its name; the embedded model under the name it was asked by ("tiny")
     name = served_model_name or (loaded.path.name if Path(str(model)).exists() else str(model))
     server = Server(loaded, engine, ServerConfig(name, api_key, Limits(max_tokens=max_tokens), default_template_kwargs))
-    print(f"serving {name} on http://{host}:{port}/v1 (max batch {max_batch}, context {max_len})", flush=True)
+    print(f"serving {name} on http://{host}:{port}/v1 (max batch {max_batch}, context {max_len}, "
+          f"{threads} decode threads)", flush=True)
     # the engine thread and the event loop share the GIL: hand it over sooner than the 5 ms default so
     # neither waits long for the other (token streams stay smooth)
     sys.setswitchinterval(0.0005)
