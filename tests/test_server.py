@@ -265,6 +265,78 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(scripted):
         assert ok == 200 and r["choices"][0]["message"]["content"] == "Hi!"
 
 
+def _hostile_bodies(n: int, seed: int = 0) -> list[tuple[str, bytes]]:
+    """n (endpoint, raw body) pairs: valid chat and completion requests with one to three fields
+    replaced by values of the wrong type, shape or range, messages and tools mangled, and raw
+    payloads that are not a JSON object at all. Seeded: the same bodies every run."""
+    import random
+
+    rng = random.Random(seed)
+    odd_values = [None, True, False, 0, -1, 1.5, -1e308, 1e308, 2 ** 63, -(2 ** 63) - 1, "", "x" * 3000, "\u0000",
+                  "\ud7ff\ufffe", [], [None], [[[]]], {}, {"a": {"b": {"c": []}}}, [1, "two", None], "NaN", -0.0]
+    chat_fields = ["model", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k",
+                   "min_p", "n", "stop", "stream", "stream_options", "seed", "logprobs", "top_logprobs", "tools",
+                   "tool_choice", "presence_penalty", "frequency_penalty", "repetition_penalty", "response_format",
+                   "chat_template_kwargs", "thinking_token_budget", "ignore_eos", "user", "logit_bias"]
+    completion_fields = ["model", "prompt", "max_tokens", "temperature", "echo", "logprobs", "stop", "stream", "n",
+                         "suffix", "best_of", "seed"]
+    odd_messages = [
+        [{"role": "user"}], [{"content": "hi"}], [{"role": "tool", "content": "x"}],
+        [{"role": "assistant", "tool_calls": [{"function": {"name": "f", "arguments": "{not json"}}]}],
+        [{"role": "assistant", "tool_calls": "call"}], [{"role": "user", "content": [{"type": "image_url"}]}],
+        [{"role": "user", "content": [{"type": "text"}]}], [{"role": "user", "content": [{"type": "text", "text": 5}]}],
+        [{"role": "system", "content": None}], [{"role": "user", "content": "hi", "name": ["x"]}],
+        [{"role": "USER", "content": "hi"}], [{"role": "user", "content": "hi"}] * 10_000, ["hi"], [None], [[]],
+    ]
+    odd_tools = [
+        [{"type": "function"}], [{"type": "retrieval", "function": {"name": "f"}}], [{"function": {"name": "f"}}],
+        [{"type": "function", "function": {"name": "f", "parameters": "object"}}],
+        [{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": []}}}],
+        [{"type": "function", "function": {"name": "", "parameters": {}}}], [None], {"type": "function"},
+    ]
+    raw = [b"", b"null", b"0", b'"text"', b"[]", b"{", b"}", b'{"messages": [', b"\xff\xfe\x00", b"{" * 5000 + b"}" * 5000,
+           b'{"messages": NaN}', b'{"messages": [{"role": "user", "content": "hi"}], "max_tokens": Infinity}',
+           b'{"a": 1, "a": 2}', b'{"messages": "' + b"\\u" * 100 + b'"}']
+    bodies: list[tuple[str, bytes]] = [("/v1/chat/completions", r) for r in raw] + [("/v1/completions", r) for r in raw]
+    while len(bodies) < n:
+        chat = rng.random() < 0.7
+        body = ({"messages": HI, "max_tokens": 4, "temperature": 0} if chat else {"prompt": "hi", "max_tokens": 4})
+        for _ in range(rng.randint(1, 3)):
+            roll = rng.random()
+            if chat and roll < 0.15:
+                body["messages"] = rng.choice(odd_messages)
+            elif chat and roll < 0.25:
+                body["tools"] = rng.choice(odd_tools)
+                if rng.random() < 0.5:
+                    body["tool_choice"] = rng.choice(["required", "auto", {"type": "function"}, {"function": None}])
+            else:
+                body[rng.choice(chat_fields if chat else completion_fields)] = rng.choice(odd_values)
+        if body.get("stream") is True:
+            body["stream"] = False   # a valid streamed body would answer 200 with SSE: covered elsewhere
+        bodies.append(("/v1/chat/completions" if chat else "/v1/completions", json.dumps(body).encode()))
+    return bodies
+
+
+def test_fuzzed_hostile_bodies_never_get_a_5xx(scripted):
+    """>= 200 malformed or hostile bodies: every answer is a 2xx or a 4xx in OpenAI's error shape,
+    never a 5xx, and the server still answers /health and a normal request afterwards."""
+    bodies = _hostile_bodies(240)
+    assert len(bodies) >= 200
+    statuses = []
+    with running_server(scripted, "--max-model-len", "2048", "--max-tokens", "512") as base:
+        for path, body in bodies:
+            got, _, answer = http(base, path, body)
+            assert got < 500, (path, body[:200], got, answer)
+            if got >= 400:
+                assert isinstance(answer, dict) and set(answer["error"]) == {"message", "type", "param", "code"}, \
+                    (path, body[:200], got, answer)
+            statuses.append(got)
+        assert http(base, "/health")[0] == 200
+        ok, _, r = http(base, "/v1/chat/completions", {"messages": HI, "temperature": 0})
+        assert ok == 200 and r["choices"][0]["message"]["content"] == "Hi!"
+    assert statuses.count(400) + statuses.count(422) > len(bodies) // 2   # mostly refused, not ignored
+
+
 def test_api_key_body_limit_and_queue_limit(scripted):
     with running_server(scripted, "--api-key", "sekret", "--max-batch", "1", "--max-waiting", "1") as base:
         assert http(base, "/v1/models")[0] == 401
