@@ -14,31 +14,9 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import subprocess
-import sys
 import time
-import urllib.request
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parent))
-from serve_load import free_port  # noqa: E402
-
-
-def start(model: str, *flags: str) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "nemotron.cli", "serve", "--model", model, "--port", str(port),
-                             *flags], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    base = f"http://127.0.0.1:{port}"
-    for _ in range(300):
-        try:
-            urllib.request.urlopen(base + "/health", timeout=1)
-            return proc, base
-        except OSError:
-            if proc.poll() is not None:
-                raise RuntimeError(proc.stderr.read()[-2000:])
-            time.sleep(0.2)
-    proc.terminate()
-    raise RuntimeError("the server did not come up")
+from nemotron.serve.launch import running_server
 
 
 def ask(client, name: str, system: str, question: str) -> tuple[float, str]:
@@ -78,16 +56,12 @@ def main() -> None:
     questions = ("What is 12 + 7?", "What is 3 * 4?")
     results = {}
     for label, flags in (("cache", ()), ("no cache", ("--prefix-cache-mb", "0"))):
-        proc, base = start(args.model, "--prefill-chunk", str(args.prefill_chunk), *flags)
-        try:
+        with running_server(args.model, "--prefill-chunk", str(args.prefill_chunk), *flags) as base:
             client = openai.OpenAI(base_url=base + "/v1", api_key="unused", max_retries=0, timeout=120)
             name = client.models.list().data[0].id
             for q in questions:  # warm-up: a long prompt, then a shared one (first-call costs out of the way)
                 ask(client, name, "Warm-up. " + systems[0], q)
             results[label] = [(ask(client, name, s, questions[0]), ask(client, name, s, questions[1])) for s in systems]
-        finally:
-            proc.terminate()
-            proc.wait(timeout=30)
     cached = results["cache"]
     ratios = [first[0] / second[0] for first, second in cached]
     print("| round | TTFT first (ms) | TTFT second, shared prefix (ms) | ratio | second's text equal without the cache |")

@@ -25,17 +25,16 @@ import argparse
 import asyncio
 import json
 import os
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 from generation import CONFIGS  # noqa: E402
+
+from nemotron.serve.launch import running_server  # noqa: E402
 
 
 def build(out: Path, config_name: str = "small-moe") -> Path:
@@ -50,12 +49,6 @@ def build(out: Path, config_name: str = "small-moe") -> Path:
     write_byte_tokenizer(out)
     save_checkpoint(init_weights_(build_model(config), config, seed=0), config, out)
     return out
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 async def stream_chat(port: int, body: dict) -> tuple[float, list[float], int]:
@@ -131,7 +124,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=1,
                         help="run the levels this many times, alternating (the machine's speed drifts); the "
                              "table shows the last round, the ratios each round's and their median")
-    parser.add_argument("--server-threads", type=int, help="the server's --threads (default: its own, cores - 1)")
+    parser.add_argument("--server-threads", type=int, help="the server's --threads (default: its own, by model size)")
     parser.add_argument("--server-prefill-threads", type=int,
                         help="the server's --prefill-threads (default: its own, all cores)")
     parser.add_argument("--config", choices=sorted(CONFIGS), default="small-moe",
@@ -142,29 +135,14 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         path = args.model or build(Path(tmp) / f"{args.config}-chat", args.config)
-        port = free_port()
-        server = subprocess.Popen([sys.executable, "-m", "nemotron.cli", "serve", "--model", str(path),
-                                   "--port", str(port), "--max-batch", str(max(args.levels)), "--device", args.device,
-                                   *(["--threads", str(args.server_threads)] if args.server_threads else []),
-                                   *(["--prefill-threads", str(args.server_prefill_threads)]
-                                     if args.server_prefill_threads else [])],
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                                  env={**os.environ, "PYTHONWARNINGS": "ignore"})
-        try:
-            for _ in range(300):
-                try:
-                    urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1)
-                    break
-                except OSError:
-                    if server.poll() is not None:
-                        raise RuntimeError(server.stderr.read()[-2000:])
-                    time.sleep(0.2)
+        flags = ["--max-batch", str(max(args.levels)), "--device", args.device,
+                 *(["--threads", str(args.server_threads)] if args.server_threads else []),
+                 *(["--prefill-threads", str(args.server_prefill_threads)] if args.server_prefill_threads else [])]
+        with running_server(path, *flags, startup_s=60) as base:
+            port = int(base.rsplit(":", 1)[1])
             asyncio.run(level(port, 1, 1, 8, args.timeout))  # warm-up
             rounds = [[asyncio.run(level(port, n, args.requests, args.new_tokens, args.timeout)) for n in args.levels]
                       for _ in range(args.rounds)]
-        finally:
-            server.terminate()
-            server.wait(timeout=30)
     print(f"{'model ' + args.model if args.model else 'config ' + args.config}, fp32, greedy, {args.new_tokens} new tokens per request, {args.requests} requests "
           f"per stream, {os.cpu_count()} cores, server torch threads "
           f"{args.server_threads or 'by the server default'} (prefill "
