@@ -7,6 +7,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -24,30 +25,38 @@ def free_port() -> int:
 def running_server(model, *flags: str, startup_s: float = 120) -> Iterator[str]:
     """Start `nemotron serve --model MODEL FLAGS...` on 127.0.0.1, wait for /health, yield its base URL
     (http://127.0.0.1:PORT) and stop it on exit. A server that exits or never answers raises
-    RuntimeError with the end of its stderr."""
+    RuntimeError with the end of its stderr (kept in a file: a pipe nobody reads would fill up and
+    block a long-running server)."""
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "nemotron.cli", "serve", "--model", str(model),
-                             "--port", str(port), *flags], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + startup_s
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"server exited: {proc.stderr.read()[-2000:]}")
-            try:
-                with urllib.request.urlopen(base + "/health", timeout=1) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError("server did not start")
-            time.sleep(0.2)
-        yield base
-    finally:
-        proc.terminate()
+    with tempfile.TemporaryFile("w+") as errors:
+        proc = subprocess.Popen([sys.executable, "-m", "nemotron.cli", "serve", "--model", str(model),
+                                 "--port", str(port), *flags], stdout=subprocess.DEVNULL, stderr=errors,
+                                text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+
+        def tail() -> str:
+            errors.seek(0)
+            return errors.read()[-2000:]
+
+        base = f"http://127.0.0.1:{port}"
         try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+            deadline = time.monotonic() + startup_s
+            while True:
+                if proc.poll() is not None:
+                    raise RuntimeError(f"server exited: {tail()}")
+                try:
+                    with urllib.request.urlopen(base + "/health", timeout=1) as r:
+                        if r.status == 200:
+                            break
+                except OSError:
+                    pass
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"server did not answer /health within {startup_s:.0f} s: {tail()}")
+                time.sleep(0.2)
+            yield base
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
