@@ -14,9 +14,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from ..layers.linear import linear
 from . import formats
 
 # quant_algo -> the storage of one linear layer's weight
@@ -154,7 +154,7 @@ class QuantLinear(_KeepsStorageDtypes):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.emulate_activations and "input_scale" in self._buffers:
             x = self.scheme.fake_quantize_input(x, self.input_scale)
-        return F.linear(x, self.dequantized_weight(x.dtype), self.bias)
+        return linear(x, self.dequantized_weight(x.dtype), self.bias)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, {self.scheme.algo}"
@@ -207,7 +207,7 @@ class QuantExperts(_KeepsStorageDtypes):
         t = self._tensors(proj, e)
         if self.emulate_activations and "input_scale" in t:
             x = self.scheme.fake_quantize_input(x, t["input_scale"])
-        return F.linear(x, self.scheme.dequantize(t, x.dtype))
+        return linear(x, self.scheme.dequantize(t, x.dtype))
 
     def _gathered(self, proj: str, experts: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """The dequantized weights of `experts` [P] (with repeats), [P, N, K]: the stored tensors are
