@@ -155,6 +155,9 @@ def test_decode_threads_leave_a_core_to_http_unless_weights_stream_from_memory()
     assert sum(p.numel() * p.element_size() for p in big.parameters()) >= STREAMED_WEIGHT_BYTES
     assert decode_threads(small, 2) == 1 and decode_threads(small, 16) == 15 and decode_threads(small, 1) == 1
     assert decode_threads(big, 2) == 2 and decode_threads(big, 16) == 16
+    packed = torch.nn.Module()   # a quantized model's weights are buffers
+    packed.register_buffer("weight", torch.empty(8192, 16384, dtype=torch.uint8, device="meta"))
+    assert decode_threads(packed, 2) == 2
 
 
 def test_engine_thread_uses_its_own_thread_counts(tiny):

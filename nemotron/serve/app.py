@@ -459,7 +459,8 @@ def decode_threads(model, cores: int) -> int:
     every core. A smaller model's fast steps feed the HTTP side many events per second: it keeps a core
     (on 2 cores, 8 streams of the embedded model ran at 1531 tokens/s with one decode thread and 484
     with two, while the 146M model ran 13-25% faster at 1, 8 and 32 streams with two: BENCHMARKS.md)."""
-    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    # quantized layers keep their packed weights as buffers
+    weight_bytes = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
     return cores if weight_bytes >= STREAMED_WEIGHT_BYTES else max(1, cores - 1)
 
 
