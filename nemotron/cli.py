@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import argparse
 import json
-from collections import Counter
 import sys
+from collections import Counter
 from pathlib import Path
 
 from .errors import NemotronError

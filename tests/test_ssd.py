@@ -165,6 +165,19 @@ def test_ssd_steps_is_ssd_step_token_by_token(t, groups):
     assert torch.equal(multi, state)
 
 
+def test_ssd_steps_rounds_a_low_precision_state_after_every_token():
+    x, dt, A, B, C, s0 = _inputs(2, 3, 4, 8, 2, 16)
+    state, ys, states = s0.half(), [], []
+    for i in range(3):
+        ys.append(ssd_step(state, x[:, i], dt[:, i], A, B[:, i], C[:, i]))
+        states.append(state.clone())
+    multi = s0.half()
+    y, history = ssd_steps(multi, x, dt, A, B, C)
+    assert history.dtype == torch.float16
+    assert torch.equal(y, torch.stack(ys, 1)) and torch.equal(history, torch.stack(states, 1))
+    assert torch.equal(multi, state)
+
+
 def test_mamba_verify_equals_steps_and_rolls_back_to_any_token():
     """The speculative verify of T tokens gives the outputs of T single-token steps, and rolling back
     to n of them leaves the conv and SSM state that n steps leave."""

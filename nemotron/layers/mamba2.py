@@ -137,17 +137,7 @@ class Mamba2Mixer(nn.Module):
         xs = xBC[..., :i].unflatten(-1, (h, p))
         B, C = xBC[..., i:i + g * n].unflatten(-1, (g, n)), xBC[..., i + g * n:].unflatten(-1, (g, n))
         dt, A = self._discretize(dt)
-        if state.ssm.dtype == torch.float32:
-            y, history = ssd_steps(state.ssm, xs, dt, A, B, C)
-        else:  # a low-precision state is rounded after every token, as `step` does
-            history = state.ssm.new_empty(b, t, *state.ssm.shape[1:])
-            ys = []
-            for s in range(t):
-                ys.append(ssd_step(state.ssm, xs[:, s], dt[:, s], A, B[:, s], C[:, s], state.rounding,
-                                   state.generator))
-                history[:, s].copy_(state.ssm)
-            y = torch.stack(ys, 1)
-        state.ssm_history = history
+        y, state.ssm_history = ssd_steps(state.ssm, xs, dt, A, B, C, state.rounding, state.generator)
         y = y.addcmul_(xs, _f32(self.D)[:, None]).view(b, t, i).to(x.dtype)
         return self.out_proj(self.norm(y, z))
 

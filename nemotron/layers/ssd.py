@@ -106,17 +106,25 @@ def ssd_step(state: torch.Tensor, x: torch.Tensor, dt: torch.Tensor, A: torch.Te
 
 
 def ssd_steps(state: torch.Tensor, x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
-              C: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """A few tokens continuing an fp32 `state` (speculative verify): `ssd_step`'s arithmetic token by
-    token, written straight into the state history. x [b, T, h, p], dt [b, T, h], B/C [b, T, g, n].
-    Returns (y [b, T, h, p] fp32, the state after each token [b, T, h, p, n]); `state` ends as the last."""
+              C: torch.Tensor, rounding: str = "nearest",
+              generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """A few tokens continuing `state` (speculative verify), with `ssd_step`'s arithmetic token by
+    token. x [b, T, h, p], dt [b, T, h], B/C [b, T, g, n]. Returns (y [b, T, h, p] fp32, the state after
+    each token [b, T, h, p, n] in the state's dtype); `state` ends as the last. An fp32 state is
+    written straight into the history; a low-precision one is rounded after every token, as in decode."""
     b, t, h, p = x.shape
     g, n = B.shape[-2], B.shape[-1]
+    history = state.new_empty(b, t, g, h // g, p, n)
+    if state.dtype != torch.float32:
+        ys = []
+        for s in range(t):
+            ys.append(ssd_step(state, x[:, s], dt[:, s], A, B[:, s], C[:, s], rounding, generator))
+            history[:, s].copy_(state.view(b, g, h // g, p, n))
+        return torch.stack(ys, 1), history.view(b, t, h, p, n)
     dt = dt.float()
     decay = torch.exp(dt * A.float()).view(b, t, g, h // g, 1, 1)
     xdt = (x.float() * dt[..., None]).view(b, t, g, h // g, p, 1)
     Bg = B.float().view(b, t, g, 1, 1, n)
-    history = state.new_empty(b, t, g, h // g, p, n)
     prev = state.view(b, g, h // g, p, n)
     for s in range(t):  # the same two in-place operations per token as ssd_step
         torch.mul(prev, decay[:, s], out=history[:, s])
