@@ -15,6 +15,7 @@ from .cache import CacheOptions
 from .checkpoint import checkpoint_dtype, load_checkpoint_config, load_weights, save_checkpoint
 from .config import DTYPES, AnyConfig
 from .errors import CheckpointError, NemotronError
+from .files import is_present
 from .models import build_model
 from .quant.modelopt import apply_quant_config, read_quant_config
 from .tokenizer import Tokenizer
@@ -311,6 +312,12 @@ def load(
     KV cache, the SSM state's dtype and rounding; see CacheOptions)."""
     path = resolve_model_path(name_or_path)
     config = load_checkpoint_config(path)
+    # the tokenizer first: it is quick to read, and a broken one should fail before the weights load
+    tokenizer = Tokenizer.from_dir(path) if is_present(path / "tokenizer.json") else None
+    if tokenizer is not None and tokenizer.vocab_size > config.vocab_size:
+        # its ids past the embedding table would fail at the first forward pass
+        raise CheckpointError(f"{path / 'tokenizer.json'}: {tokenizer.vocab_size} tokens, more than the model's "
+                              f"vocab_size of {config.vocab_size}")
     dtype = parse_dtype(dtype) or checkpoint_dtype(config)
     with torch.device("meta"):
         model = build_model(config)
@@ -331,5 +338,4 @@ def load(
     _release_freed_memory()
     if cache is not None:
         model.cache_options = cache
-    tokenizer = Tokenizer.from_dir(path) if (path / "tokenizer.json").is_file() else None
     return LoadedModel(config, model, tokenizer, path)

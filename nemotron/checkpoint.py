@@ -5,6 +5,11 @@ Loading builds the model on the meta device and materialises each parameter stra
 tensor is checked: names (missing / unexpected), shapes, and that the file really holds the bytes its
 header promises. Pickled checkpoints are refused unless the caller opts in.
 
+Reading stays inside the checkpoint: only regular files are opened (without blocking, so a FIFO is
+refused, never waited on), an index names its shards by relative paths with no `..`, and the
+safetensors header is held to the reference library's rules. Symlinked files are followed: the
+Hugging Face cache links each snapshot file to a blob outside the snapshot directory.
+
 Name maps: our module names are the release names, except that routed experts are stored stacked
 (`mixer.experts.up_proj [E, I, X]`) while the release has one tensor per expert
 (`mixer.experts.{e}.up_proj.weight`). transformers 5 uses `model.` where the release has `backbone.`.
@@ -27,6 +32,7 @@ from torch import nn
 
 from .config import DTYPES, AnyConfig, NemotronHConfig, load_config, save_config
 from .errors import CheckpointError, UnsafeCheckpointError
+from .files import confined, is_present, json_kind, open_regular, parse_json, read_json
 
 SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -35,11 +41,14 @@ SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
     "U16": torch.uint16, "U32": torch.uint32, "U64": torch.uint64,
 }
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
-_MAX_HEADER = 100 * 1024 * 1024
+INDEX_FILE = "model.safetensors.index.json"
+# the reference library's bound on a header (safetensors' MAX_HEADER_SIZE)
+_MAX_HEADER = 100_000_000
 
 
 # --------------------------------------------------------------------------------------------------
-# safetensors reading (header parsed here so truncation and corruption get a precise error)
+# safetensors reading: the header is validated by the reference library's rules before any tensor
+# is read, so a corrupt or hostile file gets one precise error and never a tensor made of the wrong bytes
 # --------------------------------------------------------------------------------------------------
 
 
@@ -64,74 +73,133 @@ class TensorRef:
         # read straight into a tensor allocated by torch (aligned for vectorised kernels)
         out = torch.empty(nbytes, dtype=torch.uint8)
         view = (ctypes.c_char * nbytes).from_address(out.data_ptr())
-        with open(self.path, "rb") as f:
+        with open_regular(self.path) as f:
             f.seek(self.start)
             got = f.readinto(view)
         if got != nbytes:
-            raise CheckpointError(f"{self.path.name}: tensor {self.name} is truncated ({got} of {nbytes} bytes)")
+            raise CheckpointError(f"{self.path.name}: tensor {self.name!r} is truncated ({got} of {nbytes} bytes)")
         return out.view(self.dtype).reshape(self.shape)
 
 
+def _no_duplicate_keys(pairs: list[tuple[str, object]]) -> dict:
+    """A JSON object whose keys are unique (json keeps the last of duplicates silently)."""
+    seen: set[str] = set()
+    for key, _ in pairs:
+        if key in seen:
+            raise ValueError(f"key {key[:200]!r} appears twice")
+        seen.add(key)
+    return dict(pairs)
+
+
+def _is_size(value: object) -> bool:
+    """A JSON value usable as an unsigned 64-bit size (the reference library's usize)."""
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**64
+
+
+def _header_entry(path: Path, name: str, info: object, base: int) -> TensorRef:
+    """One tensor's header entry: {"dtype", "shape", "data_offsets"} with a known dtype, a shape of
+    unsigned ints and two unsigned offsets whose distance is the tensor's byte size."""
+    where = f"{path.name}: tensor {name[:200]!r}"
+    if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= set(info):
+        raise CheckpointError(f"{where}: a header entry needs dtype, shape and data_offsets")
+    code, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+    if not isinstance(code, str) or code not in SAFETENSORS_DTYPES:
+        raise CheckpointError(f"{where}: unsupported dtype {str(code)[:40]!r} "
+                              f"(supported: {', '.join(SAFETENSORS_DTYPES)})")
+    if not isinstance(shape, list) or not all(_is_size(d) for d in shape):
+        raise CheckpointError(f"{where}: shape must be a list of non-negative integers")
+    if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_size(o) for o in offsets):
+        raise CheckpointError(f"{where}: data_offsets must be two non-negative integers")
+    begin, end = offsets
+    dtype = SAFETENSORS_DTYPES[code]
+    nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    if end - begin != nbytes:
+        raise CheckpointError(f"{where}: data_offsets [{begin}, {end}] hold {end - begin} bytes but shape "
+                              f"{shape} {code} needs {nbytes}")
+    return TensorRef(name, tuple(shape), dtype, path, base + begin, base + end)
+
+
 def read_safetensors_index(path: Path) -> dict[str, TensorRef]:
-    """Parse and validate a .safetensors header; returns name -> TensorRef (no tensor data read)."""
-    try:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
-            head = f.read(8)
-            if len(head) < 8:
-                raise CheckpointError(f"{path.name}: not a safetensors file (shorter than its 8-byte header length)")
-            (n,) = struct.unpack("<Q", head)
-            if n > min(size - 8, _MAX_HEADER):
-                raise CheckpointError(f"{path.name}: not a safetensors file or truncated (header of {n} bytes, file {size})")
-            header = json.loads(f.read(n))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path.name}: unreadable safetensors header ({e})") from None
-    if not isinstance(header, dict):
-        raise CheckpointError(f"{path.name}: safetensors header is not a JSON object")
+    """Parse and validate a .safetensors header; returns name -> TensorRef (no tensor data read).
+
+    What the reference `safetensors` library rejects is rejected here: a header length over 100 MB or
+    past the end of the file; a header that is not UTF-8, not a JSON object or does not start with
+    `{`; `__metadata__` other than strings to strings; entries without a known dtype, an unsigned shape
+    and two unsigned offsets; byte ranges that are not numel * itemsize, that overlap or leave gaps
+    (sorted by offset they must tile the data from 0) or that do not end exactly at the end of the file.
+    Stricter than the reference: duplicate keys, whitespace before the header's `{` and dtypes this
+    loader cannot hold (F8_E8M0, F4, ...) are refused too."""
+    with open_regular(path) as f:
+        size = os.fstat(f.fileno()).st_size
+        head = f.read(8)
+        if len(head) < 8:
+            raise CheckpointError(f"{path.name}: not a safetensors file (shorter than its 8-byte header length)")
+        (n,) = struct.unpack("<Q", head)
+        if n > min(size - 8, _MAX_HEADER):
+            raise CheckpointError(f"{path.name}: not a safetensors file or truncated (header of {n} bytes, file {size})")
+        raw = f.read(n)
+    if not raw.startswith(b"{"):
+        raise CheckpointError(f"{path.name}: not a safetensors file (its header does not start with '{{')")
+    header = parse_json(raw, f"{path.name} (safetensors header)", object_pairs_hook=_no_duplicate_keys)
+    metadata = header.pop("__metadata__", None)
+    if metadata is not None and not (isinstance(metadata, dict) and all(isinstance(v, str) for v in metadata.values())):
+        raise CheckpointError(f"{path.name}: the header's __metadata__ must map strings to strings")
     base = 8 + n
-    refs = {}
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        try:
-            dtype = SAFETENSORS_DTYPES[info["dtype"]]
-            shape = tuple(int(s) for s in info["shape"])
-            begin, end = (int(o) for o in info["data_offsets"])
-        except (KeyError, TypeError, ValueError):
-            raise CheckpointError(f"{path.name}: bad header entry for tensor {name!r}") from None
-        itemsize = torch.empty((), dtype=dtype).element_size()
-        if end - begin != math.prod(shape) * itemsize or begin < 0:
-            raise CheckpointError(f"{path.name}: tensor {name} has {end - begin} bytes for shape {list(shape)} {info['dtype']}")
-        if base + end > size:
-            raise CheckpointError(
-                f"{path.name} is truncated: tensor {name} ends at byte {base + end} but the file has {size} bytes"
-            )
-        refs[name] = TensorRef(name, shape, dtype, path, base + begin, base + end)
+    refs = {name: _header_entry(path, name, info, base) for name, info in header.items()}
+    expected = base   # sorted by offset, each tensor starts where the previous one ended
+    for ref in sorted(refs.values(), key=lambda r: (r.start, r.end)):
+        if ref.start != expected:
+            how = "overlaps the tensor before it" if ref.start < expected else "leaves a gap before it"
+            raise CheckpointError(f"{path.name}: tensor {ref.name[:200]!r} {how} (data_offsets start at "
+                                  f"{ref.start - base}, expected {expected - base})")
+        expected = ref.end
+    if expected > size:
+        raise CheckpointError(f"{path.name} is truncated: its tensors end at byte {expected} but the file has "
+                              f"{size} bytes")
+    if expected < size:
+        raise CheckpointError(f"{path.name}: {size - expected} bytes after the last tensor (a corrupt or "
+                              "padded file; the data must end where the last tensor does)")
     return refs
 
 
 def _pickle_refs(path: Path) -> dict[str, TensorRef]:
-    state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    if not isinstance(state, dict):
+    open_regular(path).close()   # refuse a FIFO or directory before torch opens it
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # torch.load's failures on a corrupt file have no common base class
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise CheckpointError(f"{path.name}: cannot be read as a PyTorch checkpoint ({first})") from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CheckpointError(f"{path.name}: expected a dict of tensors")
-    return {k: TensorRef(k, tuple(v.shape), v.dtype, path, loader=lambda v=v: v) for k, v in state.items()}
+    return {str(k): TensorRef(str(k), tuple(v.shape), v.dtype, path, loader=lambda v=v: v) for k, v in state.items()}
+
+
+def _index_shards(path: Path, index: Path) -> list[Path]:
+    """The shard files an index names: each a relative name inside the checkpoint directory."""
+    raw = read_json(index)
+    weight_map = raw.get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise CheckpointError(f"{index}: not a valid safetensors index (needs a non-empty 'weight_map' object, "
+                              f"got {json_kind(weight_map)})")
+    return sorted({confined(path, shard, f"{index.name}: weight_map[{tensor[:200]!r}]")
+                   for tensor, shard in weight_map.items()})
 
 
 def checkpoint_files(path: Path, allow_pickle: bool = False) -> dict[str, TensorRef]:
-    """All tensors of a checkpoint directory (or single file), by name."""
+    """All tensors of a checkpoint directory (or single file), by name. Only regular files are read
+    (symlinks to them are followed, as the Hugging Face cache needs); an index names its shards by
+    relative paths inside the directory."""
     if path.is_file():
         files, is_pickle = [path], path.suffix in PICKLE_SUFFIXES
+    elif not path.is_dir():
+        raise CheckpointError(f"{path}: expected a checkpoint directory or a weights file")
     else:
-        index = path / "model.safetensors.index.json"
-        if index.is_file():
-            try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError, TypeError):
-                raise CheckpointError(f"{index}: not a valid safetensors index (needs a 'weight_map')") from None
-            files = sorted({path / f for f in weight_map.values()})
-            missing = [f.name for f in files if not f.is_file()]
+        index = path / INDEX_FILE
+        if is_present(index):
+            files = _index_shards(path, index)
+            missing = [str(f.relative_to(path)) for f in files if not is_present(f)]
             if missing:
-                raise CheckpointError(f"{path}: shard(s) named in the index are missing: {', '.join(missing)}")
+                raise CheckpointError(f"{path}: shard(s) named in the index are missing: {', '.join(missing[:5])}")
             is_pickle = False
         else:
             files = sorted(path.glob("*.safetensors"))
@@ -150,7 +218,7 @@ def checkpoint_files(path: Path, allow_pickle: bool = False) -> dict[str, Tensor
     for f in files:
         for name, ref in (_pickle_refs(f) if is_pickle else read_safetensors_index(f)).items():
             if name in refs:
-                raise CheckpointError(f"tensor {name} appears in both {refs[name].path.name} and {f.name}")
+                raise CheckpointError(f"tensor {name!r} appears in both {refs[name].path.name} and {f.name}")
             refs[name] = ref
     return refs
 
@@ -244,6 +312,18 @@ def _fits(stored: tuple[int, ...], want: tuple[int, ...]) -> bool:
     return tuple(stored) == tuple(want) or (want == () and tuple(stored) == (1,))
 
 
+def _dtype_kind(dtype: torch.dtype) -> str:
+    return "bool" if dtype == torch.bool else "floating" if dtype.is_floating_point else "integer"
+
+
+def _dtype_fits(stored: torch.dtype, declared: torch.dtype) -> bool:
+    """A stored dtype that converts meaningfully to the declared one: the same kind (floating, integer,
+    bool), or int8/uint8 bytes for an FP8 tensor (older ModelOpt exports)."""
+    if declared in (torch.float8_e4m3fn, torch.float8_e5m2) and stored in (torch.int8, torch.uint8):
+        return True
+    return _dtype_kind(stored) == _dtype_kind(declared)
+
+
 def _as_declared(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """A stored tensor in the dtype the model declares (older ModelOpt exports store FP8 as int8)."""
     if dtype == torch.float8_e4m3fn and t.dtype in (torch.int8, torch.uint8):
@@ -275,6 +355,10 @@ def load_weights(
             unexpected.append(name)
             continue
         want = tuple(expected[target].shape)
+        if not _dtype_fits(ref.dtype, expected[target].dtype):
+            declared = expected[target].dtype
+            raise CheckpointError(f"tensor {name!r} is stored as {_DTYPE_CODES.get(ref.dtype, ref.dtype)}, which "
+                                  f"cannot hold a {_dtype_kind(declared)} {str(declared)[6:]} parameter")
         if expert is not None:
             if expert >= want[0] or not _fits(ref.shape, want[1:]):
                 misshaped.append(f"{name}: {list(ref.shape)} (expected expert < {want[0]} of shape {list(want[1:])})")

@@ -9,8 +9,11 @@ llama.cpp's converter all read).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -18,20 +21,122 @@ from typing import Any, ClassVar
 import torch
 
 from .errors import ConfigError
+from .files import is_present, json_kind, read_json
 
 # dtype names as config.json writes them (`torch_dtype`, `mamba_ssm_cache_dtype`)
 DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+# Upper bounds on the sizes a config may ask for, checked before anything is built: each is several
+# times the largest released Nemotron (presets.py: 162 layers in Llama-Nemotron Ultra, hidden 18432 in
+# Nemotron-4 340B, an FFN of 425984 in Ultra's widest block, 512 experts in Nemotron 3 Ultra, vocab
+# 256000), so every real checkpoint loads while an absurd config fails fast with little memory.
+MAX_LAYERS = 1024
+SIZE_LIMITS: dict[str, int] = {
+    "vocab_size": 1 << 22,
+    "hidden_size": 1 << 17,
+    "intermediate_size": 1 << 20, "moe_intermediate_size": 1 << 20,
+    "moe_shared_expert_intermediate_size": 1 << 20, "moe_latent_size": 1 << 20,
+    "num_attention_heads": 1 << 12, "num_key_value_heads": 1 << 12, "mamba_num_heads": 1 << 12,
+    "head_dim": 1 << 12, "mamba_head_dim": 1 << 12, "ssm_state_size": 1 << 12, "n_groups": 1 << 12,
+    "conv_kernel": 1 << 10, "chunk_size": 1 << 16,
+    "n_routed_experts": 1 << 14, "num_experts_per_tok": 1 << 14, "n_shared_experts": 64,
+    "n_group": 1 << 14, "topk_group": 1 << 14,
+    "num_nextn_predict_layers": 64, "num_hidden_layers": MAX_LAYERS,
+    "max_position_embeddings": 1 << 27, "original_max_position_embeddings": 1 << 27,
+}
+
+
+def _show(value: Any) -> str:
+    """A value quoted from a config in an error message: its JSON kind and a short repr."""
+    text = repr(value)
+    return f"{json_kind(value)} ({text[:60] + '...' if len(text) > 60 else text})"
 
 
 def _decode_json_floats(value: Any) -> Any:
     """transformers 5 writes non-finite floats as {"__float__": "Infinity"}; plain json writes Infinity."""
     if isinstance(value, dict):
         if set(value) == {"__float__"}:
-            return float(value["__float__"])
+            try:
+                return float(value["__float__"])
+            except (TypeError, ValueError):
+                raise ConfigError(f"config: {{'__float__': ...}} must hold a number, "
+                                  f"got {_show(value['__float__'])}") from None
         return {k: _decode_json_floats(v) for k, v in value.items()}
     if isinstance(value, list):
         return [_decode_json_floats(v) for v in value]
     return value
+
+
+# --------------------------------------------------------------------------------------------------
+# field types: every config dataclass is checked against its own annotations, in one place
+# --------------------------------------------------------------------------------------------------
+
+_NOUNS = {int: ("an integer", "integers"), float: ("a number", "numbers"), str: ("a string", "strings"),
+          bool: ("true or false", "booleans"), type(None): ("null", "nulls")}
+
+
+def _describe(hint: Any, plural: bool = False) -> str:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(a, plural) for a in args)
+    if hint in _NOUNS:
+        return _NOUNS[hint][plural]
+    if origin is list:
+        return ("lists" if plural else "a list") + f" of {_describe(args[0], True)}"
+    if origin is tuple:
+        return ("lists" if plural else "a list") + f" of {len(args)} {_describe(args[0], True)}"
+    if origin is dict or hint is Any:
+        return "JSON objects" if plural else "a JSON object"
+    return "objects" if plural else "an object"
+
+
+def _matches(value: Any, hint: Any) -> bool:
+    """Whether a JSON-decoded value fits an annotation (JSON integers are fine for floats)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is Any:
+        return True
+    if origin in (typing.Union, types.UnionType):
+        return any(_matches(value, a) for a in args)
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is str:
+        return isinstance(value, str)
+    if origin is list:
+        return isinstance(value, list) and all(_matches(v, args[0]) for v in value)
+    if origin is tuple:
+        return isinstance(value, (list, tuple)) and len(value) == len(args) and \
+            all(_matches(v, a) for v, a in zip(value, args))
+    if origin is dict:
+        return isinstance(value, dict)
+    if isinstance(hint, type):
+        return isinstance(value, hint)
+    raise TypeError(f"config annotation {hint!r} has no JSON check")
+
+
+@functools.cache
+def _field_hints(klass: type) -> dict[str, Any]:
+    return {k: v for k, v in typing.get_type_hints(klass).items()
+            if k in {f.name for f in dataclasses.fields(klass)} and k != "extra"}
+
+
+def check_types(klass: type, values: dict[str, Any], where: str, keys: dict[str, str] | None = None) -> None:
+    """ConfigError naming the key (`keys`: field -> the key the file used, an alias maybe) when a
+    value does not fit its field's annotation, or an integer exceeds SIZE_LIMITS."""
+    for name, hint in _field_hints(klass).items():
+        if name not in values:
+            continue
+        value, key = values[name], (keys or {}).get(name, name)
+        if not _matches(value, hint):
+            raise ConfigError(f"{where}: {key} must be {_describe(hint)}, got {_show(value)}")
+        limit = SIZE_LIMITS.get(name)
+        if limit is not None and isinstance(value, int) and value > limit:
+            raise ConfigError(f"{where}: {key}={value} exceeds the supported maximum of {limit}")
 
 
 @dataclass
@@ -48,9 +153,13 @@ class BaseConfig:
     @classmethod
     def from_hf(cls, raw: dict[str, Any]) -> "BaseConfig":
         raw = _decode_json_floats(dict(raw))
+        layers = raw.get("num_hidden_layers")   # checked first: the layer count bounds all per-layer work
+        if layers is not None:
+            check_types(_LayerCount, {"num_hidden_layers": layers}, f"{cls.model_type} config")
         raw = cls._normalize(raw)
         names = {f.name for f in dataclasses.fields(cls) if f.name != "extra"}
         kwargs: dict[str, Any] = {}
+        keys: dict[str, str] = {}
         extra: dict[str, Any] = {}
         for key, value in raw.items():
             canonical = cls.aliases.get(key, key)
@@ -58,13 +167,11 @@ class BaseConfig:
                 # the canonical key wins over an alias when both are present
                 if canonical in kwargs and key != canonical:
                     continue
-                kwargs[canonical] = value
+                kwargs[canonical], keys[canonical] = value, key
             elif key not in ("model_type", "architectures", "num_hidden_layers"):
                 extra[key] = value
-        try:
-            config = cls(**kwargs, extra=extra)
-        except TypeError as e:
-            raise ConfigError(f"{cls.model_type} config: {e}") from None
+        check_types(cls, kwargs, f"{cls.model_type} config", keys)
+        config = cls(**kwargs, extra=extra)
         config.validate()
         return config
 
@@ -87,6 +194,7 @@ class BaseConfig:
         return dict(sorted(out.items()))
 
     def replace(self, **changes: Any) -> "BaseConfig":
+        check_types(type(self), changes, f"{self.model_type} config")
         config = dataclasses.replace(self, **changes, extra=dict(self.extra))
         config.validate()
         return config
@@ -95,7 +203,14 @@ class BaseConfig:
         for name in names:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ConfigError(f"{self.model_type} config: {name} must be a positive integer, got {value!r}")
+                raise ConfigError(f"{self.model_type} config: {name} must be a positive integer, got {_show(value)}")
+
+
+@dataclass
+class _LayerCount:
+    """`num_hidden_layers` where a family derives it (from the layer pattern or the block list)."""
+
+    num_hidden_layers: int = 0
 
 
 # --------------------------------------------------------------------------------------------------
@@ -113,6 +228,9 @@ _CHAR_TO_LIST = {"M": "linear_attention", "*": "full_attention", "-": "mlp", "E"
 
 def _pattern(value: Any, key: str) -> str:
     """A layer pattern from either the release string or transformers 5's list form."""
+    if isinstance(value, (str, list)) and len(value.replace("|", "") if isinstance(value, str) else value) > MAX_LAYERS:
+        raise ConfigError(f"nemotron_h config: {key} has {len(value)} layers, exceeding the supported maximum "
+                          f"of {MAX_LAYERS}")
     if isinstance(value, str):
         # Megatron's unified form separates pipeline stages with '|'
         value = value.replace("|", "")
@@ -123,14 +241,14 @@ def _pattern(value: Any, key: str) -> str:
     if isinstance(value, list):
         out = []
         for item in value:
-            if item not in _LIST_TO_CHAR:
+            if not isinstance(item, str) or item not in _LIST_TO_CHAR:
                 raise ConfigError(
-                    f"nemotron_h config: unknown layer type {item!r} in {key} "
+                    f"nemotron_h config: unknown layer type {_show(item)} in {key} "
                     f"(known: {', '.join(sorted(_LIST_TO_CHAR))})"
                 )
             out.append(_LIST_TO_CHAR[item])
         return "".join(out)
-    raise ConfigError(f"nemotron_h config: {key} must be a string or a list, got {type(value).__name__}")
+    raise ConfigError(f"nemotron_h config: {key} must be a string or a list, got {json_kind(value)}")
 
 
 @dataclass
@@ -221,12 +339,9 @@ class NemotronHConfig(BaseConfig):
                 raw[key] = _pattern(raw[key], key)
         if "dtype" in raw and "torch_dtype" not in raw:
             raw["torch_dtype"] = raw.pop("dtype")
-        if "time_step_limit" in raw or "mamba_dt_limit" in raw:
-            key = "time_step_limit" if "time_step_limit" in raw else "mamba_dt_limit"
-            raw[key] = tuple(float(v) for v in raw[key])
         layers = raw.get("num_hidden_layers")
         pattern = raw.get("hybrid_override_pattern")
-        if isinstance(layers, int) and pattern is not None and layers != len(pattern):
+        if layers is not None and pattern is not None and layers != len(pattern):
             raise ConfigError(
                 f"nemotron_h config: num_hidden_layers={layers} but the layer pattern has {len(pattern)} layers"
             )
@@ -237,9 +352,22 @@ class NemotronHConfig(BaseConfig):
     def validate(self) -> None:
         self.hybrid_override_pattern = _pattern(self.hybrid_override_pattern, "hybrid_override_pattern")
         self.mtp_hybrid_override_pattern = _pattern(self.mtp_hybrid_override_pattern, "mtp_hybrid_override_pattern")
+        self.time_step_limit = tuple(float(v) for v in self.time_step_limit)
         if not self.hybrid_override_pattern:
             raise ConfigError("nemotron_h config: the layer pattern is empty")
+        if self.num_nextn_predict_layers < 0:
+            raise ConfigError("nemotron_h config: num_nextn_predict_layers must be >= 0")
+        if self.num_nextn_predict_layers and not self.mtp_hybrid_override_pattern:
+            raise ConfigError("nemotron_h config: mtp_hybrid_override_pattern is empty but MTP layers are enabled")
+        mtp_layers = self.num_nextn_predict_layers * len(self.mtp_hybrid_override_pattern)
+        if mtp_layers > MAX_LAYERS:   # each MTP depth repeats the whole MTP pattern
+            raise ConfigError(f"nemotron_h config: {self.num_nextn_predict_layers} MTP depths of "
+                              f"{len(self.mtp_hybrid_override_pattern)} layers exceed the supported maximum of "
+                              f"{MAX_LAYERS} MTP layers")
         self._positive("vocab_size", "hidden_size")
+        if self.mamba_ssm_cache_dtype not in DTYPES:
+            raise ConfigError(f"nemotron_h config: mamba_ssm_cache_dtype={self.mamba_ssm_cache_dtype!r} is not "
+                              f"supported ({', '.join(DTYPES)})")
         kinds = set(self.hybrid_override_pattern) | (
             set(self.mtp_hybrid_override_pattern) if self.num_nextn_predict_layers else set()
         )
@@ -265,6 +393,15 @@ class NemotronHConfig(BaseConfig):
                 )
             if self.num_experts_per_tok > self.n_routed_experts:
                 raise ConfigError("nemotron_h config: num_experts_per_tok exceeds n_routed_experts")
+            if self.topk_group > self.n_group:
+                raise ConfigError(f"nemotron_h config: topk_group={self.topk_group} exceeds n_group={self.n_group}")
+            if self.n_group > 1 and self.n_routed_experts // self.n_group < 2:
+                raise ConfigError("nemotron_h config: grouped routing needs at least 2 experts per group")
+            if self.moe_latent_size is not None:
+                self._positive("moe_latent_size")
+            if self.n_shared_experts < 0 or self.moe_shared_expert_intermediate_size < 0:
+                raise ConfigError("nemotron_h config: n_shared_experts and moe_shared_expert_intermediate_size "
+                                  "must be >= 0")
         if "-" in kinds:
             self._positive("intermediate_size")
         for act_key, allowed in (("mlp_hidden_act", ("relu2",)), ("mamba_hidden_act", ("silu", "swish"))):
@@ -328,7 +465,17 @@ class RopeScaling:
         if rope_type not in ("default", "llama3"):
             raise ConfigError(f"rope scaling type {rope_type!r} is not supported (default, llama3)")
         known = {f.name for f in dataclasses.fields(cls)}
-        return cls(rope_type=rope_type, **{k: v for k, v in d.items() if k in known and k != "rope_type"})
+        values = {k: v for k, v in d.items() if k in known and k != "rope_type"}
+        check_types(cls, values, "rope scaling")
+        scaling = cls(rope_type=rope_type, **values)
+        if rope_type == "llama3":
+            factors = (scaling.factor, scaling.low_freq_factor, scaling.high_freq_factor,
+                       scaling.original_max_position_embeddings)
+            if not all(v > 0 for v in factors) or scaling.low_freq_factor == scaling.high_freq_factor:
+                raise ConfigError("rope scaling: factor, low_freq_factor, high_freq_factor and "
+                                  "original_max_position_embeddings must be positive, and the two frequency "
+                                  "factors distinct")
+        return scaling
 
     def to_dict(self) -> dict[str, Any] | None:
         if self.rope_type == "default":
@@ -399,6 +546,7 @@ class Nemotron4Config(BaseConfig):
         return raw
 
     def validate(self) -> None:
+        self._positive("hidden_size", "num_attention_heads")
         if self.head_dim is None:
             self.head_dim = self.hidden_size // self.num_attention_heads
         if self.num_key_value_heads is None:
@@ -445,12 +593,17 @@ class BlockConfig:
         if not isinstance(d, dict) or "attention" not in d or "ffn" not in d:
             raise ConfigError(f"nemotron-nas config: block_configs[{index}] needs 'attention' and 'ffn'")
 
-        def split(sub: dict[str, Any], klass):
+        def split(part: str, klass):
+            sub = d[part]
+            where = f"nemotron-nas config: block_configs[{index}].{part}"
+            if not isinstance(sub, dict):
+                raise ConfigError(f"{where} must be a JSON object, got {_show(sub)}")
             known = {f.name for f in dataclasses.fields(klass)} - {"extra"}
-            return klass(**{k: v for k, v in sub.items() if k in known},
-                         extra={k: v for k, v in sub.items() if k not in known})
+            values = {k: v for k, v in sub.items() if k in known}
+            check_types(klass, values, where)
+            return klass(**values, extra={k: v for k, v in sub.items() if k not in known})
 
-        return cls(split(d["attention"], AttentionBlockConfig), split(d["ffn"], FFNBlockConfig))
+        return cls(split("attention", AttentionBlockConfig), split("ffn", FFNBlockConfig))
 
     def to_dict(self) -> dict[str, Any]:
         def join(sub) -> dict[str, Any]:
@@ -498,11 +651,14 @@ class NemotronNASConfig(BaseConfig):
         blocks = raw.get("block_configs")
         if not isinstance(blocks, list) or not blocks:
             raise ConfigError("nemotron-nas config: block_configs must be a non-empty list")
+        if len(blocks) > MAX_LAYERS:   # before any per-block work
+            raise ConfigError(f"nemotron-nas config: block_configs has {len(blocks)} layers, exceeding the "
+                              f"supported maximum of {MAX_LAYERS}")
+        layers = raw.get("num_hidden_layers")
+        if layers is not None and layers != len(blocks):
+            raise ConfigError(f"nemotron-nas config: num_hidden_layers={layers} but block_configs has {len(blocks)}")
         raw["block_configs"] = [b if isinstance(b, BlockConfig) else BlockConfig.from_dict(b, i)
                                 for i, b in enumerate(blocks)]
-        layers = raw.get("num_hidden_layers")
-        if isinstance(layers, int) and layers != len(blocks):
-            raise ConfigError(f"nemotron-nas config: num_hidden_layers={layers} but block_configs has {len(blocks)}")
         return raw
 
     def validate(self) -> None:
@@ -523,8 +679,12 @@ class NemotronNASConfig(BaseConfig):
                         f"{a.n_heads_in_group!r} must divide num_attention_heads={self.num_attention_heads}"
                     )
             if not (f.no_op or f.replace_with_linear):
-                if not isinstance(f.ffn_mult, (int, float)) or f.ffn_mult <= 0:
+                if not isinstance(f.ffn_mult, (int, float)) or not 0 < f.ffn_mult < math.inf:
                     raise ConfigError(f"nemotron-nas config: block_configs[{i}].ffn.ffn_mult must be positive")
+                size = ffn_mult_to_intermediate_size(f.ffn_mult, self.hidden_size)
+                if size > SIZE_LIMITS["intermediate_size"]:
+                    raise ConfigError(f"nemotron-nas config: block_configs[{i}].ffn.ffn_mult={f.ffn_mult} makes an "
+                                      f"FFN of {size}, more than the supported {SIZE_LIMITS['intermediate_size']}")
 
     @property
     def num_hidden_layers(self) -> int:
@@ -560,9 +720,15 @@ def config_from_dict(raw: dict[str, Any]) -> AnyConfig:
     if not isinstance(raw, dict):
         raise ConfigError("config.json must hold a JSON object")
     model_type = raw.get("model_type")
+    architectures = raw.get("architectures")
+    if architectures is not None and not (isinstance(architectures, list)
+                                          and all(isinstance(a, str) for a in architectures)):
+        raise ConfigError(f"config: architectures must be a list of strings, got {_show(architectures)}")
     if model_type is None:
-        arch = (raw.get("architectures") or [None])[0]
+        arch = (architectures or [None])[0]
         model_type = {c.architecture: t for t, c in FAMILIES.items()}.get(arch)
+    if model_type is not None and not isinstance(model_type, str):
+        raise ConfigError(f"config: model_type must be a string, got {_show(model_type)}")
     if model_type not in FAMILIES:
         raise ConfigError(
             f"unsupported model_type {model_type!r} (supported: {', '.join(FAMILIES)})"
@@ -574,13 +740,13 @@ def load_config(path: str | Path) -> AnyConfig:
     path = Path(path)
     if path.is_dir():
         path = path / "config.json"
-    if not path.is_file():
+    if not is_present(path):
         raise ConfigError(f"no config.json at {path}")
+    raw = read_json(path, ConfigError)
     try:
-        raw = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{path} is not valid JSON: {e}") from None
-    return config_from_dict(raw)
+        return config_from_dict(raw)
+    except ConfigError as e:   # say which file was wrong
+        raise ConfigError(f"{path}: {e}") from None
 
 
 def save_config(config: AnyConfig, path: str | Path) -> None:

@@ -2,7 +2,15 @@
 
 
 class NemotronError(Exception):
-    """Base class of every error this package raises on bad input."""
+    """Base class of every error this package raises on bad input.
+
+    A message is one line whatever it quotes: line breaks in names read from a file (a tensor name, a
+    key) are shown escaped, so a CLI `error: ...` line or a log record can never be split."""
+
+    def __init__(self, *args: object) -> None:
+        if len(args) == 1 and isinstance(args[0], str):
+            args = (args[0].replace("\r", "\\r").replace("\n", "\\n"),)
+        super().__init__(*args)
 
 
 class ConfigError(NemotronError, ValueError):

@@ -3,11 +3,34 @@
 from __future__ import annotations
 
 import json
+from functools import cached_property
 from pathlib import Path
 
+from tokenizers import AddedToken
 from tokenizers import Tokenizer as _HFTokenizer
 
 from .errors import CheckpointError
+from .files import is_present, json_kind, read_json, read_text
+
+
+# tokenizer.json of a release vocabulary is tens of MB
+MAX_TOKENIZER_BYTES = 512 * 1024 * 1024
+
+
+def _check_config(config: dict, path: Path) -> None:
+    """The tokenizer_config.json keys this class reads, checked before use: special tokens are a
+    string or {"content": string}, add_bos_token a boolean, chat_template a string or named templates
+    (a list or an object, resolved by `chat.chat_template_for`)."""
+    for key in ("bos_token", "eos_token"):
+        value = config.get(key)
+        if not (value is None or isinstance(value, str)
+                or (isinstance(value, dict) and isinstance(value.get("content"), str))):
+            raise CheckpointError(f"{path}: {key} must be a string or {{\"content\": string}}, got {json_kind(value)}")
+    if not isinstance(config.get("add_bos_token", False), bool):
+        raise CheckpointError(f"{path}: add_bos_token must be true or false, got {json_kind(config['add_bos_token'])}")
+    if not isinstance(config.get("chat_template"), (str, list, dict, type(None))):
+        raise CheckpointError(f"{path}: chat_template must be a string or a list of named templates, "
+                              f"got {json_kind(config['chat_template'])}")
 
 
 def _token_text(value) -> str | None:
@@ -27,21 +50,24 @@ class Tokenizer:
 
     @classmethod
     def from_dir(cls, path: str | Path) -> "Tokenizer":
+        """tokenizer.json, with tokenizer_config.json and chat_template.jinja where present (each a
+        regular file; a name that is there but unreadable or of the wrong shape is an error)."""
         path = Path(path)
+        tok_path = path / "tokenizer.json"
+        text = read_text(tok_path, MAX_TOKENIZER_BYTES)
         try:
-            backend = _HFTokenizer.from_file(str(path / "tokenizer.json"))
+            backend = _HFTokenizer.from_str(text)
         except Exception as e:  # the tokenizers library raises plain Exception subclasses
-            raise CheckpointError(f"{path / 'tokenizer.json'}: cannot be read ({e})") from None
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+            raise CheckpointError(f"{tok_path}: cannot be read ({first})") from None
         config = {}
         cfg_path = path / "tokenizer_config.json"
-        if cfg_path.is_file():
-            try:
-                config = json.loads(cfg_path.read_text())
-            except json.JSONDecodeError as e:
-                raise CheckpointError(f"{cfg_path}: not valid JSON ({e})") from None
+        if is_present(cfg_path):
+            config = read_json(cfg_path)
+            _check_config(config, cfg_path)
         template = path / "chat_template.jinja"
-        if template.is_file():  # as in transformers 5, the .jinja file wins over tokenizer_config.json
-            config["chat_template"] = template.read_text()
+        if is_present(template):  # as in transformers 5, the .jinja file wins over tokenizer_config.json
+            config["chat_template"] = read_text(template)
         return cls(backend, config)
 
     @property

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from ..errors import CheckpointError
+from ..files import is_present, json_kind, read_json
 from .modules import ALGOS, QuantExperts, QuantLinear, QuantScheme
 
 HF_QUANT_CONFIG = "hf_quant_config.json"
@@ -106,11 +107,20 @@ def normalize_name(name: str) -> str:
     return "backbone." + name[len("model."):] if name.startswith("model.") else name
 
 
+def _group_size(value, where: str) -> int:
+    """A group_size as the file gives it (absent: NVFP4's 16)."""
+    if value is None:
+        return 16
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise CheckpointError(f"{where}: group_size must be a positive integer, got {json_kind(value)}")
+    return value
+
+
 def _scheme(algo, group_size, where: str) -> QuantScheme:
     if not isinstance(algo, str):
-        raise CheckpointError(f"{where}: quant_algo must be a string, got {algo!r}")
+        raise CheckpointError(f"{where}: quant_algo must be a string, got {json_kind(algo)}")
     try:
-        return QuantScheme(algo.upper(), int(group_size or 16))
+        return QuantScheme(algo.upper(), _group_size(group_size, where))
     except ValueError as e:
         raise CheckpointError(f"{where}: {e}") from None
 
@@ -132,11 +142,16 @@ def parse_quant_config(raw: dict, source: str = HF_QUANT_CONFIG) -> ModelOptConf
         raise CheckpointError(f"{source}: no quant_algo")
     algo = algo.upper()
     group_size = q.get("group_size")
+    groups = q.get("config_groups") or {}
+    if not isinstance(groups, dict):
+        raise CheckpointError(f"{source}: config_groups must be an object, got {json_kind(groups)}")
     if group_size is None:   # config.json shape: the weights' group size of the first config group
-        for g in (q.get("config_groups") or {}).values():
-            group_size = (g.get("weights") or {}).get("group_size") if isinstance(g, dict) else None
+        for g in groups.values():
+            weights = g.get("weights") if isinstance(g, dict) else None
+            group_size = weights.get("group_size") if isinstance(weights, dict) else None
             if group_size:
                 break
+    group_size = _group_size(group_size, source)
     kv = q.get("kv_cache_quant_algo")
     scheme = q.get("kv_cache_scheme")
     if kv is None and isinstance(scheme, dict):
@@ -146,9 +161,11 @@ def parse_quant_config(raw: dict, source: str = HF_QUANT_CONFIG) -> ModelOptConf
     exclude = q.get("exclude_modules", q.get("ignore")) or []
     if not isinstance(exclude, list) or not all(isinstance(p, str) for p in exclude):
         raise CheckpointError(f"{source}: exclude_modules must be a list of module names or patterns")
-    cfg = ModelOptConfig(algo, int(group_size or 16), [normalize_name(p) for p in exclude],
-                         kv_cache_quant_algo=str(kv).upper() if kv is not None else None,
-                         producer=raw.get("producer") or q.get("producer") or {})
+    producer = raw.get("producer") or q.get("producer") or {}
+    if not isinstance(producer, dict):
+        raise CheckpointError(f"{source}: producer must be an object, got {json_kind(producer)}")
+    cfg = ModelOptConfig(algo, group_size, [normalize_name(p) for p in exclude],
+                         kv_cache_quant_algo=str(kv).upper() if kv is not None else None, producer=producer)
     if algo == "MIXED_PRECISION":
         layers = q.get("quantized_layers")
         if not isinstance(layers, dict):
@@ -170,16 +187,13 @@ def read_quant_config(path: Path) -> ModelOptConfig | None:
     """The checkpoint's quantization config, or None for an unquantized one. hf_quant_config.json
     wins over config.json's quantization_config (vLLM reads the same file first)."""
     legacy = path / HF_QUANT_CONFIG
-    if legacy.is_file():
-        try:
-            return parse_quant_config(json.loads(legacy.read_text()), str(legacy))
-        except json.JSONDecodeError as e:
-            raise CheckpointError(f"{legacy}: not valid JSON ({e})") from None
+    if is_present(legacy):
+        return parse_quant_config(read_json(legacy), str(legacy))
     config = path / "config.json"
     if config.is_file():
         try:
-            raw = json.loads(config.read_text()).get("quantization_config")
-        except (json.JSONDecodeError, AttributeError):
+            raw = read_json(config).get("quantization_config")
+        except CheckpointError:
             return None   # the config loader reports a broken config.json
         if raw is not None:
             return parse_quant_config(raw, f"{config} (quantization_config)")
