@@ -12,6 +12,7 @@ import dataclasses
 import json
 import os
 import shutil
+import sys
 import time
 import typing
 from dataclasses import dataclass, field
@@ -29,9 +30,10 @@ from .parallel import (all_reduce_grads, apply_ep, apply_fsdp, apply_tp, blocks,
                        full_state_dict, init_from_env)
 from .optim import DECAYS, SCHEDULES, lr_at, make_optimizer
 from .stages import make_stage
-from .state import latest_checkpoint, load_training_state, save_training_state
+from .state import resume_training_state, save_training_state, step_dirs
 
 STAGES = ("pretrain", "sft", "dpo", "grpo")
+DISCARDED_METRICS = "metrics.discarded.jsonl"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json")
 
 
@@ -255,6 +257,47 @@ def plot_curves(records: list[dict], out: Path, keys: tuple[str, ...] = ("loss",
     return out
 
 
+def rewind_metrics(path: Path, step: int) -> tuple[list[dict], int]:
+    """Cut metrics.jsonl back to the records of steps <= `step` (the checkpoint resumed from, 0 for a
+    fresh start) and return them, with the number of lines moved. Nothing is dropped: the lines after
+    `step` (steps about to be run again) and lines that do not parse (a write cut short by a crash) are
+    appended, byte for byte, to metrics.discarded.jsonl beside it before metrics.jsonl is replaced."""
+    lines = path.read_bytes().splitlines() if path.is_file() else []
+    kept, moved, records = [], [], []
+    for line in lines:
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError:   # JSONDecodeError, or bytes that are not UTF-8
+            record = None
+        ok = isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= step
+        (kept if ok else moved).append(line)
+        if ok:
+            records.append(record)
+    if moved:
+        with (path.parent / DISCARDED_METRICS).open("ab") as f:
+            f.write(b"".join(line + b"\n" for line in moved))
+            f.flush()
+            os.fsync(f.fileno())   # on disk before the lines leave metrics.jsonl
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(b"".join(line + b"\n" for line in kept))
+    os.replace(tmp, path)
+    return records, len(moved)
+
+
+def _start_over(out: Path) -> str | None:
+    """resume=false over an earlier run: its checkpoints are moved to checkpoints.previous (replacing
+    an older one there), so that none of them is mistaken for this run's; returns the note to print."""
+    ckpt_root = out / "checkpoints"
+    if not step_dirs(ckpt_root):
+        return None
+    previous = out / "checkpoints.previous"
+    shutil.rmtree(previous, ignore_errors=True)
+    os.replace(ckpt_root, previous)
+    return f"resume=false: starting at step 0; the earlier checkpoints were moved to {previous}"
+
+
 def train(cfg: TrainConfig, progress: bool = True, stop_after: int | None = None,
           stage_kwargs: dict | None = None) -> dict:
     """Run the recipe; returns a summary. `stop_after`: leave after that many steps of this call
@@ -300,21 +343,25 @@ def train(cfg: TrainConfig, progress: bool = True, stop_after: int | None = None
     optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2))
     start = 0
     metrics_path = out / "metrics.jsonl"
-    ckpt = latest_checkpoint(out) if cfg.resume else None
-    if ckpt is not None:
-        meta = load_training_state(ckpt, model, optimizer)
-        stage.load_state_dict(meta["data"])
-        start = meta["step"]
-    records = []
-    if metrics_path.is_file() and start > 0:  # keep the history up to the checkpoint
-        records = [r for r in (json.loads(line) for line in metrics_path.read_text().splitlines() if line)
-                   if r["step"] <= start]
-    metrics_path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    if cfg.resume:   # refuses (CheckpointError) rather than start over when no checkpoint is usable
+        meta, note = resume_training_state(out, model, optimizer, stage.state_dict())
+        if meta is not None:
+            stage.load_state_dict(meta["data"])
+            start = meta["step"]
+    else:
+        note = _start_over(out) if rank == 0 else None
+    records, moved = rewind_metrics(metrics_path, start) if rank == 0 else ([], 0)
+    if moved:
+        note = (note + "; " if note else "") + \
+            f"{moved} line(s) of {metrics_path.name} after step {start} moved to {DISCARDED_METRICS}"
+    if note and rank == 0:
+        print(f"warning: {note}", file=sys.stderr, flush=True)
     writer = _tensorboard(out)
     autocast = torch.autocast(device_type=next(model.parameters()).device.type, dtype=torch.bfloat16,
                               enabled=cfg.autocast == "bfloat16")
     bar = _progress(progress and rank == 0, cfg.steps, start)
-    last_loss = float("nan")
+    # a run resumed at its last step trains no more: it reports the last logged loss
+    last_loss = records[-1].get("loss", float("nan")) if records else float("nan")
     steps_run = 0
     try:
         with metrics_path.open("a") as log:
