@@ -144,13 +144,18 @@ class LoadedModel:
     def chat(self, messages: list[dict], tools: list[dict] | None = None, enable_thinking: bool = True,
              thinking_budget: int | None = None, max_new_tokens: int = 1024, stream: bool = False,
              speculative_tokens: int = 0, compile: bool = False, template_kwargs: dict[str, Any] | None = None,
-             **sampling: Any) -> ChatResult | Iterator:
+             special_tokens_in_content: bool = False, **sampling: Any) -> ChatResult | Iterator:
         """One assistant turn in the checkpoint's own chat format.
 
         Returns a ChatResult (reasoning, content and OpenAI-shaped tool_calls apart), or with
         stream=True an iterator of `parsers.Delta` (reasoning / content / tool_calls pieces) whose last
-        item is the ChatResult."""
-        turn = self._turn(messages, tools, enable_thinking, thinking_budget, max_new_tokens, template_kwargs, sampling)
+        item is the ChatResult.
+
+        The messages' and tools' text is tokenized as ordinary text by default: `<|im_start|>` or
+        `<think>` typed in a message cannot become a control token (transformers and vLLM parse them
+        inside content); special_tokens_in_content=True restores that parsing."""
+        turn = self._turn(messages, tools, enable_thinking, thinking_budget, max_new_tokens, template_kwargs, sampling,
+                          special_tokens_in_content)
         it = self._chat_stream(turn, self._generator(speculative_tokens, compile))
         if stream:
             return it
@@ -161,11 +166,13 @@ class LoadedModel:
 
     def chat_batch(self, conversations: list[list[dict]], tools: list[dict] | None = None,
                    enable_thinking: bool = True, thinking_budget: int | None = None, max_new_tokens: int = 1024,
-                   template_kwargs: dict[str, Any] | None = None, **sampling: Any) -> list[ChatResult]:
+                   template_kwargs: dict[str, Any] | None = None, special_tokens_in_content: bool = False,
+                   **sampling: Any) -> list[ChatResult]:
         """One assistant turn for each of many conversations, decoded together as one batch: much
-        faster than one `chat` call each for small models (evaluations, synthetic data)."""
+        faster than one `chat` call each for small models (evaluations, synthetic data).
+        special_tokens_in_content: as in `chat` (off: message text cannot make control tokens)."""
         turns = [self._turn(m, tools, enable_thinking, thinking_budget, max_new_tokens, template_kwargs,
-                            dict(sampling)) for m in conversations]
+                            dict(sampling), special_tokens_in_content) for m in conversations]
         generator = self._generator()
         for event in generator.stream([t.request for t in turns]):
             if event.text:
@@ -173,13 +180,14 @@ class LoadedModel:
         return [t.result(generator) for t in turns]
 
     def _turn(self, messages, tools, enable_thinking, thinking_budget, max_new_tokens, template_kwargs,
-              sampling) -> "_ChatTurn":
+              sampling, special_tokens_in_content=False) -> "_ChatTurn":
         from .chat import prepare_chat
         from .generate import Request
         from .parsers import StreamingParser
 
         tok = self._require_tokenizer()
-        prompt = prepare_chat(tok, messages, tools, enable_thinking, **(template_kwargs or {}))
+        prompt = prepare_chat(tok, messages, tools, enable_thinking,
+                              special_tokens_in_content=special_tokens_in_content, **(template_kwargs or {}))
         budget = None
         if thinking_budget is not None and prompt.thinking:
             budget = make_thinking_budget(tok, thinking_budget, prompt.prompt_opens_think)

@@ -22,8 +22,10 @@ Messages are normalised first, as transformers and vLLM do before rendering:
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import json
+import re
 from collections.abc import Mapping
 from datetime import datetime
 from functools import lru_cache
@@ -366,6 +368,45 @@ def _kind(value: Any) -> str:
             float: "a number", type(None): "null"}.get(type(value), type(value).__name__)
 
 
+# A code point in U+D800..U+DFFF left in a str is a lone surrogate (JSON's escaped pairs decode to one
+# character): not valid Unicode, so the tokenizer cannot take it.
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def lone_surrogate_at(where: str, value: Any) -> str | None:
+    """The path (`where` extended by keys and indices) of the first string in `value`, a JSON-like
+    value, or dict key that holds a lone surrogate; None when there is none."""
+    if isinstance(value, str):
+        return where if _SURROGATE.search(value) else None
+    if isinstance(value, Mapping):
+        for key, item in value.items():
+            if isinstance(key, str) and _SURROGATE.search(key):
+                return f"{where} (a key)"
+            found = lone_surrogate_at(f"{where}.{key}", item)
+            if found:
+                return found
+    elif isinstance(value, (list, tuple)):
+        for i, item in enumerate(value):
+            found = lone_surrogate_at(f"{where}[{i}]", item)
+            if found:
+                return found
+    return None
+
+
+def check_text(where: str, value: Any) -> None:
+    """Raise a one-line `ChatInputError` when a string in `value` (nested, keys too) is not valid
+    Unicode (a lone surrogate such as "\\ud800"), naming where."""
+    found = lone_surrogate_at(where, value)
+    if found:
+        raise ChatInputError(f"{found} holds a lone surrogate (text must be valid Unicode)")
+
+
+def tool_function(tool: dict) -> dict:
+    """The function object of a tool given OpenAI-shaped (`{"type": "function", "function": {...}}`)
+    or bare (`{"name": ..., ...}`); `tool` must have passed `validate_tools`."""
+    return tool["function"] if "function" in tool or "type" in tool else tool
+
+
 def _check_content(where: str, content: Any) -> None:
     if isinstance(content, str):
         return
@@ -401,6 +442,12 @@ def _check_tool_calls(where: str, calls: Any) -> None:
         args = fn.get("arguments")
         if args is not None and not isinstance(args, (str, dict)):
             raise ChatInputError(f"{w}.function.arguments must be a JSON string or an object, got {_kind(args)}")
+        if isinstance(args, str):   # rendered decoded: its escapes ("\\ud800") must be valid text too
+            try:
+                check_text(f"{w}.function.arguments", json.loads(args))
+            except (ValueError, RecursionError) as e:
+                if isinstance(e, ChatInputError):
+                    raise
 
 
 def validate_messages(messages: Any) -> None:
@@ -435,6 +482,7 @@ def validate_messages(messages: Any) -> None:
         for key in ("reasoning_content", "reasoning", "thinking", "name", "tool_call_id"):
             if message.get(key) is not None and not isinstance(message[key], str):
                 raise ChatInputError(f"{where}.{key} must be a string, got {_kind(message[key])}")
+        check_text(where, message)   # every string a template may render reaches the tokenizer
 
 
 def validate_tools(tools: Any) -> None:
@@ -483,6 +531,187 @@ def validate_tools(tools: Any) -> None:
         required = params.get("required")
         if required is not None and not (isinstance(required, list) and all(isinstance(r, str) for r in required)):
             raise ChatInputError(f"{where}.parameters.required must be a list of strings")
+    check_text("tools", tools)   # names, descriptions and schemas are rendered into the prompt
+
+
+# --------------------------------------------------------------------------------------------------
+# caller text cannot spell control tokens
+# --------------------------------------------------------------------------------------------------
+#
+# The template's output is one string, and a tokenizer turns every spelling of an added token in it
+# into that token, wherever the characters came from. To keep the caller's text ordinary text, each
+# caller string gets an invisible marker character (a private-use code point absent from the
+# conversation and the template) wherever a control token could start or continue inside it:
+# * after every character that starts a control token (`<` of `<|im_start|>`), and after the first
+#   character of every other control-token spelling;
+# * at its start and end (and those of its whitespace-trimmed core) when the adjacent template text
+#   could complete a token there (`<function=` NAME `>` with NAME = `x<tool_call`, `<` KEY `>` with
+#   KEY = `think`).
+# The template renders the marked data; removing the markers leaves exactly the usual text unless
+# the template's logic looked at the caller's control-token spellings (`'</think>' in content`), which
+# it then treats as text. A control token in the result whose span has a marker strictly inside it
+# came (wholly or partly) from the caller, and the stretch between the template's own control tokens
+# around it is tokenized as text. Ordinary conversations need no marker, or only transparent ones:
+# their ids are exactly the usual ones.
+
+# keys and values that are the messages' and tools' own schema, not caller text
+_SCHEMA_KEYS = frozenset({
+    "role", "content", "name", "type", "function", "arguments", "parameters", "properties", "required",
+    "description", "enum", "items", "default", "tool_calls", "tool_call_id", "id", "reasoning_content",
+    "reasoning", "thinking", "text"})
+_SCHEMA_VALUES = {"role": frozenset(MESSAGE_ROLES), "type": frozenset(
+    {"function", "text", "object", "string", "integer", "number", "boolean", "array", "null"})}
+_MARKERS = range(0xE000, 0xF900)  # the private-use area
+
+
+class _ContentGuard:
+    """Where a caller string needs markers, for one tokenizer's control-token spellings."""
+
+    def __init__(self, tokens: tuple[str, ...]) -> None:
+        starts = sorted({t[0] for t in tokens if not (t[0].isalnum() or t[0].isspace())})
+        others = sorted((t for t in tokens if t[0] not in starts), key=len, reverse=True)
+        self.starts = re.compile("[" + "".join(map(re.escape, starts)) + "]") if starts else None
+        self.others = re.compile("(?=" + "|".join(map(re.escape, others)) + ")") if others else None
+        self.prefixes = {t[:k] for t in tokens for k in range(1, len(t))}
+        self.suffixes = {t[j:] for t in tokens for j in range(1, len(t))}
+        # every token without its first / last character, joined: a short string inside a token
+        self.tails = "\0".join(t[1:] for t in tokens)
+        self.heads = "\0".join(t[:-1] for t in tokens)
+        self.longest = max(map(len, tokens))
+
+    def _continues(self, rest: str) -> bool:
+        """Could text ending in a proper prefix of a control token go on into `rest`?"""
+        if any(rest[:n] in self.suffixes for n in range(1, min(len(rest), self.longest) + 1)):
+            return True
+        return len(rest) < self.longest and "\0" not in rest and rest in self.tails
+
+    def _completed(self, head: str) -> bool:
+        """Could text that starts with the rest of a control token follow `head`?"""
+        if any(head[-n:] in self.prefixes for n in range(1, min(len(head), self.longest) + 1)):
+            return True
+        return len(head) < self.longest and "\0" not in head and head in self.heads
+
+    def positions(self, s: str) -> list[int]:
+        """The offsets in `s` before which a marker goes."""
+        at = set()
+        if self.starts is not None:
+            at.update(m.end() for m in self.starts.finditer(s))
+        if self.others is not None:
+            at.update(m.start() + 1 for m in self.others.finditer(s))
+        if s.strip():  # both ends, as given and as a template's `trim` leaves them
+            start, end = len(s) - len(s.lstrip()), len(s.rstrip())
+            at.update(p for p in {0, start} if self._continues(s[p:]))
+            at.update(q for q in {end, len(s)} if self._completed(s[:q]))
+        return sorted(at)
+
+    def mark(self, value: Any, marker: str, key: Any = None) -> tuple[Any, bool]:
+        """A copy of messages/tools data with markers in its caller strings; and whether any went in."""
+        if isinstance(value, str):
+            at = [] if value in _SCHEMA_VALUES.get(key, ()) else self.positions(value)
+            if not at:
+                return value, False
+            pieces = [value[i:j] for i, j in zip([0, *at], [*at, len(value)])]
+            return marker.join(pieces), True
+        if isinstance(value, dict):
+            out, any_marked = {}, False
+            for k, v in value.items():
+                new_k, marked_k = (k, False) if k in _SCHEMA_KEYS else self.mark(k, marker)
+                out[new_k], marked_v = self.mark(v, marker, k)
+                any_marked |= marked_k or marked_v
+            return out, any_marked
+        if isinstance(value, (list, tuple)):
+            items = [self.mark(v, marker) for v in value]
+            return type(value)(v for v, _ in items), any(m for _, m in items)
+        return value, False
+
+
+@lru_cache(maxsize=8)
+def _guard(tokens: tuple[str, ...]) -> _ContentGuard:
+    return _ContentGuard(tokens)
+
+
+def _pick_marker(haystack: str) -> str | None:
+    """A private-use character that occurs in `haystack` neither as itself nor escaped (`\\ue000`, as
+    a template's `tojson(ensure_ascii=True)` or a repr would write it)."""
+    lowered = haystack.lower()
+    for code in _MARKERS:
+        if chr(code) not in haystack and f"\\u{code:04x}" not in lowered:
+            return chr(code)
+    return None
+
+
+def _strip_markers(text: str, marker: str) -> tuple[str, list[int]]:
+    """`text` without its markers (raw or escaped), and the offsets in the result where they stood."""
+    pattern = re.compile(re.escape(marker) + "|" + re.escape(f"\\u{ord(marker):04x}"), re.IGNORECASE)
+    pieces, positions, last, length = [], [], 0, 0
+    for m in pattern.finditer(text):
+        pieces.append(text[last:m.start()])
+        length += m.start() - last
+        positions.append(length)
+        last = m.end()
+    pieces.append(text[last:])
+    return "".join(pieces), positions
+
+
+def _encode_apart(tokenizer, text: str, positions: list[int]) -> list[int]:
+    """Token ids of `text` in which no control token that has a marker position strictly inside its
+    span is recognised: each stretch between the remaining control tokens that holds one is tokenized
+    as text; everything else keeps its usual ids."""
+    ids, offsets = tokenizer.encode_with_offsets(text)
+    control = set(tokenizer.control_tokens.values())
+
+    def from_caller(i: int) -> bool:
+        start, end = offsets[i]
+        k = bisect.bisect_right(positions, start)
+        return k < len(positions) and positions[k] < end
+
+    forged = [i for i, t in enumerate(ids) if t in control and from_caller(i)]
+    if not forged:
+        return ids
+    forged_set = set(forged)
+    kept = [i for i, t in enumerate(ids) if t in control and i not in forged_set]
+    out, prev = [], -1  # prev: index of the last kept control token
+    for nxt in [*kept, len(ids)]:
+        k = bisect.bisect_right(forged, prev)
+        if k < len(forged) and forged[k] < nxt:  # a forged token between the two kept ones
+            start = offsets[prev][1] if prev >= 0 else 0
+            end = offsets[nxt][0] if nxt < len(ids) else len(text)
+            out.extend(tokenizer.encode_as_text(text[start:end], after_token=prev >= 0))
+        else:
+            out.extend(ids[prev + 1:nxt])
+        if nxt < len(ids):
+            out.append(ids[nxt])
+        prev = nxt
+    return out
+
+
+def _render_and_encode(tokenizer, messages: list[dict], tools: list[dict] | None, special_tokens_in_content: bool,
+                       **kwargs: Any) -> tuple[str, list[int]]:
+    """The rendered prompt and its ids; unless special_tokens_in_content, caller text stays text."""
+    tokens = () if special_tokens_in_content else tuple(tokenizer.control_tokens)
+    if not tokens:
+        text = apply_chat_template(tokenizer, messages, tools=tools, **kwargs)
+        return text, tokenizer.encode(text, add_special_tokens=False)
+    guard = _guard(tokens)
+    messages, tools = normalize_messages(messages), _plain(tools)
+    marker = chr(_MARKERS[0])
+    (marked_messages, marked_tools), marked = guard.mark((messages, tools), marker)
+    if not marked:  # the usual rendering and ids
+        text = apply_chat_template(tokenizer, messages, tools=tools, **kwargs)
+        return text, tokenizer.encode(text, add_special_tokens=False)
+    # a marker that the conversation, the template and its variables do not hold
+    haystack = chat_template_for(tokenizer, tools=tools) + json.dumps([messages, tools, kwargs], ensure_ascii=False,
+                                                                      default=str)
+    free = _pick_marker(haystack)
+    if free is None:
+        raise ChatInputError("the conversation holds every private-use character (raw or escaped); its text "
+                             "cannot be told apart from the template's")
+    if free != marker:
+        marker = free
+        (marked_messages, marked_tools), _ = guard.mark((messages, tools), marker)
+    rendered = apply_chat_template(tokenizer, marked_messages, tools=marked_tools, **kwargs)
+    text, positions = _strip_markers(rendered, marker)
+    return text, _encode_apart(tokenizer, text, positions)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -502,14 +731,20 @@ class ChatPrompt:
 
 
 def prepare_chat(tokenizer, messages: list[dict], tools: list[dict] | None = None,
-                 enable_thinking: bool = True, **template_kwargs: Any) -> ChatPrompt:
+                 enable_thinking: bool = True, *, special_tokens_in_content: bool = False,
+                 **template_kwargs: Any) -> ChatPrompt:
     """Validate, render with the checkpoint's template (kwargs such as low_effort pass through),
-    tokenize, and classify the format from the template and the rendered generation prompt."""
+    tokenize, and classify the format from the template and the rendered generation prompt.
+
+    By default the caller's text (contents, reasoning, names, tool calls and results, tool
+    definitions) cannot produce a control token: `<|im_start|>` typed in a message is tokenized as
+    ordinary text, and only the template's own control tokens are special. special_tokens_in_content=True
+    parses control-token spellings anywhere, as transformers and vLLM do."""
     validate_messages(messages)
     validate_tools(tools)
     template = chat_template_for(tokenizer, tools=tools)
-    text = apply_chat_template(tokenizer, messages, tools=tools, add_generation_prompt=True,
-                               enable_thinking=enable_thinking, **template_kwargs)
+    text, ids = _render_and_encode(tokenizer, messages, tools, special_tokens_in_content, add_generation_prompt=True,
+                                   enable_thinking=enable_thinking, **template_kwargs)
     fmt = "nemotron_json" if "<TOOLCALL>" in template else "nemotron3"
     tail = text.rstrip(" ")
     if tail.endswith("<think></think>") or tail.endswith("<think>\n</think>"):
@@ -518,5 +753,4 @@ def prepare_chat(tokenizer, messages: list[dict], tools: list[dict] | None = Non
         thinking, opens = True, True
     else:  # e.g. Llama-Nemotron: the model opens <think> itself when reasoning is on
         thinking, opens = enable_thinking, False
-    ids = tokenizer.encode(text, add_special_tokens=False)
     return ChatPrompt(text, ids, fmt, thinking, opens)

@@ -210,7 +210,8 @@ def _chat_turn(m, messages: list[dict], args: argparse.Namespace, enable_thinkin
     result = None
     for item in m.chat(messages, tools=tools, enable_thinking=enable_thinking, thinking_budget=thinking_budget,
                        max_new_tokens=args.max_new_tokens, stream=True, speculative_tokens=args.speculative_tokens,
-                       compile=args.compile, **_sampling_kwargs(args)):
+                       compile=args.compile, special_tokens_in_content=args.allow_special_tokens_in_content,
+                       **_sampling_kwargs(args)):
         if hasattr(item, "reasoning") and not hasattr(item, "finish_reason"):
             printer.write("reasoning", item.reasoning)
             printer.write("content", item.content)
@@ -245,6 +246,12 @@ def cmd_generate(args: argparse.Namespace) -> None:
     messages = ([{"role": "system", "content": args.system}] if args.system else []) + \
         [{"role": "user", "content": args.prompt}]
     _chat_turn(m, messages, args, not args.no_think, args.thinking_budget, None, _Printer())
+
+
+def _content_tokens_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--allow-special-tokens-in-content", action="store_true",
+                   help="let message and tool text spell control tokens (<|im_start|>, <think>, ...), as "
+                        "transformers and vLLM do (default: such text is tokenized as ordinary text)")
 
 
 CHAT_HELP = """commands: /think on|off  /budget N|off  /system TEXT  /tool RESULT (answer the last tool call)
@@ -355,7 +362,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
             raise ValueError(f"--{flag.replace('_', '-')} must be positive")
     serve(args.model, args.host, args.port, args.api_key, args.served_model_name, args.max_batch, args.max_model_len,
           args.prefill_chunk, args.max_waiting, args.prefix_cache_mb, args.max_tokens, kwargs, args.dtype,
-          args.device, args.threads, args.speculative_tokens, _cache_options(args), args.prefill_threads)
+          args.device, args.threads, args.speculative_tokens, _cache_options(args), args.prefill_threads,
+          allow_special_tokens_in_content=args.allow_special_tokens_in_content)
 
 
 def cmd_quantize(args: argparse.Namespace) -> None:
@@ -422,6 +430,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--compile", action="store_true", help="torch.compile the decode step (compiles once)")
         p.add_argument("--dtype", default=None, help="float32 / bfloat16 / float16 (default: the checkpoint's)")
         p.add_argument("--device", default="cpu")
+        _content_tokens_flag(p)
         _cache_flags(p)
 
     p = sub.add_parser("generate", help="one completion (chat-formatted when the checkpoint has a template)")
@@ -470,6 +479,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prefill-threads", type=int, help="torch CPU threads for prefill chunks (default: all cores)")
     p.add_argument("--speculative-tokens", type=int, default=0,
                    help="MTP draft tokens per step for greedy requests (checkpoints with MTP weights)")
+    _content_tokens_flag(p)
     _cache_flags(p)
     p.set_defaults(func=cmd_serve)
 

@@ -12,10 +12,16 @@ optional prefix cache exact (see prefix_cache.py).
 `Engine.step()` does one round and returns its TokenEvents; `Engine.start()` runs rounds on a
 background thread and hands each event to its request's `on_event` callback (the HTTP server's
 bridge into asyncio).
+
+One request never hurts another: a failure while admitting, prefilling or finishing one request ends
+that request alone (finish_reason "error", `Request.error` says why, its final event is sent); a
+failure of a batched decode forward ends the requests of that batch. The engine goes on serving
+either way; `Engine.error` is set only when its thread died.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections import deque
 from collections.abc import Callable
@@ -30,8 +36,15 @@ from .prefix_cache import PrefixCache, block_keys
 from .sampling import Sampler
 
 
+log = logging.getLogger(__name__)
+
+
 class QueueFull(Exception):
     """The waiting queue is at its limit (the server answers 429)."""
+
+
+class EngineStopped(Exception):
+    """The engine's thread has died (`Engine.error`): nothing can be served any more."""
 
 
 @dataclass
@@ -87,7 +100,10 @@ class Engine:
     # ---- the client side (any thread) ----
 
     def submit(self, req: Request, on_event: Callable[[TokenEvent], None] | None = None) -> None:
-        """Queue a request. Raises ValueError for a bad one, QueueFull when the queue is at its limit."""
+        """Queue a request. Raises ValueError for a bad one, QueueFull when the queue is at its limit,
+        EngineStopped when the engine's thread has died."""
+        if self.error is not None:
+            raise EngineStopped(f"the engine has stopped: {self.error!r}")
         check_prompt(req, self.vocab_size)
         need = len(req.prompt_ids) + req.params.max_new_tokens
         if need > self.max_len:
@@ -135,22 +151,47 @@ class Engine:
                 if self._stop:
                     return
             try:
-                for event in self.step():
-                    if event.request.on_event is not None:
-                        event.request.on_event(event)
-            except BaseException as exc:  # a bug: fail every request rather than hang their clients
+                events = self.step()
+            except BaseException as exc:  # step() contains every Exception itself: the engine is broken
+                log.critical("the engine has stopped", exc_info=exc)
                 self.error = exc
                 self._fail_all(exc)
+                return
+            self._deliver(events)
+
+    @staticmethod
+    def _deliver(events: list[TokenEvent]) -> None:
+        for event in events:
+            r = event.request
+            if r.on_event is None:
+                continue
+            try:
+                r.on_event(event)
+            except Exception:  # its consumer is broken: drop the request, keep serving the others
+                log.exception("a request's event callback failed; the request is dropped")
+                r.cancelled = True
 
     def _fail_all(self, exc: BaseException) -> None:
+        """The thread is dying: end every request (best effort) rather than hang its client."""
         with self._wake:
             reqs = list(self.waiting) + self.running + ([self.prefilling] if self.prefilling else [])
             self.waiting.clear()
         self.running, self.prefilling, self.sampler, self.tokens, self.pending = [], None, None, None, []
+        events = []
         for r in reqs:
-            r.finish_reason = "error"
-            if r.on_event is not None:
-                r.on_event(TokenEvent(r, -1, -1, "", True))
+            r.finish_reason, r.error = "error", f"the engine has stopped: {exc!r}"
+            events.append(TokenEvent(r, -1, -1, "", True))
+        self._deliver(events)
+
+    def _failed(self, req: Request, exc: Exception, stage: str) -> TokenEvent:
+        """End `req` alone with finish_reason "error"; returns its final event."""
+        log.error("a request failed during %s: %r", stage, exc, exc_info=exc)
+        req.finish_reason, req.error = "error", f"{stage} failed: {type(exc).__name__}: {exc}"[:500]
+        self._count_finished(req)
+        return TokenEvent(req, -1, -1, "", True)
+
+    def _count_finished(self, req: Request) -> None:
+        self.stats.finished[req.finish_reason] = self.stats.finished.get(req.finish_reason, 0) + 1
 
     # ---- one round ----
 
@@ -160,14 +201,29 @@ class Engine:
         of the next prompt (admitting it from the queue if needed)."""
         self.stats.steps += 1
         events: list[TokenEvent] = []
-        self._drop_cancelled()
-        if self.running:
-            events += self._decode()
-        if self.prefilling is None:
-            self._admit()
-        if self.prefilling is not None:
-            events += self._with_threads(self.prefill_threads, self._prefill_chunk)
+        try:
+            self._drop_cancelled()
+            if self.running:
+                events += self._decode()
+            if self.prefilling is None:
+                events += self._admit()
+            if self.prefilling is not None:
+                events += self._with_threads(self.prefill_threads, self._prefill_chunk)
+        except Exception as exc:
+            events += self._reset(exc)
         return events
+
+    def _reset(self, exc: Exception) -> list[TokenEvent]:
+        """A failure outside the per-request guards below (the engine's own bookkeeping): its state
+        cannot be trusted, so the admitted requests fail and every cache row starts empty. The queue
+        is kept and served next. If even this fails, the exception ends the engine thread."""
+        log.error("an engine step failed; the running requests are dropped", exc_info=exc)
+        reqs = self.running + ([self.prefilling] if self.prefilling is not None else [])
+        self.running, self.prefilling, self.sampler, self.tokens, self.pending = [], None, None, None, []
+        self._prefill_hidden, self._prefill_keys = [], []
+        for row in range(self.max_batch):
+            self.cache.reset_row(row)
+        return [self._failed(r, exc, "an engine step") for r in reqs]
 
     def _with_threads(self, n: int, fn: Callable[[], list[TokenEvent]]) -> list[TokenEvent]:
         if n == self.threads:
@@ -189,27 +245,49 @@ class Engine:
         if gone:
             self._remove_rows(gone)
 
-    def _admit(self) -> None:
+    def _admit(self) -> list[TokenEvent]:
         if len(self.running) >= self.max_batch:
-            return
+            return []
         with self._lock:
             if not self.waiting:
-                return
+                return []
             req = self.waiting.popleft()
         row = len(self.running)
-        self.cache.reset_row(row)
-        self.stats.prompt_tokens += len(req.prompt_ids)
         self._prefill_keys = []
         self._prefill_hidden = []
-        if self.prefix_cache is not None:
-            keys = self.prefix_cache.lookup(req.prompt_ids)
-            self.prefix_cache.restore(keys, self.cache, row)
-            req.cached_tokens = len(keys) * self.prefill_chunk
-            self._prefill_keys = block_keys(req.prompt_ids, self.prefill_chunk)
+        try:
+            self.cache.reset_row(row)
+            if self.prefix_cache is not None:
+                keys = self.prefix_cache.lookup(req.prompt_ids)
+                self.prefix_cache.restore(keys, self.cache, row)
+                req.cached_tokens = len(keys) * self.prefill_chunk
+                self._prefill_keys = block_keys(req.prompt_ids, self.prefill_chunk)
+        except Exception as exc:  # the row is reset again by the next admission
+            self._prefill_keys = []
+            return [self._failed(req, exc, "admission")]
+        self.stats.prompt_tokens += len(req.prompt_ids)
         self.prefilling = req
+        return []
 
     def _prefill_chunk(self) -> list[TokenEvent]:
-        req, row = self.prefilling, len(self.running)
+        """One chunk of the prefilling request's prompt; after its last chunk, the request joins the
+        running batch with its first token. A failure ends that request alone: the forward only
+        touched its own row, which the next admission resets."""
+        req, stage = self.prefilling, "prefill"
+        try:
+            logits = self._prefill_forward(req)
+            if logits is None:
+                return []
+            stage = "joining the batch"
+            sampler = self._join(req)
+        except Exception as exc:
+            self.prefilling, self._prefill_hidden = None, []
+            return [self._failed(req, exc, stage)]
+        return self._emit(logits, sampler, [len(self.running) - 1])
+
+    def _prefill_forward(self, req: Request) -> torch.Tensor | None:
+        """Run the next chunk; the last position's logits once the prompt is done, else None."""
+        row = len(self.running)
         view = self.cache.rows(row)
         pos = int(view.seq_lens[0])
         end = min(len(req.prompt_ids), (pos // self.prefill_chunk + 1) * self.prefill_chunk)
@@ -222,75 +300,116 @@ class Engine:
             logits = self.model(ids, view, logits_to_keep=1)[:, -1]
         if self.prefix_cache is not None and end % self.prefill_chunk == 0:
             self.prefix_cache.save(self._prefill_keys[end // self.prefill_chunk - 1], self.cache, row, end)
-        if end < len(req.prompt_ids):
-            return []
-        # prompt done: its first token comes from these logits, and it joins the running batch
-        self.prefilling = None
+        return None if end < len(req.prompt_ids) else logits
+
+    def _join(self, req: Request) -> Sampler:
+        """The prompt is done: `req` joins the running batch (its first token comes from the last
+        chunk's logits); returns its own one-row sampler. Everything that can fail is built before
+        the engine's state changes, so a failure leaves the batch as it was."""
         start_request(req, self.tokenizer)
         sampler = Sampler([req.params], self.vocab_size, self.device, [req.prompt_ids])
-        self.running.append(req)
-        self.sampler = sampler if self.sampler is None else Sampler.concat([self.sampler, sampler])
+        batch = sampler if self.sampler is None else Sampler.concat([self.sampler, sampler])
         token = torch.zeros(1, dtype=torch.long, device=self.device)
-        self.tokens = token if self.tokens is None else torch.cat([self.tokens, token])
+        tokens = token if self.tokens is None else torch.cat([self.tokens, token])
+        owed = (torch.cat(self._prefill_hidden, 1),
+                torch.tensor([req.prompt_ids[1:]], dtype=torch.long, device=self.device)) if self.k else None
+        self.prefilling, self._prefill_hidden = None, []
+        self.running.append(req)
+        self.sampler, self.tokens = batch, tokens
         if self.k:
-            self.pending.append((torch.cat(self._prefill_hidden, 1),
-                                 torch.tensor([req.prompt_ids[1:]], dtype=torch.long, device=self.device)))
-            self._prefill_hidden = []
-        return self._emit(logits, sampler, [len(self.running) - 1])
+            self.pending.append(owed)
+        return sampler
 
     def _decode(self) -> list[TokenEvent]:
         n = len(self.running)
         view = self.cache.rows(0, n)
-        if not self.k:
-            logits = self.model(self.tokens[:, None], view)[:, -1]
-            return self._emit(logits, self.sampler, list(range(n)))
-        if all(speculation_ok(r) for r in self.running):
+        if self.k and all(speculation_ok(r) for r in self.running):
             return self._speculative_decode(view)
-        h = self.model.hidden_states(self.tokens[:, None], view)
-        extend_pending(self.pending, h, self.tokens)
-        return self._emit(self.model.lm_head(h[:, -1]).float(), self.sampler, list(range(n)))
+        try:
+            if not self.k:
+                logits = self.model(self.tokens[:, None], view)[:, -1]
+            else:
+                h = self.model.hidden_states(self.tokens[:, None], view)
+                extend_pending(self.pending, h, self.tokens)
+                logits = self.model.lm_head(h[:, -1]).float()
+        except Exception as exc:
+            return self._fail_batch(exc)
+        return self._emit(logits, self.sampler, list(range(n)))
+
+    def _fail_batch(self, exc: Exception) -> list[TokenEvent]:
+        """A batched decode forward failed. No single request can be blamed, and the batch's cache
+        rows may be half-updated (some layers stepped, others not), so every request of the batch
+        fails and its row is emptied. The request being prefilled (its row was not part of the
+        forward) and the queue go on, and the engine keeps serving."""
+        events = [self._failed(r, exc, "decode") for r in self.running]
+        n, prefilling = len(self.running), self.prefilling is not None
+        self._remove_rows(list(range(n)))   # the prefilling row moves down to row 0
+        for row in range(int(prefilling), n + int(prefilling)):
+            self.cache.reset_row(row)
+        return events
 
     def _speculative_decode(self, view) -> list[TokenEvent]:
         """One MTP round for every running row: the accepted drafts are reported, then each row's next
         token is sampled from the logits after its last accepted one."""
         n = len(self.running)
-        accepted, logits, self.pending = draft_and_verify(self.model, self.k, view, self.tokens, self.pending,
-                                                          self.spec_stats)
+        try:
+            accepted, logits, self.pending = draft_and_verify(self.model, self.k, view, self.tokens, self.pending,
+                                                              self.spec_stats)
+        except Exception as exc:
+            return self._fail_batch(exc)
         events, finished = [], set()
         for row, r in enumerate(self.running):
             for token in accepted[row]:
-                text, done = accept_token(r, token, None, self.stop_ids)
+                try:
+                    text, done = accept_token(r, token, None, self.stop_ids)
+                except Exception as exc:
+                    events.append(self._failed(r, exc, "token acceptance"))
+                    finished.add(row)
+                    break
                 self.stats.generation_tokens += 1
                 events.append(TokenEvent(r, -1, token, text, done))
                 if done:
                     finished.add(row)
-                    self.stats.finished[r.finish_reason] = self.stats.finished.get(r.finish_reason, 0) + 1
+                    self._count_finished(r)
                     break
         return events + self._emit(logits, self.sampler, list(range(n)), done_rows=finished)
 
     def _emit(self, logits: torch.Tensor, sampler: Sampler, rows: list[int],
               done_rows: set[int] = frozenset()) -> list[TokenEvent]:
         """Sample for `rows` (logits/sampler rows in that order), record and report the tokens, set
-        each row's next input, and remove the rows that finished (`done_rows` already had)."""
-        out = sampler(logits)
-        tokens = out.tokens.clone()
+        each row's next input, and remove the rows that finished (`done_rows` already had). A failed
+        draw fails every row of it (one draw serves them all); a failure while recording one row's
+        token (log-probs, detokenization, stop strings, thinking budget) fails that row alone."""
         reqs = [self.running[row] for row in rows]
-        for i, r in enumerate(reqs):
-            if r.forced:
-                tokens[i] = r.forced.pop(0)
-        sampler.update(tokens)
-        self.tokens[rows[0]:rows[-1] + 1] = tokens
+        try:
+            out = sampler(logits)
+            tokens = out.tokens.clone()
+            for i, r in enumerate(reqs):
+                if r.forced:
+                    tokens[i] = r.forced.pop(0)
+            sampler.update(tokens)
+            self.tokens[rows[0]:rows[-1] + 1] = tokens
+            token_ids = tokens.tolist()
+        except Exception as exc:
+            events = [self._failed(r, exc, "sampling") for row, r in zip(rows, reqs) if row not in done_rows]
+            self._remove_rows(sorted(set(rows) | set(done_rows)))
+            return events
         events, finished = [], sorted(done_rows)
-        for i, (row, r, token) in enumerate(zip(rows, reqs, tokens.tolist())):
+        for i, (row, r, token) in enumerate(zip(rows, reqs, token_ids)):
             if row in done_rows:
                 continue
-            lp = token_logprob(logits, out, i, token) if r.params.logprobs else None
-            text, done = accept_token(r, token, lp, self.stop_ids)
+            try:
+                lp = token_logprob(logits, out, i, token) if r.params.logprobs else None
+                text, done = accept_token(r, token, lp, self.stop_ids)
+            except Exception as exc:
+                events.append(self._failed(r, exc, "token acceptance"))
+                finished.append(row)
+                continue
             self.stats.generation_tokens += 1
             events.append(TokenEvent(r, -1, token, text, done, lp))
             if done:
                 finished.append(row)
-                self.stats.finished[r.finish_reason] = self.stats.finished.get(r.finish_reason, 0) + 1
+                self._count_finished(r)
         if finished:
             self._remove_rows(finished)
         return events

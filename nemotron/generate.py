@@ -164,6 +164,7 @@ class Request:
     cancelled: bool = False   # set by a client that went away; the engine drops the request
     on_event: Callable[["TokenEvent"], None] | None = field(default=None, repr=False)  # engine callback
     cached_tokens: int = 0    # prompt tokens served from the prefix cache
+    error: str | None = None  # why it failed (finish_reason "error"), one line
 
 
 @dataclass
@@ -265,6 +266,8 @@ def check_prompt(req: Request, vocab_size: int) -> None:
         raise ValueError("empty prompt")
     if min(req.prompt_ids) < 0 or max(req.prompt_ids) >= vocab_size:
         raise ValueError(f"prompt token id out of range [0, {vocab_size})")
+    if any(t >= vocab_size for t in req.params.stop_token_ids):
+        raise ValueError(f"stop_token_ids: token id out of range [0, {vocab_size})")
 
 
 class Generator:
@@ -434,8 +437,10 @@ def draft_and_verify(model: nn.Module, k: int, cache: HybridCache, tokens: torch
         drafts.append(row_drafts)
     block = torch.cat([tokens[:, None], torch.tensor(drafts, device=device)], dim=1)      # [B, k+1]
     cache.set_record(True)
-    h = model.hidden_states(block, cache)
-    cache.set_record(False)
+    try:
+        h = model.hidden_states(block, cache)
+    finally:  # a failed forward must not leave the cache recording for the next one
+        cache.set_record(False)
     all_logits = model.lm_head(h).float()                                                # [B, k+1, V]
     preds = all_logits.argmax(-1).tolist()
     keep, out_tokens, new_pending = [], [], []

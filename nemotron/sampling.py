@@ -17,6 +17,10 @@ import torch
 # vLLM treats temperatures below this as greedy: dividing logits by them overflows fp32.
 GREEDY_EPS = 1e-5
 MAX_TOP_LOGPROBS = 20
+# torch.Generator.manual_seed takes a 64-bit value, signed or unsigned
+SEED_MIN, SEED_MAX = -(1 << 63), (1 << 64) - 1
+# token ids become int64 tensors
+TOKEN_ID_MAX = (1 << 63) - 1
 
 
 @dataclass
@@ -70,12 +74,13 @@ class SamplingParams:
             fail("top_logprobs", f"must be in [0, {MAX_TOP_LOGPROBS}]")
         if self.top_logprobs > 0 and not self.logprobs:
             fail("top_logprobs", "requires logprobs=True")
-        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
-            fail("seed", "must be an integer or None")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)
+                                      or not SEED_MIN <= self.seed <= SEED_MAX):
+            fail("seed", f"must be an integer in [{SEED_MIN}, {SEED_MAX}] or None")
         if not all(isinstance(s, str) and s for s in self.stop):
             fail("stop", "must be a list of non-empty strings")
-        if not all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids):
-            fail("stop_token_ids", "must be a list of token ids >= 0")
+        if not all(isinstance(t, int) and 0 <= t <= TOKEN_ID_MAX for t in self.stop_token_ids):
+            fail("stop_token_ids", f"must be a list of token ids in [0, {TOKEN_ID_MAX}]")
         return self
 
     @property

@@ -91,5 +91,42 @@ class Tokenizer:
             ids = [self.bos_token_id] + ids
         return ids
 
+    @cached_property
+    def control_tokens(self) -> dict[str, int]:
+        """The added tokens (special or not) by text: the library matches each of them in the input
+        before the model sees it, so text that spells one becomes that token. Whitespace-only added
+        tokens (runs of spaces in code tokenizers) are ordinary text and left out."""
+        return {t.content: i for i, t in self.backend.get_added_tokens_decoder().items() if t.content.strip()}
+
+    def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        """`encode(text, add_special_tokens=False)` and each token's (start, end) character span."""
+        enc = self.backend.encode(text, add_special_tokens=False)
+        return enc.ids, enc.offsets
+
+    def encode_as_text(self, text: str, after_token: bool = False) -> list[int]:
+        """`text` tokenized with no control token recognised in it: their spellings become ordinary
+        text tokens. after_token: tokenize it as text that follows an added token (some pre-tokenizers
+        treat the start of the input apart)."""
+        backend, sentinel = self._text_backend
+        if not after_token or sentinel in text:
+            return backend.encode(text, add_special_tokens=False).ids
+        return backend.encode(sentinel + text, add_special_tokens=False).ids[1:]
+
+    @cached_property
+    def _text_backend(self) -> tuple[_HFTokenizer, str]:
+        """A copy of the backend that reads every control token's spelling as text (all marked special,
+        with `encode_special_tokens`), plus a sentinel added token to stand for "an added token came
+        just before"."""
+        spec = json.loads(self.backend.to_str())
+        control = set(self.control_tokens.values())
+        for token in spec.get("added_tokens") or []:
+            if token["id"] in control:
+                token["special"] = True
+        backend = _HFTokenizer.from_str(json.dumps(spec))
+        backend.encode_special_tokens = True
+        sentinel = "\uffff\ufffe\uffff"  # noncharacters: not in any real text
+        backend.add_tokens([AddedToken(sentinel, special=False, normalized=False)])
+        return backend, sentinel
+
     def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
         return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)

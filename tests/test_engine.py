@@ -3,12 +3,14 @@ its solo result; the prefix cache is exact; cancellation and the queue bound."""
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 
 import nemotron
 from nemotron.engine import Engine, QueueFull
-from nemotron.generate import Request, greedy_generate
+from nemotron.generate import Request, ThinkingBudget, greedy_generate
 from nemotron.init import init_checkpoint
 from nemotron.sampling import SamplingParams
 
@@ -142,6 +144,10 @@ def test_bad_requests_raise(tiny):
         engine.submit(Request([10 ** 6], SamplingParams(max_new_tokens=1)))
     with pytest.raises(ValueError, match="empty"):
         engine.submit(Request([], SamplingParams(max_new_tokens=1)))
+    with pytest.raises(ValueError, match="stop_token_ids"):
+        engine.submit(Request([5], SamplingParams(max_new_tokens=1, stop_token_ids=[engine.vocab_size])))
+    with pytest.raises(ValueError, match="seed"):
+        engine.submit(Request([5], SamplingParams(max_new_tokens=1, seed=2 ** 64)))
 
 
 def test_decode_threads_leave_a_core_to_http_unless_weights_stream_from_memory():
@@ -183,3 +189,211 @@ def test_engine_thread_uses_its_own_thread_counts(tiny):
     decode = {threads for t, threads, _ in seen if t == 1}
     assert prefill == {2} and decode == {1}
     assert {ident for *_, ident in seen} == {engine._thread.ident}
+
+
+# --------------------------------------------------------------------------------------------------
+# one request's failure never hurts another
+# --------------------------------------------------------------------------------------------------
+
+MARK = 262   # a token only the victim's prompt holds (the others draw from 3..259), not a special one
+
+
+class _FaultyBackend:
+    """The tokenizer backend, whose decode fails when the ids hold MARK: the victim's first token
+    (decoded with the end of its prompt as context) cannot be detokenized, nobody else's can."""
+
+    def __init__(self, backend) -> None:
+        self._backend = backend
+
+    def decode(self, ids, **kw):
+        if MARK in ids:
+            raise RuntimeError("injected detokenizer failure")
+        return self._backend.decode(ids, **kw)
+
+    def __getattr__(self, name):
+        return getattr(self._backend, name)
+
+
+class _FaultyTokenizer:
+    def __init__(self, tokenizer) -> None:
+        self.backend = _FaultyBackend(tokenizer.backend)
+
+
+class _ExplodingBudget(ThinkingBudget):
+    """A thinking budget that fails on the request's 4th token: a failure mid-stream."""
+
+    def observe(self, token: int, text: str) -> None:
+        self.spent += 1
+        if self.spent >= 4:
+            raise RuntimeError("injected token acceptance failure")
+
+
+def _inject(stage: str, engine: Engine, model, victim: Request):
+    """Make `stage` fail for `victim` (or, for a batched decode, for the batch holding it) by breaking
+    a collaborator of the engine; returns an undo callable and a list that collects the requests of
+    the failed batch."""
+    batch: list[Request] = []
+    if stage == "admission":
+        lookup = engine.prefix_cache.lookup
+
+        def failing_lookup(ids):
+            if MARK in ids:
+                raise RuntimeError("injected admission failure")
+            return lookup(ids)
+
+        engine.prefix_cache.lookup = failing_lookup
+        return (lambda: delattr(engine.prefix_cache, "lookup")), batch
+    if stage == "sampler":   # a seed torch refuses, set after submit() validated the params
+        victim.params = SamplingParams(max_new_tokens=victim.params.max_new_tokens, temperature=0, seed=2 ** 64)
+        return (lambda: None), batch
+    if stage == "detokenize":
+        tokenizer, engine.tokenizer = engine.tokenizer, _FaultyTokenizer(engine.tokenizer)
+        return (lambda: setattr(engine, "tokenizer", tokenizer)), batch
+    if stage == "token acceptance":
+        victim.thinking_budget = _ExplodingBudget(1 << 40, [], [], None, active=False)
+        return (lambda: None), batch
+
+    def hook(module, args):
+        ids = args[0]
+        if stage == "prefill" and ids.shape[1] > 1 and bool((ids == MARK).any()):
+            raise RuntimeError("injected prefill failure")
+        # a decode forward of the batch holding the victim, while another request is mid-prefill
+        if stage == "decode" and ids.shape[1] == 1 and victim in engine.running and engine.prefilling is not None \
+                and not batch:
+            batch.extend(engine.running)
+            raise RuntimeError("injected decode failure")
+
+    handle = model.backbone.embeddings.register_forward_pre_hook(hook)
+    return handle.remove, batch
+
+
+# how the engine names each stage in Request.error
+_STAGE_LABELS = {"admission": "admission", "prefill": "prefill", "sampler": "joining the batch", "decode": "decode",
+                 "detokenize": "token acceptance", "token acceptance": "token acceptance"}
+
+
+@pytest.fixture(scope="module")
+def fault_prompts(tiny):
+    """Six prompts, the third (the victim's) holding MARK, and their solo greedy outputs."""
+    prompts = _prompts(6, seed=8, lengths=(5, 9, 23, 70, 30, 40))
+    prompts[2] = prompts[2][:20] + [MARK] + prompts[2][20:]   # MARK in the second prefill chunk
+    prompts[2][-1] = MARK                                     # and in the detokenizer's context
+    return prompts, [greedy_generate(tiny.model, torch.tensor([p]), 12)[0].tolist() for p in prompts]
+
+
+@pytest.mark.parametrize("stage", list(_STAGE_LABELS))
+def test_a_failure_at_any_stage_fails_only_the_requests_it_hits(tiny, fault_prompts, stage):
+    """A failure while admitting, prefilling, building the sampler of, decoding or detokenizing one
+    request ends that request (finish_reason "error", with the reason) -- for a batched decode
+    forward, the requests of that batch -- while every other request, including one mid-prefill,
+    finishes with its solo output, and the engine serves a normal request afterwards."""
+    prompts, solo = fault_prompts
+    engine = Engine(tiny.model, tiny.tokenizer, max_batch=4, max_len=128, prefill_chunk=16,
+                    prefix_cache_bytes=1 << 22)
+    reqs = [Request(p, SamplingParams(max_new_tokens=12, temperature=0)) for p in prompts]
+    victim = reqs[2]
+    for r in reqs:
+        engine.submit(r)
+    undo, batch = _inject(stage, engine, tiny.model, victim)
+    events = []
+    try:
+        steps = 0
+        while engine.running or engine.waiting or engine.prefilling:
+            events += engine.step()
+            steps += 1
+            assert steps < 1000
+    finally:
+        undo()
+    failed = batch if stage == "decode" else [victim]
+    assert victim in failed and (stage != "decode" or len(failed) > 1)
+    for r, want in zip(reqs, solo):
+        if r in failed:
+            assert r.finish_reason == "error" and r.error.startswith(f"{_STAGE_LABELS[stage]} failed: "), r.error
+            assert ("seed must be" if stage == "sampler" else "injected") in r.error, r.error
+            assert [e for e in events if e.request is r][-1].finished   # its client hears of it
+        else:
+            assert (r.output_ids, r.finish_reason, r.error) == (want, "length", None)
+    assert engine.stats.finished["error"] == len(failed) and engine.error is None
+    if stage == "token acceptance":
+        assert len(victim.output_ids) == 4   # it failed mid-stream
+    # the engine is whole: the victim's prompt, now without a fault, gets its solo output
+    again = Request(prompts[2], SamplingParams(max_new_tokens=12, temperature=0))
+    _run(engine, [again])
+    assert again.output_ids == solo[2] and again.finish_reason == "length"
+
+
+def test_the_engine_thread_survives_a_failing_request(tiny):
+    """On the engine's own thread (the server's setup): a request whose sampler cannot be built (the
+    seed that once stopped the server) gets its final event with finish_reason "error"; a request
+    running beside it and one whose event callback raises do not take the engine down; the engine
+    stays up (no `error`, the thread alive) and answers the next request."""
+    import threading
+
+    prompts = _prompts(3, seed=9)
+    solo = greedy_generate(tiny.model, torch.tensor([prompts[0]]), 30)[0].tolist()
+    engine = Engine(tiny.model, tiny.tokenizer, max_batch=4, max_len=128, prefill_chunk=16).start()
+    try:
+        done = {}
+
+        def watch(name):
+            def on_event(event):
+                if event.finished:
+                    done[name].set()
+            return on_event
+
+        def broken_consumer(event):
+            raise RuntimeError("a broken consumer")
+
+        bystander = Request(prompts[0], SamplingParams(max_new_tokens=30, temperature=0))
+        victim = Request(prompts[1], SamplingParams(max_new_tokens=30, temperature=1.0, seed=7))
+        careless = Request(prompts[2], SamplingParams(max_new_tokens=30, temperature=0))
+        for name, r in (("bystander", bystander), ("victim", victim)):
+            done[name] = threading.Event()
+            engine.submit(r, watch(name))
+        victim.params.seed = 2 ** 64   # passes submit(); the engine thread meets it
+        engine.submit(careless, broken_consumer)
+        assert done["victim"].wait(60) and done["bystander"].wait(60)
+        assert victim.finish_reason == "error" and "seed must be" in victim.error
+        assert bystander.output_ids == solo and bystander.finish_reason == "length"
+        assert engine.error is None and engine._thread.is_alive()
+        deadline = time.monotonic() + 60
+        while engine.num_running:   # the broken consumer's request was dropped
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        again = Request(prompts[0], SamplingParams(max_new_tokens=30, temperature=0))
+        done["again"] = threading.Event()
+        engine.submit(again, watch("again"))
+        assert done["again"].wait(60) and again.output_ids == solo
+    finally:
+        engine.shutdown()
+
+
+def test_a_failure_in_the_engines_own_bookkeeping_resets_it_and_keeps_the_queue(tiny, fault_prompts):
+    """The last line of defence: a failure outside the per-request guards (here the cache refusing to
+    move a row when a request leaves) fails the admitted requests, empties the cache, and leaves the
+    queue to be served with exact outputs; the engine stays up."""
+    prompts, solo = fault_prompts
+    engine = Engine(tiny.model, tiny.tokenizer, max_batch=2, max_len=128, prefill_chunk=16)
+    short, long, queued = (Request(prompts[0], SamplingParams(max_new_tokens=3, temperature=0)),
+                           Request(prompts[1], SamplingParams(max_new_tokens=12, temperature=0)),
+                           Request(prompts[4], SamplingParams(max_new_tokens=12, temperature=0)))
+
+    def broken_move(src, dst):
+        raise RuntimeError("injected cache failure")
+
+    engine.cache.move_row = broken_move   # `short` leaves first: row 1 would move into row 0
+    try:
+        events = []
+        for r in (short, long, queued):
+            engine.submit(r)
+        while short.finish_reason is None:
+            events += engine.step()
+    finally:
+        del engine.cache.move_row
+    _run(engine, [])
+    assert (short.finish_reason, long.finish_reason) == ("error", "error") and "injected" in long.error
+    assert {id(e.request) for e in events if e.finished} >= {id(short), id(long)}   # their clients hear of it
+    assert queued.output_ids == solo[4] and queued.finish_reason == "length" and engine.error is None
+    again = Request(prompts[1], SamplingParams(max_new_tokens=12, temperature=0))
+    _run(engine, [again])
+    assert again.output_ids == solo[1]

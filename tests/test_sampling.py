@@ -229,6 +229,8 @@ def test_stop_token_ids():
     ("min_p", 1.1), ("top_k", -1), ("repetition_penalty", 0.0), ("presence_penalty", 2.5),
     ("frequency_penalty", -2.1), ("max_new_tokens", -1), ("top_logprobs", 21), ("top_logprobs", 3),
     ("stop", [""]), ("stop_token_ids", [-1]), ("seed", 1.5),
+    # past what torch.Generator.manual_seed and int64 tensors take: once an engine-killing crash
+    ("seed", 2 ** 64), ("seed", -(2 ** 63) - 1), ("stop_token_ids", [2 ** 63]),
 ])
 def test_validation_errors(field, value):
     with pytest.raises(ValueError, match=field) as err:
@@ -243,6 +245,8 @@ def test_valid_edges_pass():
               P(logprobs=True, top_logprobs=20), P(max_new_tokens=0), P(stop="\n")]:
         assert p.validate() is p
     assert P(stop="\n").stop == ["\n"]
+    edges = [P(temperature=1.0, seed=2 ** 64 - 1), P(temperature=1.0, seed=-(2 ** 63)), P(stop_token_ids=[2 ** 63 - 1])]
+    assert len(Sampler(edges, 10)(torch.zeros(3, 10)).tokens) == 3
     assert P(temperature=0.0).greedy and not P(temperature=0.1).greedy
     with pytest.raises(ValueError, match="logits shape"):
         Sampler([P()], 10)(torch.zeros(2, 10))

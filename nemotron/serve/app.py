@@ -22,20 +22,32 @@ from fastapi import FastAPI, Request as HTTPRequest
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..api import LoadedModel, make_thinking_budget
+from ..api import LoadedModel, _release_freed_memory, make_thinking_budget
 from ..chat import ChatInputError, ChatTemplateError, prepare_chat
-from ..engine import Engine, QueueFull
+from ..engine import Engine, EngineStopped, QueueFull
 from ..generate import Request, TokenEvent
 from ..parsers import Delta, StreamingParser, parse_output
 from .metrics import Metrics
 from .protocol import (APIError, ChatRequest, Limits, error_body, new_id, now, parse_chat_request,
-                       parse_completion_request, sampling_params, usage)
+                       parse_completion_request, sampling_params, text_chars, usage)
 
 # the start of a tool call, forced for tool_choice "required" (name chosen by the model) or a named function
 _CALL_PREFIX = {
     "nemotron3": ("<tool_call>\n<function=", "<tool_call>\n<function={name}>\n"),
     "nemotron_json": ('<TOOLCALL>[{"name": "', '<TOOLCALL>[{"name": "{name}", "arguments": '),
 }
+
+
+# a request body at least this large has its freed memory handed back to the OS once it is answered
+LARGE_BODY_BYTES = 1 << 20
+
+
+def max_prompt_chars(tokenizer, max_len: int) -> int:
+    """The most characters of text that could fit in `max_len` tokens, checked before any rendering
+    or tokenization. A token spells at most its longest vocabulary entry (byte-level BPE: one character
+    per byte), doubled for what a normalizer may fold."""
+    vocab = tokenizer.backend.get_vocab(with_added_tokens=True) if tokenizer is not None else {}
+    return 2 * max(map(len, vocab), default=64) * max_len
 
 
 def _choice_params(params, i: int):
@@ -49,6 +61,7 @@ class ServerConfig:
     api_key: str | None = None
     limits: Limits | None = None
     default_template_kwargs: dict | None = None
+    allow_special_tokens_in_content: bool = False  # message text may spell control tokens (transformers, vLLM)
 
 
 class _Tracker:
@@ -85,6 +98,8 @@ class Server:
         self._pending: list[tuple[asyncio.Queue, TokenEvent]] = []
         self._pending_lock = threading.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
+        self.max_prompt_chars = max_prompt_chars(self.tokenizer, engine.max_len)
+        self._trim_scheduled = False
 
     def _deliver(self, queue: asyncio.Queue, event: TokenEvent) -> None:  # engine thread
         with self._pending_lock:
@@ -124,12 +139,36 @@ class Server:
                 body += chunk
             elif size > 16 * limit:
                 break  # past this, the connection is dropped rather than drained
+        request.state.body_bytes = size
         if size > limit:  # drained (up to a bound) so that the client reads the answer, not a reset
             raise APIError(413, f"request body of {size}+ bytes exceeds the {limit}-byte limit")
         try:
             return json.loads(body)
         except (ValueError, RecursionError) as e:
             raise APIError(400, f"the request body is not valid JSON: {str(e)[:200]}") from None
+
+    async def handle(self, http: HTTPRequest, handler):
+        """Run a route's handler; after a large body, its freed memory goes back to the OS."""
+        try:
+            return await handler(http)
+        finally:
+            if getattr(http.state, "body_bytes", 0) >= LARGE_BODY_BYTES:
+                self._release_memory_soon()
+
+    def _release_memory_soon(self) -> None:
+        """malloc_trim in a worker thread (it walks the heap) a moment from now, once the request's
+        objects (its body, the exception and response that referenced them) are gone; repeated calls
+        before then share one trim. Without it, glibc keeps the freed pages of every large request."""
+        if self._trim_scheduled:
+            return
+        self._trim_scheduled = True
+        loop = asyncio.get_running_loop()
+
+        def trim() -> None:
+            self._trim_scheduled = False
+            loop.run_in_executor(None, _release_freed_memory)
+
+        loop.call_later(0.2, trim)
 
     def check_model(self, body: dict) -> None:
         model = body.get("model")
@@ -154,6 +193,8 @@ class Server:
             for r in submitted:
                 self.engine.cancel(r)
             raise APIError(429, f"the server is at capacity ({e}); retry shortly", headers={"Retry-After": "1"}) from None
+        except EngineStopped as e:
+            raise APIError(503, str(e)) from None
         except ValueError as e:
             for r in submitted:
                 self.engine.cancel(r)
@@ -180,7 +221,7 @@ class Server:
                 if event.finished:
                     left -= 1
                     if event.request.finish_reason == "error":
-                        raise APIError(500, f"generation failed: {self.engine.error!r}")
+                        raise APIError(500, f"generation failed: {event.request.error or 'internal error'}")
                 yield i, event
         finally:
             if watcher is not None:
@@ -220,14 +261,19 @@ class Server:
             raise APIError(400, "this model has no tokenizer; use /v1/completions with token ids")
         tools = None if cr.tool_choice == "none" else cr.tools
         try:
-            prompt = prepare_chat(tok, cr.messages, tools, cr.enable_thinking, **cr.template_kwargs)
+            prompt = prepare_chat(tok, cr.messages, tools, cr.enable_thinking,
+                                  special_tokens_in_content=self.config.allow_special_tokens_in_content,
+                                  **cr.template_kwargs)
         except (ChatInputError, ChatTemplateError) as e:
             raise APIError(400, str(e), param="messages") from None
+        except RecursionError:
+            raise APIError(400, "the messages or tools are nested too deeply", param="messages") from None
         context_left = self.engine.max_len - len(prompt.ids)
         if context_left < 1:
             raise APIError(400, f"the prompt is {len(prompt.ids)} tokens; this model's context holds "
                                 f"{self.engine.max_len}", param="messages", code="context_length_exceeded")
-        params = sampling_params(cr.body, self.limits, context_left, chat=True)
+        params = sampling_params(cr.body, self.limits, context_left, chat=True, choices=cr.n,
+                                 vocab_size=self.engine.vocab_size)
         prefix = None
         if cr.tool_choice == "required" or cr.forced_function:
             any_name, named = _CALL_PREFIX[prompt.fmt]
@@ -252,7 +298,15 @@ class Server:
         body = await self.read_json(http)
         cr = parse_chat_request(body, self.limits, self.config.default_template_kwargs)
         self.check_model(body)
-        prompt, tools, reqs = self._chat_requests(cr)
+        # refused before any rendering or tokenization. Every string counts, though a template may drop
+        # some (old reasoning): text this far past the context is no prompt to serve either way
+        chars = text_chars(cr.messages, cr.tools, cr.template_kwargs)
+        if chars > self.max_prompt_chars:
+            raise APIError(400, f"the messages and tools hold {chars} characters, more than this model's context of "
+                                f"{self.engine.max_len} tokens can hold", param="messages",
+                           code="context_length_exceeded")
+        # rendering and tokenizing a long prompt takes a while: not on the event loop
+        prompt, tools, reqs = await asyncio.to_thread(self._chat_requests, cr)
         queue = self.submit(reqs)
         rid, created = new_id("chatcmpl"), now()
         if cr.stream:
@@ -324,23 +378,22 @@ class Server:
     async def completions(self, http: HTTPRequest):
         self.check_auth(http)
         body = await self.read_json(http)
-        cr = parse_completion_request(body, self.limits)
+        cr = parse_completion_request(body, self.limits, self.engine.vocab_size)
         self.check_model(body)
-        prompts = []
-        for p in cr.prompts:
-            if isinstance(p, str):
-                if self.tokenizer is None:
-                    raise APIError(400, "this model has no tokenizer: send the prompt as token ids", param="prompt")
-                ids = self.tokenizer.encode(p)
-                prompts.append((p, ids))
-            else:
-                text = self.tokenizer.decode(p) if self.tokenizer is not None and cr.echo else ""
-                prompts.append((text, p))
+        if any(isinstance(p, str) for p in cr.prompts) and self.tokenizer is None:
+            raise APIError(400, "this model has no tokenizer: send the prompt as token ids", param="prompt")
+        chars = max(len(p) if isinstance(p, str) else 0 for p in cr.prompts)
+        if chars > self.max_prompt_chars:   # refused before any tokenization
+            raise APIError(400, f"the prompt holds {chars} characters, more than this model's context of "
+                                f"{self.engine.max_len} tokens can hold", param="prompt",
+                           code="context_length_exceeded")
+        prompts = await asyncio.to_thread(self._completion_prompts, cr)
         longest = max(len(ids) for _, ids in prompts)
         if longest >= self.engine.max_len:
             raise APIError(400, f"the prompt is {longest} tokens; this model's context holds {self.engine.max_len}",
                            param="prompt", code="context_length_exceeded")
-        params = sampling_params(body, self.limits, self.engine.max_len - longest, chat=False)
+        params = sampling_params(body, self.limits, self.engine.max_len - longest, chat=False,
+                                 choices=len(cr.prompts) * cr.n, vocab_size=self.engine.vocab_size)
         reqs, texts = [], []
         for text, ids in prompts:
             for j in range(cr.n):
@@ -361,6 +414,16 @@ class Server:
         return {"id": rid, "object": "text_completion", "created": created, "model": self.config.model_name,
                 "choices": choices, "usage": usage(n_prompt, sum(len(r.output_ids) for r in reqs),
                                                    sum(r.cached_tokens for r in reqs))}
+
+    def _completion_prompts(self, cr) -> list[tuple[str, list[int]]]:
+        """(text, token ids) per prompt: strings tokenized, id lists decoded when echoed."""
+        prompts = []
+        for p in cr.prompts:
+            if isinstance(p, str):
+                prompts.append((p, self.tokenizer.encode(p)))
+            else:
+                prompts.append((self.tokenizer.decode(p) if self.tokenizer is not None and cr.echo else "", p))
+        return prompts
 
     def _completion_logprobs(self, lps: list[dict], offset: int) -> dict:
         out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
@@ -425,11 +488,11 @@ def build_app(server: Server) -> FastAPI:
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: HTTPRequest):
-        return await server.chat(request)
+        return await server.handle(request, server.chat)
 
     @app.post("/v1/completions")
     async def completions(request: HTTPRequest):
-        return await server.completions(request)
+        return await server.handle(request, server.completions)
 
     @app.get("/v1/models")
     async def models(request: HTTPRequest):
@@ -469,11 +532,14 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | 
           prefill_chunk: int = 256, max_waiting: int = 256, prefix_cache_mb: int = 256,
           max_tokens: int = 4096, default_template_kwargs: dict | None = None, dtype: str | None = None,
           device: str = "cpu", threads: int | None = None, speculative_tokens: int = 0,
-          cache_options=None, prefill_threads: int | None = None) -> None:
+          cache_options=None, prefill_threads: int | None = None,
+          allow_special_tokens_in_content: bool = False) -> None:
     """Load `model` and serve it until interrupted. threads: torch's CPU threads for decode steps
     (default: `decode_threads`). prefill_threads: for prefill chunks, which stream nothing (default:
     every core).
-    cache_options: a CacheOptions (FP8 KV cache, SSM state dtype and rounding)."""
+    cache_options: a CacheOptions (FP8 KV cache, SSM state dtype and rounding).
+    allow_special_tokens_in_content: parse control-token spellings inside messages and tools (by
+    default they are ordinary text)."""
     import os
 
     import torch
@@ -495,7 +561,8 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | 
                     prefill_threads=prefill_threads or max(threads, cores)).start()
     # a directory is served under its name; the embedded model under the name it was asked by ("tiny")
     name = served_model_name or (loaded.path.name if Path(str(model)).exists() else str(model))
-    server = Server(loaded, engine, ServerConfig(name, api_key, Limits(max_tokens=max_tokens), default_template_kwargs))
+    server = Server(loaded, engine, ServerConfig(name, api_key, Limits(max_tokens=max_tokens), default_template_kwargs,
+                                                 allow_special_tokens_in_content))
     print(f"serving {name} on http://{host}:{port}/v1 (max batch {max_batch}, context {max_len}, "
           f"{threads} decode threads)", flush=True)
     # the engine thread and the event loop share the GIL: hand it over sooner than the 5 ms default so

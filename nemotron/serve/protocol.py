@@ -13,8 +13,8 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..chat import ChatInputError, validate_messages, validate_tools
-from ..sampling import MAX_TOP_LOGPROBS, SamplingParams
+from ..chat import ChatInputError, check_text, tool_function, validate_messages, validate_tools
+from ..sampling import MAX_TOP_LOGPROBS, SEED_MAX, SEED_MIN, SamplingParams
 
 
 class APIError(Exception):
@@ -42,6 +42,7 @@ class Limits:
     max_tokens: int = 4096          # per request; also capped by the context length
     max_n: int = 16
     max_stop: int = 16
+    max_stop_token_ids: int = 256
 
 
 # --------------------------------------------------------------------------------------------------
@@ -57,9 +58,14 @@ def _kind(value: Any) -> str:
             type(None): "null"}.get(type(value), type(value).__name__)
 
 
-def get(body: dict, key: str, typ: type | tuple[type, ...], default: Any = None) -> Any:
+# integer fields end up in int64 tensors or loops: none may be larger
+INT_MIN, INT_MAX = -(1 << 63), (1 << 63) - 1
+
+
+def get(body: dict, key: str, typ: type | tuple[type, ...], default: Any = None,
+        lo: int = INT_MIN, hi: int = INT_MAX) -> Any:
     """body[key] checked against typ (None -> default). ints are accepted where numbers are, bools
-    are not accepted as numbers."""
+    are not accepted as numbers; an integer must be in [lo, hi] (by default, int64's range)."""
     value = body.get(key)
     if value is None:
         return default
@@ -71,6 +77,8 @@ def get(body: dict, key: str, typ: type | tuple[type, ...], default: Any = None)
         raise APIError(400, f"'{key}' must be {want}, got {_kind(value)}", param=key)
     if isinstance(value, float) and not math.isfinite(value):
         raise APIError(400, f"'{key}' must be a finite number", param=key)
+    if isinstance(value, int) and not isinstance(value, bool) and not lo <= value <= hi:
+        raise APIError(400, f"'{key}' must be in [{lo}, {hi}], got {value}", param=key)
     return value
 
 
@@ -79,11 +87,42 @@ def _stop_list(body: dict, limits: Limits) -> list[str]:
     stop = [stop] if isinstance(stop, str) else stop
     if len(stop) > limits.max_stop or not all(isinstance(s, str) and s for s in stop):
         raise APIError(400, f"'stop' must be a string or at most {limits.max_stop} non-empty strings", param="stop")
+    _check_text("stop", stop)
     return stop
 
 
-def sampling_params(body: dict, limits: Limits, context_left: int, chat: bool) -> SamplingParams:
-    """The sampling fields of a chat or completions request. context_left: tokens the prompt leaves."""
+def _check_text(param: str, value: Any) -> None:
+    """A 400 naming the field when a string in `value` is not valid Unicode (the tokenizer's input)."""
+    try:
+        check_text(param, value)
+    except ChatInputError as e:
+        raise APIError(400, str(e), param=param) from None
+
+
+def _stop_token_ids(body: dict, limits: Limits, vocab_size: int | None) -> list[int]:
+    ids = get(body, "stop_token_ids", list, [])
+    top = INT_MAX if vocab_size is None else vocab_size - 1
+    if len(ids) > limits.max_stop_token_ids or \
+            not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t <= top for t in ids):
+        raise APIError(400, f"'stop_token_ids' must be an array of at most {limits.max_stop_token_ids} token ids "
+                            f"in [0, {top}]", param="stop_token_ids")
+    return ids
+
+
+def _seed(body: dict, choices: int) -> int | None:
+    """Choice i draws from seed + i: every one of them must be a seed torch accepts."""
+    seed = get(body, "seed", int, lo=SEED_MIN, hi=SEED_MAX)
+    if seed is not None and seed + choices - 1 > SEED_MAX:
+        raise APIError(400, f"'seed' must be <= {SEED_MAX - choices + 1} for {choices} choices (choice i uses "
+                            f"seed + i), got {seed}", param="seed")
+    return seed
+
+
+def sampling_params(body: dict, limits: Limits, context_left: int, chat: bool, choices: int = 1,
+                    vocab_size: int | None = None) -> SamplingParams:
+    """The sampling fields of a chat or completions request. context_left: tokens the prompt leaves;
+    choices: how many requests share these params (choice i seeds with seed + i); vocab_size: the
+    bound of token ids."""
     max_tokens = get(body, "max_completion_tokens", int) if chat else None
     max_tokens = get(body, "max_tokens", int, max_tokens)
     key = "max_completion_tokens" if chat and body.get("max_completion_tokens") is not None else "max_tokens"
@@ -104,9 +143,7 @@ def sampling_params(body: dict, limits: Limits, context_left: int, chat: bool) -
         logprobs, top = n_top is not None, n_top or 0
         if n_top is not None and not 0 <= n_top <= MAX_TOP_LOGPROBS:
             raise APIError(400, f"'logprobs' must be in [0, {MAX_TOP_LOGPROBS}]", param="logprobs")
-    stop_ids = get(body, "stop_token_ids", list, [])
-    if not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in stop_ids):
-        raise APIError(400, "'stop_token_ids' must be an array of token ids", param="stop_token_ids")
+    stop_ids = _stop_token_ids(body, limits, vocab_size)
     top_k = get(body, "top_k", int, 0)
     params = SamplingParams(
         max_new_tokens=max_tokens,
@@ -117,7 +154,7 @@ def sampling_params(body: dict, limits: Limits, context_left: int, chat: bool) -
         repetition_penalty=get(body, "repetition_penalty", float, 1.0),
         presence_penalty=get(body, "presence_penalty", float, 0.0),
         frequency_penalty=get(body, "frequency_penalty", float, 0.0),
-        seed=get(body, "seed", int),
+        seed=_seed(body, choices),
         stop=_stop_list(body, limits),
         stop_token_ids=stop_ids,
         logprobs=logprobs,
@@ -170,6 +207,12 @@ class ChatRequest:
     body: dict = field(repr=False, default_factory=dict)
 
 
+# chat_template_kwargs that would collide with what prepare_chat, apply_chat_template and render_chat
+# are given by the server itself
+RESERVED_TEMPLATE_KWARGS = frozenset({"tokenizer", "messages", "tools", "add_generation_prompt", "template",
+                                      "chat_template_name", "special_tokens_in_content"})
+
+
 def parse_chat_request(body: Any, limits: Limits, default_template_kwargs: dict | None = None) -> ChatRequest:
     if not isinstance(body, dict):
         raise APIError(400, f"the request body must be a JSON object, got {_kind(body)}")
@@ -205,19 +248,22 @@ def parse_chat_request(body: Any, limits: Limits, default_template_kwargs: dict 
         if choice.get("type") != "function" or not isinstance(name, str):
             raise APIError(400, "a named 'tool_choice' is {\"type\": \"function\", \"function\": {\"name\": ...}}",
                            param="tool_choice")
-        if not tools or name not in {t["function"]["name"] for t in tools}:
+        if not tools or name not in {tool_function(t)["name"] for t in tools}:
             raise APIError(400, f"tool_choice names {name!r}, which is not among 'tools'", param="tool_choice")
         forced = name
     else:
         raise APIError(400, f"'tool_choice' must be a string or an object, got {_kind(choice)}", param="tool_choice")
     kwargs = dict(default_template_kwargs or {})
     kwargs.update(get(body, "chat_template_kwargs", dict, {}))
+    reserved = sorted(RESERVED_TEMPLATE_KWARGS & set(kwargs))
+    if reserved:
+        raise APIError(400, f"chat_template_kwargs cannot set {', '.join(reserved)} (the server sets it from the "
+                            "request)", param="chat_template_kwargs")
+    _check_text("chat_template_kwargs", kwargs)
     enable_thinking = kwargs.pop("enable_thinking", True)
     if not isinstance(enable_thinking, bool):
         raise APIError(400, "chat_template_kwargs.enable_thinking must be a boolean", param="chat_template_kwargs")
-    budget = get(body, "thinking_token_budget", int)
-    if budget is not None and budget < 0:
-        raise APIError(400, f"'thinking_token_budget' must be >= 0, got {budget}", param="thinking_token_budget")
+    budget = get(body, "thinking_token_budget", int, lo=0)
     fmt = get(body, "response_format", dict)
     if fmt is not None and fmt.get("type") not in (None, "text"):
         raise APIError(400, f"response_format type {fmt.get('type')!r} is not supported (only 'text')",
@@ -225,6 +271,22 @@ def parse_chat_request(body: Any, limits: Limits, default_template_kwargs: dict 
     stream, include_usage = stream_options(body)
     return ChatRequest(messages, tools, choice, forced, kwargs, enable_thinking, budget,
                        n_choices(body, limits), stream, include_usage, body)
+
+
+def text_chars(*values: Any) -> int:
+    """The characters of every string (keys too) in JSON-like values: the caller's text that a chat
+    template may render. Walked without recursion, so any nesting the JSON parser accepted is fine."""
+    total, stack = 0, list(values)
+    while stack:
+        value = stack.pop()
+        if isinstance(value, str):
+            total += len(value)
+        elif isinstance(value, dict):
+            stack.extend(value.keys())
+            stack.extend(value.values())
+        elif isinstance(value, (list, tuple)):
+            stack.extend(value)
+    return total
 
 
 # --------------------------------------------------------------------------------------------------
@@ -242,7 +304,8 @@ class CompletionRequest:
     body: dict = field(repr=False, default_factory=dict)
 
 
-def parse_completion_request(body: Any, limits: Limits) -> CompletionRequest:
+def parse_completion_request(body: Any, limits: Limits, vocab_size: int | None = None) -> CompletionRequest:
+    """vocab_size: the bound of token-id prompts (checked before anything decodes them)."""
     if not isinstance(body, dict):
         raise APIError(400, f"the request body must be a JSON object, got {_kind(body)}")
     prompt = body.get("prompt")
@@ -268,6 +331,9 @@ def parse_completion_request(body: Any, limits: Limits) -> CompletionRequest:
         raise APIError(400, f"at most {limits.max_n} prompts per request", param="prompt")
     if any(p == "" for p in prompts):
         raise APIError(400, "'prompt' must not be empty", param="prompt")
+    if vocab_size is not None and any(not 0 <= t < vocab_size for p in prompts if isinstance(p, list) for t in p):
+        raise APIError(400, f"'prompt' token ids must be in [0, {vocab_size})", param="prompt")
+    _check_text("prompt", prompts)
     if body.get("suffix") is not None:
         raise APIError(400, "'suffix' is not supported", param="suffix")
     stream, include_usage = stream_options(body)
