@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import NemotronError
+from .files import is_present, read_json, read_text
 
 __all__ = [
     "ChatPrompt",
@@ -284,20 +285,17 @@ def _templates_in_dir(path: Path) -> str | dict[str, str] | None:
     """transformers' priority: chat_template.jinja (and additional_chat_templates/*.jinja) over the
     tokenizer_config.json entry."""
     named = {}
-    if (path / "chat_template.jinja").is_file():
-        named["default"] = (path / "chat_template.jinja").read_text(encoding="utf-8")
+    if is_present(path / "chat_template.jinja"):
+        named["default"] = read_text(path / "chat_template.jinja", error=ChatTemplateError)
     extra = path / "additional_chat_templates"
     if extra.is_dir():
         for f in sorted(extra.glob("*.jinja")):
-            named[f.name.removesuffix(".jinja")] = f.read_text(encoding="utf-8")
+            named[f.name.removesuffix(".jinja")] = read_text(f, error=ChatTemplateError)
     if named:
         return named["default"] if list(named) == ["default"] else named
     cfg = path / "tokenizer_config.json"
-    if cfg.is_file():
-        try:
-            return json.loads(cfg.read_text(encoding="utf-8")).get("chat_template")
-        except json.JSONDecodeError as e:
-            raise ChatTemplateError(f"{cfg}: not valid JSON ({e})") from None
+    if is_present(cfg):
+        return read_json(cfg, error=ChatTemplateError).get("chat_template")
     return None
 
 

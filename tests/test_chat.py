@@ -834,3 +834,11 @@ def test_seeded_fuzz_caller_text_never_becomes_a_control_token(tiny_tok):
         assert safe.text == prepare_chat(tiny_tok, messages, tools, truncate_history_thinking=False,
                                          special_tokens_in_content=True).text, trial
         assert time.monotonic() - started < 5, f"fuzz case {trial} took too long"
+
+
+@pytest.mark.parametrize("config", ["[]", '"x"', "{", "\xff"])
+def test_a_templates_directory_with_a_broken_tokenizer_config_is_one_line(tmp_path, config):
+    (tmp_path / "tokenizer_config.json").write_bytes(config.encode("latin-1"))
+    with pytest.raises(ChatTemplateError, match="tokenizer_config.json") as e:
+        chat_template_for(str(tmp_path))
+    assert "\n" not in str(e.value)
