@@ -585,3 +585,11 @@ def test_huge_prompts_are_refused_before_rendering_without_stalling_or_keeping_m
         grown = proc.memory_info().rss - baseline
         assert grown < 50 << 20, f"RSS grew {grown >> 20} MB"
         _assert_still_serving(base)
+
+
+def test_an_out_of_range_integer_is_named_not_printed_in_full():
+    from nemotron.serve.protocol import APIError, get
+
+    with pytest.raises(APIError, match="got an integer of 401 digits") as e:
+        get({"seed": 10 ** 400}, "seed", int)
+    assert e.value.status == 400 and len(e.value.message) < 200

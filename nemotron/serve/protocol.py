@@ -78,7 +78,8 @@ def get(body: dict, key: str, typ: type | tuple[type, ...], default: Any = None,
     if isinstance(value, float) and not math.isfinite(value):
         raise APIError(400, f"'{key}' must be a finite number", param=key)
     if isinstance(value, int) and not isinstance(value, bool) and not lo <= value <= hi:
-        raise APIError(400, f"'{key}' must be in [{lo}, {hi}], got {value}", param=key)
+        shown = str(value) if len(str(value)) <= 40 else f"an integer of {len(str(value))} digits"
+        raise APIError(400, f"'{key}' must be in [{lo}, {hi}], got {shown}", param=key)
     return value
 
 
