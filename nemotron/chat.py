@@ -373,21 +373,24 @@ _SURROGATE = re.compile("[\ud800-\udfff]")
 
 def lone_surrogate_at(where: str, value: Any) -> str | None:
     """The path (`where` extended by keys and indices) of the first string in `value`, a JSON-like
-    value, or dict key that holds a lone surrogate; None when there is none."""
-    if isinstance(value, str):
-        return where if _SURROGATE.search(value) else None
-    if isinstance(value, Mapping):
-        for key, item in value.items():
-            if isinstance(key, str) and _SURROGATE.search(key):
-                return f"{where} (a key)"
-            found = lone_surrogate_at(f"{where}.{key}", item)
-            if found:
-                return found
-    elif isinstance(value, (list, tuple)):
-        for i, item in enumerate(value):
-            found = lone_surrogate_at(f"{where}[{i}]", item)
-            if found:
-                return found
+    value, or dict key that holds a lone surrogate; None when there is none. Walked without
+    recursion: a request body may nest as deep as the JSON parser allows."""
+    stack = [(where, value)]
+    while stack:
+        path, item = stack.pop()
+        if isinstance(item, str):
+            if _SURROGATE.search(item):
+                return path
+        elif isinstance(item, Mapping):
+            children = []
+            for key, child in item.items():
+                if isinstance(key, str) and _SURROGATE.search(key):
+                    children.append((f"{path} (a key)", key))
+                    break
+                children.append((f"{path}.{key}", child))
+            stack.extend(reversed(children))
+        elif isinstance(item, (list, tuple)):
+            stack.extend(reversed([(f"{path}[{i}]", child) for i, child in enumerate(item)]))
     return None
 
 

@@ -842,3 +842,16 @@ def test_a_templates_directory_with_a_broken_tokenizer_config_is_one_line(tmp_pa
     with pytest.raises(ChatTemplateError, match="tokenizer_config.json") as e:
         chat_template_for(str(tmp_path))
     assert "\n" not in str(e.value)
+
+
+def test_text_checks_walk_any_nesting_without_recursion():
+    """A request body nests as deep as the JSON parser allows, more than a recursive walk survives
+    on the server's stack: the lone-surrogate check must not overflow (a 500) on it."""
+    bottom: list = []
+    deep = bottom
+    for _ in range(5000):
+        deep = [deep]
+    validate_messages([{"role": "user", "content": "hi", "extra": deep}])
+    bottom.append("\ud800")
+    with pytest.raises(ChatInputError, match="lone surrogate"):
+        validate_messages([{"role": "user", "content": "hi", "extra": deep}])

@@ -72,7 +72,7 @@ def _suffix(world: int, rank: int) -> str:
 
 
 def step_dirs(ckpt_root: Path) -> list[tuple[int, Path]]:
-    """The (step, folder) of every `step_XXXXXXXX` folder, oldest first."""
+    """The (step, folder) of every `step_NNNNNNNN` folder (eight digits), oldest first."""
     if not ckpt_root.is_dir():
         return []
     found = [(int(m.group(1)), p) for p in ckpt_root.iterdir() if (m := STEP_DIR.fullmatch(p.name)) and p.is_dir()]
