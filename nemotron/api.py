@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from .cache import CacheOptions
-from .checkpoint import checkpoint_dtype, load_checkpoint_config, load_weights, save_checkpoint
+from .checkpoint import checkpoint_dtype, checkpoint_files, load_checkpoint_config, load_weights, save_checkpoint
 from .config import DTYPES, AnyConfig
 from .errors import CheckpointError, NemotronError
 from .files import is_present
@@ -329,19 +329,20 @@ def load(
     dtype = parse_dtype(dtype) or checkpoint_dtype(config)
     with torch.device("meta"):
         model = build_model(config)
+    refs = checkpoint_files(path, allow_pickle)
     quant = read_quant_config(path)
     if quant is not None:   # NVFP4 / FP8 (ModelOpt format): the layers it quantizes keep its storage
-        apply_quant_config(model, quant, dtype)
+        apply_quant_config(model, quant, dtype, refs)
     if progress:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
         with Progress(TextColumn("loading {task.description}"), BarColumn(), MofNCompleteColumn(),
                       TimeRemainingColumn(), transient=True) as bar:
             task = bar.add_task(path.name, total=None)
-            load_weights(model, config, path, dtype, device, allow_pickle,
+            load_weights(model, config, path, dtype, device, allow_pickle, refs=refs,
                          progress=lambda done, total: bar.update(task, completed=done, total=total))
     else:
-        load_weights(model, config, path, dtype, device, allow_pickle)
+        load_weights(model, config, path, dtype, device, allow_pickle, refs=refs)
     model.to(device).eval()
     _release_freed_memory()
     if cache is not None:

@@ -339,9 +339,11 @@ def load_weights(
     device: torch.device | str = "cpu",
     allow_pickle: bool = False,
     progress: Callable[[int, int], None] | None = None,
+    refs: dict[str, TensorRef] | None = None,
 ) -> None:
-    """Fill a meta-device `model` from checkpoint `path`, validating every name and shape."""
-    refs = checkpoint_files(path, allow_pickle)
+    """Fill a meta-device `model` from checkpoint `path`, validating every name and shape (`refs`: the
+    checkpoint's tensors when the caller has read them already)."""
+    refs = checkpoint_files(path, allow_pickle) if refs is None else refs
     expected = {k: v for k, v in model.state_dict(keep_vars=True).items()}
     has_mtp = isinstance(config, NemotronHConfig) and config.num_nextn_predict_layers > 0
 

@@ -23,3 +23,8 @@ class CheckpointError(NemotronError):
 
 class UnsafeCheckpointError(CheckpointError):
     """A pickled checkpoint (.bin/.pt/.pth) met without `allow_pickle=True`."""
+
+
+class CheckpointWarning(UserWarning):
+    """A checkpoint that loads, but only after a repair or a decision the user should know about
+    (a producer's known name defect, a quantization config the tensors contradict)."""

@@ -3,22 +3,34 @@
 quantized ones to match it before the weights load, and writing it (what vLLM's `modelopt`,
 `modelopt_fp4` and `modelopt_mixed` loaders read).
 
-A layer's format comes from the config alone: one `quant_algo` for every linear layer outside the
+A layer's format comes from the config: one `quant_algo` for every linear layer outside the
 wildcard `exclude_modules`, or `MIXED_PRECISION` with a `quantized_layers` map (layers absent from it
-stay unquantized). An algorithm this package cannot run is an error naming the layer: never a silent
-fallback to unquantized weights (vLLM's pitfall, which turns such checkpoints into fluent garbage)."""
+stay unquantized). Where the config and the stored tensors disagree, the tensors decide: a float
+weight with no `weight_scale` is unquantized whatever the config says, and a layer the config leaves
+out whose tensors are packed FP4 or FP8 with their scales gets the format those tensors have (one
+warning per load lists every such layer). An algorithm this package cannot run, or a quantized
+weight without its scales, is an error naming the layer: never a silent fallback to unquantized
+weights (vLLM's pitfall, which turns such checkpoints into fluent garbage).
+
+Names are matched whichever root the file spells (`backbone.` as NVIDIA's Nemotron-H releases,
+`model.` as transformers 5 and the Llama family), and the names ModelOpt 0.46-0.47 mangle
+(`"lm_head.\\x00backbone.pt_name_sentinel"`) are repaired."""
 
 from __future__ import annotations
 
 import fnmatch
 import json
+import math
+import re
+import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, CheckpointWarning
 from ..files import is_present, json_kind, read_json
 from .modules import ALGOS, QuantExperts, QuantLinear, QuantScheme
 
@@ -35,6 +47,9 @@ class ModelOptConfig:
     kv_cache_quant_algo: str | None = None
     # the format's producer name (what readers key on), and who actually wrote the files
     producer: dict = field(default_factory=lambda: {"name": "modelopt", "writer": "nemotron"})
+    # where it was read from, and how many of its names needed repair_name (for the load's warning)
+    source: str = field(default=HF_QUANT_CONFIG, compare=False, repr=False)
+    repaired_names: int = field(default=0, compare=False, repr=False)
 
     @property
     def mixed(self) -> bool:
@@ -44,20 +59,33 @@ class ModelOptConfig:
         return matches(module, self.exclude_modules)
 
     def scheme(self, module: str) -> QuantScheme | None:
-        """The format of linear layer `module` (our / the release's name), or None if unquantized."""
+        """The format the config gives linear layer `module` (our name), or None if unquantized."""
         if self.mixed:   # the layer's own entry, else its closest listed ancestor ("...mixer.experts")
-            parts = module.split(".")
-            for i in range(len(parts), 0, -1):
-                scheme = self.quantized_layers.get(".".join(parts[:i]))
-                if scheme is not None:
-                    return scheme
+            for spelling in spellings(module):
+                parts = spelling.split(".")
+                for i in range(len(parts), 0, -1):
+                    scheme = self.quantized_layers.get(".".join(parts[:i]))
+                    if scheme is not None:
+                        return scheme
             return None
         if self.excluded(module):
             return None
         return QuantScheme(self.quant_algo, self.group_size)
 
     def _layer_map(self) -> dict:
-        return {k: _layer_entry(s) for k, s in sorted(self.quantized_layers.items())}
+        """{layer: entry}; a stacked MoE's experts sharing one format are one `...experts` entry, as
+        ModelOpt writes them."""
+        grouped: dict[str, set] = {}
+        for k, s in self.quantized_layers.items():
+            m = _EXPERT_LAYER.match(k)
+            if m:
+                grouped.setdefault(m.group(1), set()).add(s)
+        out = {}
+        for k, s in sorted(self.quantized_layers.items()):
+            m = _EXPERT_LAYER.match(k)
+            key = m.group(1) if m and len(grouped[m.group(1)]) == 1 else k
+            out[key] = _layer_entry(s)
+        return dict(sorted(out.items()))
 
     def to_hf_quant_config(self) -> dict:
         """The legacy `hf_quant_config.json` body."""
@@ -73,38 +101,77 @@ class ModelOptConfig:
     def to_config_json(self) -> dict:
         """The `quantization_config` entry of config.json (ModelOpt's compressed-tensors-shaped one)."""
         out: dict = {"quant_method": "modelopt", "quant_algo": self.quant_algo, "producer": dict(self.producer)}
-        if self.mixed:
-            out["quantized_layers"] = self._layer_map()
+        if self.mixed:   # as ModelOpt writes it: a group per format listing its layers, and the map
+            layers = self._layer_map()
+            algos = list(dict.fromkeys(entry["quant_algo"] for entry in layers.values()))
+            out["config_groups"] = {f"group_{i}": _config_group(QuantScheme(a, self.group_size),
+                                                                [k for k, e in layers.items() if e["quant_algo"] == a])
+                                    for i, a in enumerate(algos)}
+            out["quantized_layers"] = layers
+            out["ignore"] = []
         else:
-            nvfp4 = self.quant_algo in ("NVFP4", "W4A16_NVFP4")
-            weights = {"num_bits": 4 if nvfp4 else 8, "type": "float", "dynamic": False}
-            if nvfp4:
-                weights["group_size"] = self.group_size
-            group = {"weights": weights, "targets": ["Linear"]}
-            if self.quant_algo in ("NVFP4", "FP8"):
-                group["input_activations"] = {**weights, "dynamic": self.quant_algo == "NVFP4"}
-            out["config_groups"] = {"group_0": group}
+            out["config_groups"] = {"group_0": _config_group(QuantScheme(self.quant_algo, self.group_size), ["Linear"])}
             out["ignore"] = list(self.exclude_modules)
         if self.kv_cache_quant_algo:
             out["kv_cache_scheme"] = {"num_bits": 8, "type": "float", "dynamic": False}
         return out
 
 
+def spellings(module: str) -> tuple[str, ...]:
+    """A module name as checkpoints spell it: ours, and with the other root (transformers 5 writes
+    `model.` where NVIDIA's Nemotron-H releases write `backbone.`)."""
+    for ours, other in (("backbone.", "model."), ("model.", "backbone.")):
+        if module.startswith(ours):
+            return module, other + module[len(ours):]
+    return (module,)
+
+
 def matches(module: str, patterns: list[str]) -> bool:
     """exclude_modules entries are module names or fnmatch wildcards ("backbone.layers.4.mixer*");
-    an entry also covers the modules below it."""
-    return any(module == p or fnmatch.fnmatchcase(module, p) or module.startswith(p + ".") for p in patterns)
+    an entry also covers the modules below it. Either root spelling matches."""
+    return any(m == p or fnmatch.fnmatchcase(m, p) or m.startswith(p + ".") for m in spellings(module) for p in patterns)
+
+
+_EXPERT_LAYER = re.compile(r"^(.*\.experts)\.\d+\.(?:up_proj|down_proj)$")
+
+
+def _config_group(s: QuantScheme, targets: list[str]) -> dict:
+    """One config.json `config_groups` entry (the compressed-tensors shape ModelOpt writes); every
+    static activation scale is written `dynamic: false`, NVFP4's included."""
+    weights = {"num_bits": 4 if s.nvfp4 else 8, "type": "float", "dynamic": False}
+    if s.nvfp4:
+        weights["group_size"] = s.group_size
+    group: dict = {"weights": weights, "targets": targets}
+    if s.has_input_scale:
+        group["input_activations"] = dict(weights)
+    return group
 
 
 def _layer_entry(s: QuantScheme) -> dict:
     return {"quant_algo": s.algo, "group_size": s.group_size} if s.nvfp4 else {"quant_algo": s.algo}
 
 
-def normalize_name(name: str) -> str:
-    """A checkpoint module name in our naming (transformers' `model.` is the release's `backbone.`)."""
-    if name.startswith("language_model."):
-        name = name[len("language_model."):]
-    return "backbone." + name[len("model."):] if name.startswith("model.") else name
+def repair_name(name: str) -> str:
+    """A module name as ModelOpt meant to write it. 0.46-0.47 append a sentinel segment
+    (".\\x00modelopt_name_sentinel") before renaming `model.` to `backbone.`, with a pattern whose `.`
+    matches any character, so the sentinel itself is rewritten and never stripped:
+    "lm_head.\\x00backbone.pt_name_sentinel". Everything from the NUL on is the broken sentinel; a
+    trailing wildcard ("*", ".*") was appended after it."""
+    head, nul, tail = name.partition("\x00")
+    if not nul:
+        return name
+    suffix = ".*" if tail.endswith(".*") else "*" if tail.endswith("*") else ""
+    return head.removesuffix(".") + suffix
+
+
+def normalize_name(name: str, root: str = "backbone") -> str:
+    """A module name (a user's pattern, a checkpoint's entry) under the model's own root: VL / Omni
+    wrappers' `language_model.` dropped, `model.` / `backbone.` as `root`."""
+    name = name.removeprefix("language_model.")
+    for prefix in ("model.", "backbone."):
+        if name.startswith(prefix):
+            return f"{root}.{name[len(prefix):]}"
+    return name
 
 
 def _group_size(value, where: str) -> int:
@@ -164,8 +231,10 @@ def parse_quant_config(raw: dict, source: str = HF_QUANT_CONFIG) -> ModelOptConf
     producer = raw.get("producer") or q.get("producer") or {}
     if not isinstance(producer, dict):
         raise CheckpointError(f"{source}: producer must be an object, got {json_kind(producer)}")
-    cfg = ModelOptConfig(algo, group_size, [normalize_name(p) for p in exclude],
-                         kv_cache_quant_algo=str(kv).upper() if kv is not None else None, producer=producer)
+    repaired = sum(1 for p in exclude if "\x00" in p)
+    cfg = ModelOptConfig(algo, group_size, [repair_name(p).removeprefix("language_model.") for p in exclude],
+                         kv_cache_quant_algo=str(kv).upper() if kv is not None else None, producer=producer,
+                         source=source)
     if algo == "MIXED_PRECISION":
         layers = q.get("quantized_layers")
         if not isinstance(layers, dict):
@@ -173,13 +242,16 @@ def parse_quant_config(raw: dict, source: str = HF_QUANT_CONFIG) -> ModelOptConf
         for name, entry in layers.items():
             if not isinstance(entry, dict):
                 raise CheckpointError(f"{source}: quantized_layers[{name!r}] must be an object")
-            cfg.quantized_layers[normalize_name(name)] = _scheme(entry.get("quant_algo"), entry.get("group_size"),
-                                                             f"{source}: layer {name}")
+            repaired += "\x00" in name
+            key = repair_name(name).removeprefix("language_model.")
+            cfg.quantized_layers[key] = _scheme(entry.get("quant_algo"), entry.get("group_size"),
+                                                f"{source}: layer {key}")
     elif algo not in ALGOS:
         raise CheckpointError(f"{source}: quant_algo {algo!r} is not supported (supported: "
                               f"{', '.join(ALGOS)}, MIXED_PRECISION)")
     else:
         _scheme(algo, cfg.group_size, source)   # validates the group size
+    cfg.repaired_names = repaired
     return cfg
 
 
@@ -204,28 +276,107 @@ def read_quant_config(path: Path) -> ModelOptConfig | None:
 # the model's structure
 # --------------------------------------------------------------------------------------------------
 
-def _experts_scheme(cfg: ModelOptConfig, name: str, num_experts: int) -> QuantScheme | None:
+class StoredLayers:
+    """A checkpoint's tensors by module name and leaf ("weight", "weight_scale", ...), whichever root
+    the file spells; `refs` maps tensor names to anything with a `dtype` and a `shape`."""
+
+    def __init__(self, refs: Mapping[str, object]) -> None:
+        self.refs = {name.removeprefix("language_model."): ref for name, ref in refs.items()}
+
+    def get(self, layer: str, leaf: str):
+        for spelling in spellings(layer):
+            ref = self.refs.get(f"{spelling}.{leaf}")
+            if ref is not None:
+                return ref
+        return None
+
+
+_FP8_STORAGE = (torch.float8_e4m3fn, torch.int8, torch.uint8)   # older exports store FP8 bytes as int8
+
+
+def stored_unquantized(stored: StoredLayers, layer: str) -> bool:
+    """A float weight stored without a weight_scale."""
+    weight = stored.get(layer, "weight")
+    return (weight.dtype.is_floating_point and weight.dtype != torch.float8_e4m3fn
+            and stored.get(layer, "weight_scale") is None)
+
+
+def stored_scheme(stored: StoredLayers, layer: str) -> QuantScheme | None:
+    """The format a layer's stored tensors have (None: a float weight without scales), or an error
+    naming the tensor when they fit no format this package runs."""
+    if stored_unquantized(stored, layer):
+        return None
+    weight, scale = stored.get(layer, "weight"), stored.get(layer, "weight_scale")
+    if scale is None:
+        raise CheckpointError(f"tensor {layer}.weight is stored as {str(weight.dtype)[6:]} (quantized) but the "
+                              f"checkpoint has no {layer}.weight_scale")
+    has_input = stored.get(layer, "input_scale") is not None
+    if weight.dtype == torch.uint8 and stored.get(layer, "weight_scale_2") is not None:
+        return QuantScheme("NVFP4" if has_input else "W4A16_NVFP4")
+    if weight.dtype in _FP8_STORAGE and len(weight.shape) == 2:
+        n = math.prod(scale.shape)
+        if n == 1:
+            return QuantScheme("FP8")
+        if len(scale.shape) == 4:
+            return QuantScheme("FP8_PB_WO")
+        if n == weight.shape[0]:
+            return QuantScheme("FP8_PER_CHANNEL_PER_TOKEN")
+    raise CheckpointError(f"tensor {layer}.weight: a {str(weight.dtype)[6:]} weight of shape {list(weight.shape)} "
+                          f"with a weight_scale of shape {list(scale.shape)} is no format this package runs")
+
+
+def _layer_scheme(cfg: ModelOptConfig, layer: str, stored: StoredLayers | None, overruled: list[str]
+                  ) -> QuantScheme | None:
+    """The config's format for `layer`, unless its stored tensors say otherwise (noted in `overruled`).
+    Only quantized-or-not is read from the tensors when the config quantizes the layer, so a
+    quantized layer missing a scale stays an error of the loader."""
+    configured = cfg.scheme(layer)
+    if stored is None or stored.get(layer, "weight") is None:   # absent weights: the loader names them
+        return configured
+    if configured is not None:
+        if stored_unquantized(stored, layer):
+            overruled.append(f"{layer} (config: {configured.algo}; stored unquantized)")
+            return None
+        return configured
+    found = stored_scheme(stored, layer)
+    if found is not None:
+        overruled.append(f"{layer} (config: unquantized; stored {found.algo})")
+    return found
+
+
+def _experts_scheme(cfg: ModelOptConfig, name: str, num_experts: int, stored: StoredLayers | None,
+                    overruled: list[str]) -> QuantScheme | None:
     """One scheme for every expert of a stacked Experts module, or an error naming the layer."""
-    schemes = {cfg.scheme(f"{name}.{e}.{proj}") for e in range(num_experts) for proj in ("up_proj", "down_proj")}
+    notes: list[str] = []
+    schemes = {_layer_scheme(cfg, f"{name}.{e}.{proj}", stored, notes)
+               for e in range(num_experts) for proj in ("up_proj", "down_proj")}
     if len(schemes) > 1:
         got = ", ".join(sorted(s.algo if s else "unquantized" for s in schemes))
         raise CheckpointError(f"{name}: experts of one layer in different formats ({got}) are not supported")
+    if notes:
+        overruled.append(f"{name}.* ({len(notes)} expert weights: {notes[0].split(' (', 1)[1][:-1]})")
     return schemes.pop()
 
 
-def apply_quant_config(model: nn.Module, cfg: ModelOptConfig, compute_dtype: torch.dtype) -> dict[str, QuantScheme]:
+def apply_quant_config(model: nn.Module, cfg: ModelOptConfig, compute_dtype: torch.dtype,
+                       stored_tensors: Mapping[str, object] | None = None) -> dict[str, QuantScheme]:
     """Replace the linear layers (and stacked MoE experts) that `cfg` quantizes with quantized ones
-    of the same shapes (on the model's device, meta included), and add the KV-cache scales. Every
-    entry of a MIXED_PRECISION map must name a layer of the model. Returns {layer: scheme}."""
+    of the same shapes (on the model's device, meta included), and add the KV-cache scales.
+    `stored_tensors` (the checkpoint's tensors by name, with dtype and shape) lets the tensors decide
+    where they contradict the config. Every entry of a MIXED_PRECISION map must name a layer of the
+    model. Returns {layer: scheme}; warns once (CheckpointWarning) about repaired names and overruled
+    entries."""
     from ..layers.attention import Attention
     from ..layers.moe import Experts
 
+    stored = StoredLayers(stored_tensors) if stored_tensors is not None else None
+    overruled: list[str] = []
     done: dict[str, QuantScheme] = {}
     for name, module in list(model.named_modules()):
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         if isinstance(module, nn.Linear):
-            scheme = cfg.scheme(name)
+            scheme = _layer_scheme(cfg, name, stored, overruled)
             if scheme is None:
                 continue
             device = module.weight.device
@@ -237,7 +388,7 @@ def apply_quant_config(model: nn.Module, cfg: ModelOptConfig, compute_dtype: tor
             setattr(parent, child, q)
             done[name] = scheme
         elif isinstance(module, Experts):
-            scheme = _experts_scheme(cfg, name, module.num_experts)
+            scheme = _experts_scheme(cfg, name, module.num_experts, stored, overruled)
             if scheme is None:
                 continue
             e, i, x = module.up_proj.shape
@@ -249,18 +400,48 @@ def apply_quant_config(model: nn.Module, cfg: ModelOptConfig, compute_dtype: tor
             for j in range(e):
                 for proj in ("up_proj", "down_proj"):
                     done[f"{name}.{j}.{proj}"] = scheme
-    if cfg.kv_cache_quant_algo:   # after the projections were replaced: the scales live on them
-        for module in model.modules():
-            if isinstance(module, Attention):
-                device = module.k_proj.weight.device
-                module.k_proj.register_buffer("k_scale", torch.ones((), dtype=torch.float32, device=device))
-                module.v_proj.register_buffer("v_scale", torch.ones((), dtype=torch.float32, device=device))
-    if cfg.mixed:
-        unknown = sorted(k for k in cfg.quantized_layers if not any(n == k or n.startswith(k + ".") for n in done))
+    # the KV-cache scales live on the (possibly replaced) projections; the file decides where it has them
+    for name, module in model.named_modules():
+        if isinstance(module, Attention):
+            for proj, leaf in ((module.k_proj, "k_scale"), (module.v_proj, "v_scale")):
+                where = f"{name}.{'k_proj' if leaf == 'k_scale' else 'v_proj'}"
+                has = cfg.kv_cache_quant_algo is not None if stored is None else stored.get(where, leaf) is not None
+                if has != (cfg.kv_cache_quant_algo is not None):
+                    overruled.append(f"{where}.{leaf} (config: KV cache {cfg.kv_cache_quant_algo or 'unquantized'}; "
+                                     f"{'stored' if has else 'not stored'})")
+                if has:
+                    proj.register_buffer(leaf, torch.ones((), dtype=torch.float32, device=proj.weight.device))
+    if cfg.mixed:   # every entry names a layer (or a parent of layers) that could be quantized
+        layers = [s for n in _quantizable(model) for s in spellings(n)]
+        unknown = sorted(k for k in cfg.quantized_layers if not any(s == k or s.startswith(k + ".") for s in layers))
         if unknown:
-            raise CheckpointError(f"quantized_layers names {unknown[0]!r}, which is not a linear layer of this model"
-                                  + (f" (+{len(unknown) - 1} more)" if len(unknown) > 1 else ""))
+            raise CheckpointError(f"{cfg.source}: quantized_layers names {unknown[0]!r}, which is not a linear layer "
+                                  "of this model" + (f" (+{len(unknown) - 1} more)" if len(unknown) > 1 else ""))
+    notes = []
+    if cfg.repaired_names:
+        notes.append(f"repaired {cfg.repaired_names} module name(s) written with ModelOpt 0.46-0.47's name defect "
+                     "('...\\x00backbone.pt_name_sentinel')")
+    if overruled:
+        notes.append(f"the stored tensors overrule the quantization config for {len(overruled)} entr"
+                     f"{'y' if len(overruled) == 1 else 'ies'}: " + "; ".join(overruled[:4])
+                     + (f"; +{len(overruled) - 4} more" if len(overruled) > 4 else ""))
+    if notes:
+        warnings.warn(f"{cfg.source}: " + "; ".join(notes), CheckpointWarning, stacklevel=3)
     return done
+
+
+def _quantizable(model: nn.Module) -> list[str]:
+    """The names a quantization config can give a format: linear layers, and each stacked expert's
+    projections as the checkpoint names them."""
+    from ..layers.moe import Experts
+
+    out = []
+    for name, m in model.named_modules():
+        if isinstance(m, (nn.Linear, QuantLinear)):
+            out.append(name)
+        elif isinstance(m, (Experts, QuantExperts)):
+            out += [f"{name}.{e}.{p}" for e in range(m.num_experts) for p in ("up_proj", "down_proj")]
+    return out
 
 
 def quantized_layers(model: nn.Module) -> dict[str, QuantScheme]:

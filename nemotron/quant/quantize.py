@@ -278,7 +278,8 @@ def quantize_model(loaded, fmt: str, texts: list[str] | None = None, budget_bits
     if loaded.tokenizer is None:
         raise ValueError("calibration needs the checkpoint's tokenizer")
     model = loaded.model
-    exclude = DEFAULT_EXCLUDE + [normalize_name(p) for p in exclude or []]
+    root = "backbone" if hasattr(model, "backbone") else "model"   # Nemotron-H's root, or the decoders'
+    exclude = DEFAULT_EXCLUDE + [normalize_name(p, root) for p in exclude or []]
     batches = calibration_batches(loaded.tokenizer, texts or CALIBRATION_TEXTS)
     stats, kv_amax = calibrate(model, _progress(batches, progress, "calibrating"), exclude)
     errors = sensitivity(model, stats)

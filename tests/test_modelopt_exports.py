@@ -1,0 +1,134 @@
+"""Checkpoints written by NVIDIA's own nvidia-modelopt load as they are, and compute what their
+weights say: against transformers on the same weights dequantized by a decoder written here from
+the format's definition (independent of nemotron.quant.formats), and, where ModelOpt is installed,
+against ModelOpt's own fake-quantized model (our activation emulation on).
+
+Two sources: the exports kept in ../shared/fixtures/modelopt (ModelOpt 0.47.0; skipped when the folder
+is absent), and exports made at test time by the installed ModelOpt (tests/modelopt_export.py;
+skipped when it is not installed)."""
+
+from __future__ import annotations
+
+import json
+import math
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+import nemotron
+from nemotron.checkpoint import read_safetensors_index, write_safetensors
+from nemotron.errors import CheckpointWarning
+from nemotron.quant.modules import QuantExperts, QuantLinear
+
+from conftest import disable_hf_dt_clamp_
+
+FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "modelopt"
+FIXTURE_FORMATS = ["NVFP4", "FP8", "MIXED", "NVFP4_KV"]
+
+# E2M1 (FP4) code -> value: sign bit 3, then exponent 2 bits and mantissa 1 bit (OCP MX spec)
+E2M1_VALUES = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0])
+SCALE_LEAVES = ("weight_scale", "weight_scale_2", "input_scale", "k_scale", "v_scale")
+
+
+def decode_weight(tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+    """One layer's stored tensors -> its fp32 weight. NVFP4: two codes per byte, low nibble first,
+    times the E4M3 scale of each 16-element block times the fp32 global scale. FP8: E4M3 values times
+    the per-tensor, per-channel or 128x128-block scale."""
+    w, scale = tensors["weight"], tensors["weight_scale"].float()
+    if w.dtype == torch.uint8:
+        codes = torch.stack([w & 0x0F, w >> 4], dim=-1).reshape(w.shape[0], -1).long()
+        values = E2M1_VALUES[codes]
+        return values * scale.repeat_interleave(16, dim=1) * tensors["weight_scale_2"].float()
+    values = w.view(torch.float8_e4m3fn).float() if w.dtype != torch.float8_e4m3fn else w.float()
+    if scale.numel() == 1:
+        return values * scale.reshape(())
+    if scale.dim() == 4:   # [N/128, 1, K/128, 1]
+        return values * scale.reshape(scale.shape[0], scale.shape[2]).repeat_interleave(128, 0).repeat_interleave(128, 1)
+    return values * scale.reshape(-1, 1)
+
+
+def dequantized_checkpoint(export: Path, out: Path) -> Path:
+    """The export with every quantized weight decoded to fp32 and its scales dropped, config.json
+    without its quantization_config: an ordinary float checkpoint for transformers."""
+    refs = read_safetensors_index(export / "model.safetensors")
+    tensors = {name: ref.read() for name, ref in refs.items()}
+    layers = {name.rsplit(".", 1)[0] for name in tensors if name.endswith(".weight_scale")}
+    plain = {n: t for n, t in tensors.items() if not n.endswith(SCALE_LEAVES)}
+    for layer in layers:
+        plain[f"{layer}.weight"] = decode_weight({leaf: tensors[f"{layer}.{leaf}"] for leaf in
+                                                  ("weight", "weight_scale", "weight_scale_2")
+                                                  if f"{layer}.{leaf}" in tensors})
+    out.mkdir(parents=True, exist_ok=True)
+    write_safetensors(out / "model.safetensors", plain, metadata={"format": "pt"})
+    config = json.loads((export / "config.json").read_text())
+    config.pop("quantization_config", None)
+    (out / "config.json").write_text(json.dumps(config))
+    return out
+
+
+def transformers_logits(path: Path, ids: torch.Tensor) -> torch.Tensor:
+    from transformers import AutoModelForCausalLM
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        hf = disable_hf_dt_clamp_(AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval())
+    with torch.no_grad():
+        return hf(ids).logits
+
+
+def our_logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(ids)
+
+
+def relative_error(ours: torch.Tensor, ref: torch.Tensor) -> float:
+    """max |Δlogit| in units of the reference logits' standard deviation."""
+    return ((ours - ref).abs().max() / ref.std()).item()
+
+
+def load_export(path: Path) -> nemotron.LoadedModel:
+    """nemotron.load, with the one warning a 0.46-0.47 export earns (its mangled names) checked."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        loaded = nemotron.load(path)
+    notes = [str(w.message) for w in caught if issubclass(w.category, CheckpointWarning)]
+    mangled = "\x00" in (path / "hf_quant_config.json").read_text(encoding="utf-8") or \
+        "\\u0000" in (path / "hf_quant_config.json").read_text()
+    assert len(notes) == (1 if mangled else 0), notes
+    if mangled:
+        assert "repaired" in notes[0] and "overrule" not in notes[0], notes[0]
+    return loaded
+
+
+def quantized_formats(model: torch.nn.Module) -> dict[str, str]:
+    return {n: m.scheme.algo for n, m in model.named_modules() if isinstance(m, (QuantLinear, QuantExperts))}
+
+
+# --------------------------------------------------------------------------------------------------
+# the exports kept as fixtures (ModelOpt 0.47.0)
+# --------------------------------------------------------------------------------------------------
+
+needs_fixtures = pytest.mark.skipif(not FIXTURES.is_dir(), reason="../shared/fixtures/modelopt is absent")
+
+
+@needs_fixtures
+@pytest.mark.parametrize("fmt", FIXTURE_FORMATS)
+def test_fixture_export_matches_transformers_on_decoded_weights(fmt, tmp_path):
+    export = FIXTURES / f"nemotron_h-{fmt}"
+    loaded = load_export(export)
+    formats = quantized_formats(loaded.model)
+    assert "lm_head" not in formats and formats, formats   # excluded by its (repaired) name, the rest quantized
+    if fmt == "MIXED":
+        assert set(formats.values()) == {"NVFP4", "FP8"}
+        assert formats["backbone.layers.1.mixer.experts"] == "FP8"   # one entry for a MoE's routed experts
+    else:
+        assert set(formats.values()) == {"FP8" if fmt == "FP8" else "NVFP4"}
+    if fmt == "NVFP4_KV":
+        k_scale = loaded.model.backbone.layers[2].mixer.k_proj.k_scale
+        assert k_scale.item() > 0
+    ids = torch.randint(0, loaded.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
+    ref = transformers_logits(dequantized_checkpoint(export, tmp_path / "decoded"), ids)
+    err = relative_error(our_logits(loaded.model, ids), ref)
+    assert err <= 1e-3, (fmt, err)
