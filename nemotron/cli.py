@@ -6,10 +6,11 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import warnings
 from collections import Counter
 from pathlib import Path
 
-from .errors import NemotronError
+from .errors import CheckpointWarning, NemotronError
 
 
 def _human(n: float, unit: str = "") -> str:
@@ -500,7 +501,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """The package's own warnings as one `warning: ...` line, like its errors; others as Python shows them."""
+    if issubclass(category, CheckpointWarning):
+        print(f"warning: {message}", file=sys.stderr if file is None else file)
+    else:
+        _python_show_warning(message, category, filename, lineno, file, line)
+
+
+_python_show_warning = warnings.showwarning
+
+
 def main(argv: list[str] | None = None) -> int:
+    warnings.showwarning = _show_warning
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if args.command in ("train", "recipe"):  # key=value overrides may come before or after the flags

@@ -10,7 +10,7 @@ skipped when it is not installed)."""
 from __future__ import annotations
 
 import json
-import math
+import shutil
 import warnings
 from pathlib import Path
 
@@ -132,3 +132,21 @@ def test_fixture_export_matches_transformers_on_decoded_weights(fmt, tmp_path):
     ref = transformers_logits(dequantized_checkpoint(export, tmp_path / "decoded"), ids)
     err = relative_error(our_logits(loaded.model, ids), ref)
     assert err <= 1e-3, (fmt, err)
+
+
+@needs_fixtures
+def test_cli_generates_from_a_fixture_export_with_one_warning_line(tmp_path):
+    """The real CLI on ModelOpt's NVFP4 export (with a byte tokenizer added): it generates, and the
+    name repair is one `warning:` line."""
+    from nemotron.init import write_byte_tokenizer
+
+    from checkpoints import cli
+
+    export = tmp_path / "nvfp4"
+    shutil.copytree(FIXTURES / "nemotron_h-NVFP4", export)
+    write_byte_tokenizer(export)
+    r = cli("generate", "--model", export, "Hello", "--max-new-tokens", "4", "--temperature", "0")
+    assert r.returncode == 0, r.stderr[-2000:]
+    lines = r.stderr.strip().splitlines()
+    assert lines == [f"warning: {export / 'hf_quant_config.json'}: repaired 6 module name(s) written with ModelOpt "
+                     "0.46-0.47's name defect ('...\\x00backbone.pt_name_sentinel')"], r.stderr[-2000:]

@@ -6,15 +6,17 @@ from __future__ import annotations
 
 import json
 import shutil
+import warnings
 
 import pytest
 import torch
 
 import nemotron
 from nemotron.checkpoint import read_safetensors_index, write_safetensors
-from nemotron.errors import CheckpointError
+from nemotron.errors import CheckpointError, CheckpointWarning
 from nemotron.init import init_checkpoint, tiny_super_config
 from nemotron.quant import formats
+from nemotron.quant.modelopt import repair_name
 from nemotron.quant.modules import QuantExperts, QuantLinear, set_activation_emulation
 
 # layer -> format in the hand-built MIXED_PRECISION checkpoint (layers 1 and 4 are LatentMoE, 3 attention)
@@ -272,3 +274,122 @@ def test_changing_the_model_dtype_keeps_the_stored_formats(hand_built):
     with torch.inference_mode():
         logits = m.model(torch.randint(5, 300, (1, 6)))
     assert logits.dtype == torch.float32 and torch.isfinite(logits).all()
+
+
+def _load_warning(path) -> tuple[nemotron.LoadedModel, list[str]]:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        m = nemotron.load(path)
+    return m, [str(w.message) for w in caught if issubclass(w.category, CheckpointWarning)]
+
+
+def test_tensors_overrule_a_config_that_quantizes_a_float_layer(hand_built, tmp_path):
+    """A layer the config quantizes whose weight is stored in float with no scales is unquantized
+    (one warning names it), never refused."""
+    _, quant, _, reference = hand_built
+
+    def edit(q):
+        q["quantized_layers"]["lm_head"] = {"quant_algo": "NVFP4", "group_size": 16}
+        q["quantized_layers"]["backbone.layers.3.mixer.q_proj"] = {"quant_algo": "FP8"}
+
+    m, notes = _load_warning(_variant(quant, tmp_path, edit_config=edit))
+    assert not isinstance(m.model.lm_head, QuantLinear)
+    assert not isinstance(m.model.backbone.layers[3].mixer.q_proj, QuantLinear)
+    assert len(notes) == 1 and "lm_head (config: NVFP4; stored unquantized)" in notes[0], notes
+    assert "backbone.layers.3.mixer.q_proj (config: FP8; stored unquantized)" in notes[0]
+    ids = torch.randint(5, 300, (1, 9))
+    with torch.inference_mode():
+        torch.testing.assert_close(m.model(ids), reference.model(ids), rtol=1e-5, atol=1e-5)
+
+
+def test_tensors_overrule_a_config_that_leaves_a_quantized_layer_out(hand_built, tmp_path):
+    """Layers the config leaves out whose tensors are packed NVFP4 / FP8 with scales load in the
+    format their tensors have."""
+    _, quant, _, reference = hand_built
+
+    def edit(q):
+        del q["quantized_layers"]["backbone.layers.0.mixer.in_proj"]                     # NVFP4 + input_scale
+        del q["quantized_layers"]["backbone.layers.0.mixer.out_proj"]                    # W4A16: no input_scale
+        del q["quantized_layers"]["backbone.layers.1.mixer.shared_experts.up_proj"]      # per-channel FP8
+        for key in [k for k in q["quantized_layers"] if k.startswith(EXPERTS + ".")]:
+            del q["quantized_layers"][key]
+
+    m, notes = _load_warning(_variant(quant, tmp_path, edit_config=edit))
+    layers = m.model.backbone.layers
+    assert layers[0].mixer.in_proj.scheme.algo == "NVFP4"
+    assert layers[0].mixer.out_proj.scheme.algo == "W4A16_NVFP4"
+    assert layers[1].mixer.shared_experts.up_proj.scheme.algo == "FP8_PER_CHANNEL_PER_TOKEN"
+    assert isinstance(layers[4].mixer.experts, QuantExperts) and layers[4].mixer.experts.scheme.algo == "NVFP4"
+    assert len(notes) == 1 and "backbone.layers.0.mixer.in_proj (config: unquantized; stored NVFP4)" in notes[0]
+    assert f"{EXPERTS}.* ({2 * tiny_super_config().n_routed_experts} expert weights: config: unquantized; stored NVFP4)" \
+        in notes[0], notes[0]
+    ids = torch.randint(5, 300, (1, 9))
+    with torch.inference_mode():
+        torch.testing.assert_close(m.model(ids), reference.model(ids), rtol=1e-5, atol=1e-5)
+
+
+def test_a_quantized_weight_without_its_scale_is_an_error_naming_it(hand_built, tmp_path):
+    _, quant, _, _ = hand_built
+
+    def edit_config(q):
+        del q["quantized_layers"]["backbone.layers.0.mixer.in_proj"]
+
+    def edit_tensors(t):
+        del t["backbone.layers.0.mixer.in_proj.weight_scale"]
+
+    with pytest.raises(CheckpointError, match=r"backbone\.layers\.0\.mixer\.in_proj\.weight is stored as uint8 "
+                                              r"\(quantized\) but the checkpoint has no .*weight_scale"):
+        nemotron.load(_variant(quant, tmp_path, edit_config=edit_config, edit_tensors=edit_tensors))
+
+
+@pytest.mark.parametrize("written, meant", [
+    ("lm_head.\x00backbone.pt_name_sentinel", "lm_head"),
+    ("backbone.layers.1.mixer.experts.\x00backbone.pt_name_sentinel", "backbone.layers.1.mixer.experts"),
+    ("backbone.layers.4.mixer.\x00backbone.pt_name_sentinel.*", "backbone.layers.4.mixer.*"),
+    ("*.mixer.gate.\x00backbone.pt_name_sentinel*", "*.mixer.gate*"),
+    ("backbone.layers.0.mixer.in_proj", "backbone.layers.0.mixer.in_proj"),
+])
+def test_modelopt_name_sentinel_defect_is_repaired(written, meant):
+    """ModelOpt 0.46-0.47 write every exclude_modules / quantized_layers name with their rename
+    sentinel mangled (see ../shared/fixtures/modelopt); wildcards follow the sentinel."""
+    assert repair_name(written) == meant
+
+
+def test_mangled_names_load_with_one_warning(hand_built, tmp_path):
+    _, quant, _, reference = hand_built
+
+    def edit(q):
+        q["quantized_layers"] = {f"{k}.\x00backbone.pt_name_sentinel": v for k, v in q["quantized_layers"].items()}
+        q["exclude_modules"] = ["lm_head.\x00backbone.pt_name_sentinel",
+                                "backbone.layers.2.mixer.\x00backbone.pt_name_sentinel*"]
+
+    m, notes = _load_warning(_variant(quant, tmp_path, edit_config=edit))
+    assert notes == [f"{tmp_path / 'variant' / 'hf_quant_config.json'}: repaired {len(LAYERS) + 2 * tiny_super_config().n_routed_experts + 2} module "
+                     "name(s) written with ModelOpt 0.46-0.47's name defect ('...\\x00backbone.pt_name_sentinel')"]
+    assert m.model.backbone.layers[0].mixer.in_proj.scheme.algo == "NVFP4"
+    ids = torch.randint(5, 300, (1, 9))
+    with torch.inference_mode():
+        torch.testing.assert_close(m.model(ids), reference.model(ids), rtol=1e-5, atol=1e-5)
+
+
+def test_kv_scales_follow_the_tensors(hand_built, tmp_path):
+    """A config announcing an FP8 KV cache without k_scale / v_scale tensors loads with the scales
+    absent (1.0, as vLLM defaults them) and says so; stored scales the config does not announce load."""
+    _, quant, _, _ = hand_built
+
+    def announce(q):
+        q["kv_cache_quant_algo"] = "FP8"
+
+    m, notes = _load_warning(_variant(quant, tmp_path, edit_config=announce))
+    attn = m.model.backbone.layers[3].mixer
+    assert not hasattr(attn.k_proj, "k_scale") and "k_proj.k_scale (config: KV cache FP8; not stored)" in notes[0]
+
+    def store(t):
+        t["backbone.layers.3.mixer.k_proj.k_scale"] = torch.tensor(2.0)
+        t["backbone.layers.3.mixer.v_proj.v_scale"] = torch.tensor(3.0)
+
+    shutil.rmtree(tmp_path / "variant")
+    m, notes = _load_warning(_variant(quant, tmp_path, edit_tensors=store))
+    attn = m.model.backbone.layers[3].mixer
+    assert (attn.k_proj.k_scale.item(), attn.v_proj.v_scale.item()) == (2.0, 3.0)
+    assert "v_proj.v_scale (config: KV cache unquantized; stored)" in notes[0]
