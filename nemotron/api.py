@@ -12,7 +12,8 @@ import torch
 from torch import nn
 
 from .cache import CacheOptions
-from .checkpoint import checkpoint_dtype, checkpoint_files, load_checkpoint_config, load_weights, save_checkpoint
+from .checkpoint import (checkpoint_dtype, checkpoint_files, load_checkpoint_config, load_weights,
+                         match_checkpoint, save_checkpoint)
 from .config import DTYPES, AnyConfig
 from .errors import CheckpointError, NemotronError
 from .files import is_present
@@ -327,9 +328,10 @@ def load(
         raise CheckpointError(f"{path / 'tokenizer.json'}: {tokenizer.vocab_size} tokens, more than the model's "
                               f"vocab_size of {config.vocab_size}")
     dtype = parse_dtype(dtype) or checkpoint_dtype(config)
+    refs = checkpoint_files(path, allow_pickle)
+    config, refs = match_checkpoint(config, refs)   # the checkpoint's name variants (checkpoint.NAME_MAPS)
     with torch.device("meta"):
         model = build_model(config)
-    refs = checkpoint_files(path, allow_pickle)
     quant = read_quant_config(path)
     if quant is not None:   # NVFP4 / FP8 (ModelOpt format): the layers it quantizes keep its storage
         apply_quant_config(model, quant, dtype, refs)

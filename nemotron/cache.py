@@ -13,13 +13,17 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .quant import formats
+
 
 @dataclass
 class CacheOptions:
     """How a model's inference state is stored (`model.cache_options`, read by `new_cache`).
 
-    kv_dtype: "auto" (the model dtype) or "fp8" (E4M3 with the checkpoint's per-layer k_scale /
-    v_scale, 1.0 when it has none: half the bytes of bf16, a quarter of fp32). ssm_dtype: the Mamba
+    kv_dtype: "auto" (the model dtype), "fp8" (E4M3 with the checkpoint's per-layer k_scale /
+    v_scale, 1.0 when it has none: half the bytes of bf16, a quarter of fp32) or "nvfp4" (E2M1 in
+    16-element blocks along the head dimension with E4M3 block scales and the checkpoint's scale / 6
+    as the global scale, as ModelOpt's NVFP4 KV cache: 4.5 bits a value). ssm_dtype: the Mamba
     SSM state's dtype ("float32", "float16", "bfloat16"; None: the config's mamba_ssm_cache_dtype).
     ssm_rounding: how a low-precision SSM state is rounded after each update, "nearest" or
     "stochastic" (unbiased: a value lands on either neighbour with odds by distance, which keeps
@@ -32,21 +36,26 @@ class CacheOptions:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.kv_dtype not in ("auto", "fp8"):
-            raise ValueError(f"kv cache dtype must be 'auto' or 'fp8', not {self.kv_dtype!r}")
+        if self.kv_dtype not in ("auto", "fp8", "nvfp4"):
+            raise ValueError(f"kv cache dtype must be 'auto', 'fp8' or 'nvfp4', not {self.kv_dtype!r}")
         if self.ssm_dtype not in (None, "float32", "float16", "bfloat16"):
             raise ValueError(f"SSM cache dtype must be float32, float16 or bfloat16, not {self.ssm_dtype!r}")
         if self.ssm_rounding not in ("nearest", "stochastic"):
             raise ValueError(f"SSM rounding must be 'nearest' or 'stochastic', not {self.ssm_rounding!r}")
 
     def kv_state(self, attention, batch: int, max_len: int, dtype: torch.dtype, device) -> "KVState":
-        """An attention layer's empty KV cache: the model dtype, or E4M3 with the checkpoint's
-        k_scale / v_scale (1.0 without)."""
-        if self.kv_dtype != "fp8":
+        """An attention layer's empty KV cache: the model dtype, or E4M3 / NVFP4 with the checkpoint's
+        k_scale / v_scale (FP8's amax / 448; 1.0 without)."""
+        if self.kv_dtype == "auto":
             return KVState.empty(batch, attention.num_kv_heads, max_len, attention.head_dim, dtype, device)
         k, v = getattr(attention.k_proj, "k_scale", None), getattr(attention.v_proj, "v_scale", None)
-        return KVState.empty(batch, attention.num_kv_heads, max_len, attention.head_dim, torch.float8_e4m3fn, device,
-                             1.0 if k is None else float(k), 1.0 if v is None else float(v))
+        k, v = 1.0 if k is None else float(k), 1.0 if v is None else float(v)
+        if self.kv_dtype == "fp8":
+            return KVState.empty(batch, attention.num_kv_heads, max_len, attention.head_dim, torch.float8_e4m3fn,
+                                 device, k, v)
+        # NVFP4's global scale is amax / (6 * 448): the FP8 scale over E2M1's largest value
+        return KVState.empty(batch, attention.num_kv_heads, max_len, attention.head_dim, torch.uint8, device,
+                             k / formats.E2M1_MAX, v / formats.E2M1_MAX)
 
 
 def stochastic_round(x: torch.Tensor, dtype: torch.dtype, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -74,7 +83,9 @@ def round_into(dst: torch.Tensor, src: torch.Tensor, rounding: str = "nearest",
 @dataclass
 class KVState:
     """Static KV cache of one attention layer: [B, kv_heads, max_len, head_dim]. An FP8 cache stores
-    k / k_scale and v / v_scale in E4M3 and hands back dequantized keys and values."""
+    k / k_scale and v / v_scale in E4M3 and hands back dequantized keys and values. An NVFP4 cache
+    (uint8) stores each head vector as its packed E2M1 codes followed by its E4M3 block scales,
+    head_dim / 2 + head_dim / 16 bytes, so rows, slices and scatters treat it like any other cache."""
 
     k: torch.Tensor
     v: torch.Tensor
@@ -84,7 +95,10 @@ class KVState:
     @classmethod
     def empty(cls, batch: int, kv_heads: int, max_len: int, head_dim: int, dtype: torch.dtype,
               device: torch.device | str, k_scale: float = 1.0, v_scale: float = 1.0) -> "KVState":
-        shape = (batch, kv_heads, max_len, head_dim)
+        width = head_dim // 2 + head_dim // formats.NVFP4_BLOCK if dtype == torch.uint8 else head_dim
+        if dtype == torch.uint8 and head_dim % formats.NVFP4_BLOCK:
+            raise ValueError(f"an NVFP4 KV cache needs a head dimension divisible by 16, got {head_dim}")
+        shape = (batch, kv_heads, max_len, width)
         return cls(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device),
                    k_scale, v_scale)
 
@@ -92,10 +106,21 @@ class KVState:
     def fp8(self) -> bool:
         return self.k.dtype == torch.float8_e4m3fn
 
+    @property
+    def nvfp4(self) -> bool:
+        return self.k.dtype == torch.uint8
+
     def _store(self, x: torch.Tensor, scale: float) -> torch.Tensor:
+        if self.nvfp4:
+            packed, block_scale, _ = formats.nvfp4_quantize(x, torch.tensor(scale, dtype=torch.float32))
+            return torch.cat([packed, block_scale.view(torch.uint8)], dim=-1)
         return (x.float() / scale).clamp(-448.0, 448.0).to(self.k.dtype) if self.fp8 else x
 
     def _load(self, x: torch.Tensor, scale: float, dtype: torch.dtype) -> torch.Tensor:
+        if self.nvfp4:
+            half = x.shape[-1] * 8 // 9   # head_dim / 2 code bytes, then head_dim / 16 scale bytes
+            return formats.nvfp4_dequantize(x[..., :half], x[..., half:].view(torch.float8_e4m3fn),
+                                            torch.tensor(scale, dtype=torch.float32), dtype)
         return (x.float() * scale).to(dtype) if self.fp8 else x
 
     def rows(self, start: int, end: int) -> "KVState":
@@ -123,10 +148,11 @@ class KVState:
     def update_static(self, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """One token per row (k/v [B, kv, 1, hd]) written at pos [B] (a tensor); returns the whole
         buffer. Shapes never change, so a compiled decode step never recompiles (gpt-fast style)."""
-        index = pos.view(-1, 1, 1, 1).expand(-1, k.shape[1], 1, k.shape[3])
         dtype = k.dtype
-        self.k.scatter_(2, index, self._store(k, self.k_scale))
-        self.v.scatter_(2, index, self._store(v, self.v_scale))
+        k, v = self._store(k, self.k_scale), self._store(v, self.v_scale)
+        index = pos.view(-1, 1, 1, 1).expand(-1, k.shape[1], 1, k.shape[3])
+        self.k.scatter_(2, index, k)
+        self.v.scatter_(2, index, v)
         return self._load(self.k, self.k_scale, dtype), self._load(self.v, self.v_scale, dtype)
 
     def copy_row(self, src: int, dst: int) -> None:

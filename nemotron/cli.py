@@ -151,8 +151,9 @@ def _cache_options(args: argparse.Namespace):
 
 
 def _cache_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--kv-cache-dtype", choices=["auto", "fp8"], default="auto",
-                   help="fp8: E4M3 attention KV cache with the checkpoint's k/v scales")
+    p.add_argument("--kv-cache-dtype", choices=["auto", "fp8", "nvfp4"], default="auto",
+                   help="fp8: E4M3 attention KV cache with the checkpoint's k/v scales; nvfp4: 4-bit blocks "
+                        "(ModelOpt's NVFP4 KV cache)")
     p.add_argument("--ssm-cache-dtype", choices=["float32", "float16", "bfloat16"],
                    help="the Mamba SSM state's dtype (default: the config's mamba_ssm_cache_dtype)")
     p.add_argument("--ssm-rounding", choices=["nearest", "stochastic"], default="nearest",

@@ -43,6 +43,41 @@ def test_fp8_kv_state_stores_scaled_e4m3_and_returns_dequantized():
     assert keys.dtype == torch.float32 and (keys - k).abs().max() < 0.15
 
 
+def test_nvfp4_kv_state_stores_packed_blocks_and_returns_dequantized():
+    """Each head vector is kept as E2M1 codes plus E4M3 scales of its 16-element blocks (4.5 bits a
+    value), with the checkpoint's scale / 6 as the global scale; written by slice and by scatter."""
+    from nemotron.quant.formats import nvfp4_fake_quantize
+
+    kv = KVState.empty(2, 2, 8, 32, torch.uint8, "cpu", k_scale=3.0 / 6, v_scale=0.5 / 6)
+    assert kv.k.shape == (2, 2, 8, 16 + 2) and kv.bytes_per_token == 2 * 2 * 18
+    k, v = torch.randn(2, 2, 3, 32) * 2, torch.randn(2, 2, 3, 32) * 0.2
+    keys, values = kv.update(k, v, [0, 0])
+    torch.testing.assert_close(keys, nvfp4_fake_quantize(k, torch.tensor(3.0 / 6)))
+    torch.testing.assert_close(values, nvfp4_fake_quantize(v, torch.tensor(0.5 / 6)))
+    assert 0 < (keys - k).abs().max() < 0.2 * k.abs().max()
+    k2 = torch.randn(2, 2, 1, 32)
+    keys, _ = kv.update_static(k2, k2, torch.tensor([3, 5]))
+    torch.testing.assert_close(keys[0, :, 3:4], nvfp4_fake_quantize(k2[0:1], torch.tensor(3.0 / 6))[0])
+    torch.testing.assert_close(keys[1, :, 5:6], nvfp4_fake_quantize(k2[1:2], torch.tensor(3.0 / 6))[0])
+    kv.copy_row(0, 1)
+    assert torch.equal(kv.k[1], kv.k[0])
+    with pytest.raises(ValueError, match="divisible by 16"):
+        KVState.empty(1, 1, 4, 24, torch.uint8, "cpu")
+
+
+def test_nvfp4_kv_cache_decodes_close_to_the_full_precision_cache(ckpt):
+    plain = nemotron.load(ckpt)
+    low = nemotron.load(ckpt, cache=CacheOptions(kv_dtype="nvfp4"))
+    ids, step = torch.randint(5, 300, (1, 24)), torch.tensor([[7]])
+    with torch.inference_mode():
+        c_plain, c_low = plain.model.new_cache(1, 64), low.model.new_cache(1, 64)
+        assert {s.k.dtype for s in c_low.layers if isinstance(s, KVState)} == {torch.uint8}
+        assert c_low.kv_bytes_per_token * 64 == c_plain.kv_bytes_per_token * 9   # 4.5 bits a value against fp32 32
+        outs = [(plain.model(ids, c_plain), low.model(ids, c_low)), (plain.model(step, c_plain), low.model(step, c_low))]
+    for a, b in outs:
+        assert 0 < (a - b).abs().max() < 0.25 * a.abs().max()
+
+
 def test_fp8_kv_cache_decodes_close_to_the_full_precision_cache(ckpt):
     plain = nemotron.load(ckpt)
     fp8 = nemotron.load(ckpt, cache=CacheOptions(kv_dtype="fp8"))

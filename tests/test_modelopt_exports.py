@@ -44,8 +44,9 @@ def decode_weight(tensors: dict[str, torch.Tensor]) -> torch.Tensor:
     values = w.view(torch.float8_e4m3fn).float() if w.dtype != torch.float8_e4m3fn else w.float()
     if scale.numel() == 1:
         return values * scale.reshape(())
-    if scale.dim() == 4:   # [N/128, 1, K/128, 1]
-        return values * scale.reshape(scale.shape[0], scale.shape[2]).repeat_interleave(128, 0).repeat_interleave(128, 1)
+    if scale.dim() == 4:   # [ceil(N/128), 1, ceil(K/128), 1]: the edge tiles are partial
+        tiles = scale.reshape(scale.shape[0], scale.shape[2]).repeat_interleave(128, 0).repeat_interleave(128, 1)
+        return values * tiles[:w.shape[0], :w.shape[1]]
     return values * scale.reshape(-1, 1)
 
 

@@ -105,6 +105,21 @@ def test_fp8_granularities(granularity, scale_shape):
         torch.testing.assert_close(fp8_dequantize(q, scale.reshape(2, 1, 3, 1)), dq)
 
 
+def test_fp8_blocks_at_ragged_edges():
+    """Dimensions that are not multiples of 128 (a Mamba in_proj of 648 rows) get partial edge tiles,
+    each scaled by its own amax, as ModelOpt exports them ([ceil(N/128), 1, ceil(K/128), 1])."""
+    torch.manual_seed(0)
+    w = torch.randn(200, 300)
+    w[150:, 260:] *= 50.0                      # the corner tile's own amax
+    q, scale = fp8_quantize(w, "block")
+    assert tuple(scale.shape) == (2, 3)
+    for bi, rows in enumerate((slice(0, 128), slice(128, 200))):
+        for bj, cols in enumerate((slice(0, 128), slice(128, 256), slice(256, 300))):
+            assert float(scale[bi, bj]) == pytest.approx(float(w[rows, cols].abs().max()) / 448.0, rel=1e-6)
+    dq = fp8_dequantize(q, scale.reshape(2, 1, 3, 1))
+    assert dq.shape == w.shape and (dq - w).abs().max() <= w.abs().max() / 448.0 * 16
+
+
 def test_fp8_hand_computed():
     w = torch.tensor([[448.0, -224.0, 1.0, 0.0]])
     q, scale = fp8_quantize(w)

@@ -135,8 +135,9 @@ def test_w4a4_emulation_fake_quantizes_inputs(hand_built):
                                  stored["backbone.layers.0.mixer.in_proj.weight_scale"],
                                  stored["backbone.layers.0.mixer.in_proj.weight_scale_2"])
     torch.testing.assert_close(layer(x), x @ w.t())
-    # NVFP4 (W4A4), FP8 o_proj and the NVFP4 experts carry input scales; W4A16 and per-channel FP8 do not
-    assert set_activation_emulation(m.model) == 4
+    # NVFP4 (W4A4), FP8 o_proj and the NVFP4 experts carry input scales, per-channel FP8 quantizes each
+    # token at run time; W4A16 does not touch its inputs
+    assert set_activation_emulation(m.model) == 5
     xq = formats.nvfp4_fake_quantize(x, stored["backbone.layers.0.mixer.in_proj.input_scale"])
     assert not torch.equal(xq, x)
     torch.testing.assert_close(layer(x), xq @ w.t())
@@ -144,6 +145,13 @@ def test_w4a4_emulation_fake_quantizes_inputs(hand_built):
     x = torch.randn(2, out.in_features)
     xq = formats.fp8_fake_quantize(x, stored["backbone.layers.3.mixer.o_proj.input_scale"])
     torch.testing.assert_close(out(x), xq @ out.dequantized_weight().t())
+    up = m.model.backbone.layers[1].mixer.shared_experts.up_proj     # FP8_PER_CHANNEL_PER_TOKEN
+    x = torch.randn(4, up.in_features) * torch.tensor([[0.01], [1.0], [30.0], [500.0]])
+    step = x.abs().amax(-1, keepdim=True) / 448.0                     # each token its own scale
+    xq = (x / step).to(torch.float8_e4m3fn).float() * step
+    assert not torch.equal(xq, x)
+    torch.testing.assert_close(up(x), xq @ up.dequantized_weight().t())
+    assert not m.model.backbone.layers[0].mixer.out_proj.emulate_activations   # W4A16
 
 
 def test_config_json_quantization_config_shape_loads(hand_built, tmp_path):

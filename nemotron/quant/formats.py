@@ -136,7 +136,9 @@ def nvfp4_fake_quantize(x: torch.Tensor, input_scale: torch.Tensor) -> torch.Ten
 
 def fp8_quantize(w: torch.Tensor, granularity: str = "tensor") -> tuple[torch.Tensor, torch.Tensor]:
     """[N, K] -> (float8_e4m3fn [N, K], fp32 scale): granularity "tensor" (a scalar, amax / 448),
-    "channel" ([N], one per output row) or "block" ([N/128, K/128], one per 128x128 tile)."""
+    "channel" ([N], one per output row) or "block" ([ceil(N/128), ceil(K/128)], one per 128x128 tile;
+    the last row and column of tiles are partial when a dimension is not a multiple of 128, as
+    ModelOpt exports them)."""
     w32 = w.float()
     if granularity == "tensor":
         amax = w32.abs().amax()
@@ -144,9 +146,8 @@ def fp8_quantize(w: torch.Tensor, granularity: str = "tensor") -> tuple[torch.Te
         amax = w32.abs().amax(-1)
     elif granularity == "block":
         n, k = w32.shape
-        if n % FP8_BLOCK or k % FP8_BLOCK:
-            raise ValueError(f"128x128 block FP8 needs both dimensions to be multiples of 128, got {[n, k]}")
-        amax = w32.view(n // FP8_BLOCK, FP8_BLOCK, k // FP8_BLOCK, FP8_BLOCK).abs().amax((1, 3))
+        padded = torch.nn.functional.pad(w32.abs(), (0, -k % FP8_BLOCK, 0, -n % FP8_BLOCK))
+        amax = padded.view(padded.shape[0] // FP8_BLOCK, FP8_BLOCK, padded.shape[1] // FP8_BLOCK, FP8_BLOCK).amax((1, 3))
     else:
         raise ValueError(f"unknown FP8 granularity {granularity!r} (tensor, channel or block)")
     scale = torch.where(amax > 0, amax / E4M3_MAX, torch.ones_like(amax))
@@ -154,13 +155,13 @@ def fp8_quantize(w: torch.Tensor, granularity: str = "tensor") -> tuple[torch.Te
 
 
 def _expand_fp8_scale(scale: torch.Tensor, shape: torch.Size) -> torch.Tensor:
-    """A per-tensor, per-channel [N] or per-block [N/128, K/128] scale broadcast to [N, K]."""
+    """A per-tensor, per-channel [N] or per-block [ceil(N/128), ceil(K/128)] scale broadcast to [N, K]."""
     if scale.dim() == 0:
         return scale
     if scale.dim() == 1:
         return scale[:, None]
     n, k = shape
-    return scale.reshape(n // FP8_BLOCK, 1, k // FP8_BLOCK, 1).expand(-1, FP8_BLOCK, -1, FP8_BLOCK).reshape(n, k)
+    return scale.repeat_interleave(FP8_BLOCK, 0)[:n].repeat_interleave(FP8_BLOCK, 1)[:, :k]
 
 
 _E4M3_VALUES: dict[torch.device, torch.Tensor] = {}
@@ -175,12 +176,21 @@ def e4m3_to_float(q: torch.Tensor) -> torch.Tensor:
 
 
 def fp8_dequantize(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """float8_e4m3fn [N, K] and its scale (scalar, [N], or 128x128 blocks as [N/128, K/128] or
-    ModelOpt's [N/128, 1, K/128, 1]) -> values."""
+    """float8_e4m3fn [N, K] and its scale (scalar, [N], or 128x128 blocks as [ceil(N/128), ceil(K/128)]
+    or ModelOpt's [ceil(N/128), 1, ceil(K/128), 1]) -> values."""
     scale = scale.float()
     if scale.dim() == 4:
         scale = scale.reshape(scale.shape[0], scale.shape[2])
     return e4m3_to_float(q).mul_(_expand_fp8_scale(scale, q.shape)).to(dtype)
+
+
+def fp8_fake_quantize_per_token(x: torch.Tensor) -> torch.Tensor:
+    """Activations through FP8 E4M3 and back with a scale computed at run time for each token (row
+    amax / 448), as FP8_PER_CHANNEL_PER_TOKEN's dynamic activation quantizer does."""
+    x32 = x.float()
+    amax = x32.abs().amax(-1, keepdim=True)
+    s = torch.where(amax > 0, amax / E4M3_MAX, torch.ones_like(amax))
+    return (to_e4m3(x32 / s).float() * s).to(x.dtype)
 
 
 def fp8_fake_quantize(x: torch.Tensor, input_scale: torch.Tensor) -> torch.Tensor:

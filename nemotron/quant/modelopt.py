@@ -35,7 +35,9 @@ from ..files import is_present, json_kind, read_json
 from .modules import ALGOS, QuantExperts, QuantLinear, QuantScheme
 
 HF_QUANT_CONFIG = "hf_quant_config.json"
-KV_CACHE_ALGOS = ("FP8",)
+# ModelOpt's KV-cache formats. Both store `k_proj.k_scale` / `v_proj.v_scale` as amax / 448 (its
+# exporter divides every KV amax by E4M3's bound); an NVFP4 cache's global scale is that over 6.
+KV_CACHE_ALGOS = ("FP8", "NVFP4")
 
 
 @dataclass
@@ -113,7 +115,8 @@ class ModelOptConfig:
             out["config_groups"] = {"group_0": _config_group(QuantScheme(self.quant_algo, self.group_size), ["Linear"])}
             out["ignore"] = list(self.exclude_modules)
         if self.kv_cache_quant_algo:
-            out["kv_cache_scheme"] = {"num_bits": 8, "type": "float", "dynamic": False}
+            out["kv_cache_scheme"] = {"num_bits": 8 if self.kv_cache_quant_algo == "FP8" else 4, "type": "float",
+                                      "dynamic": False}
         return out
 
 
@@ -221,10 +224,14 @@ def parse_quant_config(raw: dict, source: str = HF_QUANT_CONFIG) -> ModelOptConf
     group_size = _group_size(group_size, source)
     kv = q.get("kv_cache_quant_algo")
     scheme = q.get("kv_cache_scheme")
-    if kv is None and isinstance(scheme, dict):
-        kv = "FP8" if scheme.get("num_bits") == 8 and scheme.get("type") == "float" else json.dumps(scheme)
+    if kv is None and isinstance(scheme, str):   # ModelOpt <= 0.44 writes NVFP4's as a bare string
+        kv = scheme
+    elif kv is None and isinstance(scheme, dict):
+        kv = {(8, "float"): "FP8", (4, "float"): "NVFP4"}.get((scheme.get("num_bits"), scheme.get("type")),
+                                                              json.dumps(scheme))
     if kv is not None and str(kv).upper() not in KV_CACHE_ALGOS:
-        raise CheckpointError(f"{source}: kv_cache_quant_algo {kv!r} is not supported (supported: FP8)")
+        raise CheckpointError(f"{source}: kv_cache_quant_algo {str(kv)[:80]!r} is not supported "
+                              f"(supported: {', '.join(KV_CACHE_ALGOS)})")
     exclude = q.get("exclude_modules", q.get("ignore")) or []
     if not isinstance(exclude, list) or not all(isinstance(p, str) for p in exclude):
         raise CheckpointError(f"{source}: exclude_modules must be a list of module names or patterns")

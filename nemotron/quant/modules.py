@@ -3,7 +3,8 @@ storage (NVFP4: ~4.5 bits per weight; FP8: 8) and are dequantized block by block
 
 Default execution is weight-only (W4A16 / W8A16: activations stay in the model dtype, as vLLM's
 Marlin path runs on GPUs without FP4 hardware). `set_activation_emulation(model, True)` switches the
-layers that carry an `input_scale` to fake-quantize their inputs first (W4A4 / W8A8), reproducing
+layers whose format quantizes activations to fake-quantize their inputs first (W4A4 / W8A8: with the
+stored static `input_scale`, or per token at run time for FP8_PER_CHANNEL_PER_TOKEN), reproducing
 Blackwell/Hopper numerics for parity checks.
 
 Tensor names follow the ModelOpt export: `weight` (packed uint8 for NVFP4, float8_e4m3fn for FP8),
@@ -48,6 +49,12 @@ class QuantScheme:
         return self.algo in ("NVFP4", "FP8")
 
     @property
+    def quantizes_inputs(self) -> bool:
+        """Whether the format runs its activations in low precision too (a static input_scale, or
+        FP8 per token computed at run time)."""
+        return self.has_input_scale or self.algo == "FP8_PER_CHANNEL_PER_TOKEN"
+
+    @property
     def bits(self) -> float:
         """Storage bits per weight, scales included."""
         return 4.5 if self.nvfp4 else 8.0
@@ -64,11 +71,10 @@ class QuantScheme:
             out = {"weight": ((n, k), torch.float8_e4m3fn), "weight_scale": ((), torch.float32)}
         elif self.algo == "FP8_PER_CHANNEL_PER_TOKEN":
             out = {"weight": ((n, k), torch.float8_e4m3fn), "weight_scale": ((n,), torch.float32)}
-        else:  # FP8_PB_WO: 128x128 blocks, ModelOpt's 4-d scale layout
-            if n % formats.FP8_BLOCK or k % formats.FP8_BLOCK:
-                raise ValueError(f"128x128 block FP8 needs dimensions divisible by 128, got {[n, k]}")
+        else:  # FP8_PB_WO: 128x128 blocks (partial at the edges), ModelOpt's 4-d scale layout
+            b = formats.FP8_BLOCK
             out = {"weight": ((n, k), torch.float8_e4m3fn),
-                   "weight_scale": ((n // 128, 1, k // 128, 1), torch.float32)}
+                   "weight_scale": ((-(-n // b), 1, -(-k // b), 1), torch.float32)}
         if self.has_input_scale:
             out["input_scale"] = ((), torch.float32)
         return out
@@ -89,7 +95,9 @@ class QuantScheme:
             return formats.nvfp4_dequantize(tensors["weight"], tensors["weight_scale"], tensors["weight_scale_2"], dtype)
         return formats.fp8_dequantize(tensors["weight"], tensors["weight_scale"], dtype)
 
-    def fake_quantize_input(self, x: torch.Tensor, input_scale: torch.Tensor) -> torch.Tensor:
+    def fake_quantize_input(self, x: torch.Tensor, input_scale: torch.Tensor | None) -> torch.Tensor:
+        if self.algo == "FP8_PER_CHANNEL_PER_TOKEN":
+            return formats.fp8_fake_quantize_per_token(x)
         if self.nvfp4:
             return formats.nvfp4_fake_quantize(x, input_scale)
         return formats.fp8_fake_quantize(x, input_scale)
@@ -152,8 +160,8 @@ class QuantLinear(_KeepsStorageDtypes):
         return self.scheme.dequantize(self.stored(), dtype or self.compute_dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.emulate_activations and "input_scale" in self._buffers:
-            x = self.scheme.fake_quantize_input(x, self.input_scale)
+        if self.emulate_activations:
+            x = self.scheme.fake_quantize_input(x, self._buffers.get("input_scale"))
         return linear(x, self.dequantized_weight(x.dtype), self.bias)
 
     def extra_repr(self) -> str:
@@ -205,8 +213,8 @@ class QuantExperts(_KeepsStorageDtypes):
 
     def _project(self, x: torch.Tensor, proj: str, e: int) -> torch.Tensor:
         t = self._tensors(proj, e)
-        if self.emulate_activations and "input_scale" in t:
-            x = self.scheme.fake_quantize_input(x, t["input_scale"])
+        if self.emulate_activations:
+            x = self.scheme.fake_quantize_input(x, t.get("input_scale"))
         return linear(x, self.scheme.dequantize(t, x.dtype))
 
     def _gathered(self, proj: str, experts: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -253,11 +261,11 @@ class QuantExperts(_KeepsStorageDtypes):
 
 
 def set_activation_emulation(model: nn.Module, on: bool = True) -> int:
-    """Fake-quantize the inputs of every quantized layer that carries an input_scale (W4A4 / W8A8
-    numerics) or not (weight-only, the default). Returns the number of layers switched."""
+    """Fake-quantize the inputs of every quantized layer whose format quantizes activations (W4A4 /
+    W8A8 numerics) or not (weight-only, the default). Returns the number of layers switched."""
     n = 0
     for m in model.modules():
-        if isinstance(m, (QuantLinear, QuantExperts)) and m.scheme.has_input_scale:
+        if isinstance(m, (QuantLinear, QuantExperts)) and m.scheme.quantizes_inputs:
             m.emulate_activations = on
             n += 1
     return n
