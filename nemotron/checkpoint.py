@@ -12,7 +12,9 @@ Hugging Face cache links each snapshot file to a blob outside the snapshot direc
 
 Name maps: our module names are the release names, except that routed experts are stored stacked
 (`mixer.experts.up_proj [E, I, X]`) while the release has one tensor per expert
-(`mixer.experts.{e}.up_proj.weight`). transformers 5 uses `model.` where the release has `backbone.`.
+(`mixer.experts.{e}.up_proj.weight`). The other spellings that writers use (transformers versions,
+NVIDIA's remote code, VL wrappers), a tied head and parts a writer leaves out are listed per family in
+NAME_MAPS.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import math
 import os
 import re
 import struct
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +34,7 @@ import torch
 from torch import nn
 
 from .config import DTYPES, AnyConfig, NemotronHConfig, load_config, save_config
-from .errors import CheckpointError, UnsafeCheckpointError
+from .errors import CheckpointError, CheckpointWarning, UnsafeCheckpointError
 from .files import confined, is_present, json_kind, open_regular, parse_json, read_json
 
 SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
@@ -201,6 +204,8 @@ def checkpoint_files(path: Path, allow_pickle: bool = False) -> dict[str, Tensor
             if missing:
                 raise CheckpointError(f"{path}: shard(s) named in the index are missing: {', '.join(missing[:5])}")
             is_pickle = False
+        elif is_present(path / "model.safetensors"):   # the one file transformers reads; others are not weights
+            files, is_pickle = [path / "model.safetensors"], False
         else:
             files = sorted(path.glob("*.safetensors"))
             is_pickle = False
@@ -255,18 +260,97 @@ _EXPERT = re.compile(r"^(.*\.mixer\.experts)\.(\d+)\.(up_proj|down_proj)\.(weigh
 _STACKED_EXPERTS = re.compile(r"^(.*\.mixer\.experts)\.(up_proj|down_proj)(?:_(weight_scale_2|weight_scale|input_scale))?$")
 
 
+@dataclass(frozen=True)
+class NameMap:
+    """How the writers of one family's checkpoints name its tensors, as data.
+
+    `renames`: (pattern, replacement) applied in order to every checkpoint name, turning each writer's
+    spelling into ours. `experts`: a routed expert's own tensor, loaded into slot {e} of our stacked
+    parameter. `tied`: (head, embedding), our names: with `tie_word_embeddings` and no head tensor in
+    the checkpoint, the head is read from the embedding's tensor. `optional`: (prefix, config field)
+    for a part that a writer may leave out whole; then the model is built without it."""
+
+    renames: tuple[tuple[re.Pattern, str], ...] = ()
+    experts: re.Pattern | None = None
+    tied: tuple[str, str] | None = None
+    optional: tuple[tuple[str, str], ...] = ()
+
+
+# VL / Omni checkpoints wrap the LLM in `language_model.`
+_UNWRAP = (re.compile(r"^language_model\."), "")
+
+# Per family (by config class; a subclass uses its base's map). Only what differs from our module names
+# is listed. Checked against transformers 4.57.6, 5.0.0, 5.3.0, 5.5.0, 5.10.1, 5.14.0, 5.18.0 and
+# 5.23.0 save_pretrained, and NVIDIA's released Nemotron-H / Nano 2 / Nemotron 3 checkpoints.
+NAME_MAPS: dict[type, NameMap] = {
+    NemotronHConfig: NameMap(
+        renames=(
+            _UNWRAP,
+            # transformers 5's own module names (save_pretrained(save_original_format=False), a raw
+            # state_dict): `model.` where the release has `backbone.`; experts stacked [E, I, H] as ours
+            (re.compile(r"^model\."), "backbone."),
+            # the singular embedding: transformers 5.3-5.15 save_pretrained (its conversion mapping's
+            # `embedding.weight` -> `embeddings.weight` rename, reversed on save), mamba_ssm and early
+            # stubs; NVIDIA's remote code reads it too. The releases all write `embeddings`.
+            (re.compile(r"^backbone\.embedding\.weight$"), "backbone.embeddings.weight"),
+        ),
+        experts=_EXPERT,
+        # NVIDIA's remote code ties lm_head with tie_word_embeddings and then saves no lm_head; our
+        # lm_head is its own parameter (as in transformers' NemotronH, which never ties)
+        tied=("lm_head.weight", "backbone.embeddings.weight"),
+        # transformers implements no MTP: it saves a config with num_nextn_predict_layers > 0 and no
+        # `mtp.` tensor
+        optional=(("mtp.", "num_nextn_predict_layers"),),
+    ),
+}
+# Nemotron-4 / Llama-Nemotron: transformers' names are the release names; a tied head is no parameter
+# of those models (TiedLMHead), so a checkpoint without lm_head needs no mapping
+_DEFAULT_MAP = NameMap(renames=(_UNWRAP,))
+
+
+def name_map(config: AnyConfig) -> NameMap:
+    return next((m for klass, m in NAME_MAPS.items() if isinstance(config, klass)), _DEFAULT_MAP)
+
+
 def _canonical_name(name: str, config: AnyConfig) -> tuple[str, int | None]:
     """Checkpoint name -> (our parameter name, expert index or None)."""
-    if name.startswith("language_model."):  # VL / Omni checkpoints wrap the LLM
-        name = name[len("language_model."):]
-    if isinstance(config, NemotronHConfig):
-        if name.startswith("model."):
-            name = "backbone." + name[len("model."):]
-        m = _EXPERT.match(name)
-        if m:
-            suffix = "" if m.group(4) == "weight" else "_" + m.group(4)
-            return f"{m.group(1)}.{m.group(3)}{suffix}", int(m.group(2))
+    names = name_map(config)
+    for pattern, replacement in names.renames:
+        name = pattern.sub(replacement, name, count=1)
+    m = names.experts.match(name) if names.experts else None
+    if m:
+        suffix = "" if m.group(4) == "weight" else "_" + m.group(4)
+        return f"{m.group(1)}.{m.group(3)}{suffix}", int(m.group(2))
     return name, None
+
+
+def match_checkpoint(config: AnyConfig, refs: dict[str, TensorRef]) -> tuple[AnyConfig, dict[str, TensorRef]]:
+    """The config and tensors to build and load, before the model is built: one name per parameter
+    (two spellings of one tensor are an error), a tied head read from the embedding, and an optional
+    part the checkpoint leaves out whole dropped from the config."""
+    names = name_map(config)
+    seen: dict[tuple[str, int | None], str] = {}
+    targets: dict[str, str] = {}   # our name -> the first checkpoint name that fills (part of) it
+    for name in refs:
+        target, expert = key = _canonical_name(name, config)
+        # one spelling twice, or a stacked tensor beside its per-expert tensors
+        twin = seen.get(key) or seen.get((target, None)) or (expert is None and targets.get(target))
+        if twin:
+            raise CheckpointError(f"tensors {twin!r} and {name!r} are the same parameter "
+                                  f"({target}{'' if expert is None else f', expert {expert}'}); keep one")
+        seen[key] = name
+        targets.setdefault(target, name)
+    if names.tied is not None and getattr(config, "tie_word_embeddings", False):
+        head, embedding = names.tied
+        if head not in targets and embedding in targets:
+            refs = {**refs, head: refs[targets[embedding]]}
+    for prefix, field_name in names.optional:
+        if getattr(config, field_name, 0) and not any(t.startswith(prefix) for t in targets):
+            warnings.warn(f"the config sets {field_name}={getattr(config, field_name)} but the checkpoint holds no "
+                          f"{prefix}* tensor (as transformers saves it): loaded without that part",
+                          CheckpointWarning, stacklevel=3)
+            config = config.replace(**{field_name: 0})
+    return config, refs
 
 
 def release_state_dict(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
