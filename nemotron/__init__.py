@@ -13,12 +13,13 @@ import warnings
 warnings.filterwarnings("ignore", message="Failed to initialize NumPy")
 
 from .api import LoadedModel, load
-from .config import Nemotron4Config, NemotronHConfig, NemotronNASConfig, config_from_dict, load_config
+from .config import (LlamaConfig, MistralConfig, Nemotron4Config, NemotronHConfig, NemotronNASConfig, config_from_dict,
+                     load_config)
 from .errors import CheckpointError, ConfigError, NemotronError, UnsafeCheckpointError
 
 __all__ = [
     "load", "LoadedModel", "config_from_dict", "load_config",
-    "NemotronHConfig", "Nemotron4Config", "NemotronNASConfig",
+    "NemotronHConfig", "Nemotron4Config", "NemotronNASConfig", "LlamaConfig", "MistralConfig",
     "NemotronError", "ConfigError", "CheckpointError", "UnsafeCheckpointError",
 ]
 __version__ = "0.1.0"

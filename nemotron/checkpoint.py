@@ -267,12 +267,15 @@ class NameMap:
     `renames`: (pattern, replacement) applied in order to every checkpoint name, turning each writer's
     spelling into ours. `experts`: a routed expert's own tensor, loaded into slot {e} of our stacked
     parameter. `tied`: (head, embedding), our names: with `tie_word_embeddings` and no head tensor in
-    the checkpoint, the head is read from the embedding's tensor. `optional`: (prefix, config field)
-    for a part that a writer may leave out whole; then the model is built without it."""
+    the checkpoint, the head is read from the embedding's tensor. `tied_copy`: a head tensor that some
+    exporters store beside a tied embedding although the model owns no such parameter; it is dropped
+    (transformers ties it to the embedding too). `optional`: (prefix, config field) for a part that a
+    writer may leave out whole; then the model is built without it."""
 
     renames: tuple[tuple[re.Pattern, str], ...] = ()
     experts: re.Pattern | None = None
     tied: tuple[str, str] | None = None
+    tied_copy: str | None = None
     optional: tuple[tuple[str, str], ...] = ()
 
 
@@ -305,7 +308,7 @@ NAME_MAPS: dict[type, NameMap] = {
 }
 # Nemotron-4 / Llama-Nemotron: transformers' names are the release names; a tied head is no parameter
 # of those models (TiedLMHead), so a checkpoint without lm_head needs no mapping
-_DEFAULT_MAP = NameMap(renames=(_UNWRAP,))
+_DEFAULT_MAP = NameMap(renames=(_UNWRAP,), tied_copy="lm_head.weight")
 
 
 def name_map(config: AnyConfig) -> NameMap:
@@ -344,6 +347,8 @@ def match_checkpoint(config: AnyConfig, refs: dict[str, TensorRef]) -> tuple[Any
         head, embedding = names.tied
         if head not in targets and embedding in targets:
             refs = {**refs, head: refs[targets[embedding]]}
+    if names.tied_copy is not None and getattr(config, "tie_word_embeddings", False) and names.tied_copy in targets:
+        refs = {k: v for k, v in refs.items() if k != targets[names.tied_copy]}
     for prefix, field_name in names.optional:
         if getattr(config, field_name, 0) and not any(t.startswith(prefix) for t in targets):
             warnings.warn(f"the config sets {field_name}={getattr(config, field_name)} but the checkpoint holds no "

@@ -563,8 +563,16 @@ class Nemotron4Config(BaseConfig):
 
 
 # --------------------------------------------------------------------------------------------------
-# Llama-Nemotron Super / Ultra (DeciLM, "nemotron-nas")
+# The Llama decoder: Llama-Nemotron Super / Ultra (DeciLM, "nemotron-nas"), Llama and Mistral
 # --------------------------------------------------------------------------------------------------
+#
+# One model (models/llama_nas.py) serves three config.json layouts. DeciLM lists a block per layer;
+# Llama and Mistral are its uniform case (every layer the same GQA width and FFN size), so their
+# configs derive the same `block_configs` from their flat keys and nothing downstream tells them apart.
+
+# per-block keys of Puzzle's newer block layout (ModelOpt's `AttentionConfig.num_key_value_heads`,
+# `FFNConfig.intermediate_size`), written only when set: the released DeciLM blocks carry neither
+_EXPLICIT_BLOCK_KEYS = ("num_key_value_heads", "intermediate_size")
 
 
 @dataclass
@@ -572,7 +580,14 @@ class AttentionBlockConfig:
     no_op: bool = False
     replace_with_linear: bool = False
     n_heads_in_group: int | None = None
+    num_key_value_heads: int | None = None   # explicit KV heads; otherwise heads // n_heads_in_group
     extra: dict[str, Any] = field(default_factory=dict)
+
+    def kv_heads(self, num_attention_heads: int) -> int:
+        """The KV heads of a GQA block."""
+        if self.num_key_value_heads is not None:
+            return self.num_key_value_heads
+        return num_attention_heads // self.n_heads_in_group
 
 
 @dataclass
@@ -580,7 +595,14 @@ class FFNBlockConfig:
     no_op: bool = False
     replace_with_linear: bool = False
     ffn_mult: float | None = None
+    intermediate_size: int | None = None   # explicit width; otherwise derived from ffn_mult
     extra: dict[str, Any] = field(default_factory=dict)
+
+    def width(self, hidden_size: int) -> int:
+        """The intermediate size of a SwiGLU block."""
+        if self.intermediate_size is not None:
+            return self.intermediate_size
+        return ffn_mult_to_intermediate_size(self.ffn_mult, hidden_size)
 
 
 @dataclass
@@ -607,7 +629,8 @@ class BlockConfig:
 
     def to_dict(self) -> dict[str, Any]:
         def join(sub) -> dict[str, Any]:
-            d = {k: v for k, v in dataclasses.asdict(sub).items() if k != "extra"}
+            d = {k: v for k, v in dataclasses.asdict(sub).items()
+                 if k != "extra" and not (k in _EXPLICIT_BLOCK_KEYS and v is None)}
             d.update(sub.extra)
             return d
 
@@ -621,14 +644,15 @@ def ffn_mult_to_intermediate_size(ffn_mult: float, hidden_size: int) -> int:
 
 
 @dataclass
-class NemotronNASConfig(BaseConfig):
-    model_type: ClassVar[str] = "nemotron-nas"
-    architecture: ClassVar[str] = "DeciLMForCausalLM"
+class LlamaDecoderConfig(BaseConfig):
+    """What every config built by `models.llama_nas.build_llama_nas` shares: RMSNorm, GQA with RoPE
+    (plain or llama3-scaled), SwiGLU, an explicit or derived head_dim. Each subclass provides
+    `block_configs`, one BlockConfig per layer: DeciLM stores them, Llama and Mistral derive them."""
 
-    block_configs: list[BlockConfig] = field(default_factory=list)
     vocab_size: int = 128256
     hidden_size: int = 8192
     num_attention_heads: int = 64
+    head_dim: int | None = None   # None in a file: hidden_size // num_attention_heads
     hidden_act: str = "silu"
     rms_norm_eps: float = 1e-5
     rope_theta: float = 500000.0
@@ -648,6 +672,71 @@ class NemotronNASConfig(BaseConfig):
         raw = _split_rope_parameters(raw)
         if "dtype" in raw and "torch_dtype" not in raw:
             raw["torch_dtype"] = raw.pop("dtype")
+        return raw
+
+    def validate(self) -> None:
+        where = f"{self.model_type} config"
+        self._positive("vocab_size", "hidden_size", "num_attention_heads")
+        if self.head_dim is None:
+            if self.hidden_size % self.num_attention_heads:
+                raise ConfigError(f"{where}: hidden_size={self.hidden_size} is not a multiple of "
+                                  f"num_attention_heads={self.num_attention_heads} (and no head_dim is given)")
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        self._positive("head_dim")
+        if self.hidden_act != "silu":
+            raise ConfigError(f"{where}: hidden_act={self.hidden_act!r} is not supported (silu)")
+        # a partial rotary fraction would land in `extra` and be ignored: refuse it instead
+        fraction = self.extra.get("partial_rotary_factor", 1.0)
+        if fraction not in (None, 1, 1.0):
+            raise ConfigError(f"{where}: partial_rotary_factor={fraction!r} is not supported (1.0)")
+        if isinstance(self.rope_scaling, dict):
+            self.rope_scaling = RopeScaling.from_dict(self.rope_scaling)
+        heads = self.num_attention_heads
+        for i, block in enumerate(self.block_configs):
+            a, f = block.attention, block.ffn
+            if not (a.no_op or a.replace_with_linear):
+                kv, group = a.num_key_value_heads, a.n_heads_in_group
+                if kv is not None:
+                    if kv <= 0 or heads % kv:
+                        raise ConfigError(f"{where}: block_configs[{i}].attention.num_key_value_heads={kv} must "
+                                          f"divide num_attention_heads={heads}")
+                    if group is not None and group * kv != heads:
+                        raise ConfigError(f"{where}: block_configs[{i}].attention has n_heads_in_group={group} "
+                                          f"but num_key_value_heads={kv} (num_attention_heads={heads})")
+                elif not isinstance(group, int) or group <= 0 or heads % group:
+                    raise ConfigError(f"{where}: block_configs[{i}].attention.n_heads_in_group={group!r} must "
+                                      f"divide num_attention_heads={heads}")
+            if not (f.no_op or f.replace_with_linear):
+                if f.intermediate_size is not None:
+                    if f.intermediate_size <= 0:
+                        raise ConfigError(f"{where}: block_configs[{i}].ffn.intermediate_size must be positive")
+                    continue
+                if not isinstance(f.ffn_mult, (int, float)) or not 0 < f.ffn_mult < math.inf:
+                    raise ConfigError(f"{where}: block_configs[{i}].ffn.ffn_mult must be positive")
+                size = ffn_mult_to_intermediate_size(f.ffn_mult, self.hidden_size)
+                if size > SIZE_LIMITS["intermediate_size"]:
+                    raise ConfigError(f"{where}: block_configs[{i}].ffn.ffn_mult={f.ffn_mult} makes an "
+                                      f"FFN of {size}, more than the supported {SIZE_LIMITS['intermediate_size']}")
+
+    def to_hf(self) -> dict[str, Any]:
+        out = super().to_hf()
+        out["rope_scaling"] = self.rope_scaling.to_dict()
+        return dict(sorted(out.items()))
+
+
+@dataclass
+class NemotronNASConfig(LlamaDecoderConfig):
+    """Llama-Nemotron Super / Ultra (DeciLM): per-layer blocks that choose their GQA width and FFN
+    width, or replace a half by one linear map, or drop it (`no_op`)."""
+
+    model_type: ClassVar[str] = "nemotron-nas"
+    architecture: ClassVar[str] = "DeciLMForCausalLM"
+
+    block_configs: list[BlockConfig] = field(default_factory=list)
+
+    @classmethod
+    def _normalize(cls, raw: dict[str, Any]) -> dict[str, Any]:
+        raw = super()._normalize(raw)
         blocks = raw.get("block_configs")
         if not isinstance(blocks, list) or not blocks:
             raise ConfigError("nemotron-nas config: block_configs must be a non-empty list")
@@ -661,58 +750,102 @@ class NemotronNASConfig(BaseConfig):
                                 for i, b in enumerate(blocks)]
         return raw
 
-    def validate(self) -> None:
-        self._positive("vocab_size", "hidden_size", "num_attention_heads")
-        if self.hidden_size % self.num_attention_heads:
-            raise ConfigError("nemotron-nas config: hidden_size is not a multiple of num_attention_heads")
-        if self.hidden_act != "silu":
-            raise ConfigError(f"nemotron-nas config: hidden_act={self.hidden_act!r} is not supported (silu)")
-        if isinstance(self.rope_scaling, dict):
-            self.rope_scaling = RopeScaling.from_dict(self.rope_scaling)
-        for i, block in enumerate(self.block_configs):
-            a, f = block.attention, block.ffn
-            if not (a.no_op or a.replace_with_linear):
-                if not isinstance(a.n_heads_in_group, int) or a.n_heads_in_group <= 0 or \
-                        self.num_attention_heads % a.n_heads_in_group:
-                    raise ConfigError(
-                        f"nemotron-nas config: block_configs[{i}].attention.n_heads_in_group="
-                        f"{a.n_heads_in_group!r} must divide num_attention_heads={self.num_attention_heads}"
-                    )
-            if not (f.no_op or f.replace_with_linear):
-                if not isinstance(f.ffn_mult, (int, float)) or not 0 < f.ffn_mult < math.inf:
-                    raise ConfigError(f"nemotron-nas config: block_configs[{i}].ffn.ffn_mult must be positive")
-                size = ffn_mult_to_intermediate_size(f.ffn_mult, self.hidden_size)
-                if size > SIZE_LIMITS["intermediate_size"]:
-                    raise ConfigError(f"nemotron-nas config: block_configs[{i}].ffn.ffn_mult={f.ffn_mult} makes an "
-                                      f"FFN of {size}, more than the supported {SIZE_LIMITS['intermediate_size']}")
-
     @property
     def num_hidden_layers(self) -> int:
         return len(self.block_configs)
 
-    @property
-    def head_dim(self) -> int:
-        return self.hidden_size // self.num_attention_heads
-
     def intermediate_size(self, layer: int) -> int:
-        return ffn_mult_to_intermediate_size(self.block_configs[layer].ffn.ffn_mult, self.hidden_size)
+        return self.block_configs[layer].ffn.width(self.hidden_size)
 
     def to_hf(self) -> dict[str, Any]:
         out = super().to_hf()
         out["block_configs"] = [b.to_dict() for b in self.block_configs]
-        out["rope_scaling"] = self.rope_scaling.to_dict()
         out["num_hidden_layers"] = self.num_hidden_layers
         # the released configs carry these as null: sizes are per block
         out.setdefault("num_key_value_heads", None)
         out.setdefault("intermediate_size", None)
+        # DeciLM derives head_dim from hidden_size / num_attention_heads; only a different one is written
+        if self.head_dim == self.hidden_size // self.num_attention_heads:
+            out.pop("head_dim", None)
+        return dict(sorted(out.items()))
+
+
+@dataclass
+class LlamaConfig(LlamaDecoderConfig):
+    """`LlamaForCausalLM` (Llama-3.1-Nemotron 70B / Nano 8B / Nano 4B, Llama-3.1-Minitron): the
+    uniform-block case of the NAS family, read from and written to transformers' Llama config.json.
+    Defaults are transformers' `LlamaConfig` defaults, for keys a config.json leaves out."""
+
+    model_type: ClassVar[str] = "llama"
+    architecture: ClassVar[str] = "LlamaForCausalLM"
+
+    vocab_size: int = 32000
+    hidden_size: int = 4096
+    num_attention_heads: int = 32
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    max_position_embeddings: int = 2048
+    bos_token_id: int | None = 1
+    eos_token_id: int | list[int] | None = 2
+    num_hidden_layers: int = 32
+    num_key_value_heads: int | None = None   # None in a file: num_attention_heads (MHA)
+    intermediate_size: int = 11008
+
+    def validate(self) -> None:
+        if self.num_key_value_heads is None:
+            self.num_key_value_heads = self.num_attention_heads
+        self._positive("vocab_size", "hidden_size", "num_attention_heads", "num_key_value_heads",
+                       "num_hidden_layers", "intermediate_size")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ConfigError(f"{self.model_type} config: num_key_value_heads={self.num_key_value_heads} does not "
+                              f"divide num_attention_heads={self.num_attention_heads}")
+        super().validate()
+
+    @property
+    def block_configs(self) -> list[BlockConfig]:
+        """Every layer: GQA with num_key_value_heads, SwiGLU of intermediate_size."""
+        return [BlockConfig(AttentionBlockConfig(num_key_value_heads=self.num_key_value_heads),
+                            FFNBlockConfig(intermediate_size=self.intermediate_size))
+                for _ in range(self.num_hidden_layers)]
+
+
+@dataclass
+class MistralConfig(LlamaConfig):
+    """`MistralForCausalLM` (Mistral-NeMo-Minitron): the Llama decoder without biases and with an
+    optional sliding window, supported only where it never slides (null, or at least the context)."""
+
+    model_type: ClassVar[str] = "mistral"
+    architecture: ClassVar[str] = "MistralForCausalLM"
+
+    # transformers' MistralConfig defaults
+    max_position_embeddings: int = 131072
+    num_key_value_heads: int | None = 8
+    intermediate_size: int = 14336
+    sliding_window: int | None = 4096
+
+    def validate(self) -> None:
+        super().validate()
+        if self.attention_bias or self.mlp_bias:
+            # MistralForCausalLM's projections have no bias whatever the config says
+            raise ConfigError("mistral config: attention_bias / mlp_bias are not supported (Mistral has no biases)")
+        w = self.sliding_window
+        if w is not None and w < self.max_position_embeddings:
+            raise ConfigError(f"mistral config: sliding_window={w} is below max_position_embeddings="
+                              f"{self.max_position_embeddings}; sliding-window attention is not supported")
+
+    def to_hf(self) -> dict[str, Any]:
+        out = super().to_hf()
+        out.pop("attention_bias", None)
+        out.pop("mlp_bias", None)
+        out["sliding_window"] = self.sliding_window   # written even when null: transformers' default is 4096
         return dict(sorted(out.items()))
 
 
 FAMILIES: dict[str, type[BaseConfig]] = {
-    c.model_type: c for c in (NemotronHConfig, Nemotron4Config, NemotronNASConfig)
+    c.model_type: c for c in (NemotronHConfig, Nemotron4Config, NemotronNASConfig, LlamaConfig, MistralConfig)
 }
 
-AnyConfig = NemotronHConfig | Nemotron4Config | NemotronNASConfig
+AnyConfig = NemotronHConfig | Nemotron4Config | NemotronNASConfig | LlamaConfig | MistralConfig
 
 
 def config_from_dict(raw: dict[str, Any]) -> AnyConfig:

@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from .config import AnyConfig, NemotronHConfig, NemotronNASConfig
+from .config import AnyConfig, LlamaDecoderConfig, NemotronHConfig
 from .models import build_model
 
 BYTES_PER_PARAM = {"float32": 4.0, "bfloat16": 2.0, "fp8": 1.0, "nvfp4": 0.5 + 1 / 16}  # nvfp4: 4 bits + e4m3 scale per 16
@@ -34,7 +34,7 @@ def count_params(config: AnyConfig) -> dict[str, int]:
 def layer_pattern(config: AnyConfig) -> str:
     if isinstance(config, NemotronHConfig):
         return config.hybrid_override_pattern
-    if isinstance(config, NemotronNASConfig):
+    if isinstance(config, LlamaDecoderConfig):   # DeciLM blocks; Llama / Mistral: uniform "AF"
         # per layer: attention A / linear L / none .  then FFN F / linear L / none .
         def kind(sub) -> str:
             return "." if sub.no_op else "L" if sub.replace_with_linear else None
@@ -53,11 +53,11 @@ def state_bytes(config: AnyConfig, dtype_bytes: int = 2, ssm_dtype_bytes: int = 
             elif kind == "mamba":
                 mamba += config.mamba_conv_dim * (config.conv_kernel - 1) * dtype_bytes
                 mamba += config.mamba_num_heads * config.mamba_head_dim * config.ssm_state_size * ssm_dtype_bytes
-    elif isinstance(config, NemotronNASConfig):
+    elif isinstance(config, LlamaDecoderConfig):
         for b in config.block_configs:
             a = b.attention
             if not (a.no_op or a.replace_with_linear):
-                kv += 2 * (config.num_attention_heads // a.n_heads_in_group) * config.head_dim * dtype_bytes
+                kv += 2 * a.kv_heads(config.num_attention_heads) * config.head_dim * dtype_bytes
     else:
         kv = config.num_hidden_layers * 2 * config.num_key_value_heads * config.head_dim * dtype_bytes
     return {"kv_bytes_per_token": kv, "mamba_state_bytes_per_sequence": mamba}

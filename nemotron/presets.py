@@ -1,10 +1,11 @@
 """Registry of the released Nemotron family members with their real config values.
 
-Each preset is a config of one of the three families in `nemotron.config`, built by a small function
-per member. Values come from `shared/reference/architectures.md` (§2 Nemotron-H / Nano 2 / Nemotron 3,
+Each preset is a config of one of the families in `nemotron.config`, built by a small function per
+member. Values come from `shared/reference/architectures.md` (§2 Nemotron-H / Nano 2 / Nemotron 3,
 §3 Nemotron-4 / Minitron, §4 Llama-Nemotron), which cites Megatron-Bridge providers and recipes,
-NVIDIA's released `config.json` files (or public copies of them) and vLLM/transformers code. Where
-the reference (or this file) had to assume a value, the preset's `description` says so.
+NVIDIA's released `config.json` files (or public copies of them) and vLLM/transformers code; the
+Llama / Mistral members cite their sources in their own section below. Where the reference (or this
+file) had to assume a value, the preset's `description` says so.
 
 Nemotron-H attention is NoPE: the `rope_theta` / `partial_rotary_factor` keys that Nemotron-3
 configs carry are ignored by every implementation and are not reproduced here.
@@ -24,6 +25,8 @@ from .config import (
     AttentionBlockConfig,
     BlockConfig,
     FFNBlockConfig,
+    LlamaConfig,
+    MistralConfig,
     Nemotron4Config,
     NemotronHConfig,
     NemotronNASConfig,
@@ -36,7 +39,7 @@ from .errors import ConfigError
 class Preset:
     name: str  # short CLI name, e.g. "nemotron-3-super-120b-a12b"
     hf_id: str  # Hugging Face repository id
-    family: str  # "nemotron_h" | "nemotron" | "nemotron-nas" (the config's model_type)
+    family: str  # "nemotron_h" | "nemotron" | "nemotron-nas" | "llama" | "mistral" (the config's model_type)
     advertised: str  # the advertised size, e.g. "120B-A12B", "49B"
     # NVIDIA's stated total in billions (main model, MTP excluded). Where NVIDIA gives a precise
     # figure that differs from the name (e.g. "31.6B total" for Nano-3 30B-A3B) that figure is used.
@@ -386,6 +389,93 @@ def _llama_nemotron_ultra_253b() -> NemotronNASConfig:
 
 
 # --------------------------------------------------------------------------------------------------
+# Llama / Mistral members (model_type "llama" / "mistral"): the NAS family's uniform-block case
+# --------------------------------------------------------------------------------------------------
+#
+# Dimensions (layers / hidden / heads / FFN) are each model card's "Model Architecture" section
+# (huggingface.co/nvidia/<name>); the Llama-3.1 members keep their parent's Llama 3.1 settings, which
+# NeMo's HF importer/exporter for them states (NVIDIA/NeMo nemo/collections/llm/gpt/model/llama_nemotron.py:
+# Llama31NemotronNano8BConfig / Llama31Nemotron70BConfig extend Llama31Config8B / 70B with kv_channels 128,
+# every Llama-Nemotron config carries rope_scaling, head_dim is read from config.json):
+# vocab 128256, 8 KV heads, rope_theta 500000, llama3 scaling (factor 8, low 1, high 4, original 8192),
+# RMSNorm eps 1e-5, 131072 positions, untied head, bfloat16. Minitron-4B-Width's converted metadata
+# (ggml-org/llama.cpp issue #9060: n_embd 3072, n_head 32 / n_head_kv 8, head 128, n_ff 9216,
+# n_ctx_train 131072, rms eps 1e-5, freq_base 500000) confirms head_dim 128 on a 3072 residual.
+# Published sizes: 4.51B (Minitron-4B-Width), 4.54B (Minitron-4B-Depth), 8.41B (Mistral-NeMo-Minitron-8B),
+# as listed from the model pages in BBC-Esq/VectorDB-Plugin issue #271.
+
+
+def _llama_31_rope() -> RopeScaling:
+    return RopeScaling(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                       original_max_position_embeddings=8192)
+
+
+_LLAMA_31_COMMON: dict[str, Any] = dict(
+    vocab_size=128256,
+    num_key_value_heads=8,
+    head_dim=128,
+    hidden_act="silu",
+    rms_norm_eps=1e-5,
+    rope_theta=500000.0,
+    attention_bias=False,
+    mlp_bias=False,
+    tie_word_embeddings=False,
+    max_position_embeddings=131072,
+    initializer_range=0.02,
+    bos_token_id=128000,
+    pad_token_id=None,
+    torch_dtype="bfloat16",
+)
+# Llama-3.1 Instruct's stop ids (<|end_of_text|>, <|eom_id|>, <|eot_id|>); base models stop at 128001
+_LLAMA_31_INSTRUCT_EOS = [128001, 128008, 128009]
+
+
+def _llama(**values: Any) -> LlamaConfig:
+    config = LlamaConfig(**{**_LLAMA_31_COMMON, "rope_scaling": _llama_31_rope(), **values})
+    config.validate()
+    return config
+
+
+def _llama_31_nemotron_70b() -> LlamaConfig:
+    return _llama(num_hidden_layers=80, hidden_size=8192, num_attention_heads=64, intermediate_size=28672,
+                  eos_token_id=_LLAMA_31_INSTRUCT_EOS)
+
+
+def _llama_31_nemotron_nano_8b() -> LlamaConfig:
+    return _llama(num_hidden_layers=32, hidden_size=4096, num_attention_heads=32, intermediate_size=14336,
+                  eos_token_id=_LLAMA_31_INSTRUCT_EOS)
+
+
+def _minitron_4b_width(**values: Any) -> LlamaConfig:
+    # 32 heads of 128 on a 3072 residual: q width 4096 != hidden, so head_dim is explicit
+    return _llama(**{"num_hidden_layers": 32, "hidden_size": 3072, "num_attention_heads": 32,
+                     "intermediate_size": 9216, "eos_token_id": 128001, **values})
+
+
+def _minitron_4b_depth() -> LlamaConfig:
+    # Llama 3.1 8B with 16 of its 32 layers
+    return _llama(num_hidden_layers=16, hidden_size=4096, num_attention_heads=32, intermediate_size=14336,
+                  eos_token_id=128001)
+
+
+def _mistral_nemo_minitron_8b() -> MistralConfig:
+    # Model card: hidden 4096, 32 heads, FFN 11520, 40 layers. 8 KV heads, vocab 131072 and 8192 positions:
+    # a public LLM-performance model table (`minitron_8b_config`) citing
+    # huggingface.co/nvidia/Mistral-NeMo-Minitron-8B-Base/blob/main/config.json. head_dim 128, rope_theta 1e6,
+    # eps 1e-5, sliding_window null and bos/eos 1/2 are the 12B parent's config.json (mistralai/
+    # Mistral-Nemo-Base-2407, copied in kevinstephano/thunder_model_blocks mistral/mistral_config.py), which
+    # width pruning (hidden and FFN only, per the card) leaves unchanged; 32 x 128 = 4096 fixes head_dim.
+    config = MistralConfig(
+        vocab_size=131072, num_hidden_layers=40, hidden_size=4096, num_attention_heads=32, num_key_value_heads=8,
+        head_dim=128, intermediate_size=11520, hidden_act="silu", rms_norm_eps=1e-5, rope_theta=1000000.0,
+        rope_scaling=RopeScaling(), sliding_window=None, tie_word_embeddings=False, max_position_embeddings=8192,
+        initializer_range=0.02, bos_token_id=1, eos_token_id=2, pad_token_id=None, torch_dtype="bfloat16",
+    )
+    config.validate()
+    return config
+
+
+# --------------------------------------------------------------------------------------------------
 # The registry
 # --------------------------------------------------------------------------------------------------
 
@@ -462,6 +552,36 @@ _ALL = [
             _llama_nemotron_ultra_253b(),
             "Llama-3.1-Nemotron-Ultra-253B-v1: NAS-derived from Llama-3.1-405B, 162 blocks (98 without "
             "attention, 81 without FFN)."),
+    # Llama / Mistral (uniform blocks)
+    _preset("llama-3.1-nemotron-70b-instruct", "nvidia/Llama-3.1-Nemotron-70B-Instruct-HF", "70B", 70.0,
+            _llama_31_nemotron_70b(),
+            "Llama-3.1-Nemotron-70B-Instruct (HF): Llama-3.1-70B-Instruct RLHF-tuned by NVIDIA, 80 layers; "
+            "eos [128001, 128008, 128009] assumed from Llama-3.1-Instruct."),
+    _preset("llama-3.1-nemotron-nano-8b-v1", "nvidia/Llama-3.1-Nemotron-Nano-8B-v1", "8B", 8.0,
+            _llama_31_nemotron_nano_8b(),
+            "Llama-3.1-Nemotron-Nano-8B-v1: Llama-3.1-8B-Instruct post-trained for reasoning (\"detailed "
+            "thinking on/off\"), 128K context; eos assumed from Llama-3.1-Instruct."),
+    # NVIDIA names it 4B; its Minitron-4B-Width architecture counts 4.51B
+    _preset("llama-3.1-nemotron-nano-4b-v1.1", "nvidia/Llama-3.1-Nemotron-Nano-4B-v1.1", "4B", 4.51,
+            _minitron_4b_width(eos_token_id=_LLAMA_31_INSTRUCT_EOS),
+            "Llama-3.1-Nemotron-Nano-4B-v1.1: reasoning model on Llama-3.1-Minitron-4B-Width (head_dim 128 on "
+            "hidden 3072), 128K context; eos assumed from Llama-3.1-Instruct."),
+    _preset("llama-3.1-minitron-4b-width-base", "nvidia/Llama-3.1-Minitron-4B-Width-Base", "4B", 4.51,
+            _minitron_4b_width(),
+            "Llama-3.1-Minitron-4B-Width-Base: Llama-3.1-8B width-pruned (hidden 3072, FFN 9216, 32 heads of "
+            "128) and distilled; eos 128001 assumed from Llama-3.1-8B base."),
+    _preset("llama-3.1-minitron-4b-depth-base", "nvidia/Llama-3.1-Minitron-4B-Depth-Base", "4B", 4.54,
+            _minitron_4b_depth(),
+            "Llama-3.1-Minitron-4B-Depth-Base: Llama-3.1-8B depth-pruned to 16 layers and distilled; eos 128001 "
+            "assumed from Llama-3.1-8B base."),
+    _preset("mistral-nemo-minitron-8b-base", "nvidia/Mistral-NeMo-Minitron-8B-Base", "8B", 8.41,
+            _mistral_nemo_minitron_8b(),
+            "Mistral-NeMo-Minitron-8B-Base: Mistral-NeMo-12B pruned (hidden 4096, FFN 11520) and distilled, 40 "
+            "layers, 131K vocab, 8K context; head_dim, rope_theta, eps and eos from the 12B parent."),
+    _preset("mistral-nemo-minitron-8b-instruct", "nvidia/Mistral-NeMo-Minitron-8B-Instruct", "8B", 8.41,
+            _mistral_nemo_minitron_8b(),
+            "Mistral-NeMo-Minitron-8B-Instruct: the Base architecture, instruction tuned (8K context; the card "
+            "recommends <extra_id_1> as the stop token, which lives in its tokenizer, not in this config)."),
 ]
 
 PRESETS: dict[str, Preset] = {p.name: p for p in _ALL}

@@ -1,6 +1,7 @@
 """Worker for tests/test_distributed.py: one process of a 2-rank gloo group. Trains a few steps with
-one kind of parallelism and compares the full parameters with a single-process run of the same
-steps (computed in every rank). SGD with momentum, so that the parameters differ exactly as much as
+one kind of parallelism ("tp", "fsdp", "ep"; "tp-llama" / "fsdp-llama" on a tiny tied-head Llama
+instead of the tiny Super layout) and compares the full parameters with a single-process run of the
+same steps (computed in every rank). SGD with momentum, so that the parameters differ exactly as much as
 the gradients do (Adam's normalisation would blow float noise on near-zero gradients up to lr)."""
 
 from __future__ import annotations
@@ -8,6 +9,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from nemotron.config import LlamaConfig
 from nemotron.init import init_weights_, tiny_super_config
 from nemotron.models import build_model
 from nemotron.train import lm_loss, update_expert_bias
@@ -22,8 +24,13 @@ def make_optimizer(model, lr):
     return torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=lr, momentum=0.9)
 
 
-def _model():
-    config = tiny_super_config()
+def _model(arch: str = "super"):
+    if arch == "llama":   # GQA with head_dim != hidden / heads, SwiGLU, tied embeddings
+        config = LlamaConfig(vocab_size=320, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+                             head_dim=24, intermediate_size=96, num_hidden_layers=2, tie_word_embeddings=True)
+        config.validate()
+    else:
+        config = tiny_super_config()
     return init_weights_(build_model(config), config, seed=0).train()
 
 
@@ -55,13 +62,14 @@ def _step(model, opt, batch, scale_tokens, loss_factor=1.0, after_backward=None,
 def run(rank: int, world: int, init: str, kind: str, result_path: str) -> None:
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
     torch.manual_seed(0)
-    reference = _model()
+    kind, _, arch = kind.partition("-")
+    reference = _model(arch or "super")
     ref_opt = make_optimizer(reference, LR)
     for batch in _batches():
         _step(reference, ref_opt, batch, batch.num_targets)
     expected = reference.state_dict()
 
-    model = _model()
+    model = _model(arch or "super")
     if kind == "tp":
         from torch.distributed.device_mesh import init_device_mesh
 
@@ -91,7 +99,8 @@ def run(rank: int, world: int, init: str, kind: str, result_path: str) -> None:
         raise ValueError(kind)
     worst = max(float((got[k].float() - expected[k].float()).abs().max()) for k in expected
                 if not k.endswith("tokens_per_expert"))
-    moved = max(float((expected[k].float() - _model().state_dict()[k].float()).abs().max()) for k in expected
+    start = _model(arch or "super").state_dict()
+    moved = max(float((expected[k].float() - start[k].float()).abs().max()) for k in expected
                 if not k.endswith("tokens_per_expert"))
     if rank == 0:
         with open(result_path, "w") as f:

@@ -31,7 +31,24 @@ def test_info_text_and_models_table():
     table = _run("models").stdout
     assert "llama-3.3-nemotron-super-49b-v1" in table and "minitron-8b" in table
     rows = json.loads(_run("models", "--json").stdout)
-    assert len(rows) >= 18
+    assert len(rows) >= 25
+    # the Llama / Mistral members, as their own families
+    for name in ("llama-3.1-nemotron-70b-instruct", "llama-3.1-nemotron-nano-8b-v1", "llama-3.1-nemotron-nano-4b-v1.1",
+                 "llama-3.1-minitron-4b-width-base", "mistral-nemo-minitron-8b-base"):
+        assert name in table
+    by_name = {r["name"]: r for r in rows}
+    assert by_name["llama-3.1-minitron-4b-depth-base"]["family"] == "llama"
+    assert by_name["llama-3.1-minitron-4b-depth-base"]["layers"] == 16
+    assert by_name["mistral-nemo-minitron-8b-instruct"]["family"] == "mistral"
+    assert by_name["mistral-nemo-minitron-8b-base"]["total_params"] == 8_414_105_600
+
+
+def test_info_llama_preset():
+    info = json.loads(_run("info", "llama-3.1-minitron-4b-width-base", "--json").stdout)
+    assert info["architecture"] == "LlamaForCausalLM" and info["model_type"] == "llama"
+    assert info["total_params"] == 4_512_746_496 and info["num_layers"] == 32
+    assert info["layer_pattern"] == " ".join(["AF"] * 32)
+    assert info["kv_bytes_per_token"] == 32 * 2 * 8 * 128 * 2   # layers * (k, v) * KV heads * head_dim * bf16
 
 
 def test_init_info_generate(tmp_path):

@@ -101,7 +101,7 @@ def test_pickle_refused_unless_opted_in(ckpt):
 
 def test_bad_config_values():
     with pytest.raises(ConfigError, match="unsupported model_type"):
-        nemotron.config_from_dict({"model_type": "llama"})
+        nemotron.config_from_dict({"model_type": "gpt2"})
     with pytest.raises(ConfigError, match="num_hidden_layers=3 but the layer pattern has 4"):
         nemotron.config_from_dict({"model_type": "nemotron_h", "hybrid_override_pattern": "M*-E", "num_hidden_layers": 3})
     with pytest.raises(ConfigError, match="n_heads_in_group"):

@@ -8,6 +8,8 @@ from collections import Counter
 import pytest
 
 from nemotron.config import (
+    LlamaConfig,
+    MistralConfig,
     Nemotron4Config,
     NemotronHConfig,
     NemotronNASConfig,
@@ -25,6 +27,9 @@ REQUIRED = {
     "nemotron-3-super-120b-a12b", "nemotron-3-ultra-550b-a55b",
     "minitron-4b", "minitron-8b", "nemotron-mini-4b-instruct", "nemotron-4-15b", "nemotron-4-340b",
     "llama-3.3-nemotron-super-49b-v1", "llama-3.1-nemotron-ultra-253b-v1",
+    "llama-3.1-nemotron-70b-instruct", "llama-3.1-nemotron-nano-8b-v1", "llama-3.1-nemotron-nano-4b-v1.1",
+    "llama-3.1-minitron-4b-width-base", "llama-3.1-minitron-4b-depth-base",
+    "mistral-nemo-minitron-8b-base", "mistral-nemo-minitron-8b-instruct",
 }
 
 
@@ -47,7 +52,7 @@ def test_preset_fields(name):
     assert p.name == name
     assert p.hf_id.startswith("nvidia/")
     assert p.family == p.config.model_type
-    assert p.family in ("nemotron_h", "nemotron", "nemotron-nas")
+    assert p.family in ("nemotron_h", "nemotron", "nemotron-nas", "llama", "mistral")
     assert p.advertised_params > 0
     assert p.description and "\n" not in p.description
 
@@ -322,3 +327,56 @@ def test_super_and_nano_counts_exact():
     assert super_counts["total"] + super_counts["mtp"] == 123_611_033_088
     nano = count_params(PRESETS["nemotron-3-nano-30b-a3b"].config)
     assert abs(nano["active"] - 3.6e9) < 0.05e9
+
+
+# --------------------------------------------------------------------------------------------------
+# Llama / Mistral members: dims, and the counted parameters against the published size
+# --------------------------------------------------------------------------------------------------
+
+# name: (config class, layers, hidden, heads, kv heads, head_dim, FFN, vocab, exact count)
+LLAMA_FAMILY = {
+    "llama-3.1-nemotron-70b-instruct": (LlamaConfig, 80, 8192, 64, 8, 128, 28672, 128256, 70_553_706_496),
+    "llama-3.1-nemotron-nano-8b-v1": (LlamaConfig, 32, 4096, 32, 8, 128, 14336, 128256, 8_030_261_248),
+    "llama-3.1-nemotron-nano-4b-v1.1": (LlamaConfig, 32, 3072, 32, 8, 128, 9216, 128256, 4_512_746_496),
+    "llama-3.1-minitron-4b-width-base": (LlamaConfig, 32, 3072, 32, 8, 128, 9216, 128256, 4_512_746_496),
+    "llama-3.1-minitron-4b-depth-base": (LlamaConfig, 16, 4096, 32, 8, 128, 14336, 128256, 4_540_469_248),
+    "mistral-nemo-minitron-8b-base": (MistralConfig, 40, 4096, 32, 8, 128, 11520, 131072, 8_414_105_600),
+    "mistral-nemo-minitron-8b-instruct": (MistralConfig, 40, 4096, 32, 8, 128, 11520, 131072, 8_414_105_600),
+}
+
+
+@pytest.mark.parametrize("name", list(LLAMA_FAMILY))
+def test_llama_family_presets(name):
+    cls, layers, hidden, heads, kv, head_dim, ffn, vocab, exact = LLAMA_FAMILY[name]
+    p = PRESETS[name]
+    c = p.config
+    assert type(c) is cls
+    assert (c.num_hidden_layers, c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.head_dim,
+            c.intermediate_size, c.vocab_size) == (layers, hidden, heads, kv, head_dim, ffn, vocab)
+    assert not c.tie_word_embeddings and not c.attention_bias and not c.mlp_bias and c.rms_norm_eps == 1e-5
+    if cls is LlamaConfig:
+        assert (c.rope_theta, c.max_position_embeddings, c.bos_token_id) == (500000.0, 131072, 128000)
+        s = c.rope_scaling
+        assert (s.rope_type, s.factor, s.low_freq_factor, s.high_freq_factor, s.original_max_position_embeddings) == (
+            "llama3", 8.0, 1.0, 4.0, 8192)
+    else:
+        assert (c.rope_theta, c.max_position_embeddings, c.sliding_window, c.rope_scaling.rope_type) == (
+            1000000.0, 8192, None, "default")
+    # uniform blocks of the NAS family
+    assert len(c.block_configs) == layers
+    assert {(b.attention.kv_heads(heads), b.ffn.width(hidden)) for b in c.block_configs} == {(kv, ffn)}
+    # the counted parameters: exactly the shapes above, and the published size within the 2% convention
+    total = count_params(c)["total"]
+    assert total == exact
+    assert abs(total / (p.advertised_params * 1e9) - 1) <= 0.02, (name, total)
+
+
+def test_llama_family_to_hf_reads_in_transformers():
+    from transformers import LlamaConfig as HFLlama
+    from transformers import MistralConfig as HFMistral
+
+    width = HFLlama(**PRESETS["llama-3.1-minitron-4b-width-base"].config.to_hf())
+    assert (width.head_dim, width.hidden_size, width.num_key_value_heads) == (128, 3072, 8)
+    assert width.rope_parameters["rope_type"] == "llama3" and width.rope_parameters["rope_theta"] == 500000.0
+    nemo = HFMistral(**PRESETS["mistral-nemo-minitron-8b-base"].config.to_hf())
+    assert nemo.sliding_window is None and nemo.head_dim == 128 and nemo.intermediate_size == 11520

@@ -1,6 +1,6 @@
-"""The classic pre-norm decoder (attention half + FFN half per layer) shared by Nemotron-4 and
-Llama-Nemotron. Either half may be absent (DeciLM `no_op`): then neither its norm nor its residual
-add runs."""
+"""The classic pre-norm decoder (attention half + FFN half per layer) shared by Nemotron-4,
+Llama-Nemotron, Llama and Mistral. Either half may be absent (DeciLM `no_op`): then neither its norm
+nor its residual add runs."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from torch import nn
 
 from ..cache import CacheOptions, HybridCache, KVState
 from .attention import Attention
-from .linear import Linear
+from .linear import Linear, linear
 from .rope import rope_cos_sin
 
 
@@ -47,6 +47,24 @@ class DecoderBody(nn.Module):
         self.norm = norm
 
 
+class TiedLMHead(nn.Module):
+    """The output projection of a model with `tie_word_embeddings`: it multiplies by the input
+    embedding matrix and owns no parameter, so the matrix is counted, trained and saved once, as
+    `model.embed_tokens.weight` (the one tensor transformers writes for a tied model)."""
+
+    def __init__(self, embedding: nn.Embedding) -> None:
+        super().__init__()
+        self._embedding = (embedding,)   # a tuple: not registered, the body owns the embedding
+
+    @property
+    def weight(self) -> torch.Tensor:
+        # looked up on every call: loading and FSDP replace the embedding's Parameter object
+        return self._embedding[0].weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight)
+
+
 class DecoderLM(nn.Module):
     """`model.{embed_tokens,layers,norm}` + `lm_head`, with rotary embeddings computed once per forward."""
 
@@ -54,7 +72,8 @@ class DecoderLM(nn.Module):
         super().__init__()
         self.config = config
         self.model = body
-        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = TiedLMHead(body.embed_tokens) if getattr(config, "tie_word_embeddings", False) else \
+            Linear(config.hidden_size, config.vocab_size, bias=False)
         self.cache_options = CacheOptions()   # kv_dtype applies (no Mamba state here)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 

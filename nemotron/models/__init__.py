@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from ..config import AnyConfig, Nemotron4Config, NemotronHConfig, NemotronNASConfig
+from ..config import AnyConfig, LlamaDecoderConfig, Nemotron4Config, NemotronHConfig
 
 
 def build_model(config: AnyConfig) -> nn.Module:
@@ -14,7 +14,7 @@ def build_model(config: AnyConfig) -> nn.Module:
     if isinstance(config, Nemotron4Config):
         from .nemotron4 import build_nemotron4
         return build_nemotron4(config)
-    if isinstance(config, NemotronNASConfig):
+    if isinstance(config, LlamaDecoderConfig):   # DeciLM, and Llama / Mistral as its uniform case
         from .llama_nas import build_llama_nas
         return build_llama_nas(config)
     raise TypeError(f"no model for config type {type(config).__name__}")

@@ -1,10 +1,12 @@
-"""Llama-3.3-Nemotron-Super-49B and Llama-3.1-Nemotron-Ultra-253B (DeciLM, `model_type: "nemotron-nas"`):
-a Llama-3 decoder whose layers each choose GQA width (`n_heads_in_group`), FFN width (`ffn_mult`),
-or replace a half by a single linear map or drop it (`no_op`)."""
+"""The Llama decoder as a list of per-layer blocks: Llama-3.3-Nemotron-Super-49B and
+Llama-3.1-Nemotron-Ultra-253B (DeciLM, `model_type: "nemotron-nas"`), whose layers each choose GQA width
+(`n_heads_in_group`), FFN width (`ffn_mult`), or replace a half by a single linear map or drop it
+(`no_op`); and Llama / Mistral (`model_type: "llama"` / `"mistral"`: Llama-3.1-Nemotron 70B / Nano,
+Llama-3.1-Minitron, Mistral-NeMo-Minitron), whose configs derive the uniform block list."""
 
 from __future__ import annotations
 
-from ..config import NemotronNASConfig
+from ..config import LlamaDecoderConfig
 from ..layers.attention import Attention, LinearAttention
 from ..layers.decoder import DecoderBody, DecoderLayer, DecoderLM
 from ..layers.mlp import LinearMLP, SwiGLU
@@ -12,7 +14,7 @@ from ..layers.norm import RMSNorm
 from ..layers.rope import rope_inv_freq
 
 
-def build_llama_nas(config: NemotronNASConfig) -> DecoderLM:
+def build_llama_nas(config: LlamaDecoderConfig) -> DecoderLM:
     c = config
     h = c.hidden_size
 
@@ -20,21 +22,21 @@ def build_llama_nas(config: NemotronNASConfig) -> DecoderLM:
         return RMSNorm(h, c.rms_norm_eps, weight_in_fp32=False)  # Llama rounding order
 
     layers = []
-    for i, block in enumerate(c.block_configs):
+    for block in c.block_configs:
         a, f = block.attention, block.ffn
         if a.no_op:
             attn = None
         elif a.replace_with_linear:
             attn = LinearAttention(h)
         else:
-            attn = Attention(h, c.num_attention_heads, c.num_attention_heads // a.n_heads_in_group, c.head_dim,
+            attn = Attention(h, c.num_attention_heads, a.kv_heads(c.num_attention_heads), c.head_dim,
                              c.attention_bias)
         if f.no_op:
             mlp = None
         elif f.replace_with_linear:
             mlp = LinearMLP(h)
         else:
-            mlp = SwiGLU(h, c.intermediate_size(i), c.mlp_bias)
+            mlp = SwiGLU(h, f.width(h), c.mlp_bias)
         layers.append(DecoderLayer(None if attn is None else norm(), attn, None if mlp is None else norm(), mlp))
     body = DecoderBody(c.vocab_size, h, layers, norm())
     s = c.rope_scaling

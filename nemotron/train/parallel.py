@@ -4,8 +4,8 @@ function per kind of parallelism, in the order tensor parallel -> expert paralle
 - `apply_tp`: DTensor plans. Attention: q/k/v column-wise (heads split), o row-wise. Mamba-2: in_proj
   column-wise by heads (its rows first regrouped so that each rank's slice holds its own z, x, B, C
   and dt), out_proj row-wise, and conv1d, dt_bias, A_log, D and the gated norm as local shards.
-  MLPs and shared experts: up column-wise, down row-wise. Routers, latent projections and routed
-  experts are replicated.
+  MLPs and shared experts: up (and SwiGLU's gate) column-wise, down row-wise. Routers, latent
+  projections, routed experts and DeciLM's linear replacements are replicated.
 - `apply_ep`: routed experts sharded by expert across the group; tokens go to the rank that holds
   their expert and come back with all_to_all_single (autograd-aware), as torchtitan's ExpertParallel.
 - `apply_fsdp`: FSDP2 `fully_shard` on every block, then the root.
@@ -24,7 +24,7 @@ from torch import nn
 
 from ..layers.attention import Attention
 from ..layers.mamba2 import Mamba2Mixer
-from ..layers.mlp import ReLU2MLP, relu2
+from ..layers.mlp import ReLU2MLP, SwiGLU, relu2
 from ..layers.moe import MoE
 
 
@@ -109,9 +109,9 @@ def _tp_mamba(m: Mamba2Mixer, mesh) -> None:
 
 def apply_tp(model: nn.Module, mesh) -> nn.Module:
     """Tensor parallel on a 1-D device mesh, in place, with DTensor plans: attention q/k/v column-wise
-    (heads split) and o row-wise; Mamba-2 by heads (see `_tp_mamba`); MLPs and shared experts up
-    column-wise, down row-wise. Every rank must feed the same batch; replicated parameters then get
-    identical gradients without communication."""
+    (heads split) and o row-wise; Mamba-2 by heads (see `_tp_mamba`); MLPs and shared experts up (and
+    gate) column-wise, down row-wise. Every rank must feed the same batch; replicated parameters then
+    get identical gradients without communication."""
     from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
     tp = mesh.size()
@@ -127,6 +127,9 @@ def apply_tp(model: nn.Module, mesh) -> nn.Module:
             _tp_mamba(module, mesh)
         elif isinstance(module, ReLU2MLP):
             parallelize_module(module, mesh, {"up_proj": ColwiseParallel(), "down_proj": RowwiseParallel()})
+        elif isinstance(module, SwiGLU):   # Llama / Mistral / Llama-Nemotron: gate and up split alike
+            parallelize_module(module, mesh, {"gate_proj": ColwiseParallel(), "up_proj": ColwiseParallel(),
+                                              "down_proj": RowwiseParallel()})
     return model
 
 
