@@ -18,7 +18,7 @@ from .config import DTYPES, AnyConfig
 from .errors import CheckpointError, NemotronError
 from .files import is_present
 from .models import build_model
-from .quant.modelopt import apply_quant_config, read_quant_config
+from .quant.modelopt import apply_quant_config, kv_scales_as_written, read_quant_config
 from .tokenizer import Tokenizer
 
 _DTYPES = {**DTYPES, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -345,6 +345,8 @@ def load(
                          progress=lambda done, total: bar.update(task, completed=done, total=total))
     else:
         load_weights(model, config, path, dtype, device, allow_pickle, refs=refs)
+    if quant is not None:
+        kv_scales_as_written(model, quant)
     model.to(device).eval()
     _release_freed_memory()
     if cache is not None:

@@ -410,22 +410,10 @@ def _llama_31_rope() -> RopeScaling:
                        original_max_position_embeddings=8192)
 
 
-_LLAMA_31_COMMON: dict[str, Any] = dict(
-    vocab_size=128256,
-    num_key_value_heads=8,
-    head_dim=128,
-    hidden_act="silu",
-    rms_norm_eps=1e-5,
-    rope_theta=500000.0,
-    attention_bias=False,
-    mlp_bias=False,
-    tie_word_embeddings=False,
-    max_position_embeddings=131072,
-    initializer_range=0.02,
-    bos_token_id=128000,
-    pad_token_id=None,
-    torch_dtype="bfloat16",
-)
+# the Llama-3.1 settings the NAS members share too, with the uniform members' 8 KV heads of 128; the
+# stop ids are set per member
+_LLAMA_31_COMMON: dict[str, Any] = {**{k: v for k, v in _NAS_COMMON.items() if k != "eos_token_id"},
+                                    "num_key_value_heads": 8, "head_dim": 128}
 # Llama-3.1 Instruct's stop ids (<|end_of_text|>, <|eom_id|>, <|eot_id|>); base models stop at 128001
 _LLAMA_31_INSTRUCT_EOS = [128001, 128008, 128009]
 

@@ -36,6 +36,31 @@ def randomize_(model: torch.nn.Module, seed: int = 0, scale: float = 0.5) -> tor
     return model
 
 
+def hf_logits(model, ids: torch.Tensor) -> torch.Tensor:
+    """A transformers causal LM's fp32 logits, without its cache."""
+    with torch.no_grad():
+        return model(input_ids=ids, use_cache=False).logits.float()
+
+
+def assert_saved_checkpoint_round_trips(hf, back, loaded, out: Path, ids: torch.Tensor, tol: float) -> None:
+    """Our save of `loaded` at `out`, read back by transformers as `back`: the same tensors and logits
+    as the original transformers model `hf`, within `tol` of ours; our loader reads it identically."""
+    import nemotron
+
+    ref_sd = hf.state_dict()
+    for name, t in back.state_dict().items():
+        assert torch.equal(t, ref_sd[name]), name
+    with torch.no_grad():
+        ours = loaded.model(ids)
+    diff_back = (hf_logits(back, ids) - hf_logits(hf, ids)).abs().max().item()
+    assert diff_back == 0.0, f"transformers logits from our save differ by {diff_back}"
+    assert (ours - hf_logits(back, ids)).abs().max().item() <= tol
+    again = nemotron.load(out, dtype="float32")
+    assert again.config == loaded.config
+    with torch.no_grad():
+        assert torch.equal(again.model(ids), ours)
+
+
 def disable_hf_dt_clamp_(model: torch.nn.Module) -> torch.nn.Module:
     """transformers 5 clamps dt to >= time_step_min (0.001, inherited from Zamba2) in prefill; NVIDIA's
     remote code, mamba_ssm and vLLM apply no clamp (time_step_limit = (0, inf)), and neither do we.

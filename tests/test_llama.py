@@ -16,7 +16,7 @@ import nemotron
 from nemotron.config import LlamaConfig, MistralConfig, NemotronNASConfig, config_from_dict
 from nemotron.errors import ConfigError
 
-from conftest import randomize_
+from conftest import assert_saved_checkpoint_round_trips, hf_logits, randomize_
 
 TOL = 1e-4
 VOCAB = 128
@@ -70,11 +70,6 @@ def _ids(batch: int, length: int, seed: int) -> torch.Tensor:
     return torch.randint(0, VOCAB, (batch, length), generator=torch.Generator().manual_seed(seed))
 
 
-def _hf_logits(model, ids: torch.Tensor) -> torch.Tensor:
-    with torch.no_grad():
-        return model(input_ids=ids, use_cache=False).logits.float()
-
-
 def test_parity_with_transformers(hf_checkpoint):
     name, path, hf = hf_checkpoint
     m = nemotron.load(path, dtype="float32")
@@ -95,7 +90,7 @@ def test_parity_with_transformers(hf_checkpoint):
         ids = _ids(2, t, seed=t)
         with torch.no_grad():
             ours = m.model(ids)
-        ref = _hf_logits(hf, ids)
+        ref = hf_logits(hf, ids)
         assert ours.shape == (2, t, VOCAB) and ours.dtype == torch.float32
         diff = (ours - ref).abs().max().item()
         print(f"{name} T={t}: max |dlogit| {diff:.3g}")
@@ -151,21 +146,7 @@ def test_saved_checkpoint_loads_in_transformers(hf_checkpoint, tmp_path):
     assert bc.rope_parameters["rope_theta"] == kw["rope_parameters"]["rope_theta"]
     if kw["rope_parameters"]["rope_type"] == "llama3":
         assert bc.rope_parameters["factor"] == 8.0 and bc.rope_parameters["original_max_position_embeddings"] == 32
-    ref_sd = hf.state_dict()
-    for key, t in back.state_dict().items():
-        assert torch.equal(t, ref_sd[key]), key
-
-    ids = _ids(2, 17, seed=9)
-    with torch.no_grad():
-        ours = m.model(ids)
-    diff_back = (_hf_logits(back, ids) - _hf_logits(hf, ids)).abs().max().item()
-    assert diff_back == 0.0, f"transformers logits from our save differ by {diff_back}"
-    assert (ours - _hf_logits(back, ids)).abs().max().item() <= TOL
-
-    again = nemotron.load(out, dtype="float32")
-    assert again.config == m.config
-    with torch.no_grad():
-        assert torch.equal(again.model(ids), ours)
+    assert_saved_checkpoint_round_trips(hf, back, m, out, _ids(2, 17, seed=9), TOL)
 
 
 def test_same_weights_as_nas_blocks_with_explicit_sizes(tmp_path):
@@ -253,4 +234,4 @@ def test_a_tied_checkpoint_that_also_stores_the_head_loads(tmp_path):
     m = nemotron.load(path)
     ids = _ids(1, 9, seed=3)
     with torch.no_grad():
-        torch.testing.assert_close(m.model(ids), _hf_logits(hf, ids), rtol=0, atol=1e-5)
+        torch.testing.assert_close(m.model(ids), hf_logits(hf, ids), rtol=0, atol=1e-5)

@@ -20,7 +20,8 @@ import torch
 import nemotron
 from nemotron.checkpoint import read_safetensors_index, write_safetensors
 from nemotron.errors import CheckpointWarning
-from nemotron.quant.modules import QuantExperts, QuantLinear
+from nemotron.cache import CacheOptions
+from nemotron.quant.modules import QuantExperts, QuantLinear, set_activation_emulation
 
 from conftest import disable_hf_dt_clamp_
 
@@ -56,7 +57,10 @@ def dequantized_checkpoint(export: Path, out: Path) -> Path:
     refs = read_safetensors_index(export / "model.safetensors")
     tensors = {name: ref.read() for name, ref in refs.items()}
     layers = {name.rsplit(".", 1)[0] for name in tensors if name.endswith(".weight_scale")}
-    plain = {n: t for n, t in tensors.items() if not n.endswith(SCALE_LEAVES)}
+    # transformers 5.5-5.14 save the embedding as `backbone.embedding` (and so do ModelOpt exports made
+    # under them); the installed transformers reads only the releases' `backbone.embeddings`
+    plain = {n.replace("backbone.embedding.", "backbone.embeddings."): t for n, t in tensors.items()
+             if not n.endswith(SCALE_LEAVES)}
     for layer in layers:
         plain[f"{layer}.weight"] = decode_weight({leaf: tensors[f"{layer}.{leaf}"] for leaf in
                                                   ("weight", "weight_scale", "weight_scale_2")
@@ -151,3 +155,62 @@ def test_cli_generates_from_a_fixture_export_with_one_warning_line(tmp_path):
     lines = r.stderr.strip().splitlines()
     assert lines == [f"warning: {export / 'hf_quant_config.json'}: repaired 6 module name(s) written with ModelOpt "
                      "0.46-0.47's name defect ('...\\x00backbone.pt_name_sentinel')"], r.stderr[-2000:]
+
+
+# --------------------------------------------------------------------------------------------------
+# exports made now by the installed ModelOpt, every format it has for this family
+# --------------------------------------------------------------------------------------------------
+
+PRODUCER_FORMATS = ["NVFP4", "FP8", "MIXED", "NVFP4_FP8KV", "FP8_FP8KV", "FP8_PER_CHANNEL", "FP8_BLOCK_WO",
+                    "NVFP4_NVFP4KV", "W4A16_NVFP4"]
+
+
+@pytest.fixture(scope="module")
+def producer_exports(tmp_path_factory) -> dict[str, Path]:
+    pytest.importorskip("modelopt")
+    import modelopt_export
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return modelopt_export.export_all(tmp_path_factory.mktemp("modelopt"), PRODUCER_FORMATS, seed=0,
+                                          verbose=False)
+
+
+def _modelopt_reference(export: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    ref = {name: r.read() for name, r in read_safetensors_index(export / "modelopt_logits.safetensors").items()}
+    return ref["input_ids"], ref["logits"]
+
+
+@pytest.mark.parametrize("fmt", PRODUCER_FORMATS)
+def test_producer_export_matches_transformers_on_decoded_weights(producer_exports, fmt, tmp_path):
+    """Weight-only (the default): the same numbers as transformers on the independently decoded weights."""
+    if fmt not in producer_exports:   # a format this ModelOpt version does not have (W4A16 before 0.45)
+        pytest.skip(f"the installed ModelOpt exports no {fmt}")
+    export = producer_exports[fmt]
+    ids, _ = _modelopt_reference(export)
+    loaded = load_export(export)
+    ref = transformers_logits(dequantized_checkpoint(export, tmp_path / "decoded"), ids)
+    assert relative_error(our_logits(loaded.model, ids), ref) <= 1e-3
+
+
+@pytest.mark.parametrize("fmt", PRODUCER_FORMATS)
+def test_producer_export_with_activation_emulation_matches_modelopts_fake_quant(producer_exports, fmt):
+    """With activation emulation on (and the KV cache in the format the export names), the logits are
+    those of ModelOpt's own fake-quantized model. Per token: an activation that lands within ~1e-6 of
+    an FP8 / FP4 rounding boundary (our arithmetic and ModelOpt's differ by that much upstream) may round
+    the other way, and in an MoE layer pick another expert, so a few tokens may differ by that one
+    step; every other token matches to 1e-3 of the logits' standard deviation."""
+    if fmt not in producer_exports:
+        pytest.skip(f"the installed ModelOpt exports no {fmt}")
+    export = producer_exports[fmt]
+    ids, reference = _modelopt_reference(export)
+    loaded = load_export(export)
+    assert set_activation_emulation(loaded.model) > 0 or fmt in ("W4A16_NVFP4", "FP8_BLOCK_WO")
+    kv = json.loads((export / "hf_quant_config.json").read_text())["quantization"].get("kv_cache_quant_algo")
+    if kv:
+        loaded.model.cache_options = CacheOptions(kv_dtype=kv.lower())
+    with torch.no_grad():
+        ours = loaded.model(ids, loaded.model.new_cache(*ids.shape))
+    per_token = ((ours - reference).abs().amax(-1) / reference.std()).flatten()
+    assert (per_token <= 1e-3).float().mean() >= 0.9, per_token
+    assert per_token.median() <= 1e-4 and per_token.max() <= 0.1, per_token

@@ -11,7 +11,7 @@ import torch
 import nemotron
 from nemotron.config import Nemotron4Config, config_from_dict
 
-from conftest import randomize_
+from conftest import assert_saved_checkpoint_round_trips, hf_logits, randomize_
 
 TOL = 1e-4
 VOCAB = 128
@@ -59,11 +59,6 @@ def _ids(batch: int, length: int, seed: int = 0) -> torch.Tensor:
     return torch.randint(0, VOCAB, (batch, length), generator=g)
 
 
-def _hf_logits(model, ids: torch.Tensor) -> torch.Tensor:
-    with torch.no_grad():
-        return model(input_ids=ids, use_cache=False).logits.float()
-
-
 def test_parity_with_transformers(hf_checkpoint):
     path, hf = hf_checkpoint
     m = nemotron.load(path, dtype="float32")
@@ -76,7 +71,7 @@ def test_parity_with_transformers(hf_checkpoint):
         ids = _ids(2, t, seed=t)
         with torch.no_grad():
             ours = m.model(ids)
-        ref = _hf_logits(hf, ids)
+        ref = hf_logits(hf, ids)
         assert ours.shape == (2, t, VOCAB) and ours.dtype == torch.float32
         diff = (ours - ref).abs().max().item()
         assert diff <= TOL, f"T={t}: max |dlogit| {diff}"
@@ -172,18 +167,4 @@ def test_saved_checkpoint_loads_in_transformers(tmp_path, theta, fraction):
     assert back.config.head_dim == 24 and back.config.num_key_value_heads == 2
     assert back.config.rope_parameters["partial_rotary_factor"] == fraction
     assert back.config.rope_parameters["rope_theta"] == theta
-    ref_sd = hf.state_dict()
-    for name, t in back.state_dict().items():
-        assert torch.equal(t, ref_sd[name]), name
-
-    ids = _ids(2, 17, seed=9)
-    with torch.no_grad():
-        ours = m.model(ids)
-    diff_back = (_hf_logits(back, ids) - _hf_logits(hf, ids)).abs().max().item()
-    assert diff_back == 0.0, f"transformers logits from our save differ by {diff_back}"
-    assert (ours - _hf_logits(back, ids)).abs().max().item() <= TOL
-
-    # and our own loader reads our save identically
-    again = nemotron.load(out, dtype="float32")
-    with torch.no_grad():
-        assert torch.equal(again.model(ids), ours)
+    assert_saved_checkpoint_round_trips(hf, back, m, out, _ids(2, 17, seed=9), TOL)

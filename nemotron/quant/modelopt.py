@@ -37,7 +37,9 @@ from .modules import ALGOS, QuantExperts, QuantLinear, QuantScheme
 HF_QUANT_CONFIG = "hf_quant_config.json"
 # ModelOpt's KV-cache formats. Both store `k_proj.k_scale` / `v_proj.v_scale` as amax / 448 (its
 # exporter divides every KV amax by E4M3's bound); an NVFP4 cache's global scale is that over 6.
+# Before 0.42 the exporter divided an NVFP4 cache's amax by 6 * 448 instead (kv_scales_as_written).
 KV_CACHE_ALGOS = ("FP8", "NVFP4")
+_NVFP4_KV_SCALE_CHANGED = (0, 42)
 
 
 @dataclass
@@ -435,6 +437,29 @@ def apply_quant_config(model: nn.Module, cfg: ModelOptConfig, compute_dtype: tor
     if notes:
         warnings.warn(f"{cfg.source}: " + "; ".join(notes), CheckpointWarning, stacklevel=3)
     return done
+
+
+def _producer_version(cfg: ModelOptConfig) -> tuple[int, ...] | None:
+    version = cfg.producer.get("version") if cfg.producer.get("name") == "modelopt" else None
+    try:
+        return tuple(int(part) for part in str(version).split(".")[:2])
+    except ValueError:
+        return None
+
+
+def kv_scales_as_written(model: nn.Module, cfg: ModelOptConfig) -> None:
+    """After loading: bring KV-cache scales to one meaning, amax / 448. ModelOpt before 0.42 wrote an
+    NVFP4 cache's scales as NVFP4 global scales, amax / (6 * 448), six times smaller (its exporter's
+    `cache_bound_mapping`); 0.42 on divide every KV amax by 448."""
+    version = _producer_version(cfg)
+    if cfg.kv_cache_quant_algo != "NVFP4" or version is None or version >= _NVFP4_KV_SCALE_CHANGED:
+        return
+    with torch.no_grad():
+        for module in model.modules():
+            for leaf in ("k_scale", "v_scale"):
+                scale = module._buffers.get(leaf)
+                if scale is not None:
+                    scale.mul_(6.0)
 
 
 def _quantizable(model: nn.Module) -> list[str]:
