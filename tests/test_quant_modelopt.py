@@ -401,3 +401,24 @@ def test_kv_scales_follow_the_tensors(hand_built, tmp_path):
     attn = m.model.backbone.layers[3].mixer
     assert (attn.k_proj.k_scale.item(), attn.v_proj.v_scale.item()) == (2.0, 3.0)
     assert "v_proj.v_scale (config: KV cache unquantized; stored)" in notes[0]
+
+
+@pytest.mark.parametrize("version, stored, loaded", [("0.39.0", 0.5, 3.0), ("0.42.0", 0.5, 0.5), ("0.47.0", 0.5, 0.5)])
+def test_nvfp4_kv_scales_written_before_modelopt_042_are_rescaled(hand_built, tmp_path, version, stored, loaded):
+    """ModelOpt before 0.42 wrote an NVFP4 KV cache's scales as amax / (6 * 448), later ones as
+    amax / 448 (as for FP8): both load as amax / 448."""
+    _, quant, _, _ = hand_built
+
+    def kv(q):
+        q["kv_cache_quant_algo"] = "NVFP4"
+
+    def scales(t):
+        t["backbone.layers.3.mixer.k_proj.k_scale"] = torch.tensor(stored)
+        t["backbone.layers.3.mixer.v_proj.v_scale"] = torch.tensor(stored / 2)
+
+    out = _variant(quant, tmp_path, edit_config=kv, edit_tensors=scales)
+    config = json.loads((out / "hf_quant_config.json").read_text())
+    config["producer"]["version"] = version
+    (out / "hf_quant_config.json").write_text(json.dumps(config))
+    attn = nemotron.load(out).model.backbone.layers[3].mixer
+    assert (attn.k_proj.k_scale.item(), attn.v_proj.v_scale.item()) == (loaded, loaded / 2)
