@@ -237,3 +237,24 @@ def test_producer_export_with_activation_emulation_matches_modelopts_fake_quant(
     per_token = ((ours - reference).abs().amax(-1) / reference.std()).flatten()
     assert (per_token <= 1e-3).float().mean() >= 0.9, per_token
     assert per_token.median() <= 1e-4 and per_token.max() <= 0.1, per_token
+
+
+@needs_fixtures
+@pytest.mark.parametrize("fmt", FIXTURE_FORMATS)
+def test_our_writer_writes_what_modelopt_writes(fmt):
+    """Read back and written again, each quantization config is the one ModelOpt wrote (its names
+    repaired): config.json's quantization_config and hf_quant_config.json alike."""
+    from nemotron.quant.modelopt import parse_quant_config, repair_name
+
+    def repaired(value):
+        if isinstance(value, dict):
+            return {repair_name(k): repaired(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [repaired(v) for v in value]
+        return repair_name(value) if isinstance(value, str) else value
+
+    export = FIXTURES / f"nemotron_h-{fmt}"
+    config_json = json.loads((export / "config.json").read_text())["quantization_config"]
+    legacy = json.loads((export / "hf_quant_config.json").read_text())
+    assert parse_quant_config(config_json).to_config_json() == repaired(config_json)
+    assert parse_quant_config(legacy).to_hf_quant_config() == repaired(legacy)
