@@ -65,30 +65,22 @@ def test_nvfp4_kv_state_stores_packed_blocks_and_returns_dequantized():
         KVState.empty(1, 1, 4, 24, torch.uint8, "cpu")
 
 
-def test_nvfp4_kv_cache_decodes_close_to_the_full_precision_cache(ckpt):
+@pytest.mark.parametrize("kv_dtype, storage, bytes_of_64, tol", [
+    ("fp8", torch.float8_e4m3fn, 16, 0.05),   # a byte a value against fp32's four
+    ("nvfp4", torch.uint8, 9, 0.25),          # 4.5 bits a value
+])
+def test_low_precision_kv_cache_decodes_close_to_the_full_precision_cache(ckpt, kv_dtype, storage, bytes_of_64, tol):
     plain = nemotron.load(ckpt)
-    low = nemotron.load(ckpt, cache=CacheOptions(kv_dtype="nvfp4"))
+    low = nemotron.load(ckpt, cache=CacheOptions(kv_dtype=kv_dtype))
     ids, step = torch.randint(5, 300, (1, 24)), torch.tensor([[7]])
     with torch.inference_mode():
         c_plain, c_low = plain.model.new_cache(1, 64), low.model.new_cache(1, 64)
-        assert {s.k.dtype for s in c_low.layers if isinstance(s, KVState)} == {torch.uint8}
-        assert c_low.kv_bytes_per_token * 64 == c_plain.kv_bytes_per_token * 9   # 4.5 bits a value against fp32 32
-        outs = [(plain.model(ids, c_plain), low.model(ids, c_low)), (plain.model(step, c_plain), low.model(step, c_low))]
+        assert {s.k.dtype for s in c_low.layers if isinstance(s, KVState)} == {storage}
+        assert c_low.kv_bytes_per_token * 64 == c_plain.kv_bytes_per_token * bytes_of_64
+        outs = [(plain.model(ids, c_plain), low.model(ids, c_low)),     # attention reads the stored keys and values
+                (plain.model(step, c_plain), low.model(step, c_low))]   # ... and so does the next step
     for a, b in outs:
-        assert 0 < (a - b).abs().max() < 0.25 * a.abs().max()
-
-
-def test_fp8_kv_cache_decodes_close_to_the_full_precision_cache(ckpt):
-    plain = nemotron.load(ckpt)
-    fp8 = nemotron.load(ckpt, cache=CacheOptions(kv_dtype="fp8"))
-    ids, step = torch.randint(5, 300, (1, 24)), torch.tensor([[7]])
-    with torch.inference_mode():
-        c_plain, c_fp8 = plain.model.new_cache(1, 64), fp8.model.new_cache(1, 64)
-        assert {s.k.dtype for s in c_fp8.layers if isinstance(s, KVState)} == {torch.float8_e4m3fn}
-        outs = [(plain.model(ids, c_plain), fp8.model(ids, c_fp8)),     # attention reads E4M3 keys and values
-                (plain.model(step, c_plain), fp8.model(step, c_fp8))]   # ... and so does the next step
-    for a, b in outs:
-        assert 0 < (a - b).abs().max() < 0.05 * a.abs().max()
+        assert 0 < (a - b).abs().max() < tol * a.abs().max()
 
 
 def test_kv_scales_come_from_a_quantized_checkpoint(ckpt, tmp_path):

@@ -170,6 +170,12 @@ def test_config_json_quantization_config_shape_loads(hand_built, tmp_path):
         torch.testing.assert_close(nemotron.load(other).model(ids), reference.model(ids), rtol=1e-5, atol=1e-5)
 
 
+def _assert_same_logits(m: nemotron.LoadedModel, reference: nemotron.LoadedModel) -> None:
+    ids = torch.randint(5, 300, (1, 9))
+    with torch.inference_mode():
+        torch.testing.assert_close(m.model(ids), reference.model(ids), rtol=1e-5, atol=1e-5)
+
+
 def _variant(quant, tmp_path, edit_config=None, edit_tensors=None):
     out = tmp_path / "variant"
     shutil.copytree(quant, out)
@@ -249,9 +255,7 @@ def test_mixed_map_entry_for_a_whole_experts_module(hand_built, tmp_path):
 
     m = nemotron.load(_variant(quant, tmp_path, edit_config=edit))
     assert isinstance(m.model.backbone.layers[4].mixer.experts, QuantExperts)
-    ids = torch.randint(5, 300, (1, 9))
-    with torch.inference_mode():
-        torch.testing.assert_close(m.model(ids), reference.model(ids), rtol=1e-5, atol=1e-5)
+    _assert_same_logits(m, reference)
 
 
 def test_per_tensor_scales_stored_as_one_element_vectors_load(hand_built, tmp_path):
@@ -265,9 +269,7 @@ def test_per_tensor_scales_stored_as_one_element_vectors_load(hand_built, tmp_pa
 
     m = nemotron.load(_variant(quant, tmp_path, edit_tensors=edit))
     assert m.model.backbone.layers[0].mixer.in_proj.weight_scale_2.shape == ()
-    ids = torch.randint(5, 300, (1, 9))
-    with torch.inference_mode():
-        torch.testing.assert_close(m.model(ids), reference.model(ids), rtol=1e-5, atol=1e-5)
+    _assert_same_logits(m, reference)
 
 
 def test_changing_the_model_dtype_keeps_the_stored_formats(hand_built):
@@ -305,9 +307,7 @@ def test_tensors_overrule_a_config_that_quantizes_a_float_layer(hand_built, tmp_
     assert not isinstance(m.model.backbone.layers[3].mixer.q_proj, QuantLinear)
     assert len(notes) == 1 and "lm_head (config: NVFP4; stored unquantized)" in notes[0], notes
     assert "backbone.layers.3.mixer.q_proj (config: FP8; stored unquantized)" in notes[0]
-    ids = torch.randint(5, 300, (1, 9))
-    with torch.inference_mode():
-        torch.testing.assert_close(m.model(ids), reference.model(ids), rtol=1e-5, atol=1e-5)
+    _assert_same_logits(m, reference)
 
 
 def test_tensors_overrule_a_config_that_leaves_a_quantized_layer_out(hand_built, tmp_path):
@@ -331,9 +331,7 @@ def test_tensors_overrule_a_config_that_leaves_a_quantized_layer_out(hand_built,
     assert len(notes) == 1 and "backbone.layers.0.mixer.in_proj (config: unquantized; stored NVFP4)" in notes[0]
     assert f"{EXPERTS}.* ({2 * tiny_super_config().n_routed_experts} expert weights: config: unquantized; stored NVFP4)" \
         in notes[0], notes[0]
-    ids = torch.randint(5, 300, (1, 9))
-    with torch.inference_mode():
-        torch.testing.assert_close(m.model(ids), reference.model(ids), rtol=1e-5, atol=1e-5)
+    _assert_same_logits(m, reference)
 
 
 def test_a_quantized_weight_without_its_scale_is_an_error_naming_it(hand_built, tmp_path):
@@ -375,9 +373,7 @@ def test_mangled_names_load_with_one_warning(hand_built, tmp_path):
     assert notes == [f"{tmp_path / 'variant' / 'hf_quant_config.json'}: repaired {len(LAYERS) + 2 * tiny_super_config().n_routed_experts + 2} module "
                      "name(s) written with ModelOpt 0.46-0.47's name defect ('...\\x00backbone.pt_name_sentinel')"]
     assert m.model.backbone.layers[0].mixer.in_proj.scheme.algo == "NVFP4"
-    ids = torch.randint(5, 300, (1, 9))
-    with torch.inference_mode():
-        torch.testing.assert_close(m.model(ids), reference.model(ids), rtol=1e-5, atol=1e-5)
+    _assert_same_logits(m, reference)
 
 
 def test_kv_scales_follow_the_tensors(hand_built, tmp_path):
