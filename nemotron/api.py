@@ -13,7 +13,7 @@ from torch import nn
 
 from .cache import CacheOptions
 from .checkpoint import (checkpoint_dtype, checkpoint_files, load_checkpoint_config, load_weights,
-                         match_checkpoint, save_checkpoint)
+                         match_checkpoint, our_spelling, save_checkpoint)
 from .config import DTYPES, AnyConfig
 from .errors import CheckpointError, NemotronError
 from .files import is_present
@@ -334,7 +334,7 @@ def load(
         model = build_model(config)
     quant = read_quant_config(path)
     if quant is not None:   # NVFP4 / FP8 (ModelOpt format): the layers it quantizes keep its storage
-        apply_quant_config(model, quant, dtype, refs)
+        apply_quant_config(model, quant, dtype, {our_spelling(n, config): r for n, r in refs.items()})
     if progress:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 

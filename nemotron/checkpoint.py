@@ -315,11 +315,17 @@ def name_map(config: AnyConfig) -> NameMap:
     return next((m for klass, m in NAME_MAPS.items() if isinstance(config, klass)), _DEFAULT_MAP)
 
 
+def our_spelling(name: str, config: AnyConfig) -> str:
+    """A checkpoint tensor name under our module names (the family's renames; experts still one by one)."""
+    for pattern, replacement in name_map(config).renames:
+        name = pattern.sub(replacement, name, count=1)
+    return name
+
+
 def _canonical_name(name: str, config: AnyConfig) -> tuple[str, int | None]:
     """Checkpoint name -> (our parameter name, expert index or None)."""
     names = name_map(config)
-    for pattern, replacement in names.renames:
-        name = pattern.sub(replacement, name, count=1)
+    name = our_spelling(name, config)
     m = names.experts.match(name) if names.experts else None
     if m:
         suffix = "" if m.group(4) == "weight" else "_" + m.group(4)

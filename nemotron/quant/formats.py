@@ -187,10 +187,8 @@ def fp8_dequantize(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = to
 def fp8_fake_quantize_per_token(x: torch.Tensor) -> torch.Tensor:
     """Activations through FP8 E4M3 and back with a scale computed at run time for each token (row
     amax / 448), as FP8_PER_CHANNEL_PER_TOKEN's dynamic activation quantizer does."""
-    x32 = x.float()
-    amax = x32.abs().amax(-1, keepdim=True)
-    s = torch.where(amax > 0, amax / E4M3_MAX, torch.ones_like(amax))
-    return (to_e4m3(x32 / s).float() * s).to(x.dtype)
+    amax = x.float().abs().amax(-1, keepdim=True)
+    return fp8_fake_quantize(x, torch.where(amax > 0, amax / E4M3_MAX, torch.ones_like(amax)))
 
 
 def fp8_fake_quantize(x: torch.Tensor, input_scale: torch.Tensor) -> torch.Tensor:

@@ -285,42 +285,31 @@ def read_quant_config(path: Path) -> ModelOptConfig | None:
 # the model's structure
 # --------------------------------------------------------------------------------------------------
 
-class StoredLayers:
-    """A checkpoint's tensors by module name and leaf ("weight", "weight_scale", ...), whichever root
-    the file spells; `refs` maps tensor names to anything with a `dtype` and a `shape`."""
-
-    def __init__(self, refs: Mapping[str, object]) -> None:
-        self.refs = {name.removeprefix("language_model."): ref for name, ref in refs.items()}
-
-    def get(self, layer: str, leaf: str):
-        for spelling in spellings(layer):
-            ref = self.refs.get(f"{spelling}.{leaf}")
-            if ref is not None:
-                return ref
-        return None
-
-
 _FP8_STORAGE = (torch.float8_e4m3fn, torch.int8, torch.uint8)   # older exports store FP8 bytes as int8
 
 
-def stored_unquantized(stored: StoredLayers, layer: str) -> bool:
+# the checkpoint's tensors under our module names (checkpoint.our_spelling), each with a dtype and a shape
+Stored = Mapping[str, object]
+
+
+def stored_unquantized(stored: Stored, layer: str) -> bool:
     """A float weight stored without a weight_scale."""
-    weight = stored.get(layer, "weight")
+    weight = stored[f"{layer}.weight"]
     return (weight.dtype.is_floating_point and weight.dtype != torch.float8_e4m3fn
-            and stored.get(layer, "weight_scale") is None)
+            and f"{layer}.weight_scale" not in stored)
 
 
-def stored_scheme(stored: StoredLayers, layer: str) -> QuantScheme | None:
+def stored_scheme(stored: Stored, layer: str) -> QuantScheme | None:
     """The format a layer's stored tensors have (None: a float weight without scales), or an error
     naming the tensor when they fit no format this package runs."""
     if stored_unquantized(stored, layer):
         return None
-    weight, scale = stored.get(layer, "weight"), stored.get(layer, "weight_scale")
+    weight, scale = stored[f"{layer}.weight"], stored.get(f"{layer}.weight_scale")
     if scale is None:
         raise CheckpointError(f"tensor {layer}.weight is stored as {str(weight.dtype)[6:]} (quantized) but the "
                               f"checkpoint has no {layer}.weight_scale")
-    has_input = stored.get(layer, "input_scale") is not None
-    if weight.dtype == torch.uint8 and stored.get(layer, "weight_scale_2") is not None:
+    has_input = f"{layer}.input_scale" in stored
+    if weight.dtype == torch.uint8 and f"{layer}.weight_scale_2" in stored:
         return QuantScheme("NVFP4" if has_input else "W4A16_NVFP4")
     if weight.dtype in _FP8_STORAGE and len(weight.shape) == 2:
         n = math.prod(scale.shape)
@@ -334,13 +323,13 @@ def stored_scheme(stored: StoredLayers, layer: str) -> QuantScheme | None:
                           f"with a weight_scale of shape {list(scale.shape)} is no format this package runs")
 
 
-def _layer_scheme(cfg: ModelOptConfig, layer: str, stored: StoredLayers | None, overruled: list[str]
+def _layer_scheme(cfg: ModelOptConfig, layer: str, stored: Stored | None, overruled: list[str]
                   ) -> QuantScheme | None:
     """The config's format for `layer`, unless its stored tensors say otherwise (noted in `overruled`).
     Only quantized-or-not is read from the tensors when the config quantizes the layer, so a
     quantized layer missing a scale stays an error of the loader."""
     configured = cfg.scheme(layer)
-    if stored is None or stored.get(layer, "weight") is None:   # absent weights: the loader names them
+    if stored is None or f"{layer}.weight" not in stored:   # absent weights: the loader names them
         return configured
     if configured is not None:
         if stored_unquantized(stored, layer):
@@ -353,7 +342,7 @@ def _layer_scheme(cfg: ModelOptConfig, layer: str, stored: StoredLayers | None, 
     return found
 
 
-def _experts_scheme(cfg: ModelOptConfig, name: str, num_experts: int, stored: StoredLayers | None,
+def _experts_scheme(cfg: ModelOptConfig, name: str, num_experts: int, stored: Stored | None,
                     overruled: list[str]) -> QuantScheme | None:
     """One scheme for every expert of a stacked Experts module, or an error naming the layer."""
     notes: list[str] = []
@@ -368,17 +357,16 @@ def _experts_scheme(cfg: ModelOptConfig, name: str, num_experts: int, stored: St
 
 
 def apply_quant_config(model: nn.Module, cfg: ModelOptConfig, compute_dtype: torch.dtype,
-                       stored_tensors: Mapping[str, object] | None = None) -> dict[str, QuantScheme]:
+                       stored: Stored | None = None) -> dict[str, QuantScheme]:
     """Replace the linear layers (and stacked MoE experts) that `cfg` quantizes with quantized ones
     of the same shapes (on the model's device, meta included), and add the KV-cache scales.
-    `stored_tensors` (the checkpoint's tensors by name, with dtype and shape) lets the tensors decide
-    where they contradict the config. Every entry of a MIXED_PRECISION map must name a layer of the
+    `stored` (the checkpoint's tensors under our module names, with dtype and shape) lets the tensors
+    decide where they contradict the config. Every entry of a MIXED_PRECISION map must name a layer of the
     model. Returns {layer: scheme}; warns once (CheckpointWarning) about repaired names and overruled
     entries."""
     from ..layers.attention import Attention
     from ..layers.moe import Experts
 
-    stored = StoredLayers(stored_tensors) if stored_tensors is not None else None
     overruled: list[str] = []
     done: dict[str, QuantScheme] = {}
     for name, module in list(model.named_modules()):
@@ -412,14 +400,15 @@ def apply_quant_config(model: nn.Module, cfg: ModelOptConfig, compute_dtype: tor
     # the KV-cache scales live on the (possibly replaced) projections; the file decides where it has them
     for name, module in model.named_modules():
         if isinstance(module, Attention):
-            for proj, leaf in ((module.k_proj, "k_scale"), (module.v_proj, "v_scale")):
-                where = f"{name}.{'k_proj' if leaf == 'k_scale' else 'v_proj'}"
-                has = cfg.kv_cache_quant_algo is not None if stored is None else stored.get(where, leaf) is not None
+            for proj, leaf in (("k_proj", "k_scale"), ("v_proj", "v_scale")):
+                tensor = f"{name}.{proj}.{leaf}"
+                has = cfg.kv_cache_quant_algo is not None if stored is None else tensor in stored
                 if has != (cfg.kv_cache_quant_algo is not None):
-                    overruled.append(f"{where}.{leaf} (config: KV cache {cfg.kv_cache_quant_algo or 'unquantized'}; "
+                    overruled.append(f"{tensor} (config: KV cache {cfg.kv_cache_quant_algo or 'unquantized'}; "
                                      f"{'stored' if has else 'not stored'})")
                 if has:
-                    proj.register_buffer(leaf, torch.ones((), dtype=torch.float32, device=proj.weight.device))
+                    owner = getattr(module, proj)
+                    owner.register_buffer(leaf, torch.ones((), dtype=torch.float32, device=owner.weight.device))
     if cfg.mixed:   # every entry names a layer (or a parent of layers) that could be quantized
         layers = [s for n in _quantizable(model) for s in spellings(n)]
         unknown = sorted(k for k in cfg.quantized_layers if not any(s == k or s.startswith(k + ".") for s in layers))
