@@ -64,8 +64,8 @@ if which == "transformers":
     vocab = model.config.vocab_size
 else:
     import nemotron
-    from nemotron.generate import Generator, Request, prefill
-    from nemotron.sampling import SamplingParams
+    from nemotron.inference.generate import Generator, Request, prefill
+    from nemotron.inference.sampling import SamplingParams
     model = nemotron.load(path).model
     vocab = model.config.vocab_size
 g = torch.Generator().manual_seed(1)
@@ -134,9 +134,9 @@ print(json.dumps(out))
 
 
 def build(config_name: str, out: Path) -> Path:
-    from nemotron.checkpoint import save_checkpoint
+    from nemotron.io.checkpoint import save_checkpoint
     from nemotron.config import NemotronHConfig
-    from nemotron.init import init_weights_
+    from nemotron.models.init import init_weights_
     from nemotron.models import build_model
 
     config = NemotronHConfig(**CONFIGS[config_name])

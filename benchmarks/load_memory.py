@@ -41,11 +41,11 @@ print(json.dumps({"before": before, "peak": status("VmHWM:"), "after": status("V
 
 def make_checkpoint(out: Path, size_gb: float) -> int:
     from nemotron.config import NemotronHConfig
-    from nemotron.init import init_weights_
-    from nemotron.checkpoint import save_checkpoint
+    from nemotron.models.init import init_weights_
+    from nemotron.io.checkpoint import save_checkpoint
     from nemotron.models import build_model
 
-    from nemotron.info import count_params
+    from nemotron.models.info import count_params
 
     def config_for(layers: int) -> NemotronHConfig:
         # a Nemotron 3 Nano-like layout (Mamba / MoE pairs, one attention layer)

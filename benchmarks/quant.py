@@ -40,7 +40,7 @@ def rss():
     for line in open("/proc/self/status"):
         if line.startswith("VmRSS"):
             return int(line.split()[1]) * 1024
-import nemotron, nemotron.api, nemotron.chat, nemotron.checkpoint, nemotron.models, nemotron.tokenizer, tokenizers
+import nemotron, nemotron.api, nemotron.chat.template, nemotron.io.checkpoint, nemotron.models, nemotron.io.tokenizer, tokenizers
 from nemotron.quant.modelopt import model_weight_bytes
 warm = nemotron.load("tiny")   # a first load pays the one-off costs (lazy imports, thread pools); kept
 before = rss()                 # alive so that its memory is not reused: the rise is the model's own
@@ -50,7 +50,7 @@ print(json.dumps({"tensor_bytes": model_weight_bytes(m.model), "rss_rise": rss()
 
 
 def texts_for(problems, tokenizer) -> list[str]:
-    from nemotron.chat import apply_chat_template
+    from nemotron.chat.template import apply_chat_template
     from nemotron.tiny.tasks import TOOL_FAMILIES, conversation
 
     out = []
@@ -75,7 +75,7 @@ def perplexity(model, tokenizer, texts: list[str]) -> float:
 
 def decode_speed(model, tokenizer, new_tokens: int = 64, runs: int = 3) -> float:
     """Batch-1 greedy decode tokens/s (one thread), median of `runs`."""
-    from nemotron.generate import greedy_generate
+    from nemotron.inference.generate import greedy_generate
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -98,9 +98,9 @@ def memory(path: Path) -> dict:
 def nano_shaped(out: Path) -> Path:
     """A random hybrid MoE at hidden 1024 (bf16) whose embedding and lm_head hold the share of the
     weights they hold in Nemotron 3 Nano 30B-A3B (2 x 131072 x 2688 of 31.6B: 2.2%)."""
-    from nemotron.checkpoint import save_checkpoint
+    from nemotron.io.checkpoint import save_checkpoint
     from nemotron.config import NemotronHConfig
-    from nemotron.init import init_weights_, write_byte_tokenizer
+    from nemotron.models.init import init_weights_, write_byte_tokenizer
     from nemotron.models import build_model
 
     config = NemotronHConfig(
@@ -126,7 +126,7 @@ def main() -> None:
     warnings.simplefilter("ignore")
 
     import nemotron
-    from nemotron.checkpoint import save_checkpoint
+    from nemotron.io.checkpoint import save_checkpoint
     from nemotron.quant.modules import set_activation_emulation
     from nemotron.quant.quantize import quantize_model, save_quantized
     from nemotron.tiny.tasks import EVAL_FAMILIES, problems

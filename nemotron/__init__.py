@@ -12,10 +12,10 @@ import warnings
 # torch warns at import when numpy is absent; nothing here uses numpy (it is not a dependency)
 warnings.filterwarnings("ignore", message="Failed to initialize NumPy")
 
-from .api import LoadedModel, load
-from .config import (LlamaConfig, MistralConfig, Nemotron4Config, NemotronHConfig, NemotronNASConfig, config_from_dict,
+from nemotron.api import LoadedModel, load
+from nemotron.config import (LlamaConfig, MistralConfig, Nemotron4Config, NemotronHConfig, NemotronNASConfig, config_from_dict,
                      load_config)
-from .errors import CheckpointError, ConfigError, NemotronError, UnsafeCheckpointError
+from nemotron.errors import CheckpointError, ConfigError, NemotronError, UnsafeCheckpointError
 
 __all__ = [
     "load", "LoadedModel", "config_from_dict", "load_config",

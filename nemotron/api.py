@@ -11,15 +11,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from .cache import CacheOptions
-from .checkpoint import (checkpoint_dtype, checkpoint_files, load_checkpoint_config, load_weights,
+from nemotron.layers.cache import CacheOptions
+from nemotron.io.checkpoint import (checkpoint_dtype, checkpoint_files, load_checkpoint_config, load_weights,
                          match_checkpoint, our_spelling, save_checkpoint)
-from .config import DTYPES, AnyConfig
-from .errors import CheckpointError, NemotronError
-from .files import is_present
-from .models import build_model
-from .quant.modelopt import apply_quant_config, kv_scales_as_written, read_quant_config
-from .tokenizer import Tokenizer
+from nemotron.config import DTYPES, AnyConfig
+from nemotron.errors import CheckpointError, NemotronError
+from nemotron.files import is_present
+from nemotron.models import build_model
+from nemotron.quant.modelopt import apply_quant_config, kv_scales_as_written, read_quant_config
+from nemotron.io.tokenizer import Tokenizer
 
 _DTYPES = {**DTYPES, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -67,6 +67,7 @@ class LoadedModel:
     model: nn.Module
     tokenizer: Tokenizer | None
     path: Path | None = None
+    cache_options: CacheOptions = field(default_factory=CacheOptions)   # how inference state is stored
 
     # ---- persistence ----
 
@@ -86,6 +87,11 @@ class LoadedModel:
 
     # ---- generation ----
 
+    def new_cache(self, batch: int, max_len: int):
+        """An empty inference cache for `batch` sequences of up to `max_len` tokens, stored as this
+        model's cache options say."""
+        return self.model.new_cache(batch, max_len, self.cache_options)
+
     @property
     def stop_ids(self) -> set[int]:
         """End-of-turn ids: the config's eos_token_id (int or list) and the tokenizer's eos token."""
@@ -101,7 +107,7 @@ class LoadedModel:
         return self.tokenizer
 
     def _params(self, max_new_tokens: int, sampling: dict[str, Any]):
-        from .sampling import SamplingParams
+        from nemotron.inference.sampling import SamplingParams
 
         unknown = set(sampling) - _SAMPLING_KEYS
         if unknown:
@@ -110,9 +116,10 @@ class LoadedModel:
         return SamplingParams(max_new_tokens=max_new_tokens, **sampling).validate()
 
     def _generator(self, speculative_tokens: int = 0, compile: bool = False, prefill_chunk: int = 512):
-        from .generate import Generator
+        from nemotron.inference.generate import Generator
 
-        return Generator(self.model, self.tokenizer, self.stop_ids, prefill_chunk, speculative_tokens, compile)
+        return Generator(self.model, self.tokenizer, self.stop_ids, prefill_chunk, speculative_tokens, compile,
+                         self.cache_options)
 
     def generate(self, prompt: str | list[str] | list[int], max_new_tokens: int = 256,
                  speculative_tokens: int = 0, compile: bool = False, **sampling: Any) -> str | list[str]:
@@ -120,7 +127,7 @@ class LoadedModel:
         sampling options as in `SamplingParams` (temperature, top_p, seed, stop, ...).
         speculative_tokens: MTP drafts per step (greedy, MTP checkpoints); compile: torch.compile the
         decode step (a one-time compile, then much less per-token overhead for small models)."""
-        from .generate import Request
+        from nemotron.inference.generate import Request
 
         batch = isinstance(prompt, list) and prompt and isinstance(prompt[0], str)
         prompts = prompt if batch else [prompt]
@@ -135,7 +142,7 @@ class LoadedModel:
 
     def stream(self, prompt: str, max_new_tokens: int = 256, **sampling: Any) -> Iterator[str]:
         """Text deltas of a plain completion as they are generated."""
-        from .generate import Request
+        from nemotron.inference.generate import Request
 
         req = Request(self._require_tokenizer().encode(prompt), self._params(max_new_tokens, dict(sampling)))
         for event in self._generator().stream([req]):
@@ -182,9 +189,9 @@ class LoadedModel:
 
     def _turn(self, messages, tools, enable_thinking, thinking_budget, max_new_tokens, template_kwargs,
               sampling, special_tokens_in_content=False) -> "_ChatTurn":
-        from .chat import prepare_chat
-        from .generate import Request
-        from .parsers import StreamingParser
+        from nemotron.chat.template import prepare_chat
+        from nemotron.inference.generate import Request
+        from nemotron.chat.parsers import StreamingParser
 
         tok = self._require_tokenizer()
         prompt = prepare_chat(tok, messages, tools, enable_thinking,
@@ -257,7 +264,7 @@ def speculation_stats(generator) -> dict | None:
 
 def make_thinking_budget(tokenizer: Tokenizer, budget: int, prompt_opens_think: bool, grace: int = 0):
     """A ThinkingBudget with this tokenizer's `</think>` spellings."""
-    from .generate import ThinkingBudget
+    from nemotron.inference.generate import ThinkingBudget
 
     if budget < 0:
         raise ValueError("thinking_budget must be >= 0")
@@ -281,11 +288,11 @@ def resolve_model_path(name_or_path: str | Path) -> Path:
     if path.exists():
         return path
     if str(name_or_path).lower() == EMBEDDED:
-        from .tiny import MODEL_DIR
+        from nemotron.tiny import MODEL_DIR
         if not (MODEL_DIR / "config.json").is_file():
             raise CheckpointError(f"the embedded model is missing from {MODEL_DIR} (a broken install?)")
         return MODEL_DIR
-    from .presets import PRESETS  # a preset name: only presets that ship weights can be loaded
+    from nemotron.config.presets import PRESETS  # a preset name: only presets that ship weights can be loaded
     key = str(name_or_path).lower()
     if key in PRESETS:
         raise CheckpointError(
@@ -349,6 +356,4 @@ def load(
         kv_scales_as_written(model, quant)
     model.to(device).eval()
     _release_freed_memory()
-    if cache is not None:
-        model.cache_options = cache
-    return LoadedModel(config, model, tokenizer, path)
+    return LoadedModel(config, model, tokenizer, path, cache or CacheOptions())

@@ -12,7 +12,7 @@ import stat
 from pathlib import Path, PurePosixPath
 from typing import IO, Any
 
-from .errors import CheckpointError, NemotronError
+from nemotron.errors import CheckpointError, NemotronError
 
 # JSON files in a checkpoint nest a few levels (quantization_config, tokenizer_config's
 # added_tokens_decoder): deeper input is hostile, and code that walks it recursively must not overflow

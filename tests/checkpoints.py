@@ -13,8 +13,8 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-from nemotron.checkpoint import save_checkpoint
-from nemotron.init import init_checkpoint, init_weights_, tiny_super_config
+from nemotron.io.checkpoint import save_checkpoint
+from nemotron.models.init import init_checkpoint, init_weights_, tiny_super_config
 from nemotron.models import build_model
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")

@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 
 from nemotron.config import LlamaConfig
-from nemotron.init import init_weights_, tiny_super_config
+from nemotron.models.init import init_weights_, tiny_super_config
 from nemotron.models import build_model
 from nemotron.train import lm_loss, update_expert_bias
 from nemotron.train.data import Batch

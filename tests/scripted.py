@@ -9,9 +9,9 @@ from pathlib import Path
 import torch
 
 import nemotron
-from nemotron.chat import prepare_chat
-from nemotron.generate import greedy_generate
-from nemotron.init import init_checkpoint
+from nemotron.chat.template import prepare_chat
+from nemotron.inference.generate import greedy_generate
+from nemotron.models.init import init_checkpoint
 
 TOOLS = [{"type": "function", "function": {
     "name": "get_weather", "description": "Current weather in a city",

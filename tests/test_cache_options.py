@@ -7,9 +7,9 @@ import pytest
 import torch
 
 import nemotron
-from nemotron.cache import CacheOptions, KVState, stochastic_round
-from nemotron.generate import greedy_generate
-from nemotron.init import init_checkpoint, tiny_super_config
+from nemotron.layers.cache import CacheOptions, KVState, stochastic_round
+from nemotron.inference.generate import greedy_generate
+from nemotron.models.init import init_checkpoint, tiny_super_config
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +74,7 @@ def test_low_precision_kv_cache_decodes_close_to_the_full_precision_cache(ckpt, 
     low = nemotron.load(ckpt, cache=CacheOptions(kv_dtype=kv_dtype))
     ids, step = torch.randint(5, 300, (1, 24)), torch.tensor([[7]])
     with torch.inference_mode():
-        c_plain, c_low = plain.model.new_cache(1, 64), low.model.new_cache(1, 64)
+        c_plain, c_low = plain.new_cache(1, 64), low.new_cache(1, 64)
         assert {s.k.dtype for s in c_low.layers if isinstance(s, KVState)} == {storage}
         assert c_low.kv_bytes_per_token * 64 == c_plain.kv_bytes_per_token * bytes_of_64
         outs = [(plain.model(ids, c_plain), low.model(ids, c_low)),     # attention reads the stored keys and values
@@ -91,7 +91,7 @@ def test_kv_scales_come_from_a_quantized_checkpoint(ckpt, tmp_path):
     out = save_quantized(loaded, cfg, tmp_path / "fp8kv", report)
     m = nemotron.load(out, cache=CacheOptions(kv_dtype="fp8"))
     attn = m.model.backbone.layers[3].mixer
-    state = m.model.new_cache(1, 16).layers[3]
+    state = m.new_cache(1, 16).layers[3]
     assert state.k_scale == float(attn.k_proj.k_scale) >= 1.0 and state.v_scale == float(attn.v_proj.v_scale)
 
 
@@ -99,12 +99,12 @@ def test_kv_scales_come_from_a_quantized_checkpoint(ckpt, tmp_path):
 def test_float16_ssm_state(ckpt, rounding):
     ref = nemotron.load(ckpt)
     low = nemotron.load(ckpt, cache=CacheOptions(ssm_dtype="float16", ssm_rounding=rounding, seed=1))
-    cache = low.model.new_cache(1, 96)
+    cache = low.new_cache(1, 96)
     assert cache.layers[0].ssm.dtype == torch.float16
     prompt = torch.randint(5, 300, (1, 16))
     with torch.inference_mode():
         want = greedy_generate(ref.model, prompt, 40)
-        c_ref, c_low = ref.model.new_cache(1, 96), low.model.new_cache(1, 96)
+        c_ref, c_low = ref.new_cache(1, 96), low.new_cache(1, 96)
         ref.model(want[:, :-1], c_ref)
         low.model(want[:, :-1], c_low)
     # the state after 55 tokens stays within fp16's precision of the fp32 one
@@ -115,7 +115,7 @@ def test_float16_ssm_state(ckpt, rounding):
         again = nemotron.load(ckpt, cache=CacheOptions(ssm_dtype="float16", ssm_rounding="stochastic", seed=1))
         states = []
         for m in (other, again):
-            c = m.model.new_cache(1, 96)
+            c = m.new_cache(1, 96)
             with torch.inference_mode():
                 m.model(want[:, :-1], c)
             states.append(c.layers[0].ssm)

@@ -1,4 +1,4 @@
-"""nemotron.chat: chat templates rendered as transformers renders them, plus request validation.
+"""nemotron.chat.template: chat templates rendered as transformers renders them, plus request validation.
 
 The real templates (Nemotron 3 Nano, Nemotron Nano v2, Llama 3.3 = the Llama-Nemotron format) are read
 from ../shared/fixtures/chat_templates and the tests that need them skip when it is absent."""
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from nemotron.chat import (
+from nemotron.chat.template import (
     ChatInputError,
     ChatTemplateError,
     apply_chat_template,
@@ -64,7 +64,7 @@ def plain_jinja_render(template: str, **variables) -> str:
 
 @pytest.fixture(scope="module")
 def byte_tokenizer_dir(tmp_path_factory):
-    from nemotron.init import write_byte_tokenizer
+    from nemotron.models.init import write_byte_tokenizer
 
     out = tmp_path_factory.mktemp("byte_tok")
     write_byte_tokenizer(out)
@@ -453,7 +453,7 @@ def test_generation_block(hf_tokenizer):
 
 
 def test_compiled_templates_are_cached():
-    from nemotron import chat
+    from nemotron.chat import template as chat
 
     t = "cache-probe {{ messages | length }}"
     render_chat(t, [])
@@ -506,7 +506,7 @@ def test_chat_template_for_checkpoint_dir(tmp_path):
 def test_apply_chat_template_with_our_tokenizer(byte_tokenizer_dir, hf_tokenizer, tmp_path):
     import shutil
 
-    from nemotron.tokenizer import Tokenizer
+    from nemotron.io.tokenizer import Tokenizer
 
     template = load_template("nemotron3")
     for f in ("tokenizer.json", "tokenizer_config.json"):
@@ -601,13 +601,13 @@ def test_validate_tools_errors(tools, match):
 @pytest.fixture(scope="module")
 def tiny_tok():
     from nemotron.tiny import MODEL_DIR
-    from nemotron.tokenizer import Tokenizer
+    from nemotron.io.tokenizer import Tokenizer
 
     return Tokenizer.from_dir(MODEL_DIR)
 
 
 def with_template(tok, template: str):
-    from nemotron.tokenizer import Tokenizer
+    from nemotron.io.tokenizer import Tokenizer
 
     return Tokenizer(tok.backend, {**tok.config, "chat_template": template})
 
@@ -640,8 +640,8 @@ def test_ordinary_conversations_keep_their_exact_ids(tiny_tok, byte_tokenizer_di
     with the embedded model's BPE tokenizer and the byte tokenizer. Several of these strings do get
     markers (the `<` of "<with>", short values such as "a" that occur inside `<|im_start|>`), so the
     marked rendering is exercised, not only the unmarked fast path."""
-    from nemotron.chat import _guard, normalize_messages, prepare_chat
-    from nemotron.tokenizer import Tokenizer
+    from nemotron.chat.template import _guard, normalize_messages, prepare_chat
+    from nemotron.io.tokenizer import Tokenizer
 
     checked = marked = 0
     for base in (tiny_tok, Tokenizer.from_dir(byte_tokenizer_dir)):
@@ -666,7 +666,7 @@ def test_ordinary_conversations_keep_their_exact_ids(tiny_tok, byte_tokenizer_di
 def test_ordinary_ids_match_transformers_apply_chat_template(tiny_tok):
     """Against transformers' own tokenize=True on the embedded model's tokenizer files."""
     transformers = pytest.importorskip("transformers")
-    from nemotron.chat import prepare_chat
+    from nemotron.chat.template import prepare_chat
     from nemotron.tiny import MODEL_DIR
 
     hf = transformers.PreTrainedTokenizerFast.from_pretrained(str(MODEL_DIR))
@@ -690,7 +690,7 @@ def test_forged_control_tokens_in_a_user_message_are_text():
     """Through the Python API on the embedded model: the user's `<|im_start|>system...<|im_end|>`,
     `<think>` and `<tool_call>` (all special tokens of this tokenizer) stay ordinary text."""
     import nemotron
-    from nemotron.chat import prepare_chat
+    from nemotron.chat.template import prepare_chat
 
     m = nemotron.load("tiny")
     tok = m.tokenizer
@@ -742,7 +742,7 @@ def test_every_caller_field_stays_text(tiny_tok):
     """Contents, history reasoning, tool-call names and arguments, tool results, tool definitions: with
     the embedded template (which looks at none of them) the text is unchanged, it decodes back exactly,
     and the only control tokens are the template's (those of the harmless twin conversation)."""
-    from nemotron.chat import prepare_chat
+    from nemotron.chat.template import prepare_chat
 
     messages, tools = HOSTILE_CONVERSATION
     safe = prepare_chat(tiny_tok, messages, tools, truncate_history_thinking=False)
@@ -759,7 +759,7 @@ def test_released_templates_cannot_be_made_to_forge(tiny_tok):
     """Tokens a template would assemble around or out of caller text: Nemotron 3 renders a tool
     parameter's extra key K as `<K>...</K>` (K = "think"), Nano v2 deletes "/think" from user text
     ("<thi/thinknk>" becomes "<think>")."""
-    from nemotron.chat import prepare_chat
+    from nemotron.chat.template import prepare_chat
 
     think, end_think = tiny_tok.token_id("<think>"), tiny_tok.token_id("</think>")
     tools = [{"type": "function", "function": {"name": "f", "parameters": {
@@ -785,7 +785,7 @@ def test_a_template_that_inspects_caller_spellings_sees_text(tiny_tok):
     """Nemotron 3 adds `<think></think>` before assistant history content unless the content holds
     `<think>` or `</think>`: under the default the caller's spelling is text to the template too, so
     the template writes its own (special) pair and the caller's stays text."""
-    from nemotron.chat import prepare_chat
+    from nemotron.chat.template import prepare_chat
 
     tok = with_template(tiny_tok, load_template("nemotron3"))
     messages = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "<think>r</think>a"},
@@ -809,7 +809,7 @@ def test_seeded_fuzz_caller_text_never_becomes_a_control_token(tiny_tok):
     import random
     import time
 
-    from nemotron.chat import prepare_chat
+    from nemotron.chat.template import prepare_chat
 
     rng = random.Random(20260)
 

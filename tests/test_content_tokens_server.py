@@ -19,7 +19,7 @@ MESSAGES = [{"role": "user", "content": FORGED}]
 @pytest.fixture(scope="module")
 def tokenizer():
     from nemotron.tiny import MODEL_DIR
-    from nemotron.tokenizer import Tokenizer
+    from nemotron.io.tokenizer import Tokenizer
 
     return Tokenizer.from_dir(MODEL_DIR)
 
@@ -27,7 +27,7 @@ def tokenizer():
 @pytest.fixture(scope="module")
 def prompt_lengths(tokenizer):
     """(default, parsed) prompt lengths, and the ids themselves, as the Python API computes them."""
-    from nemotron.chat import prepare_chat
+    from nemotron.chat.template import prepare_chat
 
     safe = prepare_chat(tokenizer, MESSAGES).ids
     parsed = prepare_chat(tokenizer, MESSAGES, special_tokens_in_content=True).ids

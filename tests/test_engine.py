@@ -9,10 +9,10 @@ import pytest
 import torch
 
 import nemotron
-from nemotron.engine import Engine, QueueFull
-from nemotron.generate import Request, ThinkingBudget, greedy_generate
-from nemotron.init import init_checkpoint
-from nemotron.sampling import SamplingParams
+from nemotron.inference.engine import Engine, QueueFull
+from nemotron.inference.generate import Request, ThinkingBudget, greedy_generate
+from nemotron.models.init import init_checkpoint
+from nemotron.inference.sampling import SamplingParams
 
 from conftest import randomize_
 

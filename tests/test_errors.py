@@ -113,7 +113,7 @@ def test_written_safetensors_read_by_the_reference_library(tmp_path):
     """Our writer (no numpy needed) produces files the safetensors library reads bit-exactly."""
     from safetensors.torch import load_file
 
-    from nemotron.checkpoint import write_safetensors
+    from nemotron.io.checkpoint import write_safetensors
 
     tensors = {"a": torch.randn(3, 5), "b": torch.randn(7).to(torch.bfloat16), "c": torch.arange(4),
                "empty": torch.zeros(0, 3), "e": torch.tensor(2.5, dtype=torch.float16)}
@@ -306,7 +306,7 @@ def test_huge_layer_count_fails_fast_and_small(pristine, tmp_path):
     """A 100 KB config.json asking for 100,000 layers: refused in well under a second, with little
     memory (before: 87 s and 2.9 GB for load, > 3 GB for info)."""
     d = _hostile_copy(pristine, tmp_path, "100,000-layer pattern")
-    from nemotron.info import summarize
+    from nemotron.models.info import summarize
 
     for attempt in (lambda: nemotron.load(d), lambda: summarize(nemotron.load_config(d))):
         tracemalloc.start()
@@ -321,8 +321,8 @@ def test_huge_layer_count_fails_fast_and_small(pristine, tmp_path):
 
 @pytest.mark.parametrize("name", ["nemotron-3-ultra-550b-a55b", "llama-3.1-nemotron-ultra-253b-v1"])
 def test_largest_presets_pass_the_size_caps(tmp_path, name):
-    from nemotron.info import summarize
-    from nemotron.presets import PRESETS
+    from nemotron.models.info import summarize
+    from nemotron.config.presets import PRESETS
 
     config = PRESETS[name].config
     save_config(config, tmp_path / "config.json")

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 import nemotron
-from nemotron.generate import Generator, Request, greedy_generate, prefill
-from nemotron.init import init_checkpoint, tiny_super_config
-from nemotron.sampling import SamplingParams
+from nemotron.inference.generate import Generator, Request, greedy_generate, prefill
+from nemotron.models.init import init_checkpoint, tiny_super_config
+from nemotron.inference.sampling import SamplingParams
 
 from conftest import randomize_
 

@@ -185,7 +185,7 @@ MIXED = [
 @pytest.fixture
 def mixed(tmp_path):
     """Our model for MIXED, randomised and saved: (LoadedModel, dir, raw config dict)."""
-    from nemotron.checkpoint import save_checkpoint
+    from nemotron.io.checkpoint import save_checkpoint
     from nemotron.models import build_model
 
     raw = decilm_dict(copy.deepcopy(MIXED))

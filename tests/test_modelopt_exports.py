@@ -19,9 +19,9 @@ import pytest
 import torch
 
 import nemotron
-from nemotron.checkpoint import read_safetensors_index, write_safetensors
+from nemotron.io.checkpoint import read_safetensors_index, write_safetensors
 from nemotron.errors import CheckpointWarning
-from nemotron.cache import CacheOptions
+from nemotron.layers.cache import CacheOptions
 from nemotron.quant.modules import QuantExperts, QuantLinear, set_activation_emulation
 
 from conftest import disable_hf_dt_clamp_
@@ -144,7 +144,7 @@ def test_fixture_export_matches_transformers_on_decoded_weights(fmt, tmp_path):
 def test_cli_generates_from_a_fixture_export_with_one_warning_line(tmp_path):
     """The real CLI on ModelOpt's NVFP4 export (with a byte tokenizer added): it generates, and the
     name repair is one `warning:` line."""
-    from nemotron.init import write_byte_tokenizer
+    from nemotron.models.init import write_byte_tokenizer
 
     from checkpoints import cli
 
@@ -231,9 +231,9 @@ def test_producer_export_with_activation_emulation_matches_modelopts_fake_quant(
     assert set_activation_emulation(loaded.model) > 0 or fmt in ("W4A16_NVFP4", "FP8_BLOCK_WO")
     kv = json.loads((export / "hf_quant_config.json").read_text())["quantization"].get("kv_cache_quant_algo")
     if kv:
-        loaded.model.cache_options = CacheOptions(kv_dtype=kv.lower())
+        loaded.cache_options = CacheOptions(kv_dtype=kv.lower())
     with torch.no_grad():
-        ours = loaded.model(ids, loaded.model.new_cache(*ids.shape))
+        ours = loaded.model(ids, loaded.new_cache(*ids.shape))
     per_token = ((ours - reference).abs().amax(-1) / reference.std()).flatten()
     assert (per_token <= 1e-3).float().mean() >= 0.9, per_token
     assert per_token.median() <= 1e-4 and per_token.max() <= 0.1, per_token

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from nemotron.init import init_weights_, tiny_super_config
+from nemotron.models.init import init_weights_, tiny_super_config
 from nemotron.layers.norm import GatedRMSNorm, RMSNorm
 from nemotron.models import build_model
 

@@ -7,8 +7,8 @@ from __future__ import annotations
 import torch
 
 from nemotron.config import Nemotron4Config
-from nemotron.init import init_weights_, tiny_super_config
-from nemotron.layers.decoder import packed_positions
+from nemotron.models.init import init_weights_, tiny_super_config
+from nemotron.models.decoder import packed_positions
 from nemotron.models import build_model
 
 from conftest import randomize_

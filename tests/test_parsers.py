@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from nemotron.parsers import Delta, ParsedOutput, StreamingParser, ToolCallWarning, parse_output
+from nemotron.chat.parsers import Delta, ParsedOutput, StreamingParser, ToolCallWarning, parse_output
 
 ID_RE = re.compile(r"call_[0-9a-f]{24}")
 

@@ -16,7 +16,7 @@ from nemotron.config import (
     config_from_dict,
 )
 from nemotron.errors import ConfigError
-from nemotron.presets import PRESETS, Preset, get_preset
+from nemotron.config.presets import PRESETS, Preset, get_preset
 
 ALL = sorted(PRESETS)
 
@@ -301,7 +301,7 @@ def test_nas_to_hf_writes_release_block_layout(name):
 # parameter counts, computed from each config by building the model on the meta device
 # --------------------------------------------------------------------------------------------------
 
-from nemotron.info import count_params  # noqa: E402
+from nemotron.models.info import count_params  # noqa: E402
 
 # NVIDIA names these by a rounded size; the shapes (Megatron-Bridge providers, matching the released
 # tensor count) give more. Checked against an exact figure instead of the 2% band.

@@ -12,9 +12,9 @@ import pytest
 import torch
 
 import nemotron
-from nemotron.checkpoint import read_safetensors_index, write_safetensors
+from nemotron.io.checkpoint import read_safetensors_index, write_safetensors
 from nemotron.errors import CheckpointError, CheckpointWarning
-from nemotron.init import init_checkpoint, tiny_super_config
+from nemotron.models.init import init_checkpoint, tiny_super_config
 from nemotron.quant import formats
 from nemotron.quant.modelopt import repair_name
 from nemotron.quant.modules import QuantExperts, QuantLinear, set_activation_emulation

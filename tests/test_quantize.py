@@ -11,8 +11,8 @@ import pytest
 import torch
 
 import nemotron
-from nemotron.checkpoint import read_safetensors_index
-from nemotron.init import init_checkpoint, tiny_super_config
+from nemotron.io.checkpoint import read_safetensors_index
+from nemotron.models.init import init_checkpoint, tiny_super_config
 from nemotron.quant.modelopt import HF_QUANT_CONFIG, quantized_layers
 from nemotron.quant.modules import QuantExperts, QuantLinear
 from nemotron.quant.quantize import LayerStats, choose_mixed, quantize_model, save_quantized

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from nemotron.errors import CheckpointError
-from nemotron.init import init_checkpoint, init_weights_, tiny_super_config
+from nemotron.models.init import init_checkpoint, init_weights_, tiny_super_config
 from nemotron.models import build_model
 from nemotron.train import load_recipe, train
 from nemotron.train.optim import make_optimizer

@@ -11,7 +11,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from nemotron.checkpoint import read_safetensors_index, write_safetensors
+from nemotron.io.checkpoint import read_safetensors_index, write_safetensors
 from nemotron.errors import CheckpointError
 
 TENSORS = {"a": torch.arange(6, dtype=torch.float32).reshape(2, 3), "b": torch.arange(4),

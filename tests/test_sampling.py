@@ -9,7 +9,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from nemotron.sampling import SamplingParams, Sampler
+from nemotron.inference.sampling import SamplingParams, Sampler
 
 P = SamplingParams
 

@@ -181,7 +181,7 @@ def test_ssd_steps_rounds_a_low_precision_state_after_every_token():
 def test_mamba_verify_equals_steps_and_rolls_back_to_any_token():
     """The speculative verify of T tokens gives the outputs of T single-token steps, and rolling back
     to n of them leaves the conv and SSM state that n steps leave."""
-    from nemotron.cache import MambaState
+    from nemotron.layers.cache import MambaState
     from nemotron.layers.mamba2 import Mamba2Mixer
 
     torch.manual_seed(0)

@@ -7,9 +7,9 @@ import json
 
 import pytest
 
-from nemotron.chat import apply_chat_template
-from nemotron.init import init_checkpoint
-from nemotron.parsers import parse_output
+from nemotron.chat.template import apply_chat_template
+from nemotron.models.init import init_checkpoint
+from nemotron.chat.parsers import parse_output
 from nemotron.tiny.tasks import (FAMILIES, TOOL_FAMILIES, TOOLS, calculate, conversation, grpo_prompt, lookup,
                                  problems, run_tool)
 from nemotron.train.stages import REWARDS
@@ -45,7 +45,7 @@ def test_calculator_is_safe_and_lookup_knows_the_units():
 
 
 def test_tool_conversations_render_and_parse_back(tmp_path):
-    from nemotron.tokenizer import Tokenizer
+    from nemotron.io.tokenizer import Tokenizer
 
     tok = Tokenizer.from_dir(init_checkpoint(tmp_path / "t", seed=0))
     for p in problems(12, "train", seed=2, families=TOOL_FAMILIES):
@@ -70,9 +70,9 @@ def test_tool_conversations_render_and_parse_back(tmp_path):
 
 
 def test_trained_tokenizer_splits_digits_and_keeps_special_tokens(tmp_path):
-    from nemotron.chat import prepare_chat
+    from nemotron.chat.template import prepare_chat
     from nemotron.tiny.tokenizer import train_tokenizer
-    from nemotron.tokenizer import Tokenizer
+    from nemotron.io.tokenizer import Tokenizer
 
     corpus = []
     for p in problems(300, "train", seed=4):

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import nemotron
-from nemotron.init import init_checkpoint, init_weights_, tiny_super_config
+from nemotron.models.init import init_checkpoint, init_weights_, tiny_super_config
 from nemotron.models import build_model
 from nemotron.train import (DataStream, Example, chat_example, collate, lm_loss, load_recipe, pack, train,
                             update_expert_bias)

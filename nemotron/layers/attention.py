@@ -6,9 +6,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..cache import KVState
-from .linear import Linear
-from .rope import apply_rope
+from nemotron.layers.cache import KVState
+from nemotron.layers.linear import Linear
+from nemotron.layers.rope import apply_rope
 
 
 class Attention(nn.Module):

@@ -11,10 +11,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..cache import MambaState
-from .linear import Linear
-from .norm import GatedRMSNorm
-from .ssd import ssd_chunked, ssd_step, ssd_steps
+from nemotron.layers.cache import MambaState
+from nemotron.layers.linear import Linear
+from nemotron.layers.norm import GatedRMSNorm
+from nemotron.layers.ssd import ssd_chunked, ssd_step, ssd_steps
 
 
 def _f32(t: torch.Tensor) -> torch.Tensor:

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .linear import Linear
+from nemotron.layers.linear import Linear
 
 
 def relu2(x: torch.Tensor) -> torch.Tensor:

@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .linear import Linear, linear
-from .mlp import ReLU2MLP, relu2
+from nemotron.layers.linear import Linear, linear
+from nemotron.layers.mlp import ReLU2MLP, relu2
 
 
 def route(

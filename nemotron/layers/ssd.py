@@ -21,7 +21,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ..cache import round_into
+from nemotron.layers.cache import round_into
 
 # Floor for the log-decays fed to exp. Below about -87.3 fp32 exp leaves the normal range, and the
 # CPU's exp (and any product it feeds) drops to a microcode slow path 15-30x slower; trained

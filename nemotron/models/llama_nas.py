@@ -6,12 +6,12 @@ Llama-3.1-Minitron, Mistral-NeMo-Minitron), whose configs derive the uniform blo
 
 from __future__ import annotations
 
-from ..config import LlamaDecoderConfig
-from ..layers.attention import Attention, LinearAttention
-from ..layers.decoder import DecoderBody, DecoderLayer, DecoderLM
-from ..layers.mlp import LinearMLP, SwiGLU
-from ..layers.norm import RMSNorm
-from ..layers.rope import rope_inv_freq
+from nemotron.config import LlamaDecoderConfig
+from nemotron.layers.attention import Attention, LinearAttention
+from nemotron.models.decoder import DecoderBody, DecoderLayer, DecoderLM
+from nemotron.layers.mlp import LinearMLP, SwiGLU
+from nemotron.layers.norm import RMSNorm
+from nemotron.layers.rope import rope_inv_freq
 
 
 def build_llama_nas(config: LlamaDecoderConfig) -> DecoderLM:

@@ -3,12 +3,12 @@ squared-ReLU MLP, explicit head_dim."""
 
 from __future__ import annotations
 
-from ..config import Nemotron4Config
-from ..layers.attention import Attention
-from ..layers.decoder import DecoderBody, DecoderLayer, DecoderLM
-from ..layers.mlp import ReLU2MLP
-from ..layers.norm import LayerNorm1P
-from ..layers.rope import rope_inv_freq
+from nemotron.config import Nemotron4Config
+from nemotron.layers.attention import Attention
+from nemotron.models.decoder import DecoderBody, DecoderLayer, DecoderLM
+from nemotron.layers.mlp import ReLU2MLP
+from nemotron.layers.norm import LayerNorm1P
+from nemotron.layers.rope import rope_inv_freq
 
 
 def build_nemotron4(config: Nemotron4Config) -> DecoderLM:

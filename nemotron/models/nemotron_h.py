@@ -11,14 +11,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..cache import CacheOptions, HybridCache, KVState, MambaState
-from ..config import DTYPES, LAYER_CHARS, NemotronHConfig
-from ..layers.attention import Attention
-from ..layers.linear import Linear
-from ..layers.mamba2 import Mamba2Mixer
-from ..layers.mlp import ReLU2MLP
-from ..layers.moe import MoE
-from ..layers.norm import RMSNorm
+from nemotron.layers.cache import CacheOptions, HybridCache, KVState, MambaState
+from nemotron.config import DTYPES, LAYER_CHARS, NemotronHConfig
+from nemotron.layers.attention import Attention
+from nemotron.layers.linear import Linear
+from nemotron.layers.mamba2 import Mamba2Mixer
+from nemotron.layers.mlp import ReLU2MLP
+from nemotron.layers.moe import MoE
+from nemotron.layers.norm import RMSNorm
 
 
 def build_mixer(config: NemotronHConfig, kind: str) -> nn.Module:
@@ -97,7 +97,6 @@ class NemotronHForCausalLM(nn.Module):
         self.backbone = Backbone(config)
         self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         self.mtp = MTP(config) if config.num_nextn_predict_layers else None
-        self.cache_options = CacheOptions()
 
     def hidden_states(self, input_ids: torch.Tensor, cache: HybridCache | None = None,
                       positions: torch.Tensor | None = None, seq_idx: torch.Tensor | None = None) -> torch.Tensor:
@@ -148,9 +147,9 @@ class NemotronHForCausalLM(nn.Module):
         x = last.final_layernorm(x)
         return self.lm_head(x[:, -logits_to_keep:] if logits_to_keep else x).float(), x
 
-    def new_cache(self, batch: int, max_len: int, dtype: torch.dtype | None = None, device=None,
-                  ssm_dtype: torch.dtype | None = None) -> HybridCache:
-        opts = self.cache_options
+    def new_cache(self, batch: int, max_len: int, options: CacheOptions | None = None,
+                  dtype: torch.dtype | None = None, device=None, ssm_dtype: torch.dtype | None = None) -> HybridCache:
+        opts = options or CacheOptions()
         p = self.backbone.embeddings.weight   # never quantized, unlike lm_head
         dtype, device = dtype or p.dtype, device or p.device
         ssm_dtype = ssm_dtype or DTYPES.get(opts.ssm_dtype or self.config.mamba_ssm_cache_dtype, torch.float32)

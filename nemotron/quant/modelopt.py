@@ -30,9 +30,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..errors import CheckpointError, CheckpointWarning
-from ..files import is_present, json_kind, read_json
-from .modules import ALGOS, QuantExperts, QuantLinear, QuantScheme
+from nemotron.errors import CheckpointError, CheckpointWarning
+from nemotron.files import is_present, json_kind, read_json
+from nemotron.quant.modules import ALGOS, QuantExperts, QuantLinear, QuantScheme
 
 HF_QUANT_CONFIG = "hf_quant_config.json"
 # ModelOpt's KV-cache formats. Both store `k_proj.k_scale` / `v_proj.v_scale` as amax / 448 (its
@@ -364,8 +364,8 @@ def apply_quant_config(model: nn.Module, cfg: ModelOptConfig, compute_dtype: tor
     decide where they contradict the config. Every entry of a MIXED_PRECISION map must name a layer of the
     model. Returns {layer: scheme}; warns once (CheckpointWarning) about repaired names and overruled
     entries."""
-    from ..layers.attention import Attention
-    from ..layers.moe import Experts
+    from nemotron.layers.attention import Attention
+    from nemotron.layers.moe import Experts
 
     overruled: list[str] = []
     done: dict[str, QuantScheme] = {}
@@ -454,7 +454,7 @@ def kv_scales_as_written(model: nn.Module, cfg: ModelOptConfig) -> None:
 def _quantizable(model: nn.Module) -> list[str]:
     """The names a quantization config can give a format: linear layers, and each stacked expert's
     projections as the checkpoint names them."""
-    from ..layers.moe import Experts
+    from nemotron.layers.moe import Experts
 
     out = []
     for name, m in model.named_modules():

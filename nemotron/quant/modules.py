@@ -17,8 +17,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..layers.linear import linear
-from . import formats
+from nemotron.layers.linear import linear
+from nemotron.quant import formats
 
 # quant_algo -> the storage of one linear layer's weight
 NVFP4_ALGOS = ("NVFP4", "W4A16_NVFP4")
@@ -234,7 +234,7 @@ class QuantExperts(_KeepsStorageDtypes):
         Few (token, expert) pairs (decode): the chosen experts' stored tensors are gathered and
         decoded for two batched matmuls, with static shapes and no host reads (what torch.compile
         needs). Otherwise the tokens are grouped by expert and each expert is decoded once."""
-        from ..layers.mlp import relu2
+        from nemotron.layers.mlp import relu2
 
         t, k = idx.shape
         if t * k <= 16 and self.scheme.algo != "FP8_PB_WO" and not self.emulate_activations:

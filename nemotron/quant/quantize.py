@@ -25,10 +25,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..layers.moe import Experts
-from .formats import E4M3_MAX
-from .modelopt import HF_QUANT_CONFIG, ModelOptConfig, matches, normalize_name, quantized_layers
-from .modules import QuantExperts, QuantLinear, QuantScheme
+from nemotron.layers.moe import Experts
+from nemotron.quant.formats import E4M3_MAX
+from nemotron.quant.modelopt import HF_QUANT_CONFIG, ModelOptConfig, matches, normalize_name, quantized_layers
+from nemotron.quant.modules import QuantExperts, QuantLinear, QuantScheme
 
 FORMATS = {"nvfp4": "NVFP4", "fp8": "FP8"}
 # ModelOpt's `_default_disabled_quantizer_cfg`, in the names of this package's models
@@ -58,7 +58,7 @@ def calibrate(model: nn.Module, batches: Iterable[torch.Tensor], exclude: Iterab
     """Run `batches` (token ids [B, T]) through the model recording, per quantizable layer, the max
     |input| and a sample of input rows; and per attention layer the max |key| and |value|
     ("<attention>.k_proj" / ".v_proj" -> amax of their outputs)."""
-    from ..layers.attention import Attention
+    from nemotron.layers.attention import Attention
 
     exclude = list(exclude)
     stats: dict[str, LayerStats] = {}
@@ -83,7 +83,7 @@ def calibrate(model: nn.Module, batches: Iterable[torch.Tensor], exclude: Iterab
                     stats[f"{name}.{e}.{proj}"] = LayerStats(f"{name}.{e}.{proj}", getattr(m, proj)[e].numel())
 
             def experts_hook(mod, args, n=name):
-                from ..layers.mlp import relu2
+                from nemotron.layers.mlp import relu2
 
                 x, idx = args[0], args[1]
                 for e in range(mod.num_experts):
@@ -252,7 +252,7 @@ def read_calibration(path: str | Path) -> list[str]:
     if not path.is_file():
         raise ValueError(f"{path}: no such calibration file")
     if path.suffix == ".jsonl":
-        from ..train.data import read_jsonl
+        from nemotron.train.data import read_jsonl
 
         texts = []
         for n, r in enumerate(read_jsonl(path), 1):
@@ -319,8 +319,8 @@ def quantize(model_path: str, fmt: str, output: str | Path, calib: str | None = 
              progress: bool = True) -> dict:
     """`nemotron quantize`: checkpoint `model_path` -> `output` in ModelOpt's layout (unquantized
     tensors in `dtype`, default the checkpoint's). Returns the report."""
-    from .. import load
-    from ..config import DTYPES
+    from nemotron import load
+    from nemotron.config import DTYPES
 
     out = Path(output)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):

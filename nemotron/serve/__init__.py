@@ -1,5 +1,5 @@
 """`nemotron serve`: an OpenAI-compatible HTTP server over the continuous-batching engine."""
 
-from .app import Server, ServerConfig, build_app, serve
+from nemotron.serve.app import Server, ServerConfig, build_app, serve
 
 __all__ = ["Server", "ServerConfig", "build_app", "serve"]

@@ -22,13 +22,13 @@ from fastapi import FastAPI, Request as HTTPRequest
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..api import LoadedModel, _release_freed_memory, make_thinking_budget
-from ..chat import ChatInputError, ChatTemplateError, prepare_chat
-from ..engine import Engine, EngineStopped, QueueFull
-from ..generate import Request, TokenEvent
-from ..parsers import Delta, StreamingParser, parse_output
-from .metrics import Metrics
-from .protocol import (APIError, ChatRequest, Limits, error_body, new_id, now, parse_chat_request,
+from nemotron.api import LoadedModel, _release_freed_memory, make_thinking_budget
+from nemotron.chat.template import ChatInputError, ChatTemplateError, prepare_chat
+from nemotron.inference.engine import Engine, EngineStopped, QueueFull
+from nemotron.inference.generate import Request, TokenEvent
+from nemotron.chat.parsers import Delta, StreamingParser, parse_output
+from nemotron.serve.metrics import Metrics
+from nemotron.serve.protocol import (APIError, ChatRequest, Limits, error_body, new_id, now, parse_chat_request,
                        parse_completion_request, sampling_params, text_chars, usage)
 
 # the start of a tool call, forced for tool_choice "required" (name chosen by the model) or a named function
@@ -545,7 +545,7 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | 
     import torch
     import uvicorn
 
-    from ..api import load
+    from nemotron.api import load
 
     cores = os.cpu_count() or 2
     loaded = load(model, dtype=dtype, device=device, progress=True, cache=cache_options)
@@ -557,7 +557,7 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | 
         prefix_cache_mb = 0
     engine = Engine(loaded.model, loaded.tokenizer, loaded.stop_ids, max_batch=max_batch, max_len=max_len,
                     prefill_chunk=prefill_chunk, max_waiting=max_waiting, prefix_cache_bytes=prefix_cache_mb << 20,
-                    speculative_tokens=speculative_tokens, threads=threads,
+                    speculative_tokens=speculative_tokens, threads=threads, cache_options=loaded.cache_options,
                     prefill_threads=prefill_threads or max(threads, cores)).start()
     # a directory is served under its name; the embedded model under the name it was asked by ("tiny")
     name = served_model_name or (loaded.path.name if Path(str(model)).exists() else str(model))

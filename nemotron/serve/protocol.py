@@ -13,8 +13,8 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..chat import ChatInputError, check_text, tool_function, validate_messages, validate_tools
-from ..sampling import MAX_TOP_LOGPROBS, SEED_MAX, SEED_MIN, SamplingParams
+from nemotron.chat.template import ChatInputError, check_text, tool_function, validate_messages, validate_tools
+from nemotron.inference.sampling import MAX_TOP_LOGPROBS, SEED_MAX, SEED_MIN, SamplingParams
 
 
 class APIError(Exception):

@@ -9,8 +9,8 @@ import json
 import warnings
 from collections import defaultdict
 
-from ..train.stages import REWARDS
-from .tasks import TOOL_FAMILIES, TOOLS, Problem, grpo_prompt, run_tool
+from nemotron.train.stages import REWARDS
+from nemotron.tiny.tasks import TOOL_FAMILIES, TOOLS, Problem, grpo_prompt, run_tool
 
 MODES = ("off", "on", "tools")
 

@@ -12,12 +12,12 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..chat import apply_chat_template
-from ..config import NemotronHConfig, save_config
-from .evaluate import MODES, decode_speed, evaluate
-from .tasks import (EVAL_FAMILIES, GRPO_SOLVABLE, GRPO_WEIGHTS, TOOL_FAMILIES, TRAIN_WEIGHTS, conversation, grpo_prompt,
+from nemotron.chat.template import apply_chat_template
+from nemotron.config import NemotronHConfig, save_config
+from nemotron.tiny.evaluate import MODES, decode_speed, evaluate
+from nemotron.tiny.tasks import (EVAL_FAMILIES, GRPO_SOLVABLE, GRPO_WEIGHTS, TOOL_FAMILIES, TRAIN_WEIGHTS, conversation, grpo_prompt,
                     problems)
-from .tokenizer import train_tokenizer
+from nemotron.tiny.tokenizer import train_tokenizer
 
 
 def tiny_config(vocab_size: int) -> NemotronHConfig:
@@ -106,8 +106,8 @@ def _pretrain_texts(tokenizer, sft: list[dict]) -> list[str]:
 def run(recipe: TinyRecipe, progress: bool = True) -> dict:
     """Run the whole recipe into recipe.out_dir; returns the evaluation table per stage."""
     import nemotron
-    from ..tokenizer import Tokenizer
-    from ..train import load_recipe, train
+    from nemotron.io.tokenizer import Tokenizer
+    from nemotron.train import load_recipe, train
 
     start = time.perf_counter()
     out = Path(recipe.out_dir)

@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from pathlib import Path
 
-from ..init import NEMOTRON3_SPECIAL_TOKENS, write_tokenizer_files
+from nemotron.models.init import NEMOTRON3_SPECIAL_TOKENS, write_tokenizer_files
 
 
 def train_tokenizer(texts: Iterable[str], out_dir: str | Path, vocab_size: int = 1024) -> Path:

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from ..chat import apply_chat_template, validate_messages, validate_tools
+from nemotron.chat.template import apply_chat_template, validate_messages, validate_tools
 
 IGNORE = -100
 

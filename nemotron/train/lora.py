@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..checkpoint import write_safetensors
-from ..layers.linear import Linear, linear
+from nemotron.io.checkpoint import write_safetensors
+from nemotron.layers.linear import Linear, linear
 
 # Nemotron 3 Super's LoRA recipe: qkv/proj (attention), fc1/fc2 (MLPs), in_proj/out_proj (Mamba)
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj", "in_proj", "out_proj")

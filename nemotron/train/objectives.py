@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..layers.moe import TopkRouter
-from .data import IGNORE, Batch
+from nemotron.layers.moe import TopkRouter
+from nemotron.train.data import IGNORE, Batch
 
 
 def _ce_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

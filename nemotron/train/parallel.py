@@ -22,10 +22,10 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from ..layers.attention import Attention
-from ..layers.mamba2 import Mamba2Mixer
-from ..layers.mlp import ReLU2MLP, SwiGLU, relu2
-from ..layers.moe import MoE
+from nemotron.layers.attention import Attention
+from nemotron.layers.mamba2 import Mamba2Mixer
+from nemotron.layers.mlp import ReLU2MLP, SwiGLU, relu2
+from nemotron.layers.moe import MoE
 
 
 def init_from_env() -> tuple[int, int]:

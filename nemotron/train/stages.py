@@ -24,9 +24,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .data import IGNORE, Batch, DataStream, Example, chat_example, chat_examples, collate, pack, read_jsonl, \
+from nemotron.train.data import IGNORE, Batch, DataStream, Example, chat_example, chat_examples, collate, pack, read_jsonl, \
     text_examples
-from .objectives import count_sequences, lm_loss
+from nemotron.train.objectives import count_sequences, lm_loss
 
 
 class IndexStream:
@@ -294,7 +294,7 @@ class GRPOStage:
 
     def __init__(self, cfg, model: nn.Module, tokenizer,
                  rewards: dict[str, Callable[[str, dict], float]] | None = None) -> None:
-        from ..chat import prepare_chat
+        from nemotron.chat.template import prepare_chat
 
         self.cfg, self.tokenizer = cfg, tokenizer
         self.rewards = {**REWARDS, **(rewards or {})}
@@ -311,10 +311,10 @@ class GRPOStage:
         self.step_count = 0
 
     def _generate(self, model: nn.Module, indices: list[int]) -> list[tuple[int, list[int], float]]:
-        from ..engine import Engine
-        from ..generate import Request
-        from ..parsers import parse_output
-        from ..sampling import SamplingParams
+        from nemotron.inference.engine import Engine
+        from nemotron.inference.generate import Request
+        from nemotron.chat.parsers import parse_output
+        from nemotron.inference.sampling import SamplingParams
 
         cfg = self.cfg
         was_training = model.training

@@ -30,8 +30,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..checkpoint import read_safetensors_index, write_safetensors
-from ..errors import CheckpointError
+from nemotron.io.checkpoint import read_safetensors_index, write_safetensors
+from nemotron.errors import CheckpointError
 
 STEP_DIR = re.compile(r"step_(\d{8})")
 DAMAGED_PREFIX = "damaged_"

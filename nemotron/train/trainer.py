@@ -23,14 +23,14 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..checkpoint import save_checkpoint
-from .lora import DEFAULT_TARGETS, apply_lora, merge_lora, save_adapter
-from .objectives import routers, update_expert_bias
-from .parallel import (all_reduce_grads, apply_ep, apply_fsdp, apply_tp, blocks, expert_parameters,
+from nemotron.io.checkpoint import save_checkpoint
+from nemotron.train.lora import DEFAULT_TARGETS, apply_lora, merge_lora, save_adapter
+from nemotron.train.objectives import routers, update_expert_bias
+from nemotron.train.parallel import (all_reduce_grads, apply_ep, apply_fsdp, apply_tp, blocks, expert_parameters,
                        full_state_dict, init_from_env)
-from .optim import DECAYS, SCHEDULES, lr_at, make_optimizer
-from .stages import make_stage
-from .state import resume_training_state, save_training_state, step_dirs
+from nemotron.train.optim import DECAYS, SCHEDULES, lr_at, make_optimizer
+from nemotron.train.stages import make_stage
+from nemotron.train.state import resume_training_state, save_training_state, step_dirs
 
 STAGES = ("pretrain", "sft", "dpo", "grpo")
 DISCARDED_METRICS = "metrics.discarded.jsonl"
@@ -199,11 +199,11 @@ def load_recipe(path: str | Path | None, overrides: list[str] = (), stage: str |
 
 def _build(cfg: TrainConfig):
     import nemotron
-    from ..config import config_from_dict
-    from ..init import init_weights_, tiny_super_config
-    from ..models import build_model
-    from ..quant.modelopt import quantized_layers
-    from ..tokenizer import Tokenizer
+    from nemotron.config import config_from_dict
+    from nemotron.models.init import init_weights_, tiny_super_config
+    from nemotron.models import build_model
+    from nemotron.quant.modelopt import quantized_layers
+    from nemotron.io.tokenizer import Tokenizer
 
     if cfg.model is not None:
         loaded = nemotron.load(cfg.model, dtype="float32")

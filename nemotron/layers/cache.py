@@ -13,12 +13,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .quant import formats
+from nemotron.quant import formats
 
 
 @dataclass
 class CacheOptions:
-    """How a model's inference state is stored (`model.cache_options`, read by `new_cache`).
+    """How a model's inference state is stored (passed to the model's `new_cache`).
 
     kv_dtype: "auto" (the model dtype), "fp8" (E4M3 with the checkpoint's per-layer k_scale /
     v_scale, 1.0 when it has none: half the bytes of bf16, a quarter of fp32) or "nvfp4" (E2M1 in

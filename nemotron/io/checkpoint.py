@@ -33,9 +33,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .config import DTYPES, AnyConfig, NemotronHConfig, load_config, save_config
-from .errors import CheckpointError, CheckpointWarning, UnsafeCheckpointError
-from .files import confined, is_present, json_kind, open_regular, parse_json, read_json
+from nemotron.config import DTYPES, AnyConfig, NemotronHConfig, load_config, save_config
+from nemotron.errors import CheckpointError, CheckpointWarning, UnsafeCheckpointError
+from nemotron.files import confined, is_present, json_kind, open_regular, parse_json, read_json
 
 SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,

@@ -7,8 +7,8 @@ from typing import Any
 
 import torch
 
-from .config import AnyConfig, LlamaDecoderConfig, NemotronHConfig
-from .models import build_model
+from nemotron.config import AnyConfig, LlamaDecoderConfig, NemotronHConfig
+from nemotron.models import build_model
 
 BYTES_PER_PARAM = {"float32": 4.0, "bfloat16": 2.0, "fp8": 1.0, "nvfp4": 0.5 + 1 / 16}  # nvfp4: 4 bits + e4m3 scale per 16
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .cache import HybridCache, KVState, MambaState
+from nemotron.layers.cache import HybridCache, KVState, MambaState
 
 
 def block_keys(ids: list[int], block: int, limit: int | None = None) -> list[bytes]:

@@ -7,10 +7,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..cache import CacheOptions, HybridCache, KVState
-from .attention import Attention
-from .linear import Linear, linear
-from .rope import rope_cos_sin
+from nemotron.layers.cache import CacheOptions, HybridCache, KVState
+from nemotron.layers.attention import Attention
+from nemotron.layers.linear import Linear, linear
+from nemotron.layers.rope import rope_cos_sin
 
 
 class DecoderLayer(nn.Module):
@@ -74,7 +74,6 @@ class DecoderLM(nn.Module):
         self.model = body
         self.lm_head = TiedLMHead(body.embed_tokens) if getattr(config, "tie_word_embeddings", False) else \
             Linear(config.hidden_size, config.vocab_size, bias=False)
-        self.cache_options = CacheOptions()   # kv_dtype applies (no Mamba state here)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
     def forward(self, input_ids: torch.Tensor, cache: HybridCache | None = None, logits_to_keep: int = 0,
@@ -100,13 +99,14 @@ class DecoderLM(nn.Module):
         x = self.model.norm(x[:, -logits_to_keep:] if logits_to_keep else x)
         return self.lm_head(x).float()
 
-    def new_cache(self, batch: int, max_len: int, dtype: torch.dtype | None = None, device=None,
-                  ssm_dtype: torch.dtype | None = None) -> HybridCache:
+    def new_cache(self, batch: int, max_len: int, options: CacheOptions | None = None,
+                  dtype: torch.dtype | None = None, device=None, ssm_dtype: torch.dtype | None = None) -> HybridCache:
+        opts = options or CacheOptions()   # kv_dtype applies (no Mamba state here)
         p = self.model.embed_tokens.weight   # never quantized, unlike lm_head
         dtype, device = dtype or p.dtype, device or p.device
         states = []
         for layer in self.model.layers:
             attn = layer.self_attn
-            states.append(self.cache_options.kv_state(attn, batch, max_len, dtype, device)
+            states.append(opts.kv_state(attn, batch, max_len, dtype, device)
                           if isinstance(attn, Attention) else None)
         return HybridCache(states)

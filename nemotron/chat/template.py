@@ -32,8 +32,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from .errors import NemotronError
-from .files import is_present, read_json, read_text
+from nemotron.errors import NemotronError
+from nemotron.files import is_present, read_json, read_text
 
 __all__ = [
     "ChatPrompt",

@@ -12,10 +12,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .config import AnyConfig, NemotronHConfig
-from .layers.mamba2 import Mamba2Mixer
-from .layers.moe import Experts, TopkRouter
-from .layers.norm import GatedRMSNorm, LayerNorm1P, RMSNorm
+from nemotron.config import AnyConfig, NemotronHConfig
+from nemotron.layers.mamba2 import Mamba2Mixer
+from nemotron.layers.moe import Experts, TopkRouter
+from nemotron.layers.norm import GatedRMSNorm, LayerNorm1P, RMSNorm
 
 _RESIDUAL_OUTPUTS = ("out_proj", "o_proj", "down_proj", "linear_attn", "linear_mlp", "fc2_latent_proj")
 
@@ -68,7 +68,7 @@ def init_weights_(model: nn.Module, config: AnyConfig, seed: int = 0) -> nn.Modu
 # a small random checkpoint in the release layout (until the trained embedded model ships)
 # --------------------------------------------------------------------------------------------------
 
-NEMOTRON3_CHAT_TEMPLATE = Path(__file__).parent / "templates" / "nemotron3_chat.jinja"
+NEMOTRON3_CHAT_TEMPLATE = Path(__file__).parent.parent / "chat" / "templates" / "nemotron3_chat.jinja"
 NEMOTRON3_SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<|im_start|>", "<|im_end|>", "<think>", "</think>",
                             "<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>"]
 
@@ -124,8 +124,8 @@ def init_checkpoint(out_dir, config: AnyConfig | None = None, seed: int = 0, wit
     """Write a randomly initialised checkpoint (config.json, model.safetensors, tokenizer) to out_dir."""
     from pathlib import Path
 
-    from .checkpoint import save_checkpoint
-    from .models import build_model
+    from nemotron.io.checkpoint import save_checkpoint
+    from nemotron.models import build_model
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

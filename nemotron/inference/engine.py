@@ -30,10 +30,11 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .generate import (Request, SpecStats, TokenEvent, accept_token, check_prompt, draft_and_verify, extend_pending,
+from nemotron.inference.generate import (Request, SpecStats, TokenEvent, accept_token, check_prompt, draft_and_verify, extend_pending,
                        speculation_ok, start_request, token_logprob)
-from .prefix_cache import PrefixCache, block_keys
-from .sampling import Sampler
+from nemotron.layers.cache import CacheOptions
+from nemotron.inference.prefix_cache import PrefixCache, block_keys
+from nemotron.inference.sampling import Sampler
 
 
 log = logging.getLogger(__name__)
@@ -59,7 +60,8 @@ class Engine:
     def __init__(self, model: nn.Module, tokenizer=None, stop_ids: set[int] | None = None,
                  max_batch: int = 16, max_len: int = 4096, prefill_chunk: int = 256,
                  max_waiting: int = 256, prefix_cache_bytes: int = 0, speculative_tokens: int = 0,
-                 threads: int | None = None, prefill_threads: int | None = None) -> None:
+                 threads: int | None = None, prefill_threads: int | None = None,
+                 cache_options: CacheOptions | None = None) -> None:
         self.model = model
         # torch's CPU threads for decode steps and for prefill chunks. OpenMP keeps the setting per OS
         # thread, so the engine thread applies them itself (by default, the creator's setting)
@@ -79,7 +81,7 @@ class Engine:
             # a cached prefix has no target hidden states for the MTP block to start from
             raise ValueError("the prefix cache and MTP speculation cannot be combined yet; turn one off")
         # speculation verifies k+1 tokens per row past the request's own budget
-        self.cache = model.new_cache(max_batch, max_len + self.k + 1)
+        self.cache = model.new_cache(max_batch, max_len + self.k + 1, cache_options)
         self.prefix_cache = PrefixCache(prefill_chunk, prefix_cache_bytes) if prefix_cache_bytes > 0 else None
         self.spec_stats = SpecStats()
         self.pending: list = []                       # per running row: MTP pairs still owed (speculation)

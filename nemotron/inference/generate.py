@@ -16,9 +16,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .cache import HybridCache
-from .detokenize import IncrementalDetokenizer, StopStrings
-from .sampling import Sampler, SamplingParams
+from nemotron.layers.cache import CacheOptions, HybridCache
+from nemotron.inference.detokenize import IncrementalDetokenizer, StopStrings
+from nemotron.inference.sampling import Sampler, SamplingParams
 
 
 PARSER_TAGS = ("<think>", "</think>", "<tool_call>", "</tool_call>", "<TOOLCALL>", "</TOOLCALL>")
@@ -274,7 +274,9 @@ class Generator:
     """Generates for a list of requests at once. Iterate `stream()` for TokenEvents."""
 
     def __init__(self, model: nn.Module, tokenizer=None, stop_ids: set[int] | None = None,
-                 prefill_chunk: int = 512, speculative_tokens: int = 0, compile: bool = False) -> None:
+                 prefill_chunk: int = 512, speculative_tokens: int = 0, compile: bool = False,
+                 cache_options: CacheOptions | None = None) -> None:
+        self.cache_options = cache_options
         self.model = model
         self.tokenizer = tokenizer
         self.stop_ids = set(stop_ids or ())
@@ -308,7 +310,7 @@ class Generator:
         # prompts of equal length share one prefill forward: keep them in adjacent rows
         live.sort(key=lambda r: len(r.prompt_ids))
         max_len = max(len(r.prompt_ids) + r.params.max_new_tokens for r in live) + self.k + 1
-        cache = self.model.new_cache(len(live), max_len)
+        cache = self.model.new_cache(len(live), max_len, self.cache_options)
         use_mtp = self.k > 0
         logits, hidden = [], []
         start = 0

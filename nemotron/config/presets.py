@@ -20,7 +20,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from .config import (
+from nemotron.config import (
     AnyConfig,
     AttentionBlockConfig,
     BlockConfig,
@@ -32,7 +32,7 @@ from .config import (
     NemotronNASConfig,
     RopeScaling,
 )
-from .errors import ConfigError
+from nemotron.errors import ConfigError
 
 
 @dataclass(frozen=True)

@@ -9,8 +9,8 @@ from pathlib import Path
 from tokenizers import AddedToken
 from tokenizers import Tokenizer as _HFTokenizer
 
-from .errors import CheckpointError
-from .files import is_present, json_kind, read_json, read_text
+from nemotron.errors import CheckpointError
+from nemotron.files import is_present, json_kind, read_json, read_text
 
 
 # tokenizer.json of a release vocabulary is tens of MB

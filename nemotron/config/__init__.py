@@ -20,8 +20,8 @@ from typing import Any, ClassVar
 
 import torch
 
-from .errors import ConfigError
-from .files import is_present, json_kind, read_json
+from nemotron.errors import ConfigError
+from nemotron.files import is_present, json_kind, read_json
 
 # dtype names as config.json writes them (`torch_dtype`, `mamba_ssm_cache_dtype`)
 DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

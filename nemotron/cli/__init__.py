@@ -10,7 +10,7 @@ import warnings
 from collections import Counter
 from pathlib import Path
 
-from .errors import CheckpointWarning, NemotronError
+from nemotron.errors import CheckpointWarning, NemotronError
 
 
 def _human(n: float, unit: str = "") -> str:
@@ -31,10 +31,10 @@ def _bytes(n: float) -> str:
 
 def _config_for(model: str):
     """A preset name or a checkpoint directory -> config."""
-    from .checkpoint import load_checkpoint_config
-    from .presets import PRESETS, get_preset
+    from nemotron.io.checkpoint import load_checkpoint_config
+    from nemotron.config.presets import PRESETS, get_preset
 
-    from .api import EMBEDDED, resolve_model_path
+    from nemotron.api import EMBEDDED, resolve_model_path
 
     if Path(model).exists() or model.lower() == EMBEDDED:
         return load_checkpoint_config(resolve_model_path(model))
@@ -48,8 +48,8 @@ def cmd_models(args: argparse.Namespace) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from .info import count_params
-    from .presets import PRESETS
+    from nemotron.models.info import count_params
+    from nemotron.config.presets import PRESETS
 
     rows = []
     for p in PRESETS.values():
@@ -71,7 +71,7 @@ def cmd_models(args: argparse.Namespace) -> None:
 
 
 def cmd_info(args: argparse.Namespace) -> None:
-    from .info import summarize
+    from nemotron.models.info import summarize
 
     info = summarize(_config_for(args.model))
     quant = _quant_summary(args.model)
@@ -111,7 +111,7 @@ def cmd_info(args: argparse.Namespace) -> None:
 
 def _quant_summary(model: str) -> dict | None:
     """A checkpoint directory's quantization config (None for presets and unquantized checkpoints)."""
-    from .quant.modelopt import read_quant_config
+    from nemotron.quant.modelopt import read_quant_config
 
     if not Path(model).is_dir():
         return None
@@ -124,8 +124,8 @@ def _quant_summary(model: str) -> dict | None:
 
 
 def cmd_init(args: argparse.Namespace) -> None:
-    from .config import load_config
-    from .init import init_checkpoint
+    from nemotron.config import load_config
+    from nemotron.models.init import init_checkpoint
 
     config = load_config(args.config) if args.config else None
     out = init_checkpoint(args.output, config, seed=args.seed)
@@ -145,7 +145,7 @@ def _sampling_kwargs(args: argparse.Namespace) -> dict:
 
 
 def _cache_options(args: argparse.Namespace):
-    from .cache import CacheOptions
+    from nemotron.layers.cache import CacheOptions
 
     return CacheOptions(args.kv_cache_dtype, args.ssm_cache_dtype, args.ssm_rounding)
 
@@ -161,7 +161,7 @@ def _cache_flags(p: argparse.ArgumentParser) -> None:
 
 
 def _load_for_generation(args: argparse.Namespace):
-    from .api import load
+    from nemotron.api import load
 
     if args.max_new_tokens < 0:
         raise NemotronError("--max-new-tokens must be >= 0")
@@ -319,7 +319,7 @@ def _with_system(system: str | None, history: list[dict]) -> list[dict]:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    from .train import load_recipe, train
+    from nemotron.train import load_recipe, train
 
     cfg = load_recipe(args.config, args.overrides, stage=args.stage)  # every key checked before any work
     summary = train(cfg, progress=not args.quiet)
@@ -331,8 +331,8 @@ def cmd_recipe(args: argparse.Namespace) -> None:
 
     import yaml
 
-    from .tiny.recipe import TinyRecipe, format_table, run
-    from .train.trainer import coerce_setting
+    from nemotron.tiny.recipe import TinyRecipe, format_table, run
+    from nemotron.train.trainer import coerce_setting
 
     hints = typing.get_type_hints(TinyRecipe)
     values = {}
@@ -346,7 +346,7 @@ def cmd_recipe(args: argparse.Namespace) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
-    from .serve import serve
+    from nemotron.serve import serve
 
     kwargs = None
     if args.default_chat_template_kwargs:
@@ -372,7 +372,7 @@ def cmd_quantize(args: argparse.Namespace) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from .quant.quantize import quantize
+    from nemotron.quant.quantize import quantize
 
     if args.budget_bits <= 0:
         raise ValueError("--budget-bits must be positive")

@@ -1,0 +1,5 @@
+import sys
+
+from nemotron.cli import main
+
+sys.exit(main())

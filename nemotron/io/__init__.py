@@ -1,0 +1,1 @@
+"""Checkpoints in and out: the safetensors reader, checkpoint load/save and validation, the tokenizer."""
