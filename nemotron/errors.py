@@ -25,6 +25,11 @@ class UnsafeCheckpointError(CheckpointError):
     """A pickled checkpoint (.bin/.pt/.pth) met without `allow_pickle=True`."""
 
 
-class CheckpointWarning(UserWarning):
+class NemotronWarning(UserWarning):
+    """Something that works, but not quite as asked: the user should know (the CLI prints one
+    `warning: ...` line)."""
+
+
+class CheckpointWarning(NemotronWarning):
     """A checkpoint that loads, but only after a repair or a decision the user should know about
     (a producer's known name defect, a quantization config the tensors contradict)."""

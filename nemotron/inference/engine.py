@@ -1,40 +1,48 @@
-"""Continuous batching: one loop serves every request.
+"""The engine: the one batch loop. Every caller generates through it: the Python API (`generate`,
+`chat`, `chat_batch`), the CLI, GRPO's sampling and the HTTP server.
 
 The cache has `max_batch` rows. Rows 0..n-1 hold the running requests, which decode together, one
-token each per step; row n holds the request being prefilled, one chunk per step, so a long prompt
-never stalls the running streams for more than a chunk. New requests wait in a bounded queue and
-join between steps; a finished or cancelled request leaves at once (the last running row moves into
-its slot, keeping the running rows packed for a zero-copy decode view).
+token each per step; the rows after them hold the prompts being prefilled, one chunk per step, so a
+long prompt never stalls the running streams for more than a chunk. Up to `prefill_batch` waiting
+prompts of one length are prefilled together in one forward. New requests wait in a bounded queue
+and join between steps; a finished or cancelled request leaves at once (the last running row moves
+into its slot, keeping the running rows packed for a zero-copy decode view).
 
 Prefill chunks end on multiples of `prefill_chunk` (absolute positions), which is what makes the
 optional prefix cache exact (see prefix_cache.py).
 
-`Engine.step()` does one round and returns its TokenEvents; `Engine.start()` runs rounds on a
-background thread and hands each event to its request's `on_event` callback (the HTTP server's
+`Engine.step()` does one round and returns its TokenEvents. `Engine.run(requests)` steps on the
+calling thread until the given requests are done (offline generation); `Engine.start()` runs rounds
+on a background thread and hands each event to its request's `on_event` callback (the HTTP server's
 bridge into asyncio).
 
 One request never hurts another: a failure while admitting, prefilling or finishing one request ends
-that request alone (finish_reason "error", `Request.error` says why, its final event is sent); a
-failure of a batched decode forward ends the requests of that batch. The engine goes on serving
-either way; `Engine.error` is set only when its thread died.
+the requests it touched alone (finish_reason "error", `Request.error` says why, their final event is
+sent); a failure of a batched decode forward ends the requests of that batch. The engine goes on
+serving either way; `Engine.error` is set only when its thread died. `run` raises a failed
+request's exception instead.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import warnings
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-from nemotron.inference.generate import (Request, SpecStats, TokenEvent, accept_token, check_prompt, draft_and_verify, extend_pending,
-                       speculation_ok, start_request, token_logprob)
-from nemotron.layers.cache import CacheOptions
+from nemotron.errors import NemotronWarning
 from nemotron.inference.prefix_cache import PrefixCache, block_keys
+from nemotron.inference.requests import Request, TokenEvent, accept_token, check_prompt, start_request, token_logprob
 from nemotron.inference.sampling import Sampler
+from nemotron.inference.speculative import (OwedPairs, SpecStats, check_speculation, draft_and_verify, extend_owed,
+                                            speculation_ok)
+from nemotron.inference.steps import compiled_decode_step
+from nemotron.layers.cache import CacheOptions
 
 
 log = logging.getLogger(__name__)
@@ -61,7 +69,7 @@ class Engine:
                  max_batch: int = 16, max_len: int = 4096, prefill_chunk: int = 256,
                  max_waiting: int = 256, prefix_cache_bytes: int = 0, speculative_tokens: int = 0,
                  threads: int | None = None, prefill_threads: int | None = None,
-                 cache_options: CacheOptions | None = None) -> None:
+                 cache_options: CacheOptions | None = None, prefill_batch: int = 1, compile: bool = False) -> None:
         self.model = model
         # torch's CPU threads for decode steps and for prefill chunks. OpenMP keeps the setting per OS
         # thread, so the engine thread applies them itself (by default, the creator's setting)
@@ -71,26 +79,31 @@ class Engine:
         self.stop_ids = set(stop_ids or ())
         self.max_batch, self.max_len = max_batch, max_len
         self.prefill_chunk = prefill_chunk
+        self.prefill_batch = max(1, prefill_batch)
         self.max_waiting = max_waiting
         self.vocab_size = model.lm_head.weight.shape[0]
         self.device = model.lm_head.weight.device
-        self.k = speculative_tokens
-        if self.k and getattr(model, "mtp", None) is None:
-            raise ValueError("speculative decoding needs a checkpoint with MTP weights (num_nextn_predict_layers > 0)")
-        if self.k and prefix_cache_bytes:
+        check_speculation(model, speculative_tokens)
+        self.speculative_tokens = speculative_tokens
+        if speculative_tokens and prefix_cache_bytes:
             # a cached prefix has no target hidden states for the MTP block to start from
-            raise ValueError("the prefix cache and MTP speculation cannot be combined yet; turn one off")
+            warnings.warn("MTP speculation is on, so the prefix cache is off (they cannot be combined yet)",
+                          NemotronWarning, stacklevel=2)
+            prefix_cache_bytes = 0
         # speculation verifies k+1 tokens per row past the request's own budget
-        self.cache = model.new_cache(max_batch, max_len + self.k + 1, cache_options)
+        self.cache = model.new_cache(max_batch, max_len + speculative_tokens + 1, cache_options)
         self.prefix_cache = PrefixCache(prefill_chunk, prefix_cache_bytes) if prefix_cache_bytes > 0 else None
+        # torch.compile of the one-token decode step (whole-buffer KV with a mask, positions as a
+        # tensor, symbolic shapes): the first step compiles (seconds), later ones run fused kernels
+        self.compiled_step = compiled_decode_step(model) if compile else None
         self.spec_stats = SpecStats()
-        self.pending: list = []                       # per running row: MTP pairs still owed (speculation)
-        self._prefill_hidden: list[torch.Tensor] = []
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.sampler: Sampler | None = None
         self.tokens: torch.Tensor | None = None       # [n] the token each running row feeds next
-        self.prefilling: Request | None = None
+        self.owed: list[OwedPairs] = []               # per running row, when speculating
+        self.prefilling: list[Request] = []           # the prompts being prefilled, in the rows after the running ones
+        self._prefill_hidden: list[torch.Tensor] = []  # their final hidden states so far, when speculating
         self._prefill_keys: list[bytes] = []
         self.stats = EngineStats()
         self._lock = threading.Lock()
@@ -98,6 +111,18 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._stop = False
         self.error: BaseException | None = None
+
+    @classmethod
+    def for_requests(cls, model: nn.Module, requests: list[Request], tokenizer=None, stop_ids: set[int] | None = None,
+                     speculative_tokens: int = 0, compile: bool = False, cache_options: CacheOptions | None = None,
+                     prefill_chunk: int = 512) -> "Engine":
+        """An engine sized to run `requests` at once: a row for each, prompts of one length
+        prefilled together."""
+        longest = max((len(r.prompt_ids) + r.params.max_new_tokens for r in requests), default=1)
+        n = max(1, len(requests))
+        return cls(model, tokenizer, stop_ids, max_batch=n, max_len=longest, prefill_chunk=prefill_chunk,
+                   max_waiting=n, speculative_tokens=speculative_tokens, cache_options=cache_options,
+                   prefill_batch=n, compile=compile)
 
     # ---- the client side (any thread) ----
 
@@ -126,11 +151,42 @@ class Engine:
 
     @property
     def num_running(self) -> int:
-        return len(self.running) + (self.prefilling is not None)
+        return len(self.running) + len(self.prefilling)
 
     @property
     def num_waiting(self) -> int:
         return len(self.waiting)
+
+    @property
+    def idle(self) -> bool:
+        """Nothing is waiting, prefilling or running."""
+        return not (self.waiting or self.running or self.prefilling)
+
+    @property
+    def alive(self) -> bool:
+        """It can serve: no error, and its background thread (if started) has not ended. An engine
+        stepped on the caller's thread (`run`, `step`) is alive until a step fails fatally."""
+        return self.error is None and (self._thread is None or self._thread.is_alive())
+
+    def run(self, requests: list[Request]) -> Iterator[TokenEvent]:
+        """Generate for `requests` on the calling thread until each is finished; each event's `index`
+        is its request's position in `requests`. Prompts are checked before anything runs; a request
+        that fails raises its exception."""
+        for r in requests:
+            check_prompt(r, self.vocab_size)
+        index = {id(r): i for i, r in enumerate(requests)}
+        for r in requests:
+            if r.params.max_new_tokens == 0:
+                r.finish_reason = "length"
+            else:
+                self.submit(r)
+        with torch.inference_mode():
+            while not self.idle:
+                for event in self.step():
+                    if event.request.failure is not None:
+                        raise event.request.failure
+                    event.index = index[id(event.request)]
+                    yield event
 
     def start(self) -> "Engine":
         self._thread = threading.Thread(target=self._loop, name="nemotron-engine", daemon=True)
@@ -148,7 +204,7 @@ class Engine:
         torch.set_num_threads(self.threads)
         while True:
             with self._wake:
-                while not self._stop and not (self.waiting or self.running or self.prefilling):
+                while not self._stop and self.idle:
                     self._wake.wait()
                 if self._stop:
                     return
@@ -176,12 +232,12 @@ class Engine:
     def _fail_all(self, exc: BaseException) -> None:
         """The thread is dying: end every request (best effort) rather than hang its client."""
         with self._wake:
-            reqs = list(self.waiting) + self.running + ([self.prefilling] if self.prefilling else [])
+            reqs = list(self.waiting) + self.running + self.prefilling
             self.waiting.clear()
-        self.running, self.prefilling, self.sampler, self.tokens, self.pending = [], None, None, None, []
+        self.running, self.prefilling, self.sampler, self.tokens, self.owed = [], [], None, None, []
         events = []
         for r in reqs:
-            r.finish_reason, r.error = "error", f"the engine has stopped: {exc!r}"
+            r.finish_reason, r.error, r.failure = "error", f"the engine has stopped: {exc!r}", exc
             events.append(TokenEvent(r, -1, -1, "", True))
         self._deliver(events)
 
@@ -189,6 +245,7 @@ class Engine:
         """End `req` alone with finish_reason "error"; returns its final event."""
         log.error("a request failed during %s: %r", stage, exc, exc_info=exc)
         req.finish_reason, req.error = "error", f"{stage} failed: {type(exc).__name__}: {exc}"[:500]
+        req.failure = exc
         self._count_finished(req)
         return TokenEvent(req, -1, -1, "", True)
 
@@ -200,16 +257,16 @@ class Engine:
     @torch.inference_mode()
     def step(self) -> list[TokenEvent]:
         """Drop cancelled requests, decode one token for every running request, then prefill one chunk
-        of the next prompt (admitting it from the queue if needed)."""
+        of the next prompts (admitting them from the queue if needed)."""
         self.stats.steps += 1
         events: list[TokenEvent] = []
         try:
             self._drop_cancelled()
             if self.running:
                 events += self._decode()
-            if self.prefilling is None:
+            if not self.prefilling:
                 events += self._admit()
-            if self.prefilling is not None:
+            if self.prefilling:
                 events += self._with_threads(self.prefill_threads, self._prefill_chunk)
         except Exception as exc:
             events += self._reset(exc)
@@ -220,8 +277,8 @@ class Engine:
         cannot be trusted, so the admitted requests fail and every cache row starts empty. The queue
         is kept and served next. If even this fails, the exception ends the engine thread."""
         log.error("an engine step failed; the running requests are dropped", exc_info=exc)
-        reqs = self.running + ([self.prefilling] if self.prefilling is not None else [])
-        self.running, self.prefilling, self.sampler, self.tokens, self.pending = [], None, None, None, []
+        reqs = self.running + self.prefilling
+        self.running, self.prefilling, self.sampler, self.tokens, self.owed = [], [], None, None, []
         self._prefill_hidden, self._prefill_keys = [], []
         for row in range(self.max_batch):
             self.cache.reset_row(row)
@@ -240,100 +297,125 @@ class Engine:
         with self._lock:
             if any(r.cancelled for r in self.waiting):
                 self.waiting = deque(r for r in self.waiting if not r.cancelled)
-        if self.prefilling is not None and self.prefilling.cancelled:
-            self.prefilling = None
-            self._prefill_hidden = []
+        if any(r.cancelled for r in self.prefilling):
+            keep = [i for i, r in enumerate(self.prefilling) if not r.cancelled]
+            first = len(self.running)
+            for new, old in enumerate(keep):
+                if new != old:
+                    self.cache.move_row(first + old, first + new)
+            self.prefilling = [self.prefilling[i] for i in keep]
+            self._prefill_hidden = [h[keep] for h in self._prefill_hidden] if keep else []
         gone = [row for row, r in enumerate(self.running) if r.cancelled]
         if gone:
             self._remove_rows(gone)
 
     def _admit(self) -> list[TokenEvent]:
-        if len(self.running) >= self.max_batch:
+        """Take the next waiting prompt, and up to `prefill_batch` - 1 more of the same length (not
+        with the prefix cache, whose hits differ per prompt), into the rows after the running ones."""
+        free = min(self.max_batch - len(self.running), self.prefill_batch if self.prefix_cache is None else 1)
+        if free <= 0:
             return []
         with self._lock:
             if not self.waiting:
                 return []
-            req = self.waiting.popleft()
-        row = len(self.running)
-        self._prefill_keys = []
-        self._prefill_hidden = []
-        try:
-            self.cache.reset_row(row)
-            if self.prefix_cache is not None:
-                keys = self.prefix_cache.lookup(req.prompt_ids)
-                self.prefix_cache.restore(keys, self.cache, row)
-                req.cached_tokens = len(keys) * self.prefill_chunk
-                self._prefill_keys = block_keys(req.prompt_ids, self.prefill_chunk)
-        except Exception as exc:  # the row is reset again by the next admission
-            self._prefill_keys = []
-            return [self._failed(req, exc, "admission")]
-        self.stats.prompt_tokens += len(req.prompt_ids)
-        self.prefilling = req
-        return []
+            group = [self.waiting.popleft()]
+            if free > 1:
+                length, skipped = len(group[0].prompt_ids), deque()
+                while self.waiting and len(group) < free:
+                    r = self.waiting.popleft()
+                    (group if len(r.prompt_ids) == length else skipped).append(r)
+                self.waiting = skipped + self.waiting
+        first = len(self.running)
+        self._prefill_keys, self._prefill_hidden = [], []
+        events, admitted = [], []
+        for i, req in enumerate(group):
+            row = first + len(admitted)
+            try:
+                self.cache.reset_row(row)
+                if self.prefix_cache is not None:
+                    keys = self.prefix_cache.lookup(req.prompt_ids)
+                    self.prefix_cache.restore(keys, self.cache, row)
+                    req.cached_tokens = len(keys) * self.prefill_chunk
+                    self._prefill_keys = block_keys(req.prompt_ids, self.prefill_chunk)
+            except Exception as exc:  # the row is reset again by the next admission
+                self._prefill_keys = []
+                events.append(self._failed(req, exc, "admission"))
+                continue
+            self.stats.prompt_tokens += len(req.prompt_ids)
+            admitted.append(req)
+        self.prefilling = admitted
+        return events
 
     def _prefill_chunk(self) -> list[TokenEvent]:
-        """One chunk of the prefilling request's prompt; after its last chunk, the request joins the
-        running batch with its first token. A failure ends that request alone: the forward only
-        touched its own row, which the next admission resets."""
-        req, stage = self.prefilling, "prefill"
+        """One chunk of the prefilling prompts; after their last chunk, they join the running batch
+        with their first tokens. A failure ends those requests alone: the forward only touched their
+        own rows, which the next admission resets."""
+        reqs, stage = self.prefilling, "prefill"
         try:
-            logits = self._prefill_forward(req)
+            logits = self._prefill_forward(reqs)
             if logits is None:
                 return []
             stage = "joining the batch"
-            sampler = self._join(req)
+            sampler = self._join(reqs)
         except Exception as exc:
-            self.prefilling, self._prefill_hidden = None, []
-            return [self._failed(req, exc, stage)]
-        return self._emit(logits, sampler, [len(self.running) - 1])
+            self.prefilling, self._prefill_hidden = [], []
+            return [self._failed(r, exc, stage) for r in reqs]
+        first = len(self.running) - len(reqs)
+        return self._emit(logits, sampler, list(range(first, first + len(reqs))))
 
-    def _prefill_forward(self, req: Request) -> torch.Tensor | None:
-        """Run the next chunk; the last position's logits once the prompt is done, else None."""
-        row = len(self.running)
-        view = self.cache.rows(row)
+    def _prefill_forward(self, reqs: list[Request]) -> torch.Tensor | None:
+        """Run the next chunk; the last position's logits once the prompts are done, else None."""
+        first = len(self.running)
+        view = self.cache.rows(first, first + len(reqs))
         pos = int(view.seq_lens[0])
-        end = min(len(req.prompt_ids), (pos // self.prefill_chunk + 1) * self.prefill_chunk)
-        ids = torch.tensor([req.prompt_ids[pos:end]], device=self.device)
-        if self.k:  # the MTP block drafts from the target's hidden states: keep them
+        length = len(reqs[0].prompt_ids)
+        end = min(length, (pos // self.prefill_chunk + 1) * self.prefill_chunk)
+        ids = torch.tensor([r.prompt_ids[pos:end] for r in reqs], device=self.device)
+        if self.speculative_tokens:  # the MTP block drafts from the target's hidden states: keep them
             h = self.model.hidden_states(ids, view)
             self._prefill_hidden.append(h)
             logits = self.model.lm_head(h[:, -1]).float()
         else:
             logits = self.model(ids, view, logits_to_keep=1)[:, -1]
         if self.prefix_cache is not None and end % self.prefill_chunk == 0:
-            self.prefix_cache.save(self._prefill_keys[end // self.prefill_chunk - 1], self.cache, row, end)
-        return None if end < len(req.prompt_ids) else logits
+            self.prefix_cache.save(self._prefill_keys[end // self.prefill_chunk - 1], self.cache, first, end)
+        return None if end < length else logits
 
-    def _join(self, req: Request) -> Sampler:
-        """The prompt is done: `req` joins the running batch (its first token comes from the last
-        chunk's logits); returns its own one-row sampler. Everything that can fail is built before
-        the engine's state changes, so a failure leaves the batch as it was."""
-        start_request(req, self.tokenizer)
-        sampler = Sampler([req.params], self.vocab_size, self.device, [req.prompt_ids])
+    def _join(self, reqs: list[Request]) -> Sampler:
+        """The prompts are done: `reqs` join the running batch (their first tokens come from the last
+        chunk's logits); returns their own sampler. Everything that can fail is built before the
+        engine's state changes, so a failure leaves the batch as it was."""
+        for req in reqs:
+            start_request(req, self.tokenizer)
+        sampler = Sampler([r.params for r in reqs], self.vocab_size, self.device, [r.prompt_ids for r in reqs])
         batch = sampler if self.sampler is None else Sampler.concat([self.sampler, sampler])
-        token = torch.zeros(1, dtype=torch.long, device=self.device)
-        tokens = token if self.tokens is None else torch.cat([self.tokens, token])
-        owed = (torch.cat(self._prefill_hidden, 1),
-                torch.tensor([req.prompt_ids[1:]], dtype=torch.long, device=self.device)) if self.k else None
-        self.prefilling, self._prefill_hidden = None, []
-        self.running.append(req)
+        new = torch.zeros(len(reqs), dtype=torch.long, device=self.device)
+        tokens = new if self.tokens is None else torch.cat([self.tokens, new])
+        owed = []
+        if self.speculative_tokens:
+            hidden = torch.cat(self._prefill_hidden, 1)
+            owed = [OwedPairs.after_prompt(hidden[i:i + 1], r.prompt_ids) for i, r in enumerate(reqs)]
+        self.prefilling, self._prefill_hidden = [], []
+        self.running.extend(reqs)
         self.sampler, self.tokens = batch, tokens
-        if self.k:
-            self.pending.append(owed)
+        self.owed.extend(owed)
         return sampler
 
     def _decode(self) -> list[TokenEvent]:
         n = len(self.running)
         view = self.cache.rows(0, n)
-        if self.k and all(speculation_ok(r) for r in self.running):
+        if self.speculative_tokens and all(speculation_ok(r) for r in self.running):
             return self._speculative_decode(view)
         try:
-            if not self.k:
-                logits = self.model(self.tokens[:, None], view)[:, -1]
-            else:
+            if self.speculative_tokens:
                 h = self.model.hidden_states(self.tokens[:, None], view)
-                extend_pending(self.pending, h, self.tokens)
+                extend_owed(self.owed, h, self.tokens)
                 logits = self.model.lm_head(h[:, -1]).float()
+            elif self.compiled_step is not None:
+                logits = self.compiled_step(self.tokens[:, None], view, view.seq_lens.to(self.device))
+                view.seq_lens += 1
+            else:
+                logits = self.model(self.tokens[:, None], view)[:, -1]
         except Exception as exc:
             return self._fail_batch(exc)
         return self._emit(logits, self.sampler, list(range(n)))
@@ -341,12 +423,12 @@ class Engine:
     def _fail_batch(self, exc: Exception) -> list[TokenEvent]:
         """A batched decode forward failed. No single request can be blamed, and the batch's cache
         rows may be half-updated (some layers stepped, others not), so every request of the batch
-        fails and its row is emptied. The request being prefilled (its row was not part of the
+        fails and its row is emptied. The prompts being prefilled (their rows were not part of the
         forward) and the queue go on, and the engine keeps serving."""
         events = [self._failed(r, exc, "decode") for r in self.running]
-        n, prefilling = len(self.running), self.prefilling is not None
-        self._remove_rows(list(range(n)))   # the prefilling row moves down to row 0
-        for row in range(int(prefilling), n + int(prefilling)):
+        n, prefilling = len(self.running), len(self.prefilling)
+        self._remove_rows(list(range(n)))   # the prefilling rows move down to row 0
+        for row in range(prefilling, n + prefilling):
             self.cache.reset_row(row)
         return events
 
@@ -355,8 +437,8 @@ class Engine:
         token is sampled from the logits after its last accepted one."""
         n = len(self.running)
         try:
-            accepted, logits, self.pending = draft_and_verify(self.model, self.k, view, self.tokens, self.pending,
-                                                              self.spec_stats)
+            accepted, logits, self.owed = draft_and_verify(self.model, self.speculative_tokens, view, self.tokens,
+                                                           self.owed, self.spec_stats)
         except Exception as exc:
             return self._fail_batch(exc)
         events, finished = [], set()
@@ -417,23 +499,23 @@ class Engine:
         return events
 
     def _remove_rows(self, rows: list[int]) -> None:
-        """Free running rows: each hole is filled by the last running row; the row being prefilled
-        (just past the running ones) moves down to stay adjacent."""
+        """Free running rows: each hole is filled by the last running row; the rows being prefilled
+        (just past the running ones) move down to stay adjacent."""
         for row in sorted(rows, reverse=True):
             last = len(self.running) - 1
             if row != last:
                 self.cache.move_row(last, row)
                 self.running[row] = self.running[last]
                 self.tokens[row] = self.tokens[last]
-                if self.pending:
-                    self.pending[row] = self.pending[last]
+                if self.owed:
+                    self.owed[row] = self.owed[last]
             self.running.pop()
-            if self.pending:
-                self.pending.pop()
+            if self.owed:
+                self.owed.pop()
             keep = list(range(len(self.running)))
             if row != last:
                 keep[row] = last
             self.sampler = self.sampler.select_rows(keep) if keep else None
             self.tokens = self.tokens[:len(self.running)] if self.running else None
-            if self.prefilling is not None:
-                self.cache.move_row(last + 1, len(self.running))
+            for i in range(len(self.prefilling)):
+                self.cache.move_row(last + 1 + i, last + i)
