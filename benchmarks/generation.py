@@ -1,7 +1,7 @@
 """Generation speed on CPU (fp32): nemotron vs transformers on the same random checkpoints.
 
 * prefill tokens/s at 512 and 2048 tokens (transformers' PyTorch path: no mamba_ssm kernels on CPU);
-* decode tokens/s at batch 1 and 8: our Generator vs transformers `generate` (greedy, same prompts,
+* decode tokens/s at batch 1 and 8: our engine vs transformers `generate` (greedy, same prompts,
   both with their own cache; the outputs are checked to be identical);
 * peak memory: the rise of the peak RSS of a fresh process over its RSS before the run;
 * decode roofline on a >= 100M-parameter dense config: weight bytes read per token divided by the
@@ -64,7 +64,9 @@ if which == "transformers":
     vocab = model.config.vocab_size
 else:
     import nemotron
-    from nemotron.inference.generate import Generator, Request, prefill
+    from nemotron.inference.engine import Engine
+    from nemotron.inference.requests import Request
+    from nemotron.inference.steps import prefill
     from nemotron.inference.sampling import SamplingParams
     model = nemotron.load(path).model
     vocab = model.config.vocab_size
@@ -102,7 +104,7 @@ else:
     else:
         def run():
             reqs = [Request(p, SamplingParams(max_new_tokens=new, temperature=0)) for p in prompts.tolist()]
-            list(Generator(model, compile=which == "nemotron-compiled").stream(reqs))
+            list(Engine.for_requests(model, reqs, compile=which == "nemotron-compiled").run(reqs))
             return [r.output_ids for r in reqs]
     seconds, tokens = timed(run)
     out |= {"seconds": seconds, "tokens_per_s": batch * new / seconds, "tokens": tokens}

@@ -75,7 +75,7 @@ def perplexity(model, tokenizer, texts: list[str]) -> float:
 
 def decode_speed(model, tokenizer, new_tokens: int = 64, runs: int = 3) -> float:
     """Batch-1 greedy decode tokens/s (one thread), median of `runs`."""
-    from nemotron.inference.generate import greedy_generate
+    from nemotron.inference.steps import greedy_generate
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -100,7 +100,8 @@ def nano_shaped(out: Path) -> Path:
     weights they hold in Nemotron 3 Nano 30B-A3B (2 x 131072 x 2688 of 31.6B: 2.2%)."""
     from nemotron.io.checkpoint import save_checkpoint
     from nemotron.config import NemotronHConfig
-    from nemotron.models.init import init_weights_, write_byte_tokenizer
+    from nemotron.io.tokenizer import write_byte_tokenizer
+    from nemotron.models.init import init_weights_
     from nemotron.models import build_model
 
     config = NemotronHConfig(

@@ -40,7 +40,8 @@ from nemotron.serve.launch import running_server  # noqa: E402
 def build(out: Path, config_name: str = "small-moe") -> Path:
     from nemotron.io.checkpoint import save_checkpoint
     from nemotron.config import NemotronHConfig
-    from nemotron.models.init import init_weights_, write_byte_tokenizer
+    from nemotron.io.tokenizer import write_byte_tokenizer
+    from nemotron.models.init import init_weights_
     from nemotron.models import build_model
 
     out.mkdir(parents=True, exist_ok=True)

@@ -11,10 +11,15 @@ from typing import Any
 import torch
 from torch import nn
 
+from nemotron.chat.turn import ChatResult, ChatTurn
+from nemotron.inference.engine import Engine
+from nemotron.inference.requests import Request
+from nemotron.inference.sampling import SamplingParams
 from nemotron.layers.cache import CacheOptions
 from nemotron.io.checkpoint import (checkpoint_dtype, checkpoint_files, load_checkpoint_config, load_weights,
                          match_checkpoint, our_spelling, save_checkpoint)
 from nemotron.config import DTYPES, AnyConfig
+from nemotron.config.presets import EMBEDDED_MODEL_DIR, PRESETS
 from nemotron.errors import CheckpointError, NemotronError
 from nemotron.files import is_present
 from nemotron.models import build_model
@@ -32,29 +37,7 @@ def parse_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
     return _DTYPES[dtype]
 
 
-@dataclass
-class ChatResult:
-    """One assistant turn: the raw text and its parts (reasoning, answer, tool calls)."""
-
-    text: str
-    reasoning: str | None
-    content: str | None
-    tool_calls: list[dict]
-    finish_reason: str
-    prompt_tokens: int
-    completion_tokens: int
-    logprobs: list[dict] = field(default_factory=list)
-    warnings: list[str] = field(default_factory=list)
-    speculation: dict | None = None  # MTP acceptance statistics when speculative decoding ran
-
-    def message(self) -> dict:
-        """The OpenAI assistant message (reasoning under both `reasoning` and `reasoning_content`)."""
-        msg: dict[str, Any] = {"role": "assistant", "content": self.content}
-        if self.reasoning is not None:
-            msg["reasoning"] = msg["reasoning_content"] = self.reasoning
-        if self.tool_calls:
-            msg["tool_calls"] = self.tool_calls
-        return msg
+__all__ = ["ChatResult", "LoadedModel", "load", "parse_dtype", "resolve_model_path"]
 
 
 _SAMPLING_KEYS = {"temperature", "top_k", "top_p", "min_p", "repetition_penalty", "presence_penalty",
@@ -106,20 +89,17 @@ class LoadedModel:
             raise NemotronError(f"{self.path}: this checkpoint has no tokenizer.json")
         return self.tokenizer
 
-    def _params(self, max_new_tokens: int, sampling: dict[str, Any]):
-        from nemotron.inference.sampling import SamplingParams
-
+    def _params(self, max_new_tokens: int, sampling: dict[str, Any]) -> SamplingParams:
         unknown = set(sampling) - _SAMPLING_KEYS
         if unknown:
             raise TypeError(f"unknown sampling option(s): {', '.join(sorted(unknown))}")
         sampling.setdefault("temperature", 0.0)  # greedy unless asked otherwise
         return SamplingParams(max_new_tokens=max_new_tokens, **sampling).validate()
 
-    def _generator(self, speculative_tokens: int = 0, compile: bool = False, prefill_chunk: int = 512):
-        from nemotron.inference.generate import Generator
-
-        return Generator(self.model, self.tokenizer, self.stop_ids, prefill_chunk, speculative_tokens, compile,
-                         self.cache_options)
+    def _engine(self, reqs: list[Request], speculative_tokens: int = 0, compile: bool = False) -> Engine:
+        """An engine sized for `reqs`, run on the calling thread."""
+        return Engine.for_requests(self.model, reqs, self.tokenizer, self.stop_ids, speculative_tokens, compile,
+                                   self.cache_options)
 
     def generate(self, prompt: str | list[str] | list[int], max_new_tokens: int = 256,
                  speculative_tokens: int = 0, compile: bool = False, **sampling: Any) -> str | list[str]:
@@ -127,44 +107,46 @@ class LoadedModel:
         sampling options as in `SamplingParams` (temperature, top_p, seed, stop, ...).
         speculative_tokens: MTP drafts per step (greedy, MTP checkpoints); compile: torch.compile the
         decode step (a one-time compile, then much less per-token overhead for small models)."""
-        from nemotron.inference.generate import Request
-
         batch = isinstance(prompt, list) and prompt and isinstance(prompt[0], str)
         prompts = prompt if batch else [prompt]
         tok = self.tokenizer
         ids = [p if isinstance(p, list) else self._require_tokenizer().encode(p) for p in prompts]
         params = self._params(max_new_tokens, dict(sampling))
         reqs = [Request(i, params) for i in ids]
-        for _ in self._generator(speculative_tokens, compile).stream(reqs):
+        for _ in self._engine(reqs, speculative_tokens, compile).run(reqs):
             pass
         texts = [r.text if tok is not None else r.output_ids for r in reqs]
         return texts if batch else texts[0]
 
     def stream(self, prompt: str, max_new_tokens: int = 256, **sampling: Any) -> Iterator[str]:
         """Text deltas of a plain completion as they are generated."""
-        from nemotron.inference.generate import Request
-
         req = Request(self._require_tokenizer().encode(prompt), self._params(max_new_tokens, dict(sampling)))
-        for event in self._generator().stream([req]):
+        for event in self._engine([req]).run([req]):
             if event.text:
                 yield event.text
 
     def chat(self, messages: list[dict], tools: list[dict] | None = None, enable_thinking: bool = True,
              thinking_budget: int | None = None, max_new_tokens: int = 1024, stream: bool = False,
              speculative_tokens: int = 0, compile: bool = False, template_kwargs: dict[str, Any] | None = None,
-             special_tokens_in_content: bool = False, **sampling: Any) -> ChatResult | Iterator:
+             special_tokens_in_content: bool = False, tool_choice: str | dict = "auto",
+             **sampling: Any) -> ChatResult | Iterator:
         """One assistant turn in the checkpoint's own chat format.
 
         Returns a ChatResult (reasoning, content and OpenAI-shaped tool_calls apart), or with
-        stream=True an iterator of `parsers.Delta` (reasoning / content / tool_calls pieces) whose last
-        item is the ChatResult.
+        stream=True an iterator of `parsers.Delta` (reasoning / content / tool_calls pieces, `kind`
+        "delta") whose last item is the ChatResult (`kind` "result").
+
+        tool_choice, as the server takes it: "auto" (parse the calls the model makes), "none" (no
+        tools in the prompt, call markup stays text), "required" (a call is forced, the model picks the
+        function) or {"type": "function", "function": {"name": NAME}} (a call of NAME is forced).
+        finish_reason is "tool_calls" when a call was parsed and generation stopped by itself.
 
         The messages' and tools' text is tokenized as ordinary text by default: `<|im_start|>` or
         `<think>` typed in a message cannot become a control token (transformers and vLLM parse them
         inside content); special_tokens_in_content=True restores that parsing."""
         turn = self._turn(messages, tools, enable_thinking, thinking_budget, max_new_tokens, template_kwargs, sampling,
-                          special_tokens_in_content)
-        it = self._chat_stream(turn, self._generator(speculative_tokens, compile))
+                          special_tokens_in_content, tool_choice)
+        it = self._chat_stream(turn, self._engine(turn.reqs, speculative_tokens, compile))
         if stream:
             return it
         result = None
@@ -175,108 +157,38 @@ class LoadedModel:
     def chat_batch(self, conversations: list[list[dict]], tools: list[dict] | None = None,
                    enable_thinking: bool = True, thinking_budget: int | None = None, max_new_tokens: int = 1024,
                    template_kwargs: dict[str, Any] | None = None, special_tokens_in_content: bool = False,
-                   **sampling: Any) -> list[ChatResult]:
+                   tool_choice: str | dict = "auto", **sampling: Any) -> list[ChatResult]:
         """One assistant turn for each of many conversations, decoded together as one batch: much
         faster than one `chat` call each for small models (evaluations, synthetic data).
-        special_tokens_in_content: as in `chat` (off: message text cannot make control tokens)."""
+        special_tokens_in_content, tool_choice: as in `chat`."""
         turns = [self._turn(m, tools, enable_thinking, thinking_budget, max_new_tokens, template_kwargs,
-                            dict(sampling), special_tokens_in_content) for m in conversations]
-        generator = self._generator()
-        for event in generator.stream([t.request for t in turns]):
-            if event.text:
-                turns[event.index].feed(event.text)
-        return [t.result(generator) for t in turns]
+                            dict(sampling), special_tokens_in_content, tool_choice) for m in conversations]
+        reqs = [r for t in turns for r in t.reqs]
+        engine = self._engine(reqs)
+        owner = {}
+        for t in turns:
+            t.engine = engine
+            owner.update((id(r), t) for r in t.reqs)
+        for event in engine.run(reqs):
+            owner[id(event.request)].feed(event)
+        return [t.results()[0] for t in turns]
 
     def _turn(self, messages, tools, enable_thinking, thinking_budget, max_new_tokens, template_kwargs,
-              sampling, special_tokens_in_content=False) -> "_ChatTurn":
-        from nemotron.chat.template import prepare_chat
-        from nemotron.inference.generate import Request
-        from nemotron.chat.parsers import StreamingParser
+              sampling, special_tokens_in_content=False, tool_choice="auto") -> ChatTurn:
+        """The ChatTurn of one conversation, with its one request made."""
+        turn = ChatTurn.prepare(self._require_tokenizer(), messages, tools, tool_choice=tool_choice,
+                                enable_thinking=enable_thinking, thinking_budget=thinking_budget,
+                                template_kwargs=template_kwargs, special_tokens_in_content=special_tokens_in_content)
+        turn.requests(self._params(max_new_tokens, sampling))
+        return turn
 
-        tok = self._require_tokenizer()
-        prompt = prepare_chat(tok, messages, tools, enable_thinking,
-                              special_tokens_in_content=special_tokens_in_content, **(template_kwargs or {}))
-        budget = None
-        if thinking_budget is not None and prompt.thinking:
-            budget = make_thinking_budget(tok, thinking_budget, prompt.prompt_opens_think)
-        req = Request(prompt.ids, self._params(max_new_tokens, sampling), budget)
-        return _ChatTurn(req, StreamingParser(prompt.fmt, prompt.thinking, tools, prompt.prompt_opens_think),
-                         len(prompt.ids))
-
-    def _chat_stream(self, turn: "_ChatTurn", generator) -> Iterator:
-        for event in generator.stream([turn.request]):
-            if event.text:
-                delta = turn.feed(event.text)
-                if delta:
-                    yield delta
-        delta = turn.finish()
-        if delta:
-            yield delta
-        yield turn.result(generator)
-
-
-@dataclass
-class _ChatTurn:
-    """One assistant turn being generated: its request and the parser that splits its text."""
-
-    request: Any
-    parser: Any
-    prompt_tokens: int
-    reasoning: list[str] = field(default_factory=list)
-    content: list[str] = field(default_factory=list)
-    calls: list[dict] = field(default_factory=list)
-    finished: bool = False
-
-    def _take(self, delta):
-        if delta:
-            self.reasoning.append(delta.reasoning)
-            self.content.append(delta.content)
-            self.calls.extend(delta.tool_calls)
-        return delta
-
-    def feed(self, text: str):
-        return self._take(self.parser.feed(text))
-
-    def finish(self):
-        self.finished = True
-        return self._take(self.parser.finish())
-
-    def result(self, generator) -> ChatResult:
-        if not self.finished:
-            self.finish()
-        req = self.request
-        tool_calls = [{"id": c["id"], "type": "function", "function": dict(c["function"])} for c in self.calls]
-        finish = "tool_calls" if tool_calls else (req.finish_reason or "stop")
-        return ChatResult(req.text, "".join(self.reasoning) or None, "".join(self.content) or None, tool_calls,
-                          finish, self.prompt_tokens, len(req.output_ids), req.logprobs, list(self.parser.warnings),
-                          speculation_stats(generator))
-
-
-def speculation_stats(generator) -> dict | None:
-    """MTP acceptance figures of a Generator that speculated (None otherwise)."""
-    st = generator.stats
-    if not generator.k or not st.rounds:
-        return None
-    return {"draft_tokens_per_step": generator.k, "rounds": st.rounds, "drafted": st.drafted,
-            "accepted": st.accepted, "acceptance_rate": st.acceptance_rate,
-            "acceptance_length": st.acceptance_length}
-
-
-def make_thinking_budget(tokenizer: Tokenizer, budget: int, prompt_opens_think: bool, grace: int = 0):
-    """A ThinkingBudget with this tokenizer's `</think>` spellings."""
-    from nemotron.inference.generate import ThinkingBudget
-
-    if budget < 0:
-        raise ValueError("thinking_budget must be >= 0")
-    return ThinkingBudget(
-        budget=budget,
-        close_ids=tokenizer.encode("</think>\n", add_special_tokens=False),
-        newline_close_ids=tokenizer.encode("\n</think>\n", add_special_tokens=False),
-        end_think_id=tokenizer.token_id("</think>"),
-        start_think_id=tokenizer.token_id("<think>"),
-        grace=grace,
-        active=prompt_opens_think,
-    )
+    def _chat_stream(self, turn: ChatTurn, engine: Engine) -> Iterator:
+        """The turn's Deltas as they come, then its ChatResult."""
+        for event in turn.run(engine):
+            if event.kind == "done":
+                yield event.result
+            elif event.delta:
+                yield event.delta
 
 
 EMBEDDED = "tiny"   # the model that ships inside the package (the default --model)
@@ -288,12 +200,10 @@ def resolve_model_path(name_or_path: str | Path) -> Path:
     if path.exists():
         return path
     if str(name_or_path).lower() == EMBEDDED:
-        from nemotron.tiny import MODEL_DIR
-        if not (MODEL_DIR / "config.json").is_file():
-            raise CheckpointError(f"the embedded model is missing from {MODEL_DIR} (a broken install?)")
-        return MODEL_DIR
-    from nemotron.config.presets import PRESETS  # a preset name: only presets that ship weights can be loaded
-    key = str(name_or_path).lower()
+        if not (EMBEDDED_MODEL_DIR / "config.json").is_file():
+            raise CheckpointError(f"the embedded model is missing from {EMBEDDED_MODEL_DIR} (a broken install?)")
+        return EMBEDDED_MODEL_DIR
+    key = str(name_or_path).lower()   # a preset name: only presets that ship weights can be loaded
     if key in PRESETS:
         raise CheckpointError(
             f"preset {name_or_path!r} ships no weights; download its checkpoint ({PRESETS[key].hf_id}) "
@@ -302,7 +212,7 @@ def resolve_model_path(name_or_path: str | Path) -> Path:
     raise CheckpointError(f"{name_or_path}: no such checkpoint directory or preset")
 
 
-def _release_freed_memory() -> None:
+def release_freed_memory() -> None:
     """Hand the loader's freed read buffers back to the OS (glibc keeps freed heap pages resident)."""
     try:
         import ctypes
@@ -336,7 +246,7 @@ def load(
                               f"vocab_size of {config.vocab_size}")
     dtype = parse_dtype(dtype) or checkpoint_dtype(config)
     refs = checkpoint_files(path, allow_pickle)
-    config, refs = match_checkpoint(config, refs)   # the checkpoint's name variants (checkpoint.NAME_MAPS)
+    config, refs = match_checkpoint(config, refs)   # the checkpoint's name variants (the family's NAME_MAP)
     with torch.device("meta"):
         model = build_model(config)
     quant = read_quant_config(path)
@@ -355,5 +265,5 @@ def load(
     if quant is not None:
         kv_scales_as_written(model, quant)
     model.to(device).eval()
-    _release_freed_memory()
+    release_freed_memory()
     return LoadedModel(config, model, tokenizer, path, cache or CacheOptions())

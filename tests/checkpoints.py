@@ -14,7 +14,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from nemotron.io.checkpoint import save_checkpoint
-from nemotron.models.init import init_checkpoint, init_weights_, tiny_super_config
+from nemotron.config.presets import toy_super_config
+from nemotron.io.random_checkpoint import init_checkpoint
+from nemotron.models.init import init_weights_
 from nemotron.models import build_model
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
@@ -33,15 +35,15 @@ def write_raw(path: Path, header: dict | bytes, data: bytes) -> None:
     path.write_bytes(struct.pack("<Q", len(blob)) + blob + data)
 
 
-def tiny_checkpoint(out: Path) -> Path:
-    """The tiny Nemotron 3 Super layout (Mamba, attention, LatentMoE, MTP) with its tokenizer."""
-    return init_checkpoint(out, tiny_super_config(), seed=0)
+def toy_checkpoint(out: Path) -> Path:
+    """The toy Nemotron 3 Super layout (Mamba, attention, LatentMoE, MTP) with its tokenizer."""
+    return init_checkpoint(out, toy_super_config(), seed=0)
 
 
 def sharded_checkpoint(out: Path, max_shard_bytes: int = 200_000) -> Path:
     """The same tiny model saved in several shards with a model.safetensors.index.json."""
-    single = tiny_checkpoint(out.parent / (out.name + "-single"))
-    config = tiny_super_config()
+    single = toy_checkpoint(out.parent / (out.name + "-single"))
+    config = toy_super_config()
     save_checkpoint(init_weights_(build_model(config), config, 0), config, out, max_shard_bytes=max_shard_bytes)
     for name in TOKENIZER_FILES:
         shutil.copy(single / name, out / name)

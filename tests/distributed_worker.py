@@ -10,7 +10,8 @@ import torch
 import torch.distributed as dist
 
 from nemotron.config import LlamaConfig
-from nemotron.models.init import init_weights_, tiny_super_config
+from nemotron.config.presets import toy_super_config
+from nemotron.models.init import init_weights_
 from nemotron.models import build_model
 from nemotron.train import lm_loss, update_expert_bias
 from nemotron.train.data import Batch
@@ -30,7 +31,7 @@ def _model(arch: str = "super"):
                              head_dim=24, intermediate_size=96, num_hidden_layers=2, tie_word_embeddings=True)
         config.validate()
     else:
-        config = tiny_super_config()
+        config = toy_super_config()
     return init_weights_(build_model(config), config, seed=0).train()
 
 

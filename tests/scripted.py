@@ -10,8 +10,8 @@ import torch
 
 import nemotron
 from nemotron.chat.template import prepare_chat
-from nemotron.inference.generate import greedy_generate
-from nemotron.models.init import init_checkpoint
+from nemotron.inference.steps import greedy_generate
+from nemotron.io.random_checkpoint import init_checkpoint
 
 TOOLS = [{"type": "function", "function": {
     "name": "get_weather", "description": "Current weather in a city",

@@ -8,13 +8,14 @@ import torch
 
 import nemotron
 from nemotron.layers.cache import CacheOptions, KVState, stochastic_round
-from nemotron.inference.generate import greedy_generate
-from nemotron.models.init import init_checkpoint, tiny_super_config
+from nemotron.inference.steps import greedy_generate
+from nemotron.config.presets import toy_super_config
+from nemotron.io.random_checkpoint import init_checkpoint
 
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
-    return init_checkpoint(tmp_path_factory.mktemp("cache") / "ckpt", tiny_super_config(), seed=3)
+    return init_checkpoint(tmp_path_factory.mktemp("cache") / "ckpt", toy_super_config(), seed=3)
 
 
 def test_stochastic_rounding_picks_a_neighbour_without_bias():

@@ -64,7 +64,7 @@ def plain_jinja_render(template: str, **variables) -> str:
 
 @pytest.fixture(scope="module")
 def byte_tokenizer_dir(tmp_path_factory):
-    from nemotron.models.init import write_byte_tokenizer
+    from nemotron.io.tokenizer import write_byte_tokenizer
 
     out = tmp_path_factory.mktemp("byte_tok")
     write_byte_tokenizer(out)
@@ -295,7 +295,7 @@ def test_missing_bos_token_is_undefined_not_none():
 
 
 # --------------------------------------------------------------------------------------------------
-# the format semantics (architectures.md §5)
+# the format semantics (nemotron/chat/formats.py)
 # --------------------------------------------------------------------------------------------------
 
 def test_nemotron3_generation_prompt_thinking_on_and_off():

@@ -61,7 +61,7 @@ def test_init_info_generate(tmp_path):
     # the CLI prints the prompt followed by the greedy continuation computed through the cache
     import torch
 
-    from nemotron.inference.generate import greedy_generate
+    from nemotron.inference.steps import greedy_generate
 
     m = nemotron.load(out)
     ids = greedy_generate(m.model, torch.tensor([m.tokenizer.encode("Hello")]), 5, {m.tokenizer.eos_token_id})

@@ -10,7 +10,7 @@ from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from nemotron.inference.detokenize import IncrementalDetokenizer, StopStrings
-from nemotron.models.init import NEMOTRON3_SPECIAL_TOKENS, write_byte_tokenizer
+from nemotron.io.tokenizer import NEMOTRON3_SPECIAL_TOKENS, write_byte_tokenizer
 from nemotron.io.tokenizer import Tokenizer
 
 CORPUS = [
@@ -254,8 +254,8 @@ def test_special_tokens_listed_by_init_are_special(byte_tok):
 
 def test_skip_specials_but_keep_parser_tags(tmp_path):
     """Generation drops special tokens from the text but keeps the tags the output parsers read."""
-    from nemotron.inference.generate import PARSER_TAGS
-    from nemotron.models.init import write_byte_tokenizer
+    from nemotron.inference.requests import PARSER_TAGS
+    from nemotron.io.tokenizer import write_byte_tokenizer
     from nemotron.io.tokenizer import Tokenizer
 
     write_byte_tokenizer(tmp_path)

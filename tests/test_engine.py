@@ -9,9 +9,11 @@ import pytest
 import torch
 
 import nemotron
+from nemotron.errors import NemotronWarning
 from nemotron.inference.engine import Engine, QueueFull
-from nemotron.inference.generate import Request, ThinkingBudget, greedy_generate
-from nemotron.models.init import init_checkpoint
+from nemotron.inference.requests import Request, ThinkingBudget
+from nemotron.inference.steps import greedy_generate
+from nemotron.io.random_checkpoint import init_checkpoint
 from nemotron.inference.sampling import SamplingParams
 
 from conftest import randomize_
@@ -132,8 +134,9 @@ def test_mtp_speculation_in_the_engine_is_exact(tiny):
     assert len(reqs[2].output_ids) == 4
     st = engine.spec_stats
     assert st.rounds > 0 and st.drafted == 2 * st.rounds and 0 <= st.accepted <= st.drafted
-    with pytest.raises(ValueError, match="MTP"):
-        Engine(tiny.model, speculative_tokens=2, prefix_cache_bytes=1 << 20)
+    # one rule wherever an engine is made (the server included): speculation turns the prefix cache off
+    with pytest.warns(NemotronWarning, match="prefix cache is off"):
+        assert Engine(tiny.model, speculative_tokens=2, prefix_cache_bytes=1 << 20).prefix_cache is None
 
 
 def test_bad_requests_raise(tiny):
@@ -397,3 +400,36 @@ def test_a_failure_in_the_engines_own_bookkeeping_resets_it_and_keeps_the_queue(
     again = Request(prompts[1], SamplingParams(max_new_tokens=12, temperature=0))
     _run(engine, [again])
     assert again.output_ids == solo[1]
+
+
+def test_prompts_of_one_length_prefill_together_and_equal_solo_runs(tiny):
+    """`prefill_batch` lets waiting prompts of one length share each prefill forward; a request
+    cancelled in the middle of such a group leaves it without disturbing the others, and `run`
+    gives every request its solo result with events indexed by the request's position."""
+    g = torch.Generator().manual_seed(11)
+    # groups [9, 9], [5, 5], [23, 23]: the last one is still prefilling when rows of the first finish,
+    # so its rows move down while it prefills
+    lengths, budgets = (9, 9, 5, 23, 5, 23), (8, 3, 8, 5, 2, 8)
+    prompts = [torch.randint(3, 260, (n,), generator=g).tolist() for n in lengths]
+    solo = [greedy_generate(tiny.model, torch.tensor([p]), n)[0].tolist() for p, n in zip(prompts, budgets)]
+    reqs = [Request(p, SamplingParams(max_new_tokens=n, temperature=0)) for p, n in zip(prompts, budgets)]
+    engine = Engine.for_requests(tiny.model, reqs, prefill_chunk=4)
+    seen = {}
+    for event in engine.run(reqs):
+        seen.setdefault(event.index, []).append(event.token_id)
+    assert [r.output_ids for r in reqs] == solo
+    assert [seen[i] for i in range(len(reqs))] == solo
+    solo = [greedy_generate(tiny.model, torch.tensor([p]), 8)[0].tolist() for p in prompts]
+    # the two prompts of length 9 prefill as one group over three 4-token chunks; one is cancelled
+    engine = Engine(tiny.model, max_batch=4, max_len=64, prefill_chunk=4, prefill_batch=4)
+    reqs = [Request(p, SamplingParams(max_new_tokens=8, temperature=0)) for p in prompts]
+    for r in (reqs[0], reqs[1], reqs[2], reqs[4], reqs[3], reqs[5]):   # [9, 9] then [5, 5], [23, 23]
+        engine.submit(r)
+    engine.step()
+    assert [r.prompt_ids for r in engine.prefilling] == [prompts[0], prompts[1]]
+    engine.cancel(reqs[1])
+    engine.step()
+    assert [r.prompt_ids for r in engine.prefilling] == [prompts[0]]
+    _run(engine, [])
+    assert reqs[1].output_ids == [] and reqs[1].finish_reason is None
+    assert [r.output_ids for i, r in enumerate(reqs) if i != 1] == [s for i, s in enumerate(solo) if i != 1]

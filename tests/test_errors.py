@@ -11,7 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
-from checkpoints import assert_one_line_error, cli, deadline, read_raw, sharded_checkpoint, tiny_checkpoint, write_raw
+from checkpoints import assert_one_line_error, cli, deadline, read_raw, sharded_checkpoint, toy_checkpoint, write_raw
 from safetensors.torch import load_file, save_file
 
 import nemotron
@@ -23,7 +23,7 @@ _cli, _assert_one_line_error = cli, assert_one_line_error
 
 @pytest.fixture
 def ckpt(tmp_path):
-    return tiny_checkpoint(tmp_path / "ckpt")
+    return toy_checkpoint(tmp_path / "ckpt")
 
 
 def test_missing_directory(tmp_path):
@@ -133,7 +133,7 @@ def test_written_safetensors_read_by_the_reference_library(tmp_path):
 @pytest.fixture(scope="module")
 def pristine(tmp_path_factory):
     root = tmp_path_factory.mktemp("pristine")
-    return {"single": tiny_checkpoint(root / "single"), "sharded": sharded_checkpoint(root / "sharded")}
+    return {"single": toy_checkpoint(root / "single"), "sharded": sharded_checkpoint(root / "sharded")}
 
 
 def _edit_json(path, fn):

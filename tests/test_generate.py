@@ -7,8 +7,11 @@ import pytest
 import torch
 
 import nemotron
-from nemotron.inference.generate import Generator, Request, greedy_generate, prefill
-from nemotron.models.init import init_checkpoint, tiny_super_config
+from nemotron.inference.engine import Engine
+from nemotron.inference.requests import Request
+from nemotron.inference.steps import greedy_generate, prefill
+from nemotron.config.presets import toy_super_config
+from nemotron.io.random_checkpoint import init_checkpoint
 from nemotron.inference.sampling import SamplingParams
 
 from conftest import randomize_
@@ -25,7 +28,7 @@ def _prompts(vocab: int, seed: int = 0) -> list[list[int]]:
 
 def _batched(model, prompts, new_tokens, **kw) -> list[list[int]]:
     reqs = [Request(p, SamplingParams(max_new_tokens=new_tokens, temperature=0)) for p in prompts]
-    list(Generator(model, **kw).stream(reqs))
+    list(Engine.for_requests(model, reqs, **kw).run(reqs))
     return [r.output_ids for r in reqs]
 
 
@@ -65,7 +68,7 @@ def test_batched_greedy_equals_transformers_nemotron4(tmp_path):
 def tiny(tmp_path_factory):
     """The tiny Nemotron 3 Super-layout checkpoint (Mamba, attention, LatentMoE, MTP), randomised
     strongly enough that greedy continuations vary."""
-    path = init_checkpoint(tmp_path_factory.mktemp("tiny"), tiny_super_config(), seed=0)
+    path = init_checkpoint(tmp_path_factory.mktemp("tiny"), toy_super_config(), seed=0)
     m = nemotron.load(path)
     randomize_(m.model, seed=3, scale=1.5)
     return m
@@ -101,7 +104,7 @@ def test_mixed_batch_rows_equal_single_runs(tiny):
     assert _batched(tiny.model, prompts, 12) == singles
     # rows of different budgets leave the batch at different steps
     reqs = [Request(p, SamplingParams(max_new_tokens=n, temperature=0)) for p, n in zip(prompts, (2, 12, 5))]
-    list(Generator(tiny.model).stream(reqs))
+    list(Engine.for_requests(tiny.model, reqs).run(reqs))
     assert [r.output_ids for r in reqs] == [s[:n] for s, n in zip(singles, (2, 12, 5))]
     assert [r.finish_reason for r in reqs] == ["length"] * 3
 
@@ -120,11 +123,11 @@ def test_mtp_speculation_is_exact(tiny):
     prompts = _prompts(260, seed=4)
     plain = _batched(tiny.model, prompts, 14)
     for k in (1, 3):
-        generator = Generator(tiny.model, speculative_tokens=k)
         reqs = [Request(p, SamplingParams(max_new_tokens=14, temperature=0)) for p in prompts]
-        list(generator.stream(reqs))
+        engine = Engine.for_requests(tiny.model, reqs, speculative_tokens=k)
+        list(engine.run(reqs))
         assert [r.output_ids for r in reqs] == plain
-        assert generator.stats.rounds > 0 and generator.stats.drafted > 0
+        assert engine.spec_stats.rounds > 0 and engine.spec_stats.drafted > 0
 
 
 def _bigram_model(m, successor: dict[int, int], default_next: int):
@@ -167,7 +170,7 @@ def _bigram_model(m, successor: dict[int, int], default_next: int):
 @pytest.fixture
 def counting(tmp_path):
     """A bigram model counting a b c d a b ... (token ids of the byte tokenizer)."""
-    path = init_checkpoint(tmp_path / "bigram", tiny_super_config(), seed=0)
+    path = init_checkpoint(tmp_path / "bigram", toy_super_config(), seed=0)
     m = nemotron.load(path)
     a, b, c, d = (m.tokenizer.encode(ch)[0] for ch in "abcd")
     return _bigram_model(m, {a: b, b: c, c: d, d: a}, default_next=a), (a, b, c, d)
@@ -189,11 +192,11 @@ def test_mtp_always_right_drafts_accept_k_plus_one(counting):
     assert plain[0] == [c, d, a, b, c, d, a, b, c, d, a, b, c]
     calls["n"] = 0
     k = 3
-    generator = Generator(m.model, speculative_tokens=k)
     reqs = [Request(prompt, SamplingParams(max_new_tokens=13, temperature=0))]
-    list(generator.stream(reqs))
+    engine = Engine.for_requests(m.model, reqs, speculative_tokens=k)
+    list(engine.run(reqs))
     assert reqs[0].output_ids == plain[0]
-    stats = generator.stats
+    stats = engine.spec_stats
     assert stats.accepted == stats.drafted            # every draft right
     assert stats.acceptance_length == k + 1           # k drafts + 1 per verify forward
     # plain: one prefill + 12 decode forwards; speculative: prefill + ceil((13 - 1) / (k + 1)) verifies
@@ -203,7 +206,7 @@ def test_mtp_always_right_drafts_accept_k_plus_one(counting):
 def test_thinking_budget_closes_never_ending_reasoning(tmp_path):
     """A model that never emits </think>: the budget forces it within budget + grace, and the answer
     (the text after </think>) follows."""
-    path = init_checkpoint(tmp_path / "rambler", tiny_super_config(), seed=0)
+    path = init_checkpoint(tmp_path / "rambler", toy_super_config(), seed=0)
     m = nemotron.load(path)
     a, b, nl = (m.tokenizer.encode(ch)[0] for ch in "ab\n")
     # a b b b ... (no newline for a while) then a newline every 9 tokens is not possible with a bigram,
@@ -230,7 +233,7 @@ def test_logprobs_stop_strings_and_seed(tiny):
     prompt = _prompts(260, seed=5)[1]
     params = SamplingParams(max_new_tokens=6, temperature=0, logprobs=True, top_logprobs=3)
     req = Request(prompt, params)
-    list(Generator(tiny.model, tiny.tokenizer).stream([req]))
+    list(Engine.for_requests(tiny.model, [req], tiny.tokenizer).run([req]))
     with torch.no_grad():
         first = torch.log_softmax(tiny.model(torch.tensor([prompt]))[0, -1], -1)
     assert req.logprobs[0]["token_id"] == req.output_ids[0] == int(first.argmax())
@@ -251,9 +254,9 @@ def test_compiled_decode_matches_eager(tiny):
     prompts = _prompts(260, seed=6)
     budgets = (4, 9, 6)
     eager = [Request(p, SamplingParams(max_new_tokens=n, temperature=0)) for p, n in zip(prompts, budgets)]
-    list(Generator(tiny.model).stream(eager))
+    list(Engine.for_requests(tiny.model, eager).run(eager))
     compiled = [Request(p, SamplingParams(max_new_tokens=n, temperature=0)) for p, n in zip(prompts, budgets)]
-    list(Generator(tiny.model, compile=True).stream(compiled))
+    list(Engine.for_requests(tiny.model, compiled, compile=True).run(compiled))
     assert [r.output_ids for r in compiled] == [r.output_ids for r in eager]
 
 
@@ -278,14 +281,17 @@ def test_static_decode_path_matches_dynamic(tmp_path, tiny):
         tokens = torch.tensor([[7], [8]])
         with torch.no_grad():
             dynamic = model(tokens, caches[0])[:, -1]
-            static = model(tokens, caches[1], positions=caches[1].seq_lens.clone())[:, -1]
+            static = model(tokens, caches[1], mode="static", positions=caches[1].seq_lens.clone())[:, -1]
         assert (dynamic - static).abs().max() <= 1e-5
 
 
 def test_bad_requests_raise_clear_errors(tiny):
     with pytest.raises(ValueError, match="out of range"):
-        list(Generator(tiny.model).stream([Request([1, 10_000], SamplingParams(max_new_tokens=2))]))
+        reqs = [Request([1, 10_000], SamplingParams(max_new_tokens=2))]
+        list(Engine.for_requests(tiny.model, reqs).run(reqs))
     with pytest.raises(ValueError, match="empty prompt"):
-        list(Generator(tiny.model).stream([Request([], SamplingParams(max_new_tokens=2))]))
+        reqs = [Request([], SamplingParams(max_new_tokens=2))]
+        list(Engine.for_requests(tiny.model, reqs).run(reqs))
     with pytest.raises(ValueError, match="top_p"):
-        list(Generator(tiny.model).stream([Request([1, 2], SamplingParams(max_new_tokens=2, top_p=0.0))]))
+        reqs = [Request([1, 2], SamplingParams(max_new_tokens=2, top_p=0.0))]
+        list(Engine.for_requests(tiny.model, reqs).run(reqs))

@@ -115,7 +115,7 @@ def test_llama3_scaling_changes_frequencies(tmp_path):
 
 def test_greedy_generation_matches_transformers(hf_checkpoint):
     """Prefill + cached decode picks the same tokens as transformers' generate() with its own cache."""
-    from nemotron.inference.generate import greedy_generate
+    from nemotron.inference.steps import greedy_generate
 
     name, path, hf = hf_checkpoint
     ours = nemotron.load(path, dtype="float32").model

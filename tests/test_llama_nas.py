@@ -285,7 +285,7 @@ def test_heterogeneous_blocks_state_dict(mixed):
         assert sd[f"model.layers.{i}.mlp.up_proj.weight"].shape == (inter, H)
         assert sd[f"model.layers.{i}.mlp.down_proj.weight"].shape == (H, inter)
     assert [ffn_mult_to_intermediate_size(x, H) for x in (1.0, 2.0, 7.0)] == [256, 256, 512]
-    # the released sizes (architectures.md §4): find_multiple(int(2 * mult * H / 3), 256)
+    # the released sizes: find_multiple(int(2 * mult * H / 3), 256)
     assert ffn_mult_to_intermediate_size(5.25, 8192) == 28672
     assert ffn_mult_to_intermediate_size(1.0, 8192) == 5632
     assert ffn_mult_to_intermediate_size(0.4875, 16384) == 5376

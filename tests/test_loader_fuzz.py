@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from checkpoints import Timeout, cli, deadline, read_raw, sharded_checkpoint, tiny_checkpoint, write_raw
+from checkpoints import Timeout, cli, deadline, read_raw, sharded_checkpoint, toy_checkpoint, write_raw
 
 import nemotron
 from nemotron.errors import NemotronError
@@ -38,7 +38,7 @@ CLI_SAMPLE = (19, 90, 183, 266)   # in the default suite: two `info`, two `gener
 @pytest.fixture(scope="module")
 def pristine(tmp_path_factory):
     root = tmp_path_factory.mktemp("fuzz-pristine")
-    return {"single": tiny_checkpoint(root / "single"), "sharded": sharded_checkpoint(root / "sharded")}
+    return {"single": toy_checkpoint(root / "single"), "sharded": sharded_checkpoint(root / "sharded")}
 
 
 @pytest.fixture

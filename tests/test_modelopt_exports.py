@@ -144,7 +144,7 @@ def test_fixture_export_matches_transformers_on_decoded_weights(fmt, tmp_path):
 def test_cli_generates_from_a_fixture_export_with_one_warning_line(tmp_path):
     """The real CLI on ModelOpt's NVFP4 export (with a byte tokenizer added): it generates, and the
     name repair is one `warning:` line."""
-    from nemotron.models.init import write_byte_tokenizer
+    from nemotron.io.tokenizer import write_byte_tokenizer
 
     from checkpoints import cli
 

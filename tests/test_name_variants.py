@@ -7,7 +7,7 @@ model's logits. What each writer produces was read off real save_pretrained outp
 4.57.6, 5.0.0, 5.3.0, 5.5.0, 5.10.1, 5.14.0, 5.18.0 and 5.23.0 (tiny random models), their
 conversion_mapping.py, NVIDIA's remote modeling_nemotron_h.py, and the safetensors indexes of NVIDIA's
 releases (listed in huggingface/transformers PR #48075). The name map under test is
-nemotron.io.checkpoint.NAME_MAPS.
+each family's NAME_MAP (nemotron.models.family(config).name_map).
 """
 
 from __future__ import annotations

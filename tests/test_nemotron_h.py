@@ -198,7 +198,7 @@ def test_mtp_weights_release_layout_and_forward(tmp_path):
 def test_greedy_decoding_matches_transformers_generate(make_hf_nemotron_h):
     """Prefill + recurrent decode through our hybrid cache picks the same tokens as transformers'
     generate() with its own cache."""
-    from nemotron.inference.generate import greedy_generate
+    from nemotron.inference.steps import greedy_generate
 
     path, hf = make_hf_nemotron_h(**VARIANTS["latent-moe"])
     ours = nemotron.load(path).model

@@ -1,10 +1,11 @@
-"""Low-precision numerics follow the official kernel path (reference architectures.md §1.10)."""
+"""Low-precision numerics follow the official kernel path (mamba_ssm and NVIDIA's remote modeling code)."""
 
 from __future__ import annotations
 
 import torch
 
-from nemotron.models.init import init_weights_, tiny_super_config
+from nemotron.config.presets import toy_super_config
+from nemotron.models.init import init_weights_
 from nemotron.layers.norm import GatedRMSNorm, RMSNorm
 from nemotron.models import build_model
 
@@ -38,7 +39,7 @@ def test_gated_norm_is_fused_fp32():
 
 
 def test_bf16_model_keeps_fp32_state_router_and_dt():
-    config = tiny_super_config()
+    config = toy_super_config()
     model = init_weights_(build_model(config), config).to(torch.bfloat16).eval()
     moe = model.backbone.layers[1].mixer
     assert moe.gate.e_score_correction_bias.dtype == torch.float32  # .to(bfloat16) leaves it fp32
@@ -58,7 +59,7 @@ def test_bf16_model_keeps_fp32_state_router_and_dt():
 
 
 def test_no_dt_clamp_by_default_but_config_limit_applies():
-    config = tiny_super_config()
+    config = toy_super_config()
     model = init_weights_(build_model(config), config).eval()
     mixer = model.backbone.layers[0].mixer
     assert mixer.dt_limit == (0.0, float("inf"))

@@ -7,7 +7,8 @@ from __future__ import annotations
 import torch
 
 from nemotron.config import Nemotron4Config
-from nemotron.models.init import init_weights_, tiny_super_config
+from nemotron.config.presets import toy_super_config
+from nemotron.models.init import init_weights_
 from nemotron.models.decoder import packed_positions
 from nemotron.models import build_model
 
@@ -37,7 +38,7 @@ def _check(model, vocab: int) -> None:
 
 
 def test_packed_nemotron_h_matches_documents_alone():
-    config = tiny_super_config()
+    config = toy_super_config()
     model = randomize_(init_weights_(build_model(config), config, seed=0), seed=1, scale=1.0).eval()
     _check(model, config.vocab_size)
 
@@ -55,7 +56,7 @@ def test_packed_positions():
 
 
 def test_packed_forward_is_differentiable():
-    config = tiny_super_config()
+    config = toy_super_config()
     model = init_weights_(build_model(config), config, seed=0).train()
     _, ids, seq_idx = _packed(LENGTHS, config.vocab_size, seed=1)
     loss = torch.nn.functional.cross_entropy(model(ids, seq_idx=seq_idx)[0, :-1], ids[0, 1:])

@@ -1,4 +1,4 @@
-"""The preset registry: round trips, lookup, and the structural facts of shared/reference/architectures.md."""
+"""The preset registry: round trips, lookup, and the structural facts of the released configs."""
 
 from __future__ import annotations
 
@@ -105,7 +105,7 @@ def test_unknown_preset_raises_config_error():
 
 
 # --------------------------------------------------------------------------------------------------
-# Nemotron-H family: patterns and dims from reference §2
+# Nemotron-H family: patterns and dims from the release configs
 # --------------------------------------------------------------------------------------------------
 
 
@@ -182,7 +182,7 @@ def test_nemotron_h_dims_from_reference():
         assert PRESETS[name].config.ssm_state_size == 256
     for name in ("nemotron-nano-9b-v2", "nemotron-nano-12b-v2", "nemotron-3-nano-4b"):
         assert PRESETS[name].config.mamba_head_dim == 80
-    # Mamba in_proj rows quoted in reference §1.4
+    # Mamba in_proj rows of the released checkpoints
     for name, rows in (("nemotron-h-8b", 18560), ("nemotron-nano-9b-v2", 22656),
                        ("nemotron-3-nano-30b-a3b", 10304), ("nemotron-3-super-120b-a12b", 18560),
                        ("nemotron-3-ultra-550b-a55b", 35072)):
@@ -191,7 +191,7 @@ def test_nemotron_h_dims_from_reference():
 
 
 # --------------------------------------------------------------------------------------------------
-# Nemotron-4 / Minitron: reference §3
+# Nemotron-4 / Minitron: Megatron-Bridge provider values
 # --------------------------------------------------------------------------------------------------
 
 
@@ -217,7 +217,7 @@ def test_nemotron_4_dims(name, layers, hidden, heads, kv, head_dim, ffn):
 
 
 # --------------------------------------------------------------------------------------------------
-# Llama-Nemotron (NAS): reference §4 block counts
+# Llama-Nemotron (NAS): block counts of the release configs
 # --------------------------------------------------------------------------------------------------
 
 

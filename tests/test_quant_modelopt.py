@@ -14,7 +14,8 @@ import torch
 import nemotron
 from nemotron.io.checkpoint import read_safetensors_index, write_safetensors
 from nemotron.errors import CheckpointError, CheckpointWarning
-from nemotron.models.init import init_checkpoint, tiny_super_config
+from nemotron.config.presets import toy_super_config
+from nemotron.io.random_checkpoint import init_checkpoint
 from nemotron.quant import formats
 from nemotron.quant.modelopt import repair_name
 from nemotron.quant.modules import QuantExperts, QuantLinear, set_activation_emulation
@@ -56,7 +57,7 @@ def hand_built(tmp_path_factory):
     """(float checkpoint, ModelOpt mixed checkpoint, {tensor name: stored tensor}, reference model
     whose quantized layers hold their dequantized weights)."""
     root = tmp_path_factory.mktemp("modelopt")
-    base = init_checkpoint(root / "float", tiny_super_config(), seed=0)
+    base = init_checkpoint(root / "float", toy_super_config(), seed=0)
     tensors = {k: r.read() for k, r in read_safetensors_index(base / "model.safetensors").items()}
     quant = root / "mixed"
     shutil.copytree(base, quant)
@@ -67,7 +68,7 @@ def hand_built(tmp_path_factory):
             stored[f"{layer}.{name}"] = t
         deq[f"{layer}.weight"] = _dequantized(algo, {k.rsplit(".", 1)[1]: v for k, v in stored.items()
                                                      if k.rsplit(".", 1)[0] == layer})
-    n_experts = tiny_super_config().n_routed_experts
+    n_experts = toy_super_config().n_routed_experts
     layers = dict(LAYERS)
     for e in range(n_experts):
         for proj in ("up_proj", "down_proj"):
@@ -329,7 +330,7 @@ def test_tensors_overrule_a_config_that_leaves_a_quantized_layer_out(hand_built,
     assert layers[1].mixer.shared_experts.up_proj.scheme.algo == "FP8_PER_CHANNEL_PER_TOKEN"
     assert isinstance(layers[4].mixer.experts, QuantExperts) and layers[4].mixer.experts.scheme.algo == "NVFP4"
     assert len(notes) == 1 and "backbone.layers.0.mixer.in_proj (config: unquantized; stored NVFP4)" in notes[0]
-    assert f"{EXPERTS}.* ({2 * tiny_super_config().n_routed_experts} expert weights: config: unquantized; stored NVFP4)" \
+    assert f"{EXPERTS}.* ({2 * toy_super_config().n_routed_experts} expert weights: config: unquantized; stored NVFP4)" \
         in notes[0], notes[0]
     _assert_same_logits(m, reference)
 
@@ -370,7 +371,7 @@ def test_mangled_names_load_with_one_warning(hand_built, tmp_path):
                                 "backbone.layers.2.mixer.\x00backbone.pt_name_sentinel*"]
 
     m, notes = _load_warning(_variant(quant, tmp_path, edit_config=edit))
-    assert notes == [f"{tmp_path / 'variant' / 'hf_quant_config.json'}: repaired {len(LAYERS) + 2 * tiny_super_config().n_routed_experts + 2} module "
+    assert notes == [f"{tmp_path / 'variant' / 'hf_quant_config.json'}: repaired {len(LAYERS) + 2 * toy_super_config().n_routed_experts + 2} module "
                      "name(s) written with ModelOpt 0.46-0.47's name defect ('...\\x00backbone.pt_name_sentinel')"]
     assert m.model.backbone.layers[0].mixer.in_proj.scheme.algo == "NVFP4"
     _assert_same_logits(m, reference)

@@ -12,7 +12,8 @@ import torch
 
 import nemotron
 from nemotron.io.checkpoint import read_safetensors_index
-from nemotron.models.init import init_checkpoint, tiny_super_config
+from nemotron.config.presets import toy_super_config
+from nemotron.io.random_checkpoint import init_checkpoint
 from nemotron.quant.modelopt import HF_QUANT_CONFIG, quantized_layers
 from nemotron.quant.modules import QuantExperts, QuantLinear
 from nemotron.quant.quantize import LayerStats, choose_mixed, quantize_model, save_quantized
@@ -24,7 +25,7 @@ TEXTS = ["The cat sat on the mat and looked at the birds in the garden.",
 
 @pytest.fixture(scope="module")
 def float_ckpt(tmp_path_factory):
-    return init_checkpoint(tmp_path_factory.mktemp("float") / "ckpt", tiny_super_config(), seed=1)
+    return init_checkpoint(tmp_path_factory.mktemp("float") / "ckpt", toy_super_config(), seed=1)
 
 
 def _quant_buffers(model):

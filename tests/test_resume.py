@@ -18,7 +18,9 @@ import pytest
 import torch
 
 from nemotron.errors import CheckpointError
-from nemotron.models.init import init_checkpoint, init_weights_, tiny_super_config
+from nemotron.config.presets import toy_super_config
+from nemotron.io.random_checkpoint import init_checkpoint
+from nemotron.models.init import init_weights_
 from nemotron.models import build_model
 from nemotron.train import load_recipe, train
 from nemotron.train.optim import make_optimizer
@@ -43,7 +45,7 @@ def recipe(tmp_path_factory) -> list[str]:
     """key=value settings of a tiny pretraining run that saves after every step."""
     root = tmp_path_factory.mktemp("resume_inputs")
     tok = init_checkpoint(root / "tiny", seed=0)
-    return [f"data=[{_data(root / 'pre.jsonl')}]", "init_config=tiny", f"tokenizer={tok}", f"steps={STEPS}",
+    return [f"data=[{_data(root / 'pre.jsonl')}]", "init_config=toy_super", f"tokenizer={tok}", f"steps={STEPS}",
             "seq_len=64", "batch_size=1", "lr=3e-3", "warmup=1", "save_every=1"]
 
 
@@ -179,7 +181,7 @@ def test_unusable_checkpoints_are_refused_in_one_line_and_left_alone(base, recip
 
 
 def _live_model():
-    config = tiny_super_config()
+    config = toy_super_config()
     model = init_weights_(build_model(config), config, seed=7)
     return model, make_optimizer(model, 1e-3)
 

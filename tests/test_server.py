@@ -593,3 +593,48 @@ def test_an_out_of_range_integer_is_named_not_printed_in_full():
     with pytest.raises(APIError, match="got an integer of 401 digits") as e:
         get({"seed": 10 ** 400}, "seed", int)
     assert e.value.status == 400 and len(e.value.message) < 200
+
+
+def test_a_length_cut_tool_call_ends_alike_in_the_api_the_server_and_grpo(client, scripted, tmp_path, monkeypatch):
+    """One finish-reason rule (nemotron.chat.turn): a turn cut by max tokens just after a complete tool
+    call has its call parsed and ends with "length" in the Python API, the server (plain and streamed)
+    and GRPO's reading of its samples; the same turn left to stop by itself ends with "tool_calls"."""
+    import nemotron
+    from nemotron.chat.turn import ChatTurn
+    from nemotron.train import load_recipe
+    from nemotron.train.stages import make_stage
+    from scripted import EXAMPLES
+
+    m = nemotron.load(scripted)
+    assert EXAMPLES[0][0] == ASK and EXAMPLES[0][3].endswith("</tool_call>\n<|im_end|>")
+    n = len(m.tokenizer.encode(EXAMPLES[0][3], add_special_tokens=False))   # the last token ends the turn
+    grpo_results = []
+    result_for = ChatTurn.result_for
+
+    def recording(self, request):
+        grpo_results.append(result_for(self, request))
+        return grpo_results[-1]
+
+    monkeypatch.setattr(ChatTurn, "result_for", recording)
+    data = tmp_path / "prompts.jsonl"
+    data.write_text(json.dumps({"messages": ASK, "tools": TOOLS, "answer": ""}) + "\n")
+    for limit, expected in ((n - 1, "length"), (n, "tool_calls")):
+        api = m.chat(ASK, tools=TOOLS, max_new_tokens=limit)
+        served = client.chat.completions.create(model=_name(client), messages=ASK, tools=TOOLS, temperature=0,
+                                                max_tokens=limit).choices[0]
+        streamed, stream_calls = None, []
+        for chunk in client.chat.completions.create(model=_name(client), messages=ASK, tools=TOOLS, temperature=0,
+                                                    max_tokens=limit, stream=True):
+            for c in chunk.choices:
+                streamed = c.finish_reason or streamed
+                stream_calls += c.delta.tool_calls or []
+        cfg = load_recipe(None, [f"data=[{data}]", f"model={scripted}", f"out_dir={tmp_path / 'grpo'}", "group_size=2",
+                                 "batch_size=1", f"max_new_tokens={limit}", "temperature=0", "grpo_reward=exact"], "grpo")
+        grpo_results.clear()
+        make_stage(cfg, m.model, m.tokenizer)._generate(m.model, [0])
+        assert len(grpo_results) == 2
+        assert [c["function"]["name"] for c in api.tool_calls] == ["get_weather"]
+        assert [c.function.name for c in served.message.tool_calls] == ["get_weather"] and len(stream_calls) == 1
+        assert all(len(r.tool_calls) == 1 for r in grpo_results)
+        assert api.finish_reason == served.finish_reason == streamed == expected
+        assert [r.finish_reason for r in grpo_results] == [expected, expected]

@@ -14,7 +14,7 @@ from nemotron.tiny import MODEL_DIR
 from nemotron.tiny.evaluate import evaluate
 from nemotron.tiny.recipe import TinyRecipe
 from nemotron.tiny.tasks import CALCULATOR, EVAL_FAMILIES, calculate, problems
-from nemotron.train.stages import reward_number
+from nemotron.train.rewards import reward_number
 
 # a held-out question (evaluation seeds) the README's main command asks
 README_QUESTION, README_ANSWER = "What is (3 + 15) * 2 + 14?", "50"

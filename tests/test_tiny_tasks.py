@@ -8,11 +8,11 @@ import json
 import pytest
 
 from nemotron.chat.template import apply_chat_template
-from nemotron.models.init import init_checkpoint
+from nemotron.io.random_checkpoint import init_checkpoint
 from nemotron.chat.parsers import parse_output
 from nemotron.tiny.tasks import (FAMILIES, TOOL_FAMILIES, TOOLS, calculate, conversation, grpo_prompt, lookup,
                                  problems, run_tool)
-from nemotron.train.stages import REWARDS
+from nemotron.train.rewards import REWARDS
 
 
 def test_generation_is_deterministic_and_splits_are_disjoint():
@@ -97,7 +97,7 @@ def test_the_tiny_recipe_runs_end_to_end_at_toy_scale(tmp_path):
     """data -> tokenizer -> pretrain -> SFT -> GRPO -> export, with the evaluation table after each
     stage (a few steps each: the wiring, not the accuracy, which the full recipe run measures)."""
     import nemotron
-    from nemotron.tiny.recipe import TinyRecipe, run, tiny_config
+    from nemotron.tiny.recipe import TinyRecipe, embedded_model_config, run
 
     recipe = TinyRecipe(out_dir=str(tmp_path / "tiny"), train_problems=200, eval_problems=7, seq_len=512,
                         pretrain_steps=2, sft_steps=2, grpo_steps=1, batch_size=2, max_new_tokens=8)
@@ -111,7 +111,7 @@ def test_the_tiny_recipe_runs_end_to_end_at_toy_scale(tmp_path):
     assert report.startswith("| stage | reasoning |") and "acceptance length" in report
     m = nemotron.load(tmp_path / "tiny" / "final")
     assert m.tokenizer is not None and m.model.mtp is not None
-    params = sum(p.numel() for p in nemotron.models.build_model(tiny_config(1024)).parameters())
+    params = sum(p.numel() for p in nemotron.models.build_model(embedded_model_config(1024)).parameters())
     assert 2e6 < params < 8e6   # "a few million parameters"
     # a re-run with new GRPO settings reuses the pretrain and SFT stages and redoes GRPO only
     stamps = {s: (tmp_path / "tiny" / s / "final" / "model.safetensors").stat().st_mtime_ns

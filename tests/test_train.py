@@ -11,7 +11,9 @@ import pytest
 import torch
 
 import nemotron
-from nemotron.models.init import init_checkpoint, init_weights_, tiny_super_config
+from nemotron.config.presets import toy_super_config
+from nemotron.io.random_checkpoint import init_checkpoint
+from nemotron.models.init import init_weights_
 from nemotron.models import build_model
 from nemotron.train import (DataStream, Example, chat_example, collate, lm_loss, load_recipe, pack, train,
                             update_expert_bias)
@@ -35,7 +37,7 @@ CONVERSATIONS = [
 
 
 def _fresh_model(seed: int = 0):
-    config = tiny_super_config()
+    config = toy_super_config()
     return init_weights_(build_model(config), config, seed=seed)
 
 
@@ -153,7 +155,7 @@ def _pretrain_data(tmp_path) -> str:
 
 def test_pretrain_loss_falls_and_resume_is_bit_identical(tmp_path, tiny):
     data = _pretrain_data(tmp_path)
-    common = [f"data=[{data}]", "init_config=tiny", f"tokenizer={tiny.path}", "steps=8", "seq_len=128",
+    common = [f"data=[{data}]", "init_config=toy_super", f"tokenizer={tiny.path}", "steps=8", "seq_len=128",
               "batch_size=2", "grad_accum=2", "lr=3e-3", "warmup=2", "save_every=2"]
     straight = train(load_recipe(None, common + [f"out_dir={tmp_path / 'a'}"], "pretrain"), progress=False)
     losses = [json.loads(line)["loss"] for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
@@ -191,7 +193,7 @@ def test_sft_stage_trains_on_conversations(tmp_path, tiny):
 ])
 def test_bad_recipes_fail_before_any_work(tmp_path, tiny, overrides, message):
     data = _pretrain_data(tmp_path)
-    base = [f"data=[{data}]", "init_config=tiny", f"tokenizer={tiny.path}", f"out_dir={tmp_path / 'x'}"]
+    base = [f"data=[{data}]", "init_config=toy_super", f"tokenizer={tiny.path}", f"out_dir={tmp_path / 'x'}"]
     with pytest.raises(ValueError, match=message):
         load_recipe(None, base + overrides, "pretrain")
     result = subprocess.run([sys.executable, "-m", "nemotron.cli", "train", "pretrain", *base, *overrides],
@@ -341,7 +343,7 @@ def test_torchrun_fsdp_matches_one_process(tmp_path, tiny):
     import socket
 
     data = _pretrain_data(tmp_path)
-    common = ["--quiet", f"data=[{data}]", "init_config=tiny", f"tokenizer={tiny.path}", "steps=4", "seq_len=128",
+    common = ["--quiet", f"data=[{data}]", "init_config=toy_super", f"tokenizer={tiny.path}", "steps=4", "seq_len=128",
               "lr=1e-3", "save_every=2"]
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -388,7 +390,7 @@ def test_activation_checkpointing_keeps_the_gradients(tiny):
 @pytest.mark.parametrize("option", ["autocast=bfloat16", pytest.param("compile=true", marks=pytest.mark.slow)])
 def test_bf16_autocast_and_compile_train_like_fp32(tmp_path, tiny, option):
     data = _pretrain_data(tmp_path)
-    common = [f"data=[{data}]", "init_config=tiny", f"tokenizer={tiny.path}", "steps=3", "seq_len=128",
+    common = [f"data=[{data}]", "init_config=toy_super", f"tokenizer={tiny.path}", "steps=3", "seq_len=128",
               "batch_size=2", "lr=1e-3"]
     losses = []
     for name, extra in (("plain", []), ("option", [option])):

@@ -1,2 +1,3 @@
-"""Conversations: chat templates, the per-format tags and tool-call syntax, the streaming parser and
-the chat turn."""
+"""Conversations: chat templates (`template`), the per-format tags, detection and tool-call syntax
+(`formats`), the streaming parser (`parsers`) and the chat turn that the Python API, the server, the
+CLI and GRPO share (`turn`)."""

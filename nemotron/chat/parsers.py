@@ -93,20 +93,15 @@ import re
 import uuid
 import warnings
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
+
+from nemotron.chat.formats import CHAT_FORMATS, get_format
 
 __all__ = [
     "FORMATS", "ParsedOutput", "Delta", "StreamingParser", "ToolCallWarning", "parse_output",
 ]
 
-FORMATS = ("nemotron3", "nemotron_json")
-
-THINK_OPEN = "<think>"
-THINK_CLOSE = "</think>"
-_TAGS = {
-    "nemotron3": ("<tool_call>", "</tool_call>"),
-    "nemotron_json": ("<TOOLCALL>", "</TOOLCALL>"),
-}
+FORMATS = tuple(CHAT_FORMATS)   # the format names; their tags live in nemotron.chat.formats
 
 # states
 _START, _REASONING, _CONTENT, _BLOCK = "start", "reasoning", "content", "block"
@@ -151,6 +146,8 @@ class Delta:
     ``tool_calls`` entries have the OpenAI streaming shape
     ``{"index": i, "id": ..., "type": "function", "function": {"name": ..., "arguments": ...}}``.
     """
+
+    kind: ClassVar[str] = "delta"   # tells a Delta from the ChatResult that ends a stream
 
     reasoning: str = ""
     content: str = ""
@@ -448,13 +445,13 @@ class StreamingParser:
 
     def __init__(self, fmt: str = "nemotron3", thinking: bool = True, tools: list[dict] | None = None,
                  prompt_opens_think: bool = True, tool_calls: bool = True) -> None:
-        if fmt not in _TAGS:
-            raise ValueError(f"unknown output format {fmt!r}; expected one of {FORMATS}")
-        self.fmt = fmt
+        chat_format = get_format(fmt)
+        self.fmt = chat_format.name
         self.thinking = bool(thinking)
         self.prompt_opens_think = bool(prompt_opens_think)
-        self._open, self._close = _TAGS[fmt]
-        self._parse_block = _BLOCK_PARSERS[fmt]
+        self._open, self._close = chat_format.call_open, chat_format.call_close
+        self._think_open, self._think_close = chat_format.think_open, chat_format.think_close
+        self._parse_block = _BLOCK_PARSERS[self.fmt]
         self._index = _tool_index(tools)
         if not self.thinking:
             self._state = _CONTENT
@@ -464,7 +461,8 @@ class StreamingParser:
         self._origin = _CONTENT  # span a tool-call block was opened in
         self._scan = 0  # block state: where the search for its end resumes
         # tool_calls=False (tool_choice "none"): tool-call markup is left in the text as it is
-        self._text_tags = (THINK_OPEN, THINK_CLOSE, self._open) if tool_calls else (THINK_OPEN, THINK_CLOSE)
+        think = (self._think_open, self._think_close)
+        self._text_tags = (*think, self._open) if tool_calls else think
         self._maxtag = max(len(t) for t in self._text_tags + (self._close,))
         self._started = {_REASONING: False, _CONTENT: False}
         self._ws = {_REASONING: "", _CONTENT: ""}
@@ -549,10 +547,10 @@ class StreamingParser:
         while True:
             if self._state == _START:
                 stripped = self._buf.lstrip()
-                if stripped.startswith(THINK_OPEN):
-                    self._buf = stripped[len(THINK_OPEN):]
+                if stripped.startswith(self._think_open):
+                    self._buf = stripped[len(self._think_open):]
                     self._state = _REASONING
-                elif stripped and not THINK_OPEN.startswith(stripped):
+                elif stripped and not self._think_open.startswith(stripped):
                     self._state = _CONTENT
                 elif final:
                     self._state = _CONTENT
@@ -585,7 +583,7 @@ class StreamingParser:
             self._origin, self._state, self._scan = channel, _BLOCK, len(self._open)
         else:
             self._buf = buf[best + len(tag):]
-            if tag == THINK_CLOSE and channel == _REASONING:
+            if tag == self._think_close and channel == _REASONING:
                 self._state = _CONTENT
             # any other <think> / </think> is dropped
         return True
@@ -601,7 +599,7 @@ class StreamingParser:
         buf, n_open = self._buf, len(self._open)
         ends = [(buf.find(self._close, self._scan), "close"), (buf.find(self._open, self._scan), "reopen")]
         if self._origin == _REASONING:
-            ends.append((buf.find(THINK_CLOSE, self._scan), "think_end"))
+            ends.append((buf.find(self._think_close, self._scan), "think_end"))
         found = [(i, kind) for i, kind in ends if i >= 0]
         if not found:
             if final:
@@ -622,9 +620,9 @@ class StreamingParser:
             self._scan = n_open
             self._finish_block(buf[:i], None, f"{self._open} not closed before the next {self._open}")
         else:  # </think> ends the reasoning and the unfinished block in it
-            self._buf = buf[i + len(THINK_CLOSE):]
+            self._buf = buf[i + len(self._think_close):]
             self._state = _CONTENT
-            self._finish_block(buf[:i], None, f"{self._open} not closed before {THINK_CLOSE}")
+            self._finish_block(buf[:i], None, f"{self._open} not closed before {self._think_close}")
         return True
 
 

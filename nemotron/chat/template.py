@@ -32,6 +32,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+from nemotron.chat.formats import ChatFormat, ToolCallPrefix, detect_format, get_format, reasoning_mode, \
+    tool_call_prefix
 from nemotron.errors import NemotronError
 from nemotron.files import is_present, read_json, read_text
 
@@ -729,13 +731,34 @@ class ChatPrompt:
     fmt: str                  # "nemotron3" (XML tool calls) or "nemotron_json" (<TOOLCALL>[...])
     thinking: bool            # reasoning expected before the answer
     prompt_opens_think: bool  # the prompt already ends inside <think> (Nemotron 3, Nano 2)
+    template: str = dataclasses.field(default="", repr=False)   # the chat template it was rendered with
+    # the template's other variables (bos_token, eos_token, ... as transformers passes them)
+    template_variables: dict = dataclasses.field(default_factory=dict, repr=False)
+
+    @property
+    def chat_format(self) -> ChatFormat:
+        return get_format(self.fmt)
+
+    def render(self, messages: list[dict], tools: list[dict] | None = None, add_generation_prompt: bool = True,
+               **kwargs: Any) -> str:
+        """Render other messages with this prompt's template and variables."""
+        return render_chat(self.template, messages, tools=tools, add_generation_prompt=add_generation_prompt,
+                           **{**self.template_variables, **kwargs})
+
+    def tool_call_prefix(self) -> ToolCallPrefix:
+        """How this prompt's template starts an assistant tool call (see `formats.tool_call_prefix`)."""
+        if not self.template:
+            return tool_call_prefix(self.fmt)
+        key = (self.template, tuple(sorted(self.template_variables.items())))
+        return tool_call_prefix(self.fmt, self.render, key)
 
 
 def prepare_chat(tokenizer, messages: list[dict], tools: list[dict] | None = None,
                  enable_thinking: bool = True, *, special_tokens_in_content: bool = False,
                  **template_kwargs: Any) -> ChatPrompt:
     """Validate, render with the checkpoint's template (kwargs such as low_effort pass through),
-    tokenize, and classify the format from the template and the rendered generation prompt.
+    tokenize, and classify the format from the template and the rendered generation prompt
+    (`formats.detect_format`, `formats.reasoning_mode`).
 
     By default the caller's text (contents, reasoning, names, tool calls and results, tool
     definitions) cannot produce a control token: `<|im_start|>` typed in a message is tokenized as
@@ -746,12 +769,6 @@ def prepare_chat(tokenizer, messages: list[dict], tools: list[dict] | None = Non
     template = chat_template_for(tokenizer, tools=tools)
     text, ids = _render_and_encode(tokenizer, messages, tools, special_tokens_in_content, add_generation_prompt=True,
                                    enable_thinking=enable_thinking, **template_kwargs)
-    fmt = "nemotron_json" if "<TOOLCALL>" in template else "nemotron3"
-    tail = text.rstrip(" ")
-    if tail.endswith("<think></think>") or tail.endswith("<think>\n</think>"):
-        thinking, opens = False, True
-    elif tail.rstrip("\n").endswith("<think>"):
-        thinking, opens = True, True
-    else:  # e.g. Llama-Nemotron: the model opens <think> itself when reasoning is on
-        thinking, opens = enable_thinking, False
-    return ChatPrompt(text, ids, fmt, thinking, opens)
+    fmt = detect_format(template)
+    thinking, opens = reasoning_mode(fmt, text, enable_thinking)
+    return ChatPrompt(text, ids, fmt.name, thinking, opens, template, _special_tokens(tokenizer))

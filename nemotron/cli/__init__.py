@@ -6,11 +6,28 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import typing
 import warnings
 from collections import Counter
 from pathlib import Path
 
-from nemotron.errors import CheckpointWarning, NemotronError
+import yaml
+from rich.console import Console
+from rich.table import Table
+
+from nemotron.api import EMBEDDED, load, resolve_model_path
+from nemotron.config import load_config
+from nemotron.config.presets import PRESETS, get_preset
+from nemotron.errors import NemotronError, NemotronWarning
+from nemotron.io.checkpoint import load_checkpoint_config
+from nemotron.io.random_checkpoint import init_checkpoint
+from nemotron.layers.cache import CacheOptions
+from nemotron.models.info import count_params, summarize
+from nemotron.quant.modelopt import read_quant_config
+from nemotron.quant.quantize import quantize
+from nemotron.tiny.recipe import TinyRecipe, format_table, run
+from nemotron.train import load_recipe, train
+from nemotron.train.trainer import coerce_setting
 
 
 def _human(n: float, unit: str = "") -> str:
@@ -31,11 +48,6 @@ def _bytes(n: float) -> str:
 
 def _config_for(model: str):
     """A preset name or a checkpoint directory -> config."""
-    from nemotron.io.checkpoint import load_checkpoint_config
-    from nemotron.config.presets import PRESETS, get_preset
-
-    from nemotron.api import EMBEDDED, resolve_model_path
-
     if Path(model).exists() or model.lower() == EMBEDDED:
         return load_checkpoint_config(resolve_model_path(model))
     known = {k.lower() for p in PRESETS.values() for k in (p.name, p.hf_id)}
@@ -45,12 +57,6 @@ def _config_for(model: str):
 
 
 def cmd_models(args: argparse.Namespace) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    from nemotron.models.info import count_params
-    from nemotron.config.presets import PRESETS
-
     rows = []
     for p in PRESETS.values():
         counts = count_params(p.config)
@@ -71,8 +77,6 @@ def cmd_models(args: argparse.Namespace) -> None:
 
 
 def cmd_info(args: argparse.Namespace) -> None:
-    from nemotron.models.info import summarize
-
     info = summarize(_config_for(args.model))
     quant = _quant_summary(args.model)
     if quant:
@@ -111,8 +115,6 @@ def cmd_info(args: argparse.Namespace) -> None:
 
 def _quant_summary(model: str) -> dict | None:
     """A checkpoint directory's quantization config (None for presets and unquantized checkpoints)."""
-    from nemotron.quant.modelopt import read_quant_config
-
     if not Path(model).is_dir():
         return None
     cfg = read_quant_config(Path(model))
@@ -124,9 +126,6 @@ def _quant_summary(model: str) -> dict | None:
 
 
 def cmd_init(args: argparse.Namespace) -> None:
-    from nemotron.config import load_config
-    from nemotron.models.init import init_checkpoint
-
     config = load_config(args.config) if args.config else None
     out = init_checkpoint(args.output, config, seed=args.seed)
     print(f"wrote a randomly initialised checkpoint to {out}")
@@ -145,8 +144,6 @@ def _sampling_kwargs(args: argparse.Namespace) -> dict:
 
 
 def _cache_options(args: argparse.Namespace):
-    from nemotron.layers.cache import CacheOptions
-
     return CacheOptions(args.kv_cache_dtype, args.ssm_cache_dtype, args.ssm_rounding)
 
 
@@ -161,8 +158,6 @@ def _cache_flags(p: argparse.ArgumentParser) -> None:
 
 
 def _load_for_generation(args: argparse.Namespace):
-    from nemotron.api import load
-
     if args.max_new_tokens < 0:
         raise NemotronError("--max-new-tokens must be >= 0")
     if args.thinking_budget is not None and args.thinking_budget < 0:
@@ -214,7 +209,7 @@ def _chat_turn(m, messages: list[dict], args: argparse.Namespace, enable_thinkin
                        max_new_tokens=args.max_new_tokens, stream=True, speculative_tokens=args.speculative_tokens,
                        compile=args.compile, special_tokens_in_content=args.allow_special_tokens_in_content,
                        **_sampling_kwargs(args)):
-        if hasattr(item, "reasoning") and not hasattr(item, "finish_reason"):
+        if item.kind == "delta":   # a Delta; the last item is the ChatResult (kind "result")
             printer.write("reasoning", item.reasoning)
             printer.write("content", item.content)
             for call in item.tool_calls:
@@ -319,21 +314,12 @@ def _with_system(system: str | None, history: list[dict]) -> list[dict]:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    from nemotron.train import load_recipe, train
-
     cfg = load_recipe(args.config, args.overrides, stage=args.stage)  # every key checked before any work
     summary = train(cfg, progress=not args.quiet)
     print(json.dumps(summary, indent=1))
 
 
 def cmd_recipe(args: argparse.Namespace) -> None:
-    import typing
-
-    import yaml
-
-    from nemotron.tiny.recipe import TinyRecipe, format_table, run
-    from nemotron.train.trainer import coerce_setting
-
     hints = typing.get_type_hints(TinyRecipe)
     values = {}
     for item in args.overrides:
@@ -346,6 +332,7 @@ def cmd_recipe(args: argparse.Namespace) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
+    # imported here: the server's web stack (fastapi, uvicorn) adds about a second to every other command
     from nemotron.serve import serve
 
     kwargs = None
@@ -369,11 +356,6 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
 
 def cmd_quantize(args: argparse.Namespace) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    from nemotron.quant.quantize import quantize
-
     if args.budget_bits <= 0:
         raise ValueError("--budget-bits must be positive")
     summary = quantize(args.model, args.format, args.output, args.calib, args.budget_bits, args.exclude,
@@ -407,9 +389,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_info)
 
-    p = sub.add_parser("init", help="write a randomly initialised checkpoint (default: tiny Nemotron 3 Super layout)")
+    p = sub.add_parser("init", help="write a randomly initialised checkpoint (default: the toy Nemotron 3 Super layout)")
     p.add_argument("output", help="directory to write")
-    p.add_argument("--config", help="a config.json to initialise instead of the tiny default")
+    p.add_argument("--config", help="a config.json to initialise instead of the toy default")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_init)
 
@@ -504,7 +486,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
     """The package's own warnings as one `warning: ...` line, like its errors; others as Python shows them."""
-    if issubclass(category, CheckpointWarning):
+    if issubclass(category, NemotronWarning):
         print(f"warning: {message}", file=sys.stderr if file is None else file)
     else:
         _python_show_warning(message, category, filename, lineno, file, line)

@@ -1,16 +1,20 @@
 """Registry of the released Nemotron family members with their real config values.
 
 Each preset is a config of one of the families in `nemotron.config`, built by a small function per
-member. Values come from `shared/reference/architectures.md` (§2 Nemotron-H / Nano 2 / Nemotron 3,
-§3 Nemotron-4 / Minitron, §4 Llama-Nemotron), which cites Megatron-Bridge providers and recipes,
-NVIDIA's released `config.json` files (or public copies of them) and vLLM/transformers code; the
-Llama / Mistral members cite their sources in their own section below. Where the reference (or this
-file) had to assume a value, the preset's `description` says so.
+member. Values come from NVIDIA's released `config.json` files (or public copies of them),
+Megatron-Bridge providers and recipes, and the vLLM / transformers model code; a comment beside a
+value names its source where that is not a release config, and the Llama / Mistral members cite
+their sources in their own section below. Where a value had to be assumed, the preset's
+`description` says so. tests/test_presets.py checks each preset's parameter count against NVIDIA's
+stated size.
 
 Nemotron-H attention is NoPE: the `rope_theta` / `partial_rotary_factor` keys that Nemotron-3
 configs carry are ignored by every implementation and are not reproduced here.
 
 `get_preset` returns a copy whose config may be modified freely; `PRESETS` holds the originals.
+
+At the end, outside the registry: the embedded checkpoint's directory (`EMBEDDED_MODEL_DIR`) and a
+toy configuration for tests (`toy_super_config`).
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from nemotron.config import (
@@ -52,7 +57,7 @@ class Preset:
 # Nemotron-H / Nemotron Nano 2 / Nemotron 3 (model_type "nemotron_h")
 # --------------------------------------------------------------------------------------------------
 
-# Values shared by every released nemotron_h config (reference §1.4, §2; the Nano-3 config.json).
+# Values shared by every released nemotron_h config (as in Nano 3 30B-A3B's config.json).
 _NEMOTRON_H_COMMON: dict[str, Any] = dict(
     vocab_size=131072,
     head_dim=128,
@@ -76,10 +81,11 @@ _NEMOTRON_H_COMMON: dict[str, Any] = dict(
     torch_dtype="bfloat16",
 )
 
-# MoE router settings of every released Nemotron-3 MoE config (reference §1.7).
+# MoE router settings of every released Nemotron 3 MoE config.json.
 _NEMOTRON_3_ROUTER: dict[str, Any] = dict(n_shared_experts=1, n_group=1, topk_group=1, norm_topk_prob=True)
 
-# Layer patterns, one character per layer: M Mamba-2, * attention, - dense MLP, E MoE (reference §2).
+# Layer patterns (the configs' hybrid_override_pattern), one character per layer: M Mamba-2, * attention,
+# - dense MLP, E MoE.
 _H_8B_PATTERN = "M-M-M-M*-M-M-M-M-M*-M-M-M-M-M*-M-M-M-M-M*-M-M-M-M-M-"  # also Nemotron-H-4B
 _H_47B_PATTERN = (
     "M-M-M-M-M-M-M-M-M*-M-M-M-M-M-M-M-M-M-M*-M-M-M-M-M*-M-M-M-M-M*-M-M-M-M-M-M-M---MM---M-M*-M-M-M-M-M-"
@@ -167,13 +173,13 @@ def _nano_3_4b() -> NemotronHConfig:
         num_attention_heads=40, num_key_value_heads=8,
         mamba_num_heads=96, mamba_head_dim=80, chunk_size=256,
         intermediate_size=12544,
-        max_position_embeddings=262144,  # not in the reference; public copies of the config say 262144
+        max_position_embeddings=262144,  # from public copies of the config
         eos_token_id=11,  # assumed as Nano-3 30B (<|im_end|>)
     )
 
 
 def _nano_3_30b_a3b() -> NemotronHConfig:
-    # Every value below is in the released config.json (reference §2, [RC]).
+    # Every value below is in the released config.json.
     return _nemotron_h(
         hybrid_override_pattern=_NANO_3_30B_PATTERN, hidden_size=2688,
         num_attention_heads=32, num_key_value_heads=2,
@@ -207,7 +213,7 @@ def _nemotron_3_super() -> NemotronHConfig:
 
 
 def _nemotron_3_ultra() -> NemotronHConfig:
-    # Only a Megatron-LM pretraining script was seen (reference §2, open question 2): vocab,
+    # No config.json was released, only a Megatron-LM pretraining script: vocab,
     # n_groups, ssm_state_size, context length, EOS and the stored MTP depth count are assumptions.
     return _nemotron_h(
         hybrid_override_pattern=_ULTRA_PATTERN, hidden_size=8192,
@@ -221,7 +227,7 @@ def _nemotron_3_ultra() -> NemotronHConfig:
         # trained with 2 repeated MTP depths of ONE stored "*E" block, which Super's HF config
         # records as num_nextn_predict_layers=1 (assumed the same here)
         num_nextn_predict_layers=1, mtp_hybrid_override_pattern="*E",
-        vocab_size=131072,  # assumed (reference)
+        vocab_size=131072,  # assumed as every other Nemotron-H
         max_position_embeddings=262144,  # assumed as Nano-3 / Super
         eos_token_id=[2, 11],  # assumed as Super
     )
@@ -592,3 +598,26 @@ def get_preset(name: str) -> Preset:
         raise ConfigError(f"unknown preset {name!r} (known: {', '.join(PRESETS)})")
     preset = PRESETS[key]
     return dataclasses.replace(preset, config=copy.deepcopy(preset.config))
+
+
+# --------------------------------------------------------------------------------------------------
+# Models that are not releases
+# --------------------------------------------------------------------------------------------------
+
+# The embedded model, `nemotron.load("tiny")`: the one checkpoint that ships inside the package
+# (nemotron/tiny/model/, trained by `nemotron recipe tiny`).
+EMBEDDED_MODEL_DIR = Path(__file__).parent.parent / "tiny" / "model"
+
+
+def toy_super_config(vocab_size: int = 320) -> NemotronHConfig:
+    """A toy model for tests and examples, a few hundred thousand parameters with the Nemotron 3 Super
+    layout: Mamba-2, NoPE attention and LatentMoE layers, and an MTP block. The default vocabulary
+    holds `nemotron.io.tokenizer.write_byte_tokenizer`'s 267 tokens. Not the embedded model."""
+    return NemotronHConfig(
+        hybrid_override_pattern="MEM*EME", mtp_hybrid_override_pattern="*E", num_nextn_predict_layers=1,
+        vocab_size=vocab_size, hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+        mamba_num_heads=8, mamba_head_dim=16, n_groups=2, ssm_state_size=16, chunk_size=32,
+        n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=64, moe_latent_size=32,
+        moe_shared_expert_intermediate_size=128, routed_scaling_factor=2.0, intermediate_size=128,
+        max_position_embeddings=4096, bos_token_id=1, eos_token_id=4, pad_token_id=0,
+    )

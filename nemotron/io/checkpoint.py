@@ -13,8 +13,9 @@ Hugging Face cache links each snapshot file to a blob outside the snapshot direc
 Name maps: our module names are the release names, except that routed experts are stored stacked
 (`mixer.experts.up_proj [E, I, X]`) while the release has one tensor per expert
 (`mixer.experts.{e}.up_proj.weight`). The other spellings that writers use (transformers versions,
-NVIDIA's remote code, VL wrappers), a tied head and parts a writer leaves out are listed per family in
-NAME_MAPS.
+NVIDIA's remote code, VL wrappers), a tied head and parts a writer leaves out are listed by each
+family, next to its model (`NAME_MAP` in nemotron/models/nemotron_h.py, decoder.py), and found through
+the model registry (`nemotron.models.family(config).name_map`).
 """
 
 from __future__ import annotations
@@ -23,7 +24,6 @@ import ctypes
 import json
 import math
 import os
-import re
 import struct
 import warnings
 from collections.abc import Callable, Iterator
@@ -33,9 +33,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from nemotron.config import DTYPES, AnyConfig, NemotronHConfig, load_config, save_config
+from nemotron.config import DTYPES, AnyConfig, load_config, save_config
 from nemotron.errors import CheckpointError, CheckpointWarning, UnsafeCheckpointError
 from nemotron.files import confined, is_present, json_kind, open_regular, parse_json, read_json
+from nemotron.models import family
+from nemotron.models.contract import NameMap
 
 SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -255,64 +257,9 @@ def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: di
 # name maps
 # --------------------------------------------------------------------------------------------------
 
-# one expert's tensor: its weight, or (quantized checkpoints) one of its scales
-_EXPERT = re.compile(r"^(.*\.mixer\.experts)\.(\d+)\.(up_proj|down_proj)\.(weight|weight_scale|weight_scale_2|input_scale)$")
-_STACKED_EXPERTS = re.compile(r"^(.*\.mixer\.experts)\.(up_proj|down_proj)(?:_(weight_scale_2|weight_scale|input_scale))?$")
-
-
-@dataclass(frozen=True)
-class NameMap:
-    """How the writers of one family's checkpoints name its tensors, as data.
-
-    `renames`: (pattern, replacement) applied in order to every checkpoint name, turning each writer's
-    spelling into ours. `experts`: a routed expert's own tensor, loaded into slot {e} of our stacked
-    parameter. `tied`: (head, embedding), our names: with `tie_word_embeddings` and no head tensor in
-    the checkpoint, the head is read from the embedding's tensor. `tied_copy`: a head tensor that some
-    exporters store beside a tied embedding although the model owns no such parameter; it is dropped
-    (transformers ties it to the embedding too). `optional`: (prefix, config field) for a part that a
-    writer may leave out whole; then the model is built without it."""
-
-    renames: tuple[tuple[re.Pattern, str], ...] = ()
-    experts: re.Pattern | None = None
-    tied: tuple[str, str] | None = None
-    tied_copy: str | None = None
-    optional: tuple[tuple[str, str], ...] = ()
-
-
-# VL / Omni checkpoints wrap the LLM in `language_model.`
-_UNWRAP = (re.compile(r"^language_model\."), "")
-
-# Per family (by config class; a subclass uses its base's map). Only what differs from our module names
-# is listed. Checked against transformers 4.57.6, 5.0.0, 5.3.0, 5.5.0, 5.10.1, 5.14.0, 5.18.0 and
-# 5.23.0 save_pretrained, and NVIDIA's released Nemotron-H / Nano 2 / Nemotron 3 checkpoints.
-NAME_MAPS: dict[type, NameMap] = {
-    NemotronHConfig: NameMap(
-        renames=(
-            _UNWRAP,
-            # transformers 5's own module names (save_pretrained(save_original_format=False), a raw
-            # state_dict): `model.` where the release has `backbone.`; experts stacked [E, I, H] as ours
-            (re.compile(r"^model\."), "backbone."),
-            # the singular embedding: transformers 5.3-5.15 save_pretrained (its conversion mapping's
-            # `embedding.weight` -> `embeddings.weight` rename, reversed on save), mamba_ssm and early
-            # stubs; NVIDIA's remote code reads it too. The releases all write `embeddings`.
-            (re.compile(r"^backbone\.embedding\.weight$"), "backbone.embeddings.weight"),
-        ),
-        experts=_EXPERT,
-        # NVIDIA's remote code ties lm_head with tie_word_embeddings and then saves no lm_head; our
-        # lm_head is its own parameter (as in transformers' NemotronH, which never ties)
-        tied=("lm_head.weight", "backbone.embeddings.weight"),
-        # transformers implements no MTP: it saves a config with num_nextn_predict_layers > 0 and no
-        # `mtp.` tensor
-        optional=(("mtp.", "num_nextn_predict_layers"),),
-    ),
-}
-# Nemotron-4 / Llama-Nemotron: transformers' names are the release names; a tied head is no parameter
-# of those models (TiedLMHead), so a checkpoint without lm_head needs no mapping
-_DEFAULT_MAP = NameMap(renames=(_UNWRAP,), tied_copy="lm_head.weight")
-
-
 def name_map(config: AnyConfig) -> NameMap:
-    return next((m for klass, m in NAME_MAPS.items() if isinstance(config, klass)), _DEFAULT_MAP)
+    """How the checkpoints of `config`'s family name their tensors (the family's own NAME_MAP)."""
+    return family(config).name_map
 
 
 def our_spelling(name: str, config: AnyConfig) -> str:
@@ -326,11 +273,8 @@ def _canonical_name(name: str, config: AnyConfig) -> tuple[str, int | None]:
     """Checkpoint name -> (our parameter name, expert index or None)."""
     names = name_map(config)
     name = our_spelling(name, config)
-    m = names.experts.match(name) if names.experts else None
-    if m:
-        suffix = "" if m.group(4) == "weight" else "_" + m.group(4)
-        return f"{m.group(1)}.{m.group(3)}{suffix}", int(m.group(2))
-    return name, None
+    expert = names.experts.ours(name) if names.experts else None
+    return expert if expert is not None else (name, None)
 
 
 def match_checkpoint(config: AnyConfig, refs: dict[str, TensorRef]) -> tuple[AnyConfig, dict[str, TensorRef]]:
@@ -364,14 +308,14 @@ def match_checkpoint(config: AnyConfig, refs: dict[str, TensorRef]) -> tuple[Any
     return config, refs
 
 
-def release_state_dict(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+def release_state_dict(model: nn.Module, config: AnyConfig | None = None) -> Iterator[tuple[str, torch.Tensor]]:
     """Our tensors under their release names (stacked experts, and their scales when quantized, split
-    into one tensor per expert)."""
+    into one tensor per expert, as the family's name map says). `config`: the model's by default."""
+    experts = name_map(model.config if config is None else config).experts
     for name, tensor in model.state_dict().items():
-        m = _STACKED_EXPERTS.match(name)
-        if m:
+        if experts is not None and experts.release(name, 0) is not None:
             for e in range(tensor.shape[0]):
-                yield f"{m.group(1)}.{e}.{m.group(2)}.{m.group(3) or 'weight'}", tensor[e]
+                yield experts.release(name, e), tensor[e]
         else:
             yield name, tensor
 
@@ -440,7 +384,7 @@ def load_weights(
     checkpoint's tensors when the caller has read them already)."""
     refs = checkpoint_files(path, allow_pickle) if refs is None else refs
     expected = {k: v for k, v in model.state_dict(keep_vars=True).items()}
-    has_mtp = isinstance(config, NemotronHConfig) and config.num_nextn_predict_layers > 0
+    has_mtp = model.mtp is not None
 
     plan: dict[str, list[tuple[int | None, TensorRef]]] = {}
     unexpected, misshaped = [], []
@@ -528,7 +472,7 @@ def save_checkpoint(model: nn.Module, config: AnyConfig, out_dir: str | Path, dt
     out.mkdir(parents=True, exist_ok=True)
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0
-    for name, tensor in release_state_dict(model):
+    for name, tensor in release_state_dict(model, config):
         t = tensor.detach()
         if dtype is not None and t.is_floating_point() and not _keeps_dtype(name, t.dtype):
             t = t.to(dtype)

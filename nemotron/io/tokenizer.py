@@ -1,4 +1,6 @@
-"""`tokenizer.json` + `tokenizer_config.json` through the `tokenizers` library."""
+"""`tokenizer.json` + `tokenizer_config.json` through the `tokenizers` library: reading a checkpoint's
+tokenizer (`Tokenizer`), and writing tokenizer files with the Nemotron 3 special tokens and chat
+template (`write_tokenizer_files`, `write_byte_tokenizer`)."""
 
 from __future__ import annotations
 
@@ -6,7 +8,7 @@ import json
 from functools import cached_property
 from pathlib import Path
 
-from tokenizers import AddedToken
+from tokenizers import AddedToken, decoders, models, pre_tokenizers
 from tokenizers import Tokenizer as _HFTokenizer
 
 from nemotron.errors import CheckpointError
@@ -15,6 +17,11 @@ from nemotron.files import is_present, json_kind, read_json, read_text
 
 # tokenizer.json of a release vocabulary is tens of MB
 MAX_TOKENIZER_BYTES = 512 * 1024 * 1024
+
+# what `write_tokenizer_files` writes: the Nemotron 3 special tokens and the project's chat template
+NEMOTRON3_SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<|im_start|>", "<|im_end|>", "<think>", "</think>",
+                            "<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>"]
+NEMOTRON3_CHAT_TEMPLATE = Path(__file__).parent.parent / "chat" / "templates" / "nemotron3_chat.jinja"
 
 
 def _check_config(config: dict, path: Path) -> None:
@@ -130,3 +137,35 @@ class Tokenizer:
 
     def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
         return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+
+# --------------------------------------------------------------------------------------------------
+# writing tokenizer files
+# --------------------------------------------------------------------------------------------------
+
+
+def write_tokenizer_files(tok: _HFTokenizer, out_dir: str | Path) -> None:
+    """tokenizer.json, a tokenizer_config.json with the Nemotron 3 special tokens, and the project's
+    chat template, for a `tokenizers.Tokenizer`."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tok.save(str(out / "tokenizer.json"))
+    (out / "tokenizer_config.json").write_text(json.dumps(
+        {"bos_token": "<s>", "eos_token": "<|im_end|>", "unk_token": "<unk>", "pad_token": "<unk>",
+         "add_bos_token": False, "model_max_length": 4096, "tokenizer_class": "PreTrainedTokenizerFast"},
+        indent=2) + "\n")
+    (out / "chat_template.jinja").write_text(NEMOTRON3_CHAT_TEMPLATE.read_text())
+
+
+def write_byte_tokenizer(out_dir: str | Path) -> int:
+    """A byte-level tokenizer (256 byte tokens, no merges) with the Nemotron 3 special tokens; returns
+    its vocabulary size."""
+    vocab = {tok: i for i, tok in enumerate(NEMOTRON3_SPECIAL_TOKENS)}
+    for ch in sorted(pre_tokenizers.ByteLevel.alphabet()):
+        vocab[ch] = len(vocab)
+    tok = _HFTokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens(NEMOTRON3_SPECIAL_TOKENS)
+    write_tokenizer_files(tok, out_dir)
+    return tok.get_vocab_size()

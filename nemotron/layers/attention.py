@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nemotron.layers.cache import KVState
+from nemotron.layers.cache import CacheMode, KVState
 from nemotron.layers.linear import Linear
 from nemotron.layers.rope import apply_rope
 
@@ -27,10 +27,13 @@ class Attention(nn.Module):
         pos: list[int] | torch.Tensor | None = None,
         rope: tuple[torch.Tensor, torch.Tensor] | None = None,
         seq_idx: torch.Tensor | None = None,
+        mode: CacheMode = "dynamic",
     ) -> torch.Tensor:
         """x [B, T, H]; row b's tokens sit at absolute positions pos[b]..pos[b]+T-1 (0 without a cache).
-        pos as a tensor [B] (one token per row) selects the static-shape path used by compiled decode.
-        seq_idx [B, T] (training, no cache): packed sequences, which do not attend to each other."""
+        mode "dynamic" / "verify": pos is a list; the cache is written by slices and read up to the
+        longest row. mode "static" (compiled decode): one token per row at pos, a tensor [B]; the whole
+        buffer is read under a mask. seq_idx [B, T] (training, no cache): packed sequences, which do
+        not attend to each other."""
         b, t, _ = x.shape
         q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
@@ -41,7 +44,7 @@ class Attention(nn.Module):
         if seq_idx is not None:
             causal = torch.ones(t, t, dtype=torch.bool, device=x.device).tril()
             mask = (causal & (seq_idx[:, :, None] == seq_idx[:, None, :]))[:, None]
-        elif isinstance(pos, torch.Tensor):  # static decode: the whole buffer, keys past each row masked
+        elif mode == "static":  # the whole buffer, keys past each row masked
             k, v = state.update_static(k, v, pos)
             mask = (torch.arange(k.shape[2], device=x.device) <= pos[:, None])[:, None, None]
         elif state is not None:
@@ -64,6 +67,6 @@ class LinearAttention(nn.Module):
         super().__init__()
         self.linear_attn = Linear(hidden_size, hidden_size, bias=False)
 
-    def forward(self, x: torch.Tensor, state: None = None, pos: list[int] | None = None, rope=None,
-                seq_idx: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, state: None = None, pos: list[int] | torch.Tensor | None = None, rope=None,
+                seq_idx: torch.Tensor | None = None, mode: CacheMode = "dynamic") -> torch.Tensor:
         return self.linear_attn(x)

@@ -3,17 +3,47 @@ layers, for a batch of sequences of different lengths.
 
 Each row has its own length (`seq_lens`, a CPU tensor so that reading it never waits on a device).
 `cache.rows(i, j)` is a view of rows i..j-1 that shares every tensor with the parent, so a prompt can
-be prefilled into one row while the others decode. For speculative decoding a forward can `record`
-the Mamba state after every token, and `rollback` then keeps only the accepted ones, without
-recomputing the prefix."""
+be prefilled into one row while the others decode. For speculative decoding a forward in "verify"
+mode keeps the Mamba state after every token, and `rollback` then keeps only the accepted ones,
+without recomputing the prefix.
+
+How a forward meets the cache is its `CacheMode`, an explicit argument from the model's `forward` /
+`hidden_states` down to every attention and Mamba layer."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 
 from nemotron.quant import formats
+
+CacheMode = Literal["dynamic", "static", "verify"]
+"""How a forward meets the cache (the `mode` argument of a model's `forward` / `hidden_states`, passed
+down to its layers):
+
+"dynamic" (the default, and the only mode without a cache): T tokens per row continue each row at
+  `cache.seq_lens` (positions as a Python list); attention writes the new keys and reads the cache
+  up to the longest row; the forward advances `seq_lens`.
+"static": one token per row at `positions` [B] (a tensor); attention scatters its key into the
+  preallocated buffer and reads the whole buffer under a mask, so no shape depends on the lengths
+  (torch.compile's decode step never recompiles); the caller advances `seq_lens`.
+"verify": as "dynamic", but Mamba layers run the new tokens one by one through the recurrence and
+  keep the state after each (`MambaState.conv_history` / `ssm_history`) for `HybridCache.rollback`
+  (speculative decoding)."""
+CACHE_MODES: tuple[str, ...] = ("dynamic", "static", "verify")
+
+
+def check_mode(mode: str, cache: object, positions: object) -> None:
+    """A model-level forward's mode against its arguments: static needs `positions` and a cache,
+    verify a cache; `positions` belongs to static decode only."""
+    if mode not in CACHE_MODES:
+        raise ValueError(f"mode must be one of {', '.join(CACHE_MODES)}, not {mode!r}")
+    if mode != "dynamic" and cache is None:
+        raise ValueError(f"mode={mode!r} continues a cache: pass one")
+    if (mode == "static") != (positions is not None):
+        raise ValueError("positions [B] (a tensor) go with mode='static', and only with it")
 
 
 @dataclass
@@ -169,12 +199,11 @@ class MambaState:
     """Mamba-2 state of one layer: the last K-1 conv inputs [B, conv_dim, K-1] and the SSM state
     [B, heads, head_dim, state_size] (fp32 by default).
 
-    With `record` set, a multi-token forward also keeps the conv input window and the SSM state after
-    each token (`conv_history`, `ssm_history`) so that `rollback` can rewind to any of them."""
+    A forward in "verify" mode (`Mamba2Mixer.verify`) also keeps the conv input window and the SSM
+    state after each token (`conv_history`, `ssm_history`) so that `rollback` can rewind to any of them."""
 
     conv: torch.Tensor
     ssm: torch.Tensor
-    record: bool = False
     conv_history: torch.Tensor | None = field(default=None, repr=False)
     ssm_history: torch.Tensor | None = field(default=None, repr=False)
     rounding: str = "nearest"                  # of a low-precision ssm state (CacheOptions.ssm_rounding)
@@ -191,7 +220,7 @@ class MambaState:
         )
 
     def rows(self, start: int, end: int) -> "MambaState":
-        return MambaState(self.conv[start:end], self.ssm[start:end], self.record, rounding=self.rounding,
+        return MambaState(self.conv[start:end], self.ssm[start:end], rounding=self.rounding,
                           generator=self.generator)
 
     def store_ssm(self, new: torch.Tensor, into: torch.Tensor | None = None) -> None:
@@ -199,7 +228,7 @@ class MambaState:
         round_into(self.ssm if into is None else into, new, self.rounding, self.generator)
 
     def rollback(self, keep: list[int]) -> None:
-        """After a recorded forward of T tokens, keep the first keep[b] (1..T) of them in row b."""
+        """After a "verify" forward of T tokens, keep the first keep[b] (1..T) of them in row b."""
         window = self.conv.shape[-1]
         for b, n in enumerate(keep):
             self.conv[b].copy_(self.conv_history[b, :, n:n + window])
@@ -255,13 +284,8 @@ class HybridCache:
         return HybridCache(view(self.layers), view(self.mtp_layers), self.seq_lens[start:end],
                            self.mtp_seq_lens[start:end])
 
-    def set_record(self, on: bool) -> None:
-        for s in self.layers:
-            if isinstance(s, MambaState):
-                s.record = on
-
     def rollback(self, keep: list[int], forward_len: int) -> None:
-        """Undo the tail of the last recorded forward of `forward_len` tokens: row b keeps keep[b]."""
+        """Undo the tail of the last "verify" forward of `forward_len` tokens: row b keeps keep[b]."""
         for s in self.layers:
             if isinstance(s, MambaState):
                 s.rollback(keep)

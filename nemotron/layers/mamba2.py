@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nemotron.layers.cache import MambaState
+from nemotron.layers.cache import CacheMode, MambaState
 from nemotron.layers.linear import Linear
 from nemotron.layers.norm import GatedRMSNorm
 from nemotron.layers.ssd import ssd_chunked, ssd_step, ssd_steps
@@ -141,19 +141,24 @@ class Mamba2Mixer(nn.Module):
         y = y.addcmul_(xs, _f32(self.D)[:, None]).view(b, t, i).to(x.dtype)
         return self.out_proj(self.norm(y, z))
 
-    def forward(self, x: torch.Tensor, state: MambaState | None = None, pos: list[int] | None = None,
-                rope=None, seq_idx: torch.Tensor | None = None) -> torch.Tensor:
-        """seq_idx [b, T] (training, no cache): packed sequences, each starting from zero conv/SSM state."""
+    def forward(self, x: torch.Tensor, state: MambaState | None = None, pos: list[int] | torch.Tensor | None = None,
+                rope=None, seq_idx: torch.Tensor | None = None, mode: CacheMode = "dynamic") -> torch.Tensor:
+        """x [b, T, H] continuing `state` (rows at positions pos, a list in "dynamic" mode). mode
+        "verify": the per-token recurrence with snapshots for rollback (`verify`); a single token with
+        a state (any mode): the recurrent `step`; otherwise the chunked scan. seq_idx [b, T] (training,
+        no cache): packed sequences, each starting from zero conv/SSM state."""
         b, t, _ = x.shape
         if seq_idx is not None and state is not None:
             raise ValueError("seq_idx (packed sequences) is for cache-free forwards")
-        if state is not None and state.record:
+        if mode == "verify":
+            if state is None:
+                raise ValueError("mode='verify' continues a cached state: pass one")
             return self.verify(x, state)
         if state is not None and t == 1:
             return self.step(x, state)
         z, xBC, dt = self.in_proj(x).split([self.inner, self.conv_dim, self.num_heads], dim=-1)
         # every row at position 0: the cached states of a previous sequence are not read
-        fresh = state is not None and isinstance(pos, list) and not any(pos)
+        fresh = state is not None and mode == "dynamic" and pos is not None and not any(pos)
         xBC = self._conv(xBC, state, fresh, seq_idx)
         xs, B, C = xBC.split([self.inner, self.n_groups * self.state_size, self.n_groups * self.state_size], dim=-1)
         xs = xs.unflatten(-1, (self.num_heads, self.head_dim))     # views, no copies

@@ -2,12 +2,13 @@
 selection bias, non-gated squared-ReLU routed experts (optionally in a latent space), a shared expert.
 
 Tokens are grouped by expert (argsort + bincount) and each expert runs one matmul over its tokens;
-nothing loops over tokens."""
+nothing loops over tokens. One dispatch (`dispatch`: `choose_kernel`, `sort_by_expert`,
+`sorted_expert_outputs`, `combine`) serves every weight source: dense experts, quantized experts
+(nemotron.quant.modules) and an expert-parallel shard (nemotron.train.parallel)."""
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from nemotron.layers.linear import Linear, linear
@@ -85,8 +86,118 @@ class TopkRouter(nn.Module):
         return weights, idx
 
 
+# --------------------------------------------------------------------------------------------------
+# Expert dispatch: one for every weight source. A source is an experts module (dense `Experts`,
+# `nemotron.quant.modules.QuantExperts`, or a dense `Experts` holding an expert-parallel shard) with
+#   up_proj                     a tensor whose first dimension is the number of (local) experts
+#   up(x, e), down(h, e)        x @ W_e^T with the up / down weight of (local) expert e
+#   gathered(proj, ids, dtype)  the weights of experts `ids` (repeats allowed), [P, N, K]
+#   stacked(proj, dtype)        every expert's weight, [E, N, K] (for torch._grouped_mm)
+#   quantized                   True when weights are decoded from their storage at each use
+#   grouped_mm_ok(x), gather_ok()   whether `stacked` / `gathered` serve (for this input)
+# --------------------------------------------------------------------------------------------------
+
+
+def choose_kernel(source, x: torch.Tensor, tokens: int, k: int, sorted_only: bool = False) -> str:
+    """The kernel for `tokens` rows of x routed to k experts each:
+
+    "gather": the chosen experts' weights gathered for two batched matmuls (static shapes, no host
+      reads). Quantized weights take it for up to 16 (token, expert) pairs, since only the chosen
+      experts are decoded; dense weights under torch.compile for up to 64 (decode).
+    "single": one token, a matrix-vector product per chosen expert, no sorting (dense CPU decode).
+    "grouped": rows sorted by expert through torch._grouped_mm, all experts in one kernel (dense:
+      CUDA bf16, and CPU batches of up to 1024 pairs, where per-expert matmuls are tiny).
+    "loop": rows sorted by expert, one matmul per expert that has any (quantized: each expert is
+      decoded once).
+    sorted_only: the rows are already one per (token, expert) pair (expert parallel), so only
+    "grouped" and "loop" apply."""
+    pairs = tokens * k
+    if source.quantized:
+        return "gather" if not sorted_only and pairs <= 16 and source.gather_ok() else "loop"
+    compiling = torch.compiler.is_compiling()
+    cuda_bf16 = x.is_cuda and x.dtype == torch.bfloat16
+    if compiling and pairs <= 64 and not sorted_only and source.gather_ok():
+        return "gather"  # decode under torch.compile: no host reads inside the graph
+    if compiling and not cuda_bf16:
+        return "loop"    # the compiler's _grouped_mm wants CUDA bf16
+    if tokens == 1 and not x.is_cuda and not sorted_only:
+        return "single"
+    if source.grouped_mm_ok(x) and (cuda_bf16 or (not x.is_cuda and pairs <= 1024)):
+        return "grouped"
+    return "loop"
+
+
+def sort_by_expert(ids: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """ids [N] -> (order [N]: the positions grouped by expert, stable; counts [num_experts])."""
+    return ids.argsort(stable=True), torch.bincount(ids, minlength=num_experts)
+
+
+def expert_mlp(source, x: torch.Tensor, e: int) -> torch.Tensor:
+    """Expert e of `source` on rows x: down_e relu(up_e x)²."""
+    return source.down(relu2(source.up(x, e)), e)
+
+
+def sorted_expert_outputs(source, xs: torch.Tensor, counts: torch.Tensor, method: str) -> torch.Tensor:
+    """e(x) for rows xs [N, X] sorted by expert (counts[e] rows of expert e, in order) -> [N, X]."""
+    if method == "grouped":
+        offsets = counts.cumsum(0).to(torch.int32)
+        h = relu2(torch._grouped_mm(xs, source.stacked("up_proj", xs.dtype).transpose(1, 2), offs=offsets))
+        return torch._grouped_mm(h, source.stacked("down_proj", xs.dtype).transpose(1, 2), offs=offsets)
+    if method != "loop":
+        raise ValueError(f"unknown expert kernel {method!r} for sorted rows")
+    spans, start = [], 0                      # (expert, its rows) for each expert that has rows
+    for e, n in enumerate(counts.tolist()):
+        if n:
+            spans.append((e, slice(start, start + n)))
+            start += n
+    if torch.is_grad_enabled():               # training: one cat (its backward is free views)
+        return torch.cat([expert_mlp(source, xs[rows], e) for e, rows in spans])
+    ys = torch.empty_like(xs)                 # inference: one buffer
+    for e, rows in spans:
+        ys[rows] = expert_mlp(source, xs[rows], e)
+    return ys
+
+
+def combine(ys: torch.Tensor, weights: torch.Tensor, order: torch.Tensor, token: torch.Tensor,
+            tokens: int) -> torch.Tensor:
+    """sum_j w_j e_j(x) in fp32 [tokens, X] from the outputs ys [T*k, X] of the pairs in `order`
+    (token[i] = order[i] // k). Without autograd ys is scaled in place: pass a buffer of your own."""
+    w = weights.reshape(-1).index_select(0, order)[:, None].float()
+    ys = ys.float() * w if torch.is_grad_enabled() else ys.float().mul_(w)
+    out = torch.zeros(tokens, ys.shape[-1], dtype=torch.float32, device=ys.device)
+    return out.index_add_(0, token, ys)
+
+
+def dispatch(source, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor,
+             method: str | None = None) -> torch.Tensor:
+    """x [T, X], idx/weights [T, k] -> sum_j w_j e_j(x), accumulated in fp32, returned in x.dtype.
+    method: a kernel of `choose_kernel` (its choice by default)."""
+    t, k = idx.shape
+    method = method or choose_kernel(source, x, t, k)
+    if method == "gather":
+        flat = idx.reshape(-1)
+        h = relu2(torch.bmm(source.gathered("up_proj", flat, x.dtype), x.repeat_interleave(k, dim=0)[:, :, None]))
+        ys = torch.bmm(source.gathered("down_proj", flat, x.dtype), h).view(t, k, -1).float()   # [T, k, X]
+        return (ys * weights[..., None].float()).sum(1).to(x.dtype)
+    if method == "single":
+        # read only the k chosen experts, no sorting or copies
+        out = None
+        for e, w in zip(idx[0].tolist(), weights[0].float()):
+            y = expert_mlp(source, x, e).float() * w
+            out = y if out is None else out + y
+        return out.to(x.dtype)
+    order, counts = sort_by_expert(idx.reshape(-1), source.up_proj.shape[0])
+    token = order // k
+    # index_select rather than x[token]: its backward is an index_add, not a sorting index_put
+    ys = sorted_expert_outputs(source, x.index_select(0, token), counts, method)
+    return combine(ys, weights, order, token, t).to(x.dtype)
+
+
 class Experts(nn.Module):
-    """E non-gated relu² experts stored stacked: up_proj [E, I, X], down_proj [E, X, I]."""
+    """E non-gated relu² experts stored stacked: up_proj [E, I, X], down_proj [E, X, I]. A weight
+    source of `dispatch` (also when `train.parallel.apply_ep` leaves it a shard of the experts)."""
+
+    quantized = False
 
     def __init__(self, num_experts: int, dim: int, intermediate_size: int) -> None:
         super().__init__()
@@ -95,82 +206,30 @@ class Experts(nn.Module):
         self.down_proj = nn.Parameter(torch.empty(num_experts, dim, intermediate_size))
 
     def grouped_mm_ok(self, x: torch.Tensor) -> bool:
-        """torch._grouped_mm runs all experts in one kernel; it needs 16-byte-aligned rows. On CPU the
-        per-expert loop is as fast, so it is the default there."""
+        """torch._grouped_mm runs all experts in one kernel; it needs 16-byte-aligned rows."""
         aligned = all(d * x.element_size() % 16 == 0 for d in self.up_proj.shape[1:])
         return hasattr(torch, "_grouped_mm") and aligned
 
+    def gather_ok(self) -> bool:
+        return True
+
+    def up(self, x: torch.Tensor, e: int) -> torch.Tensor:
+        return linear(x, self.up_proj[e])
+
+    def down(self, h: torch.Tensor, e: int) -> torch.Tensor:
+        return linear(h, self.down_proj[e])
+
+    def gathered(self, proj: str, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        return getattr(self, proj)[ids]   # as stored (autocast converts)
+
+    def stacked(self, proj: str, dtype: torch.dtype) -> torch.Tensor:
+        w = getattr(self, proj)
+        return w if w.dtype == dtype else w.to(dtype)   # under autocast x is already in the low dtype
+
     def forward(self, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor,
                 method: str | None = None) -> torch.Tensor:
-        """x [T, X], idx/weights [T, k] -> sum_j w_j e_j(x), accumulated in fp32, returned in x.dtype.
-
-        method: "gather" (the chosen experts' weights copied for two bmm: used under torch.compile),
-        "single" (one token: a matrix-vector product per chosen expert), "grouped"
-        (torch._grouped_mm over tokens sorted by expert), "loop" (sorted tokens, one matmul per expert
-        that has any); by default single for one token on CPU, grouped on CUDA and for small CPU
-        batches, loop otherwise."""
-        t, k = idx.shape
-        if method is None:
-            compiling = torch.compiler.is_compiling()
-            if compiling and t * k <= 64:
-                method = "gather"  # decode under torch.compile: no host reads inside the graph
-            elif compiling and not (x.is_cuda and x.dtype == torch.bfloat16):
-                method = "loop"    # the compiler's _grouped_mm wants CUDA bf16
-            elif t == 1 and not x.is_cuda:
-                method = "single"
-            elif self.grouped_mm_ok(x) and ((x.is_cuda and x.dtype == torch.bfloat16) or
-                                            (not x.is_cuda and t * k <= 1024)):
-                # one kernel on GPU; on CPU it wins while per-expert matmuls are tiny (decode batches)
-                method = "grouped"
-            else:
-                method = "loop"
-        if method == "gather":
-            # the chosen experts' weights gathered for two batched matmuls (static shapes)
-            up, down = self.up_proj[idx.reshape(-1)], self.down_proj[idx.reshape(-1)]          # [T*k, I, X], [T*k, X, I]
-            h = relu2(torch.bmm(up, x.repeat_interleave(k, dim=0)[:, :, None]))              # [T*k, I, 1]
-            ys = torch.bmm(down, h).view(t, k, -1).float()                                   # [T, k, X]
-            return (ys * weights[..., None].float()).sum(1).to(x.dtype)
-        if method == "single":
-            # decode on CPU: read only the k chosen experts, no sorting or copies
-            out = None
-            for e, w in zip(idx[0].tolist(), weights[0].float()):
-                y = linear(relu2(linear(x, self.up_proj[e])), self.down_proj[e]).float() * w
-                out = y if out is None else out + y
-            return out.to(x.dtype)
-        flat = idx.reshape(-1)
-        order = flat.argsort(stable=True)
-        token = order // k
-        counts = torch.bincount(flat, minlength=self.num_experts)
-        # index_select rather than x[token]: its backward is an index_add, not a sorting index_put
-        xs = x.index_select(0, token)
-        if method == "grouped":
-            offsets = counts.cumsum(0).to(torch.int32)
-            up, down = self.up_proj, self.down_proj
-            if up.dtype != xs.dtype:  # under autocast the activations are already in the low dtype
-                up, down = up.to(xs.dtype), down.to(xs.dtype)
-            h = relu2(torch._grouped_mm(xs, up.transpose(1, 2), offs=offsets))
-            ys = torch._grouped_mm(h, down.transpose(1, 2), offs=offsets)
-        elif torch.is_grad_enabled():
-            # training: per-expert outputs joined by one cat (its backward is free views)
-            parts, start = [], 0
-            for e, n in enumerate(counts.tolist()):
-                if n:
-                    parts.append(F.linear(relu2(F.linear(xs[start:start + n], self.up_proj[e])), self.down_proj[e]))
-                    start += n
-            ys = torch.cat(parts)
-        else:
-            ys = torch.empty_like(xs)
-            start = 0
-            for e, n in enumerate(counts.tolist()):  # one matmul per expert that has tokens
-                if n:
-                    h = relu2(linear(xs[start:start + n], self.up_proj[e]))
-                    ys[start:start + n] = linear(h, self.down_proj[e])
-                    start += n
-        w = weights.reshape(-1).index_select(0, order)[:, None].float()
-        # ys is this function's own buffer (or a fresh fp32 copy of it) when nothing is recorded
-        ys = ys.float() * w if torch.is_grad_enabled() else ys.float().mul_(w)
-        out = torch.zeros(t, x.shape[-1], dtype=torch.float32, device=x.device)
-        return out.index_add_(0, token, ys).to(x.dtype)
+        """x [T, X], idx/weights [T, k] -> sum_j w_j e_j(x) (see `dispatch`, `choose_kernel`)."""
+        return dispatch(self, x, idx, weights, method)
 
 
 class MoE(nn.Module):

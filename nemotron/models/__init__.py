@@ -1,20 +1,29 @@
-"""One file per architecture family; `build_model(config)` picks the right one."""
+"""One file per architecture family, each implementing the `CausalLM` contract (contract.py) and
+defining its `Family` (checkpoint names, parameter and state accounting). `FAMILIES` registers them
+by config class; `family(config)` finds a config's family and `build_model(config)` builds its model."""
 
 from __future__ import annotations
 
-from torch import nn
+from nemotron.config import AnyConfig
+from nemotron.models import llama_nas, nemotron4, nemotron_h
+from nemotron.models.contract import CausalLM, ExpertNames, Family, NameMap, contract_violations
 
-from nemotron.config import AnyConfig, LlamaDecoderConfig, Nemotron4Config, NemotronHConfig
+__all__ = ["FAMILIES", "CausalLM", "ExpertNames", "Family", "NameMap", "build_model", "contract_violations",
+           "family"]
+
+# config class -> family; a config subclass uses its base's family (NemotronNASConfig, LlamaConfig and
+# MistralConfig are LlamaDecoderConfig)
+FAMILIES: dict[type, Family] = {f.config_class: f for f in (nemotron_h.FAMILY, nemotron4.FAMILY, llama_nas.FAMILY)}
 
 
-def build_model(config: AnyConfig) -> nn.Module:
-    if isinstance(config, NemotronHConfig):
-        from nemotron.models.nemotron_h import NemotronHForCausalLM
-        return NemotronHForCausalLM(config)
-    if isinstance(config, Nemotron4Config):
-        from nemotron.models.nemotron4 import build_nemotron4
-        return build_nemotron4(config)
-    if isinstance(config, LlamaDecoderConfig):   # DeciLM, and Llama / Mistral as its uniform case
-        from nemotron.models.llama_nas import build_llama_nas
-        return build_llama_nas(config)
-    raise TypeError(f"no model for config type {type(config).__name__}")
+def family(config: AnyConfig | type) -> Family:
+    """The family of a config (or config class)."""
+    klass = config if isinstance(config, type) else type(config)
+    for base in klass.__mro__:
+        if base in FAMILIES:
+            return FAMILIES[base]
+    raise TypeError(f"no model for config type {klass.__name__}")
+
+
+def build_model(config: AnyConfig) -> CausalLM:
+    return family(config).build(config)

@@ -1,5 +1,6 @@
 """What a config amounts to: parameter counts (computed by building the model on the meta device),
-weight memory per dtype and per-sequence inference state."""
+weight memory per dtype and per-sequence inference state. What differs by family (routed experts,
+the layer pattern, KV and Mamba state, extra entries) each family answers (`Family` in contract.py)."""
 
 from __future__ import annotations
 
@@ -7,16 +8,17 @@ from typing import Any
 
 import torch
 
-from nemotron.config import AnyConfig, LlamaDecoderConfig, NemotronHConfig
-from nemotron.models import build_model
+from nemotron.config import AnyConfig
+from nemotron.models import family
 
 BYTES_PER_PARAM = {"float32": 4.0, "bfloat16": 2.0, "fp8": 1.0, "nvfp4": 0.5 + 1 / 16}  # nvfp4: 4 bits + e4m3 scale per 16
 
 
 def count_params(config: AnyConfig) -> dict[str, int]:
     """total (main model, MTP excluded), active (per token: only top-k routed experts), mtp, embedding."""
+    fam = family(config)
     with torch.device("meta"):
-        model = build_model(config)
+        model = fam.build(config)
     total = mtp = routed_inactive = 0
     for name, t in model.state_dict().items():
         n = t.numel()
@@ -24,43 +26,18 @@ def count_params(config: AnyConfig) -> dict[str, int]:
             mtp += n
             continue
         total += n
-        if ".mixer.experts." in name and isinstance(config, NemotronHConfig):
-            e, k = config.n_routed_experts, config.num_experts_per_tok
-            routed_inactive += n * (e - k) // e
+        routed_inactive += fam.inactive_params(config, name, n)
     embedding = config.vocab_size * config.hidden_size
     return {"total": total, "active": total - routed_inactive, "mtp": mtp, "embedding": embedding}
 
 
 def layer_pattern(config: AnyConfig) -> str:
-    if isinstance(config, NemotronHConfig):
-        return config.hybrid_override_pattern
-    if isinstance(config, LlamaDecoderConfig):   # DeciLM blocks; Llama / Mistral: uniform "AF"
-        # per layer: attention A / linear L / none .  then FFN F / linear L / none .
-        def kind(sub) -> str:
-            return "." if sub.no_op else "L" if sub.replace_with_linear else None
-
-        return " ".join((kind(b.attention) or "A") + (kind(b.ffn) or "F") for b in config.block_configs)
-    return " ".join("AF" for _ in range(config.num_hidden_layers))
+    return family(config).layer_pattern(config)
 
 
 def state_bytes(config: AnyConfig, dtype_bytes: int = 2, ssm_dtype_bytes: int = 4) -> dict[str, int]:
     """KV bytes per token (all attention layers) and Mamba conv + SSM bytes per sequence."""
-    kv = mamba = 0
-    if isinstance(config, NemotronHConfig):
-        for kind in config.layer_types:
-            if kind == "attention":
-                kv += 2 * config.num_key_value_heads * config.head_dim * dtype_bytes
-            elif kind == "mamba":
-                mamba += config.mamba_conv_dim * (config.conv_kernel - 1) * dtype_bytes
-                mamba += config.mamba_num_heads * config.mamba_head_dim * config.ssm_state_size * ssm_dtype_bytes
-    elif isinstance(config, LlamaDecoderConfig):
-        for b in config.block_configs:
-            a = b.attention
-            if not (a.no_op or a.replace_with_linear):
-                kv += 2 * a.kv_heads(config.num_attention_heads) * config.head_dim * dtype_bytes
-    else:
-        kv = config.num_hidden_layers * 2 * config.num_key_value_heads * config.head_dim * dtype_bytes
-    return {"kv_bytes_per_token": kv, "mamba_state_bytes_per_sequence": mamba}
+    return family(config).state_bytes(config, dtype_bytes, ssm_dtype_bytes)
 
 
 def summarize(config: AnyConfig) -> dict[str, Any]:
@@ -78,11 +55,6 @@ def summarize(config: AnyConfig) -> dict[str, Any]:
         "mtp_params": counts["mtp"],
         "weight_bytes": {k: int(counts["total"] * v) for k, v in BYTES_PER_PARAM.items()},
     }
-    if isinstance(config, NemotronHConfig):
-        kinds = config.layer_types
-        out["layer_counts"] = {k: kinds.count(k) for k in ("mamba", "attention", "mlp", "moe") if k in kinds}
-        if "moe" in kinds:
-            out["experts"] = {"routed": config.n_routed_experts, "per_token": config.num_experts_per_tok,
-                              "latent_size": config.moe_latent_size}
+    out.update(family(config).summary(config))
     out.update(state_bytes(config))
     return out

@@ -1,4 +1,5 @@
-"""Random initialisation for training from scratch (and tiny test checkpoints).
+"""Random weight initialisation, for training from scratch and for random test checkpoints
+(`nemotron.io.random_checkpoint`).
 
 Linear and embedding weights ~ N(0, initializer_range); output projections of residual branches
 scaled by 1/sqrt(num_layers); norms at identity; Mamba A_log = log(1..heads), D = 1 and dt_bias the
@@ -7,7 +8,6 @@ inverse softplus of a log-uniform dt in [time_step_min, time_step_max] (floored)
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -62,79 +62,3 @@ def init_weights_(model: nn.Module, config: AnyConfig, seed: int = 0) -> nn.Modu
             dt = torch.exp(torch.rand(h, generator=g) * (hi - lo) + lo).clamp(min=config.time_step_floor)
             module.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # inverse softplus
     return model
-
-
-# --------------------------------------------------------------------------------------------------
-# a small random checkpoint in the release layout (until the trained embedded model ships)
-# --------------------------------------------------------------------------------------------------
-
-NEMOTRON3_CHAT_TEMPLATE = Path(__file__).parent.parent / "chat" / "templates" / "nemotron3_chat.jinja"
-NEMOTRON3_SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<|im_start|>", "<|im_end|>", "<think>", "</think>",
-                            "<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>"]
-
-
-def tiny_super_config(vocab_size: int = 320) -> NemotronHConfig:
-    """A few-hundred-thousand-parameter model with the Nemotron 3 Super layout: Mamba-2, NoPE
-    attention and LatentMoE layers, and an MTP block."""
-    return NemotronHConfig(
-        hybrid_override_pattern="MEM*EME", mtp_hybrid_override_pattern="*E", num_nextn_predict_layers=1,
-        vocab_size=vocab_size, hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-        mamba_num_heads=8, mamba_head_dim=16, n_groups=2, ssm_state_size=16, chunk_size=32,
-        n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=64, moe_latent_size=32,
-        moe_shared_expert_intermediate_size=128, routed_scaling_factor=2.0, intermediate_size=128,
-        max_position_embeddings=4096, bos_token_id=1, eos_token_id=4, pad_token_id=0,
-    )
-
-
-def write_byte_tokenizer(out_dir) -> int:
-    """A byte-level tokenizer (256 byte tokens, no merges) with the Nemotron 3 special tokens; returns
-    its vocabulary size."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from tokenizers.pre_tokenizers import ByteLevel
-
-    alphabet = ByteLevel.alphabet()
-    vocab = {tok: i for i, tok in enumerate(NEMOTRON3_SPECIAL_TOKENS)}
-    for ch in sorted(alphabet):
-        vocab[ch] = len(vocab)
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.add_special_tokens(NEMOTRON3_SPECIAL_TOKENS)
-    write_tokenizer_files(tok, out_dir)
-    return tok.get_vocab_size()
-
-
-def write_tokenizer_files(tok, out_dir) -> None:
-    """tokenizer.json, a tokenizer_config.json with the Nemotron 3 special tokens, and the project's
-    chat template, for a `tokenizers.Tokenizer`."""
-    import json
-    from pathlib import Path
-
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    tok.save(str(out / "tokenizer.json"))
-    (out / "tokenizer_config.json").write_text(json.dumps(
-        {"bos_token": "<s>", "eos_token": "<|im_end|>", "unk_token": "<unk>", "pad_token": "<unk>",
-         "add_bos_token": False, "model_max_length": 4096, "tokenizer_class": "PreTrainedTokenizerFast"},
-        indent=2) + "\n")
-    (out / "chat_template.jinja").write_text(NEMOTRON3_CHAT_TEMPLATE.read_text())
-
-
-def init_checkpoint(out_dir, config: AnyConfig | None = None, seed: int = 0, with_tokenizer: bool = True):
-    """Write a randomly initialised checkpoint (config.json, model.safetensors, tokenizer) to out_dir."""
-    from pathlib import Path
-
-    from nemotron.io.checkpoint import save_checkpoint
-    from nemotron.models import build_model
-
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    if with_tokenizer:
-        size = write_byte_tokenizer(out)
-        config = config or tiny_super_config()
-        if config.vocab_size < size:
-            raise ValueError(f"vocab_size {config.vocab_size} is smaller than the tokenizer's {size}")
-    config = config or tiny_super_config()
-    model = init_weights_(build_model(config), config, seed)
-    save_checkpoint(model, config, out)
-    return out

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from nemotron.config import LlamaDecoderConfig
 from nemotron.layers.attention import Attention, LinearAttention
-from nemotron.models.decoder import DecoderBody, DecoderLayer, DecoderLM
+from nemotron.models.decoder import DecoderBody, DecoderFamily, DecoderLayer, DecoderLM
 from nemotron.layers.mlp import LinearMLP, SwiGLU
 from nemotron.layers.norm import RMSNorm
 from nemotron.layers.rope import rope_inv_freq
@@ -43,3 +43,26 @@ def build_llama_nas(config: LlamaDecoderConfig) -> DecoderLM:
     inv_freq = rope_inv_freq(c.head_dim, c.rope_theta, s.rope_type, s.factor, s.low_freq_factor,
                              s.high_freq_factor, s.original_max_position_embeddings)
     return DecoderLM(c, body, inv_freq)
+
+
+class LlamaNASFamily(DecoderFamily):
+    """DeciLM, and Llama / Mistral as its uniform case (their configs subclass LlamaDecoderConfig)."""
+
+    config_class = LlamaDecoderConfig
+
+    def build(self, config: LlamaDecoderConfig) -> DecoderLM:
+        return build_llama_nas(config)
+
+    def layer_pattern(self, config: LlamaDecoderConfig) -> str:
+        # per layer: attention A / linear L / none .  then FFN F / linear L / none .  (Llama / Mistral: "AF")
+        def kind(sub) -> str | None:
+            return "." if sub.no_op else "L" if sub.replace_with_linear else None
+
+        return " ".join((kind(b.attention) or "A") + (kind(b.ffn) or "F") for b in config.block_configs)
+
+    def kv_heads(self, config: LlamaDecoderConfig) -> list[int]:
+        return [b.attention.kv_heads(config.num_attention_heads) for b in config.block_configs
+                if not (b.attention.no_op or b.attention.replace_with_linear)]
+
+
+FAMILY = LlamaNASFamily()

@@ -4,15 +4,20 @@ Each position of the layer pattern is one pre-norm residual block holding one mi
 `M` Mamba-2, `*` NoPE GQA attention, `-` squared-ReLU MLP, `E` (Latent)MoE. Optional MTP block
 (`mtp.layers.*`) shares the embeddings and lm_head. Module names mirror the release checkpoint
 (`backbone.embeddings`, `backbone.layers.{i}.norm`, `backbone.layers.{i}.mixer.*`, `backbone.norm_f`,
-`lm_head`, `mtp.layers.{j}.*`), so only routed experts need a name map (they are stored stacked)."""
+`lm_head`, `mtp.layers.{j}.*`), so only routed experts need a name map (they are stored stacked);
+`NAME_MAP` also lists the other writers' spellings."""
 
 from __future__ import annotations
+
+import re
+from typing import Any
 
 import torch
 from torch import nn
 
-from nemotron.layers.cache import CacheOptions, HybridCache, KVState, MambaState
+from nemotron.layers.cache import CacheMode, CacheOptions, HybridCache, KVState, MambaState, check_mode
 from nemotron.config import DTYPES, LAYER_CHARS, NemotronHConfig
+from nemotron.models.contract import UNWRAP_LANGUAGE_MODEL, ExpertNames, Family, NameMap
 from nemotron.layers.attention import Attention
 from nemotron.layers.linear import Linear
 from nemotron.layers.mamba2 import Mamba2Mixer
@@ -49,9 +54,11 @@ class HybridBlock(nn.Module):
         self.mixer = build_mixer(config, kind)
 
     def forward(self, x: torch.Tensor, state: KVState | MambaState | None = None,
-                pos: list[int] | torch.Tensor | None = None, seq_idx: torch.Tensor | None = None) -> torch.Tensor:
+                pos: list[int] | torch.Tensor | None = None, seq_idx: torch.Tensor | None = None,
+                mode: CacheMode = "dynamic") -> torch.Tensor:
         h = self.norm(x if x.dtype == self.norm.weight.dtype else x.to(self.norm.weight.dtype))
-        h = self.mixer(h, state, pos, seq_idx=seq_idx) if self.kind in ("mamba", "attention") else self.mixer(h)
+        h = self.mixer(h, state, pos, seq_idx=seq_idx, mode=mode) if self.kind in ("mamba", "attention") \
+            else self.mixer(h)
         return (x.float() if self.residual_in_fp32 else x) + h
 
 
@@ -98,27 +105,37 @@ class NemotronHForCausalLM(nn.Module):
         self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         self.mtp = MTP(config) if config.num_nextn_predict_layers else None
 
-    def hidden_states(self, input_ids: torch.Tensor, cache: HybridCache | None = None,
-                      positions: torch.Tensor | None = None, seq_idx: torch.Tensor | None = None) -> torch.Tensor:
+    @property
+    def blocks(self) -> nn.ModuleList:
+        """The residual blocks in order (`backbone.layers`, as the checkpoint names them)."""
+        return self.backbone.layers
+
+    def hidden_states(self, input_ids: torch.Tensor, cache: HybridCache | None = None, *,
+                      mode: CacheMode = "dynamic", positions: torch.Tensor | None = None,
+                      seq_idx: torch.Tensor | None = None) -> torch.Tensor:
         """The final-normed hidden states [B, T, H] (what lm_head and the MTP block consume).
 
-        `positions` [B] (a tensor, one token per row) is the static-shape decode used under
-        torch.compile; the caller then advances `cache.seq_lens` itself. `seq_idx` [B, T] marks packed
-        training sequences (non-decreasing per row): no state or attention crosses from one to the next."""
-        pos = positions if positions is not None else None if cache is None else cache.positions()
+        `mode` (see CacheMode): "dynamic" continues each row of `cache` and advances it; "static" is
+        the static-shape decode used under torch.compile, one token per row at `positions` [B] (a
+        tensor), and the caller then advances `cache.seq_lens` itself; "verify" keeps the Mamba state
+        after every token for `cache.rollback`. `seq_idx` [B, T] marks packed training sequences
+        (non-decreasing per row): no state or attention crosses from one to the next."""
+        check_mode(mode, cache, positions)
+        pos = positions if mode == "static" else None if cache is None else cache.positions()
         x = self.backbone.embeddings(input_ids)
         for i, layer in enumerate(self.backbone.layers):
-            x = layer(x, None if cache is None else cache.layers[i], pos, seq_idx)
-        if cache is not None and positions is None:
+            x = layer(x, None if cache is None else cache.layers[i], pos, seq_idx, mode)
+        if cache is not None and mode != "static":
             cache.seq_lens += input_ids.shape[1]
         return self.backbone.norm_f(x.to(self.backbone.norm_f.weight.dtype))
 
-    def forward(self, input_ids: torch.Tensor, cache: HybridCache | None = None, logits_to_keep: int = 0,
-                positions: torch.Tensor | None = None, seq_idx: torch.Tensor | None = None,
+    def forward(self, input_ids: torch.Tensor, cache: HybridCache | None = None, logits_to_keep: int = 0, *,
+                mode: CacheMode = "dynamic", positions: torch.Tensor | None = None,
+                seq_idx: torch.Tensor | None = None,
                 return_hidden: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Logits [B, T, V] fp32; with return_hidden, (logits, final hidden states) in one call (training
-        with MTP: a single entry point is also what FSDP wraps)."""
-        h = self.hidden_states(input_ids, cache, positions, seq_idx)
+        with MTP: a single entry point is also what FSDP wraps). `mode` / `positions`: as hidden_states."""
+        h = self.hidden_states(input_ids, cache, mode=mode, positions=positions, seq_idx=seq_idx)
         logits = self.lm_head(h[:, -logits_to_keep:] if logits_to_keep else h).float()
         return (logits, h) if return_hidden else logits
 
@@ -141,7 +158,7 @@ class NemotronHForCausalLM(nn.Module):
         pos = None if cache is None else cache.mtp_seq_lens.tolist()
         for j, layer in enumerate(block):
             index = (depth % stored) * self.mtp.depth_size + j
-            x = layer(x, None if cache is None else cache.mtp_layers[index], pos, seq_idx)
+            x = layer(x, None if cache is None else cache.mtp_layers[index], pos, seq_idx)   # dynamic mode
         if cache is not None:
             cache.mtp_seq_lens += next_ids.shape[1]
         x = last.final_layernorm(x)
@@ -165,3 +182,77 @@ class NemotronHForCausalLM(nn.Module):
 
         mtp = [state(b) for b in self.mtp.layers] if self.mtp is not None else None
         return HybridCache([state(b) for b in self.backbone.layers], mtp)
+
+
+# --------------------------------------------------------------------------------------------------
+# the family: checkpoint names and accounting
+# --------------------------------------------------------------------------------------------------
+
+# routed experts: one tensor per expert in the release (its weight, or in quantized checkpoints one of
+# its scales), stacked [E, ...] in the model
+EXPERT_NAMES = ExpertNames(
+    single=re.compile(r"^(.*\.mixer\.experts)\.(\d+)\.(up_proj|down_proj)\.(weight|weight_scale|weight_scale_2|input_scale)$"),
+    stacked=re.compile(r"^(.*\.mixer\.experts)\.(up_proj|down_proj)(?:_(weight_scale_2|weight_scale|input_scale))?$"),
+)
+
+# Only what differs from our module names is listed. Checked against transformers 4.57.6, 5.0.0, 5.3.0,
+# 5.5.0, 5.10.1, 5.14.0, 5.18.0 and 5.23.0 save_pretrained, and NVIDIA's released Nemotron-H / Nano 2 /
+# Nemotron 3 checkpoints.
+NAME_MAP = NameMap(
+    renames=(
+        UNWRAP_LANGUAGE_MODEL,
+        # transformers 5's own module names (save_pretrained(save_original_format=False), a raw
+        # state_dict): `model.` where the release has `backbone.`; experts stacked [E, I, H] as ours
+        (re.compile(r"^model\."), "backbone."),
+        # the singular embedding: transformers 5.3-5.15 save_pretrained (its conversion mapping's
+        # `embedding.weight` -> `embeddings.weight` rename, reversed on save), mamba_ssm and early
+        # stubs; NVIDIA's remote code reads it too. The releases all write `embeddings`.
+        (re.compile(r"^backbone\.embedding\.weight$"), "backbone.embeddings.weight"),
+    ),
+    experts=EXPERT_NAMES,
+    # NVIDIA's remote code ties lm_head with tie_word_embeddings and then saves no lm_head; our
+    # lm_head is its own parameter (as in transformers' NemotronH, which never ties)
+    tied=("lm_head.weight", "backbone.embeddings.weight"),
+    # transformers implements no MTP: it saves a config with num_nextn_predict_layers > 0 and no
+    # `mtp.` tensor
+    optional=(("mtp.", "num_nextn_predict_layers"),),
+)
+
+
+class NemotronHFamily(Family):
+    config_class = NemotronHConfig
+    name_map = NAME_MAP
+
+    def build(self, config: NemotronHConfig) -> NemotronHForCausalLM:
+        return NemotronHForCausalLM(config)
+
+    def layer_pattern(self, config: NemotronHConfig) -> str:
+        return config.hybrid_override_pattern
+
+    def state_bytes(self, config: NemotronHConfig, dtype_bytes: int = 2, ssm_dtype_bytes: int = 4) -> dict[str, int]:
+        kv = mamba = 0
+        for kind in config.layer_types:
+            if kind == "attention":
+                kv += 2 * config.num_key_value_heads * config.head_dim * dtype_bytes
+            elif kind == "mamba":
+                mamba += config.mamba_conv_dim * (config.conv_kernel - 1) * dtype_bytes
+                mamba += config.mamba_num_heads * config.mamba_head_dim * config.ssm_state_size * ssm_dtype_bytes
+        return {"kv_bytes_per_token": kv, "mamba_state_bytes_per_sequence": mamba}
+
+    def inactive_params(self, config: NemotronHConfig, name: str, numel: int) -> int:
+        if ".mixer.experts." in name:   # routed experts: a token uses its top-k of them
+            e, k = config.n_routed_experts, config.num_experts_per_tok
+            return numel * (e - k) // e
+        return 0
+
+    def summary(self, config: NemotronHConfig) -> dict[str, Any]:
+        kinds = config.layer_types
+        out: dict[str, Any] = {"layer_counts": {k: kinds.count(k) for k in ("mamba", "attention", "mlp", "moe")
+                                                if k in kinds}}
+        if "moe" in kinds:
+            out["experts"] = {"routed": config.n_routed_experts, "per_token": config.num_experts_per_tok,
+                              "latent_size": config.moe_latent_size}
+        return out
+
+
+FAMILY = NemotronHFamily()

@@ -32,6 +32,8 @@ from torch import nn
 
 from nemotron.errors import CheckpointError, CheckpointWarning
 from nemotron.files import is_present, json_kind, read_json
+from nemotron.layers.attention import Attention
+from nemotron.layers.moe import Experts
 from nemotron.quant.modules import ALGOS, QuantExperts, QuantLinear, QuantScheme
 
 HF_QUANT_CONFIG = "hf_quant_config.json"
@@ -364,8 +366,6 @@ def apply_quant_config(model: nn.Module, cfg: ModelOptConfig, compute_dtype: tor
     decide where they contradict the config. Every entry of a MIXED_PRECISION map must name a layer of the
     model. Returns {layer: scheme}; warns once (CheckpointWarning) about repaired names and overruled
     entries."""
-    from nemotron.layers.attention import Attention
-    from nemotron.layers.moe import Experts
 
     overruled: list[str] = []
     done: dict[str, QuantScheme] = {}
@@ -454,7 +454,6 @@ def kv_scales_as_written(model: nn.Module, cfg: ModelOptConfig) -> None:
 def _quantizable(model: nn.Module) -> list[str]:
     """The names a quantization config can give a format: linear layers, and each stacked expert's
     projections as the checkpoint names them."""
-    from nemotron.layers.moe import Experts
 
     out = []
     for name, m in model.named_modules():

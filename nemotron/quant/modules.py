@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from nemotron.layers.linear import linear
+from nemotron.layers.moe import dispatch
 from nemotron.quant import formats
 
 # quant_algo -> the storage of one linear layer's weight
@@ -211,13 +212,30 @@ class QuantExperts(_KeepsStorageDtypes):
     def expert_weight(self, proj: str, e: int, dtype: torch.dtype | None = None) -> torch.Tensor:
         return self.scheme.dequantize(self._tensors(proj, e), dtype or self.compute_dtype)
 
+    # the weight source of nemotron.layers.moe.dispatch: each expert decoded where it is used
+
+    quantized = True
+
+    def gather_ok(self) -> bool:
+        """Whether `gathered` serves (not for 128x128-block FP8 nor with emulated activations)."""
+        return self.scheme.algo != "FP8_PB_WO" and not self.emulate_activations
+
+    def grouped_mm_ok(self, x: torch.Tensor) -> bool:
+        return False  # it would decode every expert
+
     def _project(self, x: torch.Tensor, proj: str, e: int) -> torch.Tensor:
         t = self._tensors(proj, e)
         if self.emulate_activations:
             x = self.scheme.fake_quantize_input(x, t.get("input_scale"))
         return linear(x, self.scheme.dequantize(t, x.dtype))
 
-    def _gathered(self, proj: str, experts: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    def up(self, x: torch.Tensor, e: int) -> torch.Tensor:
+        return self._project(x, "up_proj", e)
+
+    def down(self, h: torch.Tensor, e: int) -> torch.Tensor:
+        return self._project(h, "down_proj", e)
+
+    def gathered(self, proj: str, experts: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """The dequantized weights of `experts` [P] (with repeats), [P, N, K]: the stored tensors are
         gathered first, so only the chosen experts are decoded."""
         w = getattr(self, proj).index_select(0, experts)
@@ -228,36 +246,15 @@ class QuantExperts(_KeepsStorageDtypes):
         step = scale[:, None, None] if scale.dim() == 1 else scale[:, :, None]   # per tensor / per channel
         return (formats.e4m3_to_float(w) * step).to(dtype)
 
-    def forward(self, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor,
+                method: str | None = None) -> torch.Tensor:
         """x [T, X], idx/weights [T, k] -> sum_j w_j e_j(x) (fp32 accumulation, returned in x.dtype).
 
         Few (token, expert) pairs (decode): the chosen experts' stored tensors are gathered and
         decoded for two batched matmuls, with static shapes and no host reads (what torch.compile
-        needs). Otherwise the tokens are grouped by expert and each expert is decoded once."""
-        from nemotron.layers.mlp import relu2
-
-        t, k = idx.shape
-        if t * k <= 16 and self.scheme.algo != "FP8_PB_WO" and not self.emulate_activations:
-            flat = idx.reshape(-1)
-            xs = x.repeat_interleave(k, dim=0)[:, :, None]                                    # [T*k, X, 1]
-            h = relu2(torch.bmm(self._gathered("up_proj", flat, x.dtype), xs))               # [T*k, I, 1]
-            ys = torch.bmm(self._gathered("down_proj", flat, x.dtype), h).view(t, k, -1).float()
-            return (ys * weights[..., None].float()).sum(1).to(x.dtype)
-        flat = idx.reshape(-1)
-        order = flat.argsort(stable=True)
-        token = order // k
-        counts = torch.bincount(flat, minlength=self.num_experts).tolist()
-        xs = x.index_select(0, token)
-        ys = torch.empty(xs.shape, dtype=torch.float32, device=x.device)
-        start = 0
-        for e, n in enumerate(counts):
-            if n:
-                h = relu2(self._project(xs[start:start + n], "up_proj", e))
-                ys[start:start + n] = self._project(h, "down_proj", e).float()
-                start += n
-        ys.mul_(weights.reshape(-1).index_select(0, order)[:, None].float())
-        out = torch.zeros(t, x.shape[-1], dtype=torch.float32, device=x.device)
-        return out.index_add_(0, token, ys).to(x.dtype)
+        needs). Otherwise the tokens are grouped by expert and each expert is decoded once
+        (`nemotron.layers.moe.choose_kernel`)."""
+        return dispatch(self, x, idx, weights, method)
 
 
 def set_activation_emulation(model: nn.Module, on: bool = True) -> int:

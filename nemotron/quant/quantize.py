@@ -23,8 +23,14 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from rich.progress import track
 from torch import nn
 
+from nemotron.api import load
+from nemotron.config import DTYPES
+from nemotron.io.jsonl import read_jsonl
+from nemotron.layers.attention import Attention
+from nemotron.layers.mlp import relu2
 from nemotron.layers.moe import Experts
 from nemotron.quant.formats import E4M3_MAX
 from nemotron.quant.modelopt import HF_QUANT_CONFIG, ModelOptConfig, matches, normalize_name, quantized_layers
@@ -58,8 +64,6 @@ def calibrate(model: nn.Module, batches: Iterable[torch.Tensor], exclude: Iterab
     """Run `batches` (token ids [B, T]) through the model recording, per quantizable layer, the max
     |input| and a sample of input rows; and per attention layer the max |key| and |value|
     ("<attention>.k_proj" / ".v_proj" -> amax of their outputs)."""
-    from nemotron.layers.attention import Attention
-
     exclude = list(exclude)
     stats: dict[str, LayerStats] = {}
     kv_amax: dict[str, float] = {}
@@ -83,8 +87,6 @@ def calibrate(model: nn.Module, batches: Iterable[torch.Tensor], exclude: Iterab
                     stats[f"{name}.{e}.{proj}"] = LayerStats(f"{name}.{e}.{proj}", getattr(m, proj)[e].numel())
 
             def experts_hook(mod, args, n=name):
-                from nemotron.layers.mlp import relu2
-
                 x, idx = args[0], args[1]
                 for e in range(mod.num_experts):
                     rows = (idx == e).any(-1)
@@ -104,7 +106,7 @@ def calibrate(model: nn.Module, batches: Iterable[torch.Tensor], exclude: Iterab
     try:
         with torch.inference_mode():
             for ids in batches:
-                if getattr(model, "mtp", None) is not None:   # the MTP block sees calibration data too
+                if model.mtp is not None:   # the MTP block sees calibration data too
                     _, h = model(ids, return_hidden=True)
                     model.mtp_forward(h[:, :-1], ids[:, 1:])
                 else:
@@ -252,8 +254,6 @@ def read_calibration(path: str | Path) -> list[str]:
     if not path.is_file():
         raise ValueError(f"{path}: no such calibration file")
     if path.suffix == ".jsonl":
-        from nemotron.train.data import read_jsonl
-
         texts = []
         for n, r in enumerate(read_jsonl(path), 1):
             if isinstance(r.get("text"), str):
@@ -278,7 +278,8 @@ def quantize_model(loaded, fmt: str, texts: list[str] | None = None, budget_bits
     if loaded.tokenizer is None:
         raise ValueError("calibration needs the checkpoint's tokenizer")
     model = loaded.model
-    root = "backbone" if hasattr(model, "backbone") else "model"   # Nemotron-H's root, or the decoders'
+    # the module holding the block list: "backbone" (Nemotron-H) or "model" (the decoders)
+    root = next(name for name, m in model.named_modules() if m is model.blocks).split(".")[0]
     exclude = DEFAULT_EXCLUDE + [normalize_name(p, root) for p in exclude or []]
     batches = calibration_batches(loaded.tokenizer, texts or CALIBRATION_TEXTS)
     stats, kv_amax = calibrate(model, _progress(batches, progress, "calibrating"), exclude)
@@ -319,9 +320,6 @@ def quantize(model_path: str, fmt: str, output: str | Path, calib: str | None = 
              progress: bool = True) -> dict:
     """`nemotron quantize`: checkpoint `model_path` -> `output` in ModelOpt's layout (unquantized
     tensors in `dtype`, default the checkpoint's). Returns the report."""
-    from nemotron import load
-    from nemotron.config import DTYPES
-
     out = Path(output)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ValueError(f"{out}: the output exists and is not an empty directory")
@@ -337,6 +335,4 @@ def quantize(model_path: str, fmt: str, output: str | Path, calib: str | None = 
 def _progress(items: list, on: bool, what: str):
     if not on:
         return items
-    from rich.progress import track
-
     return track(items, description=what, transient=True)

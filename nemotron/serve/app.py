@@ -9,6 +9,7 @@ before the engine's next step.
 from __future__ import annotations
 
 import asyncio
+import os
 import hmac
 import json
 import sys
@@ -22,21 +23,16 @@ from fastapi import FastAPI, Request as HTTPRequest
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from nemotron.api import LoadedModel, _release_freed_memory, make_thinking_budget
-from nemotron.chat.template import ChatInputError, ChatTemplateError, prepare_chat
+import torch
+
+from nemotron.api import LoadedModel, release_freed_memory, load
+from nemotron.chat.template import ChatInputError, ChatTemplateError
+from nemotron.chat.turn import ChatTurn
 from nemotron.inference.engine import Engine, EngineStopped, QueueFull
-from nemotron.inference.generate import Request, TokenEvent
-from nemotron.chat.parsers import Delta, StreamingParser, parse_output
+from nemotron.inference.requests import Request, TokenEvent
 from nemotron.serve.metrics import Metrics
 from nemotron.serve.protocol import (APIError, ChatRequest, Limits, error_body, new_id, now, parse_chat_request,
                        parse_completion_request, sampling_params, text_chars, usage)
-
-# the start of a tool call, forced for tool_choice "required" (name chosen by the model) or a named function
-_CALL_PREFIX = {
-    "nemotron3": ("<tool_call>\n<function=", "<tool_call>\n<function={name}>\n"),
-    "nemotron_json": ('<TOOLCALL>[{"name": "', '<TOOLCALL>[{"name": "{name}", "arguments": '),
-}
-
 
 # a request body at least this large has its freed memory handed back to the OS once it is answered
 LARGE_BODY_BYTES = 1 << 20
@@ -166,7 +162,7 @@ class Server:
 
         def trim() -> None:
             self._trim_scheduled = False
-            loop.run_in_executor(None, _release_freed_memory)
+            loop.run_in_executor(None, release_freed_memory)
 
         loop.call_later(0.2, trim)
 
@@ -255,43 +251,30 @@ class Server:
 
     # ---- chat completions ----
 
-    def _chat_requests(self, cr: ChatRequest):
+    def _chat_turn(self, cr: ChatRequest) -> ChatTurn:
+        """The request's ChatTurn (prompt rendered, tool_choice and thinking budget applied) with one
+        engine Request per choice."""
         tok = self.tokenizer
         if tok is None:
             raise APIError(400, "this model has no tokenizer; use /v1/completions with token ids")
-        tools = None if cr.tool_choice == "none" else cr.tools
         try:
-            prompt = prepare_chat(tok, cr.messages, tools, cr.enable_thinking,
-                                  special_tokens_in_content=self.config.allow_special_tokens_in_content,
-                                  **cr.template_kwargs)
+            turn = ChatTurn.prepare(tok, cr.messages, cr.tools, tool_choice=cr.tool_choice,
+                                    enable_thinking=cr.enable_thinking, thinking_budget=cr.thinking_budget,
+                                    template_kwargs=cr.template_kwargs,
+                                    special_tokens_in_content=self.config.allow_special_tokens_in_content)
         except (ChatInputError, ChatTemplateError) as e:
             raise APIError(400, str(e), param="messages") from None
         except RecursionError:
             raise APIError(400, "the messages or tools are nested too deeply", param="messages") from None
-        context_left = self.engine.max_len - len(prompt.ids)
+        n_prompt = len(turn.prompt.ids)
+        context_left = self.engine.max_len - n_prompt
         if context_left < 1:
-            raise APIError(400, f"the prompt is {len(prompt.ids)} tokens; this model's context holds "
+            raise APIError(400, f"the prompt is {n_prompt} tokens; this model's context holds "
                                 f"{self.engine.max_len}", param="messages", code="context_length_exceeded")
         params = sampling_params(cr.body, self.limits, context_left, chat=True, choices=cr.n,
                                  vocab_size=self.engine.vocab_size)
-        prefix = None
-        if cr.tool_choice == "required" or cr.forced_function:
-            any_name, named = _CALL_PREFIX[prompt.fmt]
-            text = named.replace("{name}", cr.forced_function) if cr.forced_function else any_name
-            prefix = tok.encode(text, add_special_tokens=False)
-        reqs = []
-        for i in range(cr.n):
-            p = _choice_params(params, i)
-            budget = None
-            if prompt.thinking and (cr.thinking_budget is not None or prefix):
-                budget = make_thinking_budget(tok, cr.thinking_budget if cr.thinking_budget is not None else 1 << 40,
-                                              prompt.prompt_opens_think)
-                budget.after_close = list(prefix or [])
-            req = Request(list(prompt.ids), p, budget)
-            if prefix and budget is None:
-                req.forced = list(prefix)
-            reqs.append(req)
-        return prompt, tools, reqs
+        turn.requests([_choice_params(params, i) for i in range(cr.n)])
+        return turn
 
     async def chat(self, http: HTTPRequest):
         self.check_auth(http)
@@ -306,27 +289,26 @@ class Server:
                                 f"{self.engine.max_len} tokens can hold", param="messages",
                            code="context_length_exceeded")
         # rendering and tokenizing a long prompt takes a while: not on the event loop
-        prompt, tools, reqs = await asyncio.to_thread(self._chat_requests, cr)
+        turn = await asyncio.to_thread(self._chat_turn, cr)
+        reqs = turn.reqs
         queue = self.submit(reqs)
         rid, created = new_id("chatcmpl"), now()
+        n_prompt = len(turn.prompt.ids) * len(reqs)
         if cr.stream:
             return StreamingResponse(
-                self.sse(self._chat_choices(cr, prompt, tools, reqs, queue), reqs, rid, created,
-                         "chat.completion.chunk", cr.include_usage, len(prompt.ids) * len(reqs)),
+                self.sse(self._chat_choices(turn, queue), reqs, rid, created, "chat.completion.chunk",
+                         cr.include_usage, n_prompt),
                 media_type="text/event-stream")
-        logprobs = [[self.logprob_entry(lp) for lp in lps] for lps in await self.finish(reqs, queue, http)]
+        async for _, event in self.events(reqs, queue, http):
+            turn.feed(event)
         choices = []
-        for i, r in enumerate(reqs):
-            parsed = parse_output(r.text, prompt.fmt, prompt.thinking, tools, prompt.prompt_opens_think,
-                                  tool_calls=cr.tool_choice != "none")
-            finish = "tool_calls" if parsed.tool_calls and r.finish_reason == "stop" else r.finish_reason
-            choices.append({"index": i, "message": parsed.to_message(),
-                            "logprobs": {"content": logprobs[i]} if r.params.logprobs else None,
-                            "finish_reason": finish})
+        for i, (r, result) in enumerate(zip(reqs, turn.results())):
+            logprobs = {"content": [self.logprob_entry(lp) for lp in result.logprobs]} if r.params.logprobs else None
+            choices.append({"index": i, "message": result.message(), "logprobs": logprobs,
+                            "finish_reason": result.finish_reason})
         return {"id": rid, "object": "chat.completion", "created": created, "model": self.config.model_name,
                 "choices": choices,
-                "usage": usage(len(prompt.ids) * len(reqs), sum(len(r.output_ids) for r in reqs),
-                               sum(r.cached_tokens for r in reqs))}
+                "usage": usage(n_prompt, sum(len(r.output_ids) for r in reqs), sum(r.cached_tokens for r in reqs))}
 
     async def sse(self, choices, reqs: list[Request], rid: str, created: int, obj: str, include_usage: bool,
                   n_prompt: int):
@@ -352,26 +334,18 @@ class Server:
         finally:
             self.cancel_unfinished(reqs)
 
-    async def _chat_choices(self, cr, prompt, tools, reqs, queue):
-        parsers = [StreamingParser(prompt.fmt, prompt.thinking, tools, prompt.prompt_opens_think,
-                                   tool_calls=cr.tool_choice != "none") for _ in reqs]
-        saw_call = [False] * len(reqs)
+    async def _chat_choices(self, turn: ChatTurn, queue: asyncio.Queue):
+        reqs = turn.reqs
         for i in range(len(reqs)):
             yield [{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}]
-        async for i, event in self.events(reqs, queue):
-            delta = parsers[i].feed(event.text) if event.text else Delta()
-            if event.finished:
-                tail = parsers[i].finish()
-                delta = Delta(delta.reasoning + tail.reasoning, delta.content + tail.content,
-                              delta.tool_calls + tail.tool_calls)
-            saw_call[i] |= bool(delta.tool_calls)
-            lp = {"content": [self.logprob_entry(event.logprob)]} if event.logprob is not None else None
-            if delta or lp is not None:
-                yield [{"index": i, "delta": delta.to_openai(), "logprobs": lp, "finish_reason": None}]
-            if event.finished:
-                r = event.request
-                finish = "tool_calls" if saw_call[i] and r.finish_reason == "stop" else r.finish_reason
-                yield [{"index": i, "delta": {}, "logprobs": None, "finish_reason": finish}]
+        async for _, event in self.events(reqs, queue):
+            for out in turn.feed(event):
+                if out.kind == "delta":
+                    lp = {"content": [self.logprob_entry(out.logprob)]} if out.logprob is not None else None
+                    yield [{"index": out.index, "delta": out.delta.to_openai(), "logprobs": lp, "finish_reason": None}]
+                else:
+                    yield [{"index": out.index, "delta": {}, "logprobs": None,
+                            "finish_reason": out.result.finish_reason}]
 
     # ---- completions ----
 
@@ -463,7 +437,7 @@ class Server:
             gauges["prefix_cache_bytes"] = e.prefix_cache.bytes
             counters["prefix_cache_queries_total"] = e.prefix_cache.queries
             counters["prefix_cache_hits_total"] = e.prefix_cache.hits
-        if e.k:
+        if e.speculative_tokens:
             counters["spec_decode_num_drafts_total"] = e.spec_stats.rounds
             counters["spec_decode_num_draft_tokens_total"] = e.spec_stats.drafted
             counters["spec_decode_num_accepted_tokens_total"] = e.spec_stats.accepted
@@ -500,8 +474,7 @@ def build_app(server: Server) -> FastAPI:
 
     @app.get("/health")
     async def health():
-        if server.engine.error is not None or (server.engine._thread is not None
-                                               and not server.engine._thread.is_alive()):
+        if not server.engine.alive:
             return JSONResponse(error_body("the engine has stopped", "server_error"), status_code=503)
         return {"status": "ok"}
 
@@ -540,21 +513,13 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | 
     cache_options: a CacheOptions (FP8 KV cache, SSM state dtype and rounding).
     allow_special_tokens_in_content: parse control-token spellings inside messages and tools (by
     default they are ordinary text)."""
-    import os
-
-    import torch
-    import uvicorn
-
-    from nemotron.api import load
+    import uvicorn   # imported when serving: the server's other users (tests, benchmarks) build the app only
 
     cores = os.cpu_count() or 2
     loaded = load(model, dtype=dtype, device=device, progress=True, cache=cache_options)
     threads = threads or decode_threads(loaded.model, cores)
     torch.set_num_threads(threads)
     max_len = min(max_model_len, getattr(loaded.config, "max_position_embeddings", None) or max_model_len)
-    if speculative_tokens and prefix_cache_mb:
-        print("note: MTP speculation is on, so the prefix cache is off (they cannot be combined yet)", flush=True)
-        prefix_cache_mb = 0
     engine = Engine(loaded.model, loaded.tokenizer, loaded.stop_ids, max_batch=max_batch, max_len=max_len,
                     prefill_chunk=prefill_chunk, max_waiting=max_waiting, prefix_cache_bytes=prefix_cache_mb << 20,
                     speculative_tokens=speculative_tokens, threads=threads, cache_options=loaded.cache_options,

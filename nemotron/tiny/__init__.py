@@ -2,6 +2,6 @@
 the recipe that trains it end to end (`recipe`), its held-out evaluation (`evaluate`), and the
 trained checkpoint itself (`MODEL_DIR`), loadable offline as `nemotron.load("tiny")`."""
 
-from pathlib import Path
+from nemotron.config.presets import EMBEDDED_MODEL_DIR as MODEL_DIR
 
-MODEL_DIR = Path(__file__).parent / "model"
+__all__ = ["MODEL_DIR"]

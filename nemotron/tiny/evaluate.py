@@ -6,11 +6,12 @@ of a mode decoded together as one batch."""
 from __future__ import annotations
 
 import json
+import time
 import warnings
 from collections import defaultdict
 
-from nemotron.train.stages import REWARDS
 from nemotron.tiny.tasks import TOOL_FAMILIES, TOOLS, Problem, grpo_prompt, run_tool
+from nemotron.train.rewards import REWARDS
 
 MODES = ("off", "on", "tools")
 
@@ -88,8 +89,6 @@ def decode_speed(m, held_out: list[Problem], speculative_tokens: int = 2, max_ne
     speculation, alternated question by question (a noisy machine slows both alike): decode
     tokens/s of each, the speed-up, and the MTP acceptance length (tokens per target forward). The
     two produce the same text (speculation is exact), which is checked."""
-    import time
-
     prompts = [[{"role": "user", "content": p.question}] for p in held_out[:n]]
     k = speculative_tokens
     tokens, seconds, same, rounds, accepted = {0: 0, k: 0}, {0: 0.0, k: 0.0}, True, 0, 0

@@ -12,17 +12,21 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from nemotron.api import load
 from nemotron.chat.template import apply_chat_template
 from nemotron.config import NemotronHConfig, save_config
+from nemotron.io.tokenizer import Tokenizer
 from nemotron.tiny.evaluate import MODES, decode_speed, evaluate
 from nemotron.tiny.tasks import (EVAL_FAMILIES, GRPO_SOLVABLE, GRPO_WEIGHTS, TOOL_FAMILIES, TRAIN_WEIGHTS, conversation, grpo_prompt,
                     problems)
 from nemotron.tiny.tokenizer import train_tokenizer
+from nemotron.train import load_recipe, train
 
 
-def tiny_config(vocab_size: int) -> NemotronHConfig:
-    """Nemotron 3 Super's shape at a few million parameters: Mamba-2, NoPE attention, LatentMoE
-    (sigmoid router with correction bias, shared expert) and an MTP block."""
+def embedded_model_config(vocab_size: int) -> NemotronHConfig:
+    """The embedded model's architecture: Nemotron 3 Super's shape at a few million parameters
+    (Mamba-2, NoPE attention, LatentMoE with a sigmoid router, correction bias and a shared expert, and
+    an MTP block), for a tokenizer of `vocab_size` ids."""
     return NemotronHConfig(
         hybrid_override_pattern="MEM*EMEM*E", mtp_hybrid_override_pattern="*E", num_nextn_predict_layers=1,
         vocab_size=vocab_size, hidden_size=192, num_attention_heads=6, num_key_value_heads=2, head_dim=32,
@@ -67,10 +71,10 @@ def build_data(recipe: TinyRecipe, out: Path) -> dict:
     """Write the JSONL files of every stage; returns their paths and the held-out problems."""
     held_out = problems(recipe.eval_problems, "eval", recipe.seed, EVAL_FAMILIES)
     exclude = {p.question for p in held_out}
-    train = problems(recipe.train_problems, "train", recipe.seed, exclude=exclude, weights=TRAIN_WEIGHTS)
+    training = problems(recipe.train_problems, "train", recipe.seed, exclude=exclude, weights=TRAIN_WEIGHTS)
     rng = random.Random(recipe.seed)
     sft, grpo = [], []
-    for p in train:
+    for p in training:
         r = rng.random()
         mode = "tool" if p.family in TOOL_FAMILIES and r < 0.25 else "no_think" if r > 0.8 else "think"
         sft.append(conversation(p, mode))
@@ -105,10 +109,6 @@ def _pretrain_texts(tokenizer, sft: list[dict]) -> list[str]:
 
 def run(recipe: TinyRecipe, progress: bool = True) -> dict:
     """Run the whole recipe into recipe.out_dir; returns the evaluation table per stage."""
-    import nemotron
-    from nemotron.io.tokenizer import Tokenizer
-    from nemotron.train import load_recipe, train
-
     start = time.perf_counter()
     out = Path(recipe.out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -117,7 +117,7 @@ def run(recipe: TinyRecipe, progress: bool = True) -> dict:
     tokenizer = Tokenizer.from_dir(tok_dir)
     pretrain_path = _write_jsonl(out / "data" / "pretrain.jsonl",
                                  ({"text": t} for t in _pretrain_texts(tokenizer, data["sft"])))
-    config = tiny_config(-(-tokenizer.vocab_size // 64) * 64)
+    config = embedded_model_config(-(-tokenizer.vocab_size // 64) * 64)
     save_config(config, out / "config.json")
     common = [f"seed={recipe.seed}", f"seq_len={recipe.seq_len}", "save_every=100000", "resume=false"]
     stages = [
@@ -149,7 +149,7 @@ def run(recipe: TinyRecipe, progress: bool = True) -> dict:
             train(cfg, progress=progress)
             record = {"settings": settings, "minutes": (time.perf_counter() - t) / 60}
             t = time.perf_counter()
-            record["eval"] = evaluate(nemotron.load(out / stage / "final"), data["held_out"], MODES,
+            record["eval"] = evaluate(load(out / stage / "final"), data["held_out"], MODES,
                                       recipe.max_new_tokens)
             record["eval_minutes"] = (time.perf_counter() - t) / 60
             done.write_text(json.dumps(record, indent=1) + "\n")
@@ -157,7 +157,7 @@ def run(recipe: TinyRecipe, progress: bool = True) -> dict:
         minutes[stage] = record["minutes"] + record["eval_minutes"]
         (out / "eval.json").write_text(json.dumps(table, indent=1) + "\n")
     t = time.perf_counter()
-    table["speed"] = decode_speed(nemotron.load(out / "grpo" / "final"), data["held_out"],
+    table["speed"] = decode_speed(load(out / "grpo" / "final"), data["held_out"],
                                   max_new_tokens=recipe.max_new_tokens)
     minutes["speed"] = (time.perf_counter() - t) / 60
     table["minutes"] = minutes

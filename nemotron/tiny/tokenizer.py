@@ -7,13 +7,13 @@ from __future__ import annotations
 from collections.abc import Iterable
 from pathlib import Path
 
-from nemotron.models.init import NEMOTRON3_SPECIAL_TOKENS, write_tokenizer_files
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from nemotron.io.tokenizer import NEMOTRON3_SPECIAL_TOKENS, write_tokenizer_files
 
 
 def train_tokenizer(texts: Iterable[str], out_dir: str | Path, vocab_size: int = 1024) -> Path:
     """Train on `texts` and write tokenizer.json, tokenizer_config.json and chat_template.jinja."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.Sequence([
         pre_tokenizers.Digits(individual_digits=True),

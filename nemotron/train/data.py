@@ -9,7 +9,6 @@ stream (epoch, batch) is all a resume needs.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +17,7 @@ from typing import Any
 import torch
 
 from nemotron.chat.template import apply_chat_template, validate_messages, validate_tools
+from nemotron.io.jsonl import read_jsonl
 
 IGNORE = -100
 
@@ -126,24 +126,6 @@ class DataStream:
 # --------------------------------------------------------------------------------------------------
 # sources
 # --------------------------------------------------------------------------------------------------
-
-
-def read_jsonl(path: str | Path) -> list[dict]:
-    """Records of a JSONL file; a bad line is an error naming the file and line."""
-    out = []
-    path = Path(path)
-    with path.open(encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{n}: not valid JSON ({e.msg})") from None
-            if not isinstance(record, dict):
-                raise ValueError(f"{path}:{n}: expected a JSON object per line")
-            out.append(record)
-    return out
 
 
 def text_examples(paths: list[str | Path], tokenizer) -> list[Example]:

@@ -10,6 +10,7 @@ repeatedly: depth k predicts the token k+1 places ahead), plus the sequence-leve
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -42,9 +43,9 @@ def sequence_aux_loss(model: nn.Module, seq_idx: torch.Tensor) -> torch.Tensor:
     n_seq = int(seq.max()) + 1
     tokens = torch.bincount(seq, minlength=n_seq).float()                             # T_s
     total = seq_idx.new_zeros((), dtype=torch.float32)
-    # the backbone's routers, which the forward just ran (the MTP block runs after this loss, and a
+    # the blocks' routers, which the forward just ran (the MTP block runs after this loss, and a
     # stale routing from an earlier step must never be read: its graph is gone)
-    for router in routers(getattr(model, "backbone", model)):
+    for router in routers(model.blocks):
         if router.last_routing is None:
             continue
         scores, idx = router.last_routing
@@ -70,7 +71,7 @@ def lm_loss(model: nn.Module, batch: Batch, mtp_weight: float = 0.0, mtp_depth: 
     `loss_scale_sequences` (the step's packed sequences). Returns (loss, metrics)."""
     ids, labels, seq_idx = batch.input_ids, batch.labels, batch.seq_idx
     n = max(1, loss_scale_tokens if loss_scale_tokens is not None else batch.num_targets)
-    use_mtp = mtp_weight > 0 and getattr(model, "mtp", None) is not None
+    use_mtp = mtp_weight > 0 and model.mtp is not None
     if use_mtp:
         logits, h = model(ids, seq_idx=seq_idx, return_hidden=True)
     else:
@@ -110,8 +111,6 @@ def update_expert_bias(model: nn.Module, rate: float, group=None) -> dict:
     for i, router in enumerate(routers(model)):
         load = router.tokens_per_expert
         if group is not None:
-            import torch.distributed as dist
-
             dist.all_reduce(load, group=group)
         if load.sum() == 0:
             continue

@@ -19,13 +19,12 @@ import os
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 
 from nemotron.layers.attention import Attention
 from nemotron.layers.mamba2 import Mamba2Mixer
-from nemotron.layers.mlp import ReLU2MLP, SwiGLU, relu2
-from nemotron.layers.moe import MoE
+from nemotron.layers.mlp import ReLU2MLP, SwiGLU
+from nemotron.layers.moe import MoE, choose_kernel, combine, sort_by_expert, sorted_expert_outputs
 
 
 def init_from_env() -> tuple[int, int]:
@@ -39,7 +38,7 @@ def init_from_env() -> tuple[int, int]:
 
 
 def blocks(model: nn.Module) -> nn.ModuleList:
-    return model.backbone.layers if hasattr(model, "backbone") else model.model.layers
+    return model.blocks   # the CausalLM contract's block list
 
 
 # --------------------------------------------------------------------------------------------------
@@ -167,34 +166,31 @@ def full_state_dict(model: nn.Module, tp_group=None, ep_group=None) -> dict[str,
 
 
 def _ep_experts_forward(experts, group, ep: int, rank: int):
+    """The forward of an expert-parallel shard: the (token, expert) pairs are sorted by expert
+    (which is by owning rank), sent to their owners, run there through the shared sorted-rows
+    kernels of nemotron.layers.moe, sent back and combined where they came from."""
     from torch.distributed.nn.functional import all_to_all_single
 
     local = experts.up_proj.shape[0]
 
     def forward(x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor, method: str | None = None) -> torch.Tensor:
         t, k = idx.shape
-        flat = idx.reshape(-1)
-        order = flat.argsort(stable=True)
-        dest = flat[order] // local                                                 # owning rank per pair
-        send_counts = torch.bincount(dest, minlength=ep)
+        order, counts = sort_by_expert(idx.reshape(-1), ep * local)
+        token = order // k
+        # recv_counts[s, e]: rows for my local expert e that rank s sends
+        send_counts = counts.view(ep, local)
         recv_counts = torch.empty_like(send_counts)
         dist.all_to_all_single(recv_counts, send_counts, group=group)
-        send, recv = send_counts.tolist(), recv_counts.tolist()
-        xs = x[order // k]
-        expert_ids = (flat[order] % local).to(x.dtype)
-        payload = torch.cat([xs, expert_ids[:, None]], dim=1)
-        got = all_to_all_single(payload.new_empty(sum(recv), payload.shape[1]), payload, recv, send, group=group)
-        tokens, ids = got[:, :-1], got[:, -1].long()
-        out = torch.zeros_like(tokens)
-        for e in range(local):
-            sel = (ids == e).nonzero().squeeze(1)
-            if sel.numel():
-                h = relu2(F.linear(tokens[sel], experts.up_proj[e]))
-                out = out.index_copy(0, sel, F.linear(h, experts.down_proj[e]))
-        back = all_to_all_single(out.new_empty(sum(send), out.shape[1]), out, send, recv, group=group)
-        ys = back.float() * weights.reshape(-1)[order, None].float()
-        result = torch.zeros(t, x.shape[-1], dtype=torch.float32, device=x.device)
-        return result.index_add(0, order // k, ys).to(x.dtype)
+        send, recv = send_counts.sum(1).tolist(), recv_counts.sum(1).tolist()
+        rows = all_to_all_single(x.new_empty(sum(recv), x.shape[1]), x.index_select(0, token), recv, send, group=group)
+        # rows arrive by source rank, then by expert: regroup them by expert alone
+        ids = torch.arange(local, device=x.device).repeat(ep).repeat_interleave(recv_counts.reshape(-1))
+        local_order, local_counts = sort_by_expert(ids, local)
+        method = method or choose_kernel(experts, rows, len(ids), 1, sorted_only=True)
+        ys = sorted_expert_outputs(experts, rows.index_select(0, local_order), local_counts, method)
+        ys = ys.new_empty(ys.shape).index_copy(0, local_order, ys)                  # arrival order
+        back = all_to_all_single(ys.new_empty(sum(send), ys.shape[1]), ys, send, recv, group=group)
+        return combine(back, weights, order, token, t).to(x.dtype)
 
     return forward
 
@@ -241,6 +237,6 @@ def apply_fsdp(model: nn.Module, mesh=None, reshard_after_forward: bool = True) 
     for block in blocks(model):
         fully_shard(block, mesh=mesh, reshard_after_forward=reshard_after_forward)
     fully_shard(model, mesh=mesh, reshard_after_forward=reshard_after_forward)
-    if getattr(model, "mtp", None) is not None:
+    if model.mtp is not None:
         register_fsdp_forward_method(model, "mtp_forward")
     return model

@@ -14,8 +14,6 @@ data position, so that a resume continues exactly.
 from __future__ import annotations
 
 import copy
-import math
-import re
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -24,9 +22,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from nemotron.chat.template import prepare_chat
+from nemotron.chat.turn import ChatTurn
+from nemotron.inference.engine import Engine
+from nemotron.inference.requests import Request
+from nemotron.inference.sampling import SamplingParams
 from nemotron.train.data import IGNORE, Batch, DataStream, Example, chat_example, chat_examples, collate, pack, read_jsonl, \
     text_examples
 from nemotron.train.objectives import count_sequences, lm_loss
+from nemotron.train.rewards import REWARDS
 
 
 class IndexStream:
@@ -225,38 +229,6 @@ class DPOStage:
 # GRPO
 # --------------------------------------------------------------------------------------------------
 
-_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
-
-
-def _last_number(text: str) -> float | None:
-    found = _NUMBER.findall(text or "")
-    if not found:
-        return None
-    try:
-        return float(found[-1].replace(",", ""))
-    except ValueError:
-        return None
-
-
-def reward_number(answer: str, record: dict) -> float:
-    """1 when the last number in the answer equals the record's `answer` (as a number)."""
-    got, want = _last_number(answer), _last_number(str(record.get("answer", "")))
-    return float(got is not None and want is not None and math.isclose(got, want, rel_tol=1e-9, abs_tol=1e-9))
-
-
-def reward_exact(answer: str, record: dict) -> float:
-    return float((answer or "").strip() == str(record.get("answer", "")).strip())
-
-
-def reward_contains(answer: str, record: dict) -> float:
-    return float(str(record.get("answer", "")).strip().lower() in (answer or "").lower())
-
-
-REWARDS: dict[str, Callable[[str, dict], float]] = {
-    "number": reward_number, "exact": reward_exact, "contains": reward_contains,
-}
-
-
 def group_advantages(rewards: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """[prompts, group] rewards -> (r - group mean) / (group std + eps); a group where every sample
     scored the same has no signal (all zeros)."""
@@ -294,7 +266,6 @@ class GRPOStage:
 
     def __init__(self, cfg, model: nn.Module, tokenizer,
                  rewards: dict[str, Callable[[str, dict], float]] | None = None) -> None:
-        from nemotron.chat.template import prepare_chat
 
         self.cfg, self.tokenizer = cfg, tokenizer
         self.rewards = {**REWARDS, **(rewards or {})}
@@ -311,10 +282,6 @@ class GRPOStage:
         self.step_count = 0
 
     def _generate(self, model: nn.Module, indices: list[int]) -> list[tuple[int, list[int], float]]:
-        from nemotron.inference.engine import Engine
-        from nemotron.inference.generate import Request
-        from nemotron.chat.parsers import parse_output
-        from nemotron.inference.sampling import SamplingParams
 
         cfg = self.cfg
         was_training = model.training
@@ -322,27 +289,24 @@ class GRPOStage:
         stop = {self.tokenizer.eos_token_id} - {None}
         longest = max(len(self.prompts[i].ids) for i in indices) + cfg.max_new_tokens
         engine = Engine(model, self.tokenizer, stop, max_batch=min(64, len(indices) * cfg.group_size),
-                        max_len=longest, prefill_chunk=512)
+                        max_len=longest, prefill_chunk=512, max_waiting=len(indices) * cfg.group_size)
         reqs = []
         for i in indices:
             for j in range(cfg.group_size):
                 seed = (cfg.seed * 1_000_003 + self.step_count * 10_007 + i * 101 + j) % (2 ** 63)
                 reqs.append((i, Request(list(self.prompts[i].ids), SamplingParams(
                     max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, seed=seed))))
-        for _, r in reqs:
-            engine.submit(r)
-        with torch.inference_mode():
-            while engine.running or engine.waiting or engine.prefilling:
-                engine.step()
+        for _ in engine.run([r for _, r in reqs]):
+            pass
         model.train(was_training)
         out = []
         for i, r in reqs:
             p = self.prompts[i]
             with warnings.catch_warnings():  # early policies write stray tags; the reward judges the answer
                 warnings.simplefilter("ignore")
-                parsed = parse_output(r.text, p.fmt, p.thinking, self.records[i].get("tools"), p.prompt_opens_think)
+                result = ChatTurn(p, self.records[i].get("tools")).result_for(r)   # as chat() and the server read it
             verifier = self.rewards[self.records[i].get("verifier", cfg.grpo_reward)]
-            out.append((i, list(r.output_ids), float(verifier(parsed.content or "", self.records[i]))))
+            out.append((i, list(r.output_ids), float(verifier(result.content or "", self.records[i]))))
         return out
 
     def _informative(self, samples: list) -> list[list]:

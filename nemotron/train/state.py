@@ -28,10 +28,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
-from nemotron.io.checkpoint import read_safetensors_index, write_safetensors
 from nemotron.errors import CheckpointError
+from nemotron.io.checkpoint import read_safetensors_index, write_safetensors
 
 STEP_DIR = re.compile(r"step_(\d{8})")
 DAMAGED_PREFIX = "damaged_"
@@ -42,24 +43,18 @@ def _local(t: torch.Tensor) -> torch.Tensor:
 
 
 def _dist() -> tuple[int, int]:
-    import torch.distributed as dist
-
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
 
 
 def _barrier() -> None:
-    import torch.distributed as dist
-
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
 
 
 def _any_rank(problem: str | None) -> str | None:
     """The first problem any rank found (so that every rank resumes from the same checkpoint)."""
-    import torch.distributed as dist
-
     if not (dist.is_available() and dist.is_initialized()):
         return problem
     found: list[str | None] = [None] * dist.get_world_size()

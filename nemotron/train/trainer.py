@@ -21,9 +21,20 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+import yaml
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from torch import nn
+from torch.distributed.device_mesh import init_device_mesh
+from torch.utils.checkpoint import checkpoint
 
+from nemotron.api import load
+from nemotron.config import config_from_dict
+from nemotron.config.presets import toy_super_config
 from nemotron.io.checkpoint import save_checkpoint
+from nemotron.io.tokenizer import Tokenizer
+from nemotron.models import build_model
+from nemotron.models.init import init_weights_
+from nemotron.quant.modelopt import quantized_layers
 from nemotron.train.lora import DEFAULT_TARGETS, apply_lora, merge_lora, save_adapter
 from nemotron.train.objectives import routers, update_expert_bias
 from nemotron.train.parallel import (all_reduce_grads, apply_ep, apply_fsdp, apply_tp, blocks, expert_parameters,
@@ -33,6 +44,7 @@ from nemotron.train.stages import make_stage
 from nemotron.train.state import resume_training_state, save_training_state, step_dirs
 
 STAGES = ("pretrain", "sft", "dpo", "grpo")
+TOY_SUPER = "toy_super"   # init_config value: the toy Nemotron 3 Super layout of config.presets.toy_super_config
 DISCARDED_METRICS = "metrics.discarded.jsonl"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json")
 
@@ -45,7 +57,7 @@ class TrainConfig:
     data: list[str] = field(default_factory=list)   # pretrain: .jsonl ("text") or .txt; sft: .jsonl conversations
     out_dir: str = "runs/train"
     model: str | None = None          # a checkpoint directory to start from ...
-    init_config: str | None = None    # ... or a config.json to initialise from ("tiny": the tiny Super layout)
+    init_config: str | None = None    # ... or a config.json to initialise from (TOY_SUPER: toy_super_config())
     tokenizer: str | None = None      # tokenizer files (default: the model directory)
     seed: int = 0
     steps: int = 100
@@ -163,8 +175,6 @@ def coerce_setting(name: str, value: Any, hint: Any) -> Any:
 def load_recipe(path: str | Path | None, overrides: list[str] = (), stage: str | None = None) -> TrainConfig:
     """A recipe file (YAML or JSON) plus key=value overrides -> a validated TrainConfig. Unknown keys
     and bad values are one-line errors before any work starts."""
-    import yaml
-
     values: dict[str, Any] = {}
     if path is not None:
         try:
@@ -198,15 +208,8 @@ def load_recipe(path: str | Path | None, overrides: list[str] = (), stage: str |
 
 
 def _build(cfg: TrainConfig):
-    import nemotron
-    from nemotron.config import config_from_dict
-    from nemotron.models.init import init_weights_, tiny_super_config
-    from nemotron.models import build_model
-    from nemotron.quant.modelopt import quantized_layers
-    from nemotron.io.tokenizer import Tokenizer
-
     if cfg.model is not None:
-        loaded = nemotron.load(cfg.model, dtype="float32")
+        loaded = load(cfg.model, dtype="float32")
         model, config = loaded.model, loaded.config
         quantized = quantized_layers(model)
         if quantized:
@@ -214,7 +217,7 @@ def _build(cfg: TrainConfig):
                              "train the full-precision checkpoint and quantize the result")
         tok_dir = Path(cfg.tokenizer or cfg.model)
     else:
-        config = tiny_super_config() if cfg.init_config == "tiny" else \
+        config = toy_super_config() if cfg.init_config == TOY_SUPER else \
             config_from_dict(json.loads(Path(cfg.init_config).read_text()))
         torch.manual_seed(cfg.seed)
         model = init_weights_(build_model(config), config, seed=cfg.seed)
@@ -228,8 +231,6 @@ def _build(cfg: TrainConfig):
 def enable_activation_checkpointing(model: nn.Module) -> None:
     """Recompute each block's activations in the backward pass (applied from outside: the block's
     forward is wrapped on the instance, names and weights are unchanged)."""
-    from torch.utils.checkpoint import checkpoint
-
     for block in blocks(model):
         inner = block.forward
         block.forward = lambda *a, _f=inner, **k: checkpoint(_f, *a, use_reentrant=False, **k)
@@ -237,7 +238,7 @@ def enable_activation_checkpointing(model: nn.Module) -> None:
 
 def plot_curves(records: list[dict], out: Path, keys: tuple[str, ...] = ("loss",)) -> Path | None:
     """A PNG of the logged curves (needs matplotlib; without it nothing is drawn)."""
-    try:
+    try:   # imported here: matplotlib takes about a second to import, and only the end of a run draws
         import matplotlib
 
         matplotlib.use("Agg")
@@ -328,8 +329,6 @@ def train(cfg: TrainConfig, progress: bool = True, stop_after: int | None = None
             block.compile()
     dp_group, experts = None, set()
     if distributed:   # parallelism applied from outside: tensor / expert parallel, then FSDP2
-        from torch.distributed.device_mesh import init_device_mesh
-
         mesh = init_device_mesh("cuda" if torch.cuda.is_available() else "cpu", (world,))
         if cfg.parallel == "tp":
             apply_tp(model, mesh)
@@ -435,7 +434,7 @@ def train(cfg: TrainConfig, progress: bool = True, stop_after: int | None = None
 
 
 def _tensorboard(out: Path):
-    try:
+    try:   # optional: TensorBoard logging when it is installed (it is not a dependency)
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
         return None
@@ -444,8 +443,6 @@ def _tensorboard(out: Path):
 
 class _Bar:
     def __init__(self, total: int, start: int) -> None:
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
         self.progress = Progress(TextColumn("train"), BarColumn(), MofNCompleteColumn(),
                                  TextColumn("loss {task.fields[loss]:.4f}"), TextColumn("{task.fields[tps]:.0f} tok/s"),
                                  TimeRemainingColumn())
