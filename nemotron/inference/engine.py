@@ -444,17 +444,10 @@ class Engine:
         events, finished = [], set()
         for row, r in enumerate(self.running):
             for token in accepted[row]:
-                try:
-                    text, done = accept_token(r, token, None, self.stop_ids)
-                except Exception as exc:
-                    events.append(self._failed(r, exc, "token acceptance"))
-                    finished.add(row)
-                    break
-                self.stats.generation_tokens += 1
-                events.append(TokenEvent(r, -1, token, text, done))
+                event, done = self._record(r, token)
+                events.append(event)
                 if done:
                     finished.add(row)
-                    self._count_finished(r)
                     break
         return events + self._emit(logits, self.sampler, list(range(n)), done_rows=finished)
 
@@ -482,21 +475,29 @@ class Engine:
         for i, (row, r, token) in enumerate(zip(rows, reqs, token_ids)):
             if row in done_rows:
                 continue
-            try:
-                lp = token_logprob(logits, out, i, token) if r.params.logprobs else None
-                text, done = accept_token(r, token, lp, self.stop_ids)
-            except Exception as exc:
-                events.append(self._failed(r, exc, "token acceptance"))
-                finished.append(row)
-                continue
-            self.stats.generation_tokens += 1
-            events.append(TokenEvent(r, -1, token, text, done, lp))
+            logprob = (lambda i=i, token=token: token_logprob(logits, out, i, token)) if r.params.logprobs else None
+            event, done = self._record(r, token, logprob)
+            events.append(event)
             if done:
                 finished.append(row)
-                self._count_finished(r)
         if finished:
             self._remove_rows(finished)
         return events
+
+    def _record(self, r: Request, token: int,
+                logprob: Callable[[], dict] | None = None) -> tuple[TokenEvent, bool]:
+        """Record one token of `r` (its log-prob from `logprob`, when asked for) and make its event; a
+        failure there (log-probs, detokenization, stop strings, thinking budget) ends `r` alone.
+        Returns (the event, whether `r` is finished)."""
+        try:
+            lp = logprob() if logprob is not None else None
+            text, done = accept_token(r, token, lp, self.stop_ids)
+        except Exception as exc:
+            return self._failed(r, exc, "token acceptance"), True
+        self.stats.generation_tokens += 1
+        if done:
+            self._count_finished(r)
+        return TokenEvent(r, -1, token, text, done, lp), done
 
     def _remove_rows(self, rows: list[int]) -> None:
         """Free running rows: each hole is filled by the last running row; the rows being prefilled

@@ -10,6 +10,7 @@ registry in `nemotron.models` maps config classes to families (`family(config)`,
 from __future__ import annotations
 
 import re
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
@@ -160,7 +161,7 @@ UNWRAP_LANGUAGE_MODEL = (re.compile(r"^language_model\."), "")
 # --------------------------------------------------------------------------------------------------
 
 
-class Family:
+class Family(ABC):
     """One architecture family: the config class it builds from (a subclass of it too), the model it
     builds, its checkpoints' names, and its accounting (what `nemotron info` reports). Each family
     module defines one instance (`FAMILY`); `nemotron.models.FAMILIES` registers them."""
@@ -168,16 +169,19 @@ class Family:
     config_class: ClassVar[type]
     name_map: ClassVar[NameMap]
 
+    @abstractmethod
     def build(self, config) -> CausalLM:
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def layer_pattern(self, config) -> str:
         """The layer stack in one line (Nemotron-H's pattern, or one token per decoder layer)."""
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def state_bytes(self, config, dtype_bytes: int = 2, ssm_dtype_bytes: int = 4) -> dict[str, int]:
         """{"kv_bytes_per_token": all attention layers, "mamba_state_bytes_per_sequence": conv + SSM}."""
-        raise NotImplementedError
+        ...
 
     def inactive_params(self, config, name: str, numel: int) -> int:
         """How many of state-dict tensor `name`'s `numel` parameters one token does not use (routed

@@ -5,6 +5,7 @@ and `DecoderFamily`."""
 
 from __future__ import annotations
 
+from abc import abstractmethod
 from typing import Any
 
 import torch
@@ -163,9 +164,9 @@ class DecoderFamily(Family):
 
     name_map = DECODER_NAME_MAP
 
+    @abstractmethod
     def kv_heads(self, config) -> list[int]:
         """The KV heads of each attention layer (a layer without attention has none)."""
-        raise NotImplementedError
 
     def state_bytes(self, config, dtype_bytes: int = 2, ssm_dtype_bytes: int = 4) -> dict[str, Any]:
         kv = 0
