@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from nemotron.chat.turn import ChatResult, ChatTurn
+from nemotron.inference.constraint import StructuredOutput
 from nemotron.inference.engine import Engine
 from nemotron.inference.requests import Request
 from nemotron.inference.sampling import SamplingParams
@@ -129,6 +130,7 @@ class LoadedModel:
              thinking_budget: int | None = None, max_new_tokens: int = 1024, stream: bool = False,
              speculative_tokens: int = 0, compile: bool = False, template_kwargs: dict[str, Any] | None = None,
              special_tokens_in_content: bool = False, tool_choice: str | dict = "auto",
+             response_format: dict | None = None, parallel_tool_calls: bool = True,
              **sampling: Any) -> ChatResult | Iterator:
         """One assistant turn in the checkpoint's own chat format.
 
@@ -140,12 +142,18 @@ class LoadedModel:
         tools in the prompt, call markup stays text), "required" (a call is forced, the model picks the
         function) or {"type": "function", "function": {"name": NAME}} (a call of NAME is forced).
         finish_reason is "tool_calls" when a call was parsed and generation stopped by itself.
+        A forced call follows the template's syntax and the tool's parameter schema (grammar-constrained).
+
+        response_format, as OpenAI takes it: {"type": "json_schema", "json_schema": {"name": ...,
+        "schema": {...}}} or {"type": "json_object"} constrains the answer after the reasoning to JSON
+        (with tools offered and tool_choice "auto", a tool call stays possible instead).
+        parallel_tool_calls=False allows one call where calls are constrained.
 
         The messages' and tools' text is tokenized as ordinary text by default: `<|im_start|>` or
         `<think>` typed in a message cannot become a control token (transformers and vLLM parse them
         inside content); special_tokens_in_content=True restores that parsing."""
         turn = self._turn(messages, tools, enable_thinking, thinking_budget, max_new_tokens, template_kwargs, sampling,
-                          special_tokens_in_content, tool_choice)
+                          special_tokens_in_content, tool_choice, response_format, parallel_tool_calls)
         it = self._chat_stream(turn, self._engine(turn.reqs, speculative_tokens, compile))
         if stream:
             return it
@@ -157,12 +165,14 @@ class LoadedModel:
     def chat_batch(self, conversations: list[list[dict]], tools: list[dict] | None = None,
                    enable_thinking: bool = True, thinking_budget: int | None = None, max_new_tokens: int = 1024,
                    template_kwargs: dict[str, Any] | None = None, special_tokens_in_content: bool = False,
-                   tool_choice: str | dict = "auto", **sampling: Any) -> list[ChatResult]:
+                   tool_choice: str | dict = "auto", response_format: dict | None = None,
+                   parallel_tool_calls: bool = True, **sampling: Any) -> list[ChatResult]:
         """One assistant turn for each of many conversations, decoded together as one batch: much
         faster than one `chat` call each for small models (evaluations, synthetic data).
-        special_tokens_in_content, tool_choice: as in `chat`."""
+        special_tokens_in_content, tool_choice, response_format, parallel_tool_calls: as in `chat`."""
         turns = [self._turn(m, tools, enable_thinking, thinking_budget, max_new_tokens, template_kwargs,
-                            dict(sampling), special_tokens_in_content, tool_choice) for m in conversations]
+                            dict(sampling), special_tokens_in_content, tool_choice, response_format,
+                            parallel_tool_calls) for m in conversations]
         reqs = [r for t in turns for r in t.reqs]
         engine = self._engine(reqs)
         owner = {}
@@ -174,11 +184,14 @@ class LoadedModel:
         return [t.results()[0] for t in turns]
 
     def _turn(self, messages, tools, enable_thinking, thinking_budget, max_new_tokens, template_kwargs,
-              sampling, special_tokens_in_content=False, tool_choice="auto") -> ChatTurn:
+              sampling, special_tokens_in_content=False, tool_choice="auto", response_format=None,
+              parallel_tool_calls=True) -> ChatTurn:
         """The ChatTurn of one conversation, with its one request made."""
         turn = ChatTurn.prepare(self._require_tokenizer(), messages, tools, tool_choice=tool_choice,
                                 enable_thinking=enable_thinking, thinking_budget=thinking_budget,
-                                template_kwargs=template_kwargs, special_tokens_in_content=special_tokens_in_content)
+                                template_kwargs=template_kwargs, special_tokens_in_content=special_tokens_in_content,
+                                answer=StructuredOutput.from_response_format(response_format),
+                                parallel_tool_calls=parallel_tool_calls)
         turn.requests(self._params(max_new_tokens, sampling))
         return turn
 

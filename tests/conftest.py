@@ -99,3 +99,11 @@ def make_hf_nemotron_h(tmp_path):
         return out, model
 
     return make
+
+
+@pytest.fixture(scope="session")
+def scripted_checkpoint(tmp_path_factory):
+    """The scripted checkpoint (tests/scripted.py), trained once per session for every module that serves it."""
+    from scripted import make_scripted_checkpoint
+
+    return make_scripted_checkpoint(tmp_path_factory.mktemp("scripted"))

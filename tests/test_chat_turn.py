@@ -70,11 +70,13 @@ def test_forced_prefix_is_what_the_template_renders_after_the_reasoning(tok):
     assert rendered.startswith(prompt.text)
     after = rendered.split("</think>", 1)[1]
     assert after.startswith(prefix.text()) and after.startswith(prefix.text("lookup"))
-    # as token ids: the forced tokens follow the </think> token exactly as in the rendered turn
+    # as token ids: the tokens the grammar forces follow the </think> token exactly as in the rendered turn
     for choice, name in (("required", None), (NAMED, "lookup")):
         (req,) = ChatTurn(prompt, tools, choice, tokenizer=tok).requests(SamplingParams())
-        forced = req.thinking_budget.after_close
-        assert forced == tok.encode(prefix.text(name), add_special_tokens=False) and not req.forced
+        assert req.grammar.starts_after == tok.token_id("</think>") and not req.forced
+        head = tok.encode(prefix.text(name), add_special_tokens=False)
+        forced = _forced_tokens(tok, req.grammar.lark)[:len(head)]
+        assert forced == head
         ids = tok.encode(rendered, add_special_tokens=False)
         at = ids.index(tok.token_id("</think>"))
         assert ids[at + 1:at + 1 + len(forced)] == forced
@@ -90,7 +92,16 @@ def test_forced_prefix_without_reasoning_continues_the_generation_prompt(tok):
     assert rendered.startswith(prompt.text + text) and text == "<tool_call>\n<function=calculator>\n"
     (req,) = ChatTurn(prompt, tools, {"type": "function", "function": {"name": "calculator"}},
                       tokenizer=tok).requests(SamplingParams())
-    assert req.thinking_budget is None and req.forced == tok.encode(text, add_special_tokens=False)
+    assert req.thinking_budget is None and req.grammar.starts_after is None
+    head = tok.encode(text, add_special_tokens=False)
+    forced = _forced_tokens(tok, req.grammar.lark)[:len(head)]
+    assert forced == head == tok.encode(rendered[len(prompt.text):], add_special_tokens=False)[:len(head)]
+
+
+def _forced_tokens(tok, lark: str) -> list[int]:
+    """The tokens a grammar forces from its start (the grammar engine's fast-forward)."""
+    from nemotron.inference.constraint import grammar_compiler
+    return grammar_compiler(tok, tok.vocab_size, {tok.eos_token_id}).matcher(lark).compute_ff_tokens()
 
 
 @pytest.mark.parametrize("name, after, without", [
@@ -113,11 +124,10 @@ def test_forced_prefix_of_the_released_templates(name, after, without):
 
 
 def test_a_forced_call_after_a_spent_budget_has_no_blank_line(tok):
-    """The budget closes with the bare `</think>` when a forced call follows (the call brings its own
-    newline), with `</think>\\n` otherwise."""
-    then = "\n<tool_call>\n<function="
-    budget = make_thinking_budget(tok, 0, True, then=then)
-    assert tok.decode(budget.force(), skip_special_tokens=False) == "</think>" + then
+    """The budget closes with the bare `</think>` when a grammar writes what follows (a forced call
+    brings its own newline), with `</think>\\n` otherwise."""
+    budget = make_thinking_budget(tok, 0, True, bare_close=True)
+    assert tok.decode(budget.force(), skip_special_tokens=False) == "</think>"
     plain = make_thinking_budget(tok, 0, True)
     assert tok.decode(plain.force(), skip_special_tokens=False) == "</think>\n"
 

@@ -14,7 +14,7 @@ import pytest
 
 openai = pytest.importorskip("openai")
 
-from scripted import ASK, CALL, HI, RESULT, TOOLS, make_scripted_checkpoint  # noqa: E402
+from scripted import ASK, CALL, HI, RESULT, TOOLS  # noqa: E402
 from serving import running_server  # noqa: E402
 
 
@@ -35,8 +35,8 @@ def http(base: str, path: str, body: bytes | dict | None = None, headers: dict |
 
 
 @pytest.fixture(scope="module")
-def scripted(tmp_path_factory):
-    return make_scripted_checkpoint(tmp_path_factory.mktemp("scripted"))
+def scripted(scripted_checkpoint):
+    return scripted_checkpoint   # trained once per session (conftest), shared with test_responses
 
 
 @pytest.fixture(scope="module")
@@ -140,7 +140,11 @@ def test_completions_endpoint(client):
                                   logprobs=2, echo=True, extra_body={"ignore_eos": True})
     choice = r.choices[0]
     assert choice.text.startswith("The weather") and r.usage.completion_tokens == 5
-    assert len(choice.logprobs.tokens) == 5 and all(len(t) == 2 for t in choice.logprobs.top_logprobs)
+    # echo scores the prompt too (OpenAI's legacy API): its first token has no log-prob
+    lp, n_prompt = choice.logprobs, r.usage.prompt_tokens
+    assert len(lp.tokens) == n_prompt + 5 and "".join(lp.tokens[:n_prompt]) == "The weather"
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    assert all(len(t) == 2 for t in lp.top_logprobs[1:])
     streamed = "".join(c.choices[0].text for c in client.completions.create(
         model=_name(client), prompt="The weather", max_tokens=5, temperature=0, stream=True,
         extra_body={"ignore_eos": True}))
@@ -246,6 +250,9 @@ BAD_BODIES = [
     ({"messages": HI, "model": "some-other-model"}, 404),
     ({"messages": HI, "response_format": {"type": "json_schema"}}, 400),
     ({"messages": [{"role": "user", "content": "x" * 5000}]}, 400),   # longer than this server's context
+    ({"messages": HI, "logit_bias": {"hi": 1}}, 400),
+    ({"messages": HI, "logit_bias": {"5": 1e9}}, 400),
+    ({"messages": HI, "prompt_logprobs": 99}, 400),
 ]
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from nemotron.layers.moe import route
-from nemotron.layers.ssd import segsum, ssd_chunked, ssd_recurrent, ssd_step, ssd_steps
+from nemotron.layers.ssd import ssd_chunked, ssd_recurrent, ssd_step, ssd_steps
 
 
 def _inputs(b, L, h, p, g, n, seed=0):
@@ -51,12 +51,6 @@ def test_chunked_scan_continues_from_its_own_final_state():
     y2, s2 = ssd_chunked(x[:, 11:], dt[:, 11:], A, B[:, 11:], C[:, 11:], 8, initial_state=s1)
     assert torch.allclose(torch.cat([y1, y2], 1), y_all, atol=1e-5)
     assert torch.allclose(s2, s_all, atol=1e-5)
-
-
-def test_segsum():
-    a = torch.tensor([1.0, 2.0, 3.0])
-    s = segsum(a)
-    assert s[2, 0] == 5.0 and s[2, 1] == 3.0 and s[1, 1] == 0.0 and s[0, 2] == float("-inf")
 
 
 def test_router_bias_selects_but_does_not_weight():

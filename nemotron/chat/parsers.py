@@ -184,10 +184,33 @@ def _tool_index(tools: list[dict] | None) -> dict[str, dict | None] | None:
         name = fn.get("name")
         if not isinstance(name, str):
             continue
-        params = fn.get("parameters")
+        params = resolve_refs(fn.get("parameters"))
         props = params.get("properties") if isinstance(params, dict) else None
         index[name] = props if isinstance(props, dict) else None
     return index
+
+
+_MAX_REF_DEPTH = 8
+
+
+def resolve_refs(schema: Any, root: Any = None, depth: int = 0) -> Any:
+    """`schema` with its local references (`{"$ref": "#/$defs/Name"}`, as pydantic writes nested
+    models and enums) replaced by what they point to, so that each property's schema stands alone.
+    A reference nested deeper than a few levels (a recursive model) is left as it is."""
+    root = schema if root is None else root
+    if isinstance(schema, list):
+        return [resolve_refs(x, root, depth) for x in schema]
+    if not isinstance(schema, dict):
+        return schema
+    ref = schema.get("$ref")
+    if isinstance(ref, str) and ref.startswith("#/") and depth < _MAX_REF_DEPTH:
+        target: Any = root
+        for part in ref[2:].split("/"):
+            part = part.replace("~1", "/").replace("~0", "~")
+            target = target.get(part) if isinstance(target, dict) else None
+        if isinstance(target, dict):
+            return resolve_refs({**target, **{k: v for k, v in schema.items() if k != "$ref"}}, root, depth + 1)
+    return {k: v if k in ("$defs", "definitions") else resolve_refs(v, root, depth) for k, v in schema.items()}
 
 
 _STRING_TYPES = {"string", "str", "text", "varchar", "char", "enum"}
@@ -212,7 +235,7 @@ def _canonical_type(t: str) -> str | None:
     return None
 
 
-def _schema_types(schema: Any, depth: int = 0) -> list[str]:
+def schema_types(schema: Any, depth: int = 0) -> list[str]:
     if not isinstance(schema, dict) or depth > 8:
         return []
     out: list[str] = []
@@ -224,7 +247,7 @@ def _schema_types(schema: Any, depth: int = 0) -> list[str]:
         opts = schema.get(key)
         if isinstance(opts, list):
             for opt in opts:
-                out.extend(_schema_types(opt, depth + 1))
+                out.extend(schema_types(opt, depth + 1))
     if not out:
         enum = schema.get("enum")
         if isinstance(enum, list) and enum and all(isinstance(e, str) for e in enum):
@@ -309,8 +332,16 @@ def _guess(value: str) -> Any:
 
 
 def _convert_param(value: str, schema: Any) -> Any:
-    types = _schema_types(schema)
+    types = schema_types(schema)
     if not types:
+        if isinstance(schema, dict) and ("enum" in schema or "const" in schema):
+            allowed = schema["enum"] if "enum" in schema else [schema["const"]]
+            try:   # an untyped enum of numbers, booleans...: the JSON value that is one of them
+                v = json.loads(value.strip())
+            except (ValueError, RecursionError):
+                v = value
+            if isinstance(allowed, list) and any(v == a and type(v) is type(a) for a in allowed):
+                return v
         return _guess(value)
     if "null" in types and value.strip() in ("null", "None"):
         return None

@@ -5,11 +5,13 @@ route, the CLI and GRPO all go through `ChatTurn`, so they agree on everything b
 Building the requests (`ChatTurn.prepare`, then `ChatTurn.requests`):
 * the prompt is rendered and tokenized by `prepare_chat` (with no tools for tool_choice "none");
 * a thinking budget (`make_thinking_budget`) caps the reasoning when one is asked for;
-* tool_choice "required" forces the start of a tool call (the model picks the function), a named
-  function `{"type": "function", "function": {"name": ...}}` forces the call up to its arguments; the
-  forced text is what the checkpoint's template writes there (`ChatPrompt.tool_call_prefix`). With
-  reasoning it is forced right after the reasoning ends (the thinking budget's `after_close`), without
-  it at once (`Request.forced`);
+* what follows the reasoning may be constrained by a grammar (chat/grammar.py, enforced by the
+  engine): tool_choice "required" makes it one or more calls to the offered tools (one with
+  parallel_tool_calls=False), a named function `{"type": "function", "function": {"name": ...}}` a
+  call to that function, both in the exact syntax the checkpoint's template writes
+  (`ChatPrompt.tool_call_prefix`) with the arguments following each tool's schema; a structured
+  answer (`answer`, e.g. from response_format) makes it that answer or, with tools offered, a call;
+  strict tools make any call follow its schema. The reasoning stays free;
 * "none" leaves tool-call markup in the content as text; "auto" parses calls.
 
 Reading the tokens (`ChatTurn.feed` for each TokenEvent, or `ChatTurn.run` with an engine): each
@@ -29,8 +31,10 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from nemotron.chat.formats import NEMOTRON3, ChatFormat
+from nemotron.chat.grammar import turn_grammar
 from nemotron.chat.parsers import Delta, StreamingParser
 from nemotron.chat.template import ChatInputError, ChatPrompt, prepare_chat, tool_function, validate_tools
+from nemotron.inference.constraint import Grammar, StructuredOutput
 from nemotron.inference.engine import Engine
 from nemotron.inference.requests import Request, ThinkingBudget, TokenEvent
 from nemotron.inference.sampling import SamplingParams
@@ -41,9 +45,6 @@ __all__ = [
 ]
 
 TOOL_CHOICES = ("auto", "none", "required")
-
-# a budget no reasoning reaches: thinking stays unbounded, only the forced tool call after it is wanted
-_UNBOUNDED = 1 << 40
 
 
 # --------------------------------------------------------------------------------------------------
@@ -108,19 +109,18 @@ def finish_reason(tool_calls: bool, request_finish_reason: str | None) -> str:
 
 
 # --------------------------------------------------------------------------------------------------
-# what a turn forces: the thinking budget and the start of a tool call
+# what a turn forces: the thinking budget
 # --------------------------------------------------------------------------------------------------
 
 
 def make_thinking_budget(tokenizer, budget: int, prompt_opens_think: bool, grace: int = 0, *,
-                         then: str | None = None, fmt: ChatFormat = NEMOTRON3) -> ThinkingBudget:
-    """A ThinkingBudget with this tokenizer's spellings of the format's reasoning tags. `then`: text
-    forced right after the reasoning closes, however it closes (the start of a forced tool call, which
-    brings its own separator): the budget then closes with the bare closing tag; otherwise with the
-    closing tag and a newline, as the templates render it before an answer."""
+                         bare_close: bool = False, fmt: ChatFormat = NEMOTRON3) -> ThinkingBudget:
+    """A ThinkingBudget with this tokenizer's spellings of the format's reasoning tags. It closes the
+    reasoning with the closing tag and a newline, as the templates render it before an answer, or with
+    the bare closing tag (`bare_close`: a grammar writes what follows, separator included)."""
     if budget < 0:
         raise ValueError("thinking_budget must be >= 0")
-    close = fmt.think_close if then is not None else fmt.think_close + "\n"
+    close = fmt.think_close if bare_close else fmt.think_close + "\n"
     return ThinkingBudget(
         budget=budget,
         close_ids=tokenizer.encode(close, add_special_tokens=False),
@@ -129,7 +129,6 @@ def make_thinking_budget(tokenizer, budget: int, prompt_opens_think: bool, grace
         start_think_id=tokenizer.token_id(fmt.think_open),
         grace=grace,
         active=prompt_opens_think,
-        after_close=tokenizer.encode(then, add_special_tokens=False) if then else [],
     )
 
 
@@ -195,14 +194,19 @@ class ChatTurn:
     """One assistant turn of a conversation, for one or more choices (n)."""
 
     def __init__(self, prompt: ChatPrompt, tools: list[dict] | None = None, tool_choice: str | dict | None = "auto",
-                 thinking_budget: int | None = None, tokenizer=None) -> None:
+                 thinking_budget: int | None = None, tokenizer=None, answer: StructuredOutput | None = None,
+                 parallel_tool_calls: bool = True) -> None:
         """`prompt`: the conversation as `prepare_chat` rendered it (with no tools for tool_choice
         "none"); `tools`: the request's tools (they type the parsed arguments and bound the callable
-        names); `tokenizer`: needed to build requests that force tokens (a budget, a tool call)."""
+        names); `tokenizer`: needed to build requests that force tokens or follow a grammar (a budget,
+        a forced tool call, a structured answer); `answer`: what the answer must be (a JSON schema...);
+        `parallel_tool_calls`: False allows one call per turn where calls are constrained."""
         self.prompt = prompt
         self.tool_choice, self.forced_function = resolve_tool_choice(tool_choice, tools)
         self.tools = None if self.tool_choice == "none" else tools
         self.thinking_budget = thinking_budget
+        self.answer = answer
+        self.parallel_tool_calls = parallel_tool_calls
         self.tokenizer = tokenizer
         self.engine: Engine | None = None   # the engine that runs it, for its speculation statistics
         self.choices: list[_Choice] = []
@@ -212,24 +216,35 @@ class ChatTurn:
     def prepare(cls, tokenizer, messages: list[dict], tools: list[dict] | None = None, *,
                 tool_choice: str | dict | None = "auto", enable_thinking: bool = True,
                 thinking_budget: int | None = None, template_kwargs: dict[str, Any] | None = None,
-                special_tokens_in_content: bool = False) -> "ChatTurn":
+                special_tokens_in_content: bool = False, answer: StructuredOutput | None = None,
+                parallel_tool_calls: bool = True) -> "ChatTurn":
         """Validate and render the conversation (ChatInputError / ChatTemplateError when it cannot be)."""
         mode, _ = resolve_tool_choice(tool_choice, tools)
         prompt = prepare_chat(tokenizer, messages, None if mode == "none" else tools, enable_thinking,
                               special_tokens_in_content=special_tokens_in_content, **(template_kwargs or {}))
-        return cls(prompt, tools, tool_choice, thinking_budget, tokenizer)
+        return cls(prompt, tools, tool_choice, thinking_budget, tokenizer, answer, parallel_tool_calls)
 
     # ---- building the requests ----
 
-    @property
-    def forces_call(self) -> bool:
-        return self.tool_choice in ("required", "function")
-
-    def forced_text(self, after_reasoning: bool) -> str | None:
-        """The start of the tool call this turn forces (None when it forces none)."""
-        if not self.forces_call:
+    def grammar(self) -> Grammar | None:
+        """What constrains the output after the reasoning (None: nothing). With reasoning in the
+        prompt's `<think>`, it starts at the closing tag."""
+        p = self.prompt
+        after_reasoning = p.thinking and p.prompt_opens_think
+        lark = turn_grammar(p.chat_format, p.tool_call_prefix(), after_reasoning, self.tools, self.tool_choice,
+                            self.forced_function, self.answer, self.parallel_tool_calls,
+                            self.tokenizer.control_tokens if self.tokenizer is not None else None)
+        if lark is None:
             return None
-        return self.prompt.tool_call_prefix().text(self.forced_function, after_reasoning)
+        if self.tokenizer is None:
+            raise ValueError("a ChatTurn needs the tokenizer to constrain its output")
+        starts_after = None
+        if after_reasoning:
+            starts_after = self.tokenizer.token_id(p.chat_format.think_close)
+            if starts_after is None:
+                raise ChatInputError(f"this tokenizer has no {p.chat_format.think_close} token: the answer after the "
+                                     "reasoning cannot be constrained; turn thinking off")
+        return Grammar(lark, starts_after)
 
     def _parser(self) -> StreamingParser:
         p = self.prompt
@@ -241,21 +256,16 @@ class ChatTurn:
         choice). Replaces any requests made before."""
         plist = [params] if isinstance(params, SamplingParams) else list(params)
         p, tok = self.prompt, self.tokenizer
-        after = self.forced_text(after_reasoning=True)
+        grammar = self.grammar()
         reqs = []
         for sp in plist:
             budget = None
-            if p.thinking and (self.thinking_budget is not None or after is not None):
+            if p.thinking and self.thinking_budget is not None:
                 if tok is None:
                     raise ValueError("a ChatTurn needs the tokenizer to force tokens")
-                budget = make_thinking_budget(tok, self.thinking_budget if self.thinking_budget is not None
-                                              else _UNBOUNDED, p.prompt_opens_think, then=after, fmt=p.chat_format)
-            req = Request(list(p.ids), sp, budget)
-            if self.forces_call and budget is None:
-                if tok is None:
-                    raise ValueError("a ChatTurn needs the tokenizer to force tokens")
-                req.forced = tok.encode(self.forced_text(after_reasoning=False), add_special_tokens=False)
-            reqs.append(req)
+                budget = make_thinking_budget(tok, self.thinking_budget, p.prompt_opens_think,
+                                              bare_close=grammar is not None, fmt=p.chat_format)
+            reqs.append(Request(list(p.ids), sp, budget, grammar=grammar))
         self.attach(reqs)
         return reqs
 

@@ -345,14 +345,14 @@ def cmd_serve(args: argparse.Namespace) -> None:
             raise ValueError("--default-chat-template-kwargs must be a JSON object")
     if args.speculative_tokens < 0:
         raise ValueError("--speculative-tokens must be >= 0")
-    for flag in ("port", "max_batch", "max_model_len", "prefill_chunk", "max_waiting", "max_tokens", "threads",
-                 "prefill_threads"):
+    for flag in ("port", "max_batch", "max_model_len", "prefill_chunk", "prefix_block", "max_waiting", "max_tokens",
+                 "threads", "prefill_threads"):
         if getattr(args, flag) is not None and getattr(args, flag) < (0 if flag == "port" else 1):
             raise ValueError(f"--{flag.replace('_', '-')} must be positive")
     serve(args.model, args.host, args.port, args.api_key, args.served_model_name, args.max_batch, args.max_model_len,
           args.prefill_chunk, args.max_waiting, args.prefix_cache_mb, args.max_tokens, kwargs, args.dtype,
           args.device, args.threads, args.speculative_tokens, _cache_options(args), args.prefill_threads,
-          allow_special_tokens_in_content=args.allow_special_tokens_in_content)
+          allow_special_tokens_in_content=args.allow_special_tokens_in_content, prefix_block=args.prefix_block)
 
 
 def cmd_quantize(args: argparse.Namespace) -> None:
@@ -449,8 +449,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--served-model-name", help="the model id clients use (default: the directory name)")
     p.add_argument("--max-batch", type=int, default=32, help="sequences decoded together (cache rows)")
     p.add_argument("--max-model-len", type=int, default=4096, help="context length per sequence")
-    p.add_argument("--prefill-chunk", type=int, default=256,
-                   help="prompt tokens prefilled per engine step (also the prefix-cache block)")
+    p.add_argument("--prefill-chunk", type=int, default=256, help="prompt tokens prefilled per engine step")
+    p.add_argument("--prefix-block", type=int,
+                   help="prefix-cache block in tokens, a divisor of --prefill-chunk (default: the model's Mamba "
+                        "scan chunk, 64 for the embedded model; equal to --prefill-chunk: restores only where "
+                        "a prefill forward ended, bit-identical whatever the kernels)")
     p.add_argument("--max-waiting", type=int, default=256, help="queued requests before answering 429")
     p.add_argument("--prefix-cache-mb", type=int, default=256, help="prefix-cache budget (0 turns it off)")
     p.add_argument("--max-tokens", type=int, default=4096, help="largest max_tokens a request may ask for")

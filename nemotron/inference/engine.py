@@ -8,8 +8,10 @@ prompts of one length are prefilled together in one forward. New requests wait i
 and join between steps; a finished or cancelled request leaves at once (the last running row moves
 into its slot, keeping the running rows packed for a zero-copy decode view).
 
-Prefill chunks end on multiples of `prefill_chunk` (absolute positions), which is what makes the
-optional prefix cache exact (see prefix_cache.py).
+Prefill chunks end on multiples of `prefill_chunk` (absolute positions). The optional prefix cache
+saves finer blocks (`prefix_block`, which divides the chunk): the Mamba states at the block ends
+inside a chunk are captured by its forward, and a prompt whose cached blocks end inside a chunk
+resumes there and runs to the chunk's end (see prefix_cache.py for why that is exact).
 
 `Engine.step()` does one round and returns its TokenEvents. `Engine.run(requests)` steps on the
 calling thread until the given requests are done (offline generation); `Engine.start()` runs rounds
@@ -36,8 +38,10 @@ import torch
 from torch import nn
 
 from nemotron.errors import NemotronWarning
-from nemotron.inference.prefix_cache import PrefixCache, block_keys
-from nemotron.inference.requests import Request, TokenEvent, accept_token, check_prompt, start_request, token_logprob
+from nemotron.inference.constraint import Constraint, allowed_tokens, grammar_compiler
+from nemotron.inference.prefix_cache import PrefixCache, block_keys, choose_block
+from nemotron.inference.requests import (Request, TokenEvent, accept_token, check_prompt, score_tokens, start_request,
+                                         token_logprob)
 from nemotron.inference.sampling import Sampler
 from nemotron.inference.speculative import (OwedPairs, SpecStats, check_speculation, draft_and_verify, extend_owed,
                                             speculation_ok)
@@ -46,6 +50,9 @@ from nemotron.layers.cache import CacheOptions
 
 
 log = logging.getLogger(__name__)
+
+# prompt log-probs: at most this many fp32 logits at once (256 MiB)
+PROMPT_LOGITS_ELEMENTS = 1 << 26
 
 
 class QueueFull(Exception):
@@ -69,7 +76,8 @@ class Engine:
                  max_batch: int = 16, max_len: int = 4096, prefill_chunk: int = 256,
                  max_waiting: int = 256, prefix_cache_bytes: int = 0, speculative_tokens: int = 0,
                  threads: int | None = None, prefill_threads: int | None = None,
-                 cache_options: CacheOptions | None = None, prefill_batch: int = 1, compile: bool = False) -> None:
+                 cache_options: CacheOptions | None = None, prefill_batch: int = 1, compile: bool = False,
+                 prefix_block: int | None = None) -> None:
         self.model = model
         # torch's CPU threads for decode steps and for prefill chunks. OpenMP keeps the setting per OS
         # thread, so the engine thread applies them itself (by default, the creator's setting)
@@ -77,6 +85,7 @@ class Engine:
         self.prefill_threads = prefill_threads or self.threads
         self.tokenizer = tokenizer
         self.stop_ids = set(stop_ids or ())
+        self._stop_index = torch.tensor(sorted(self.stop_ids), dtype=torch.long)
         self.max_batch, self.max_len = max_batch, max_len
         self.prefill_chunk = prefill_chunk
         self.prefill_batch = max(1, prefill_batch)
@@ -92,7 +101,9 @@ class Engine:
             prefix_cache_bytes = 0
         # speculation verifies k+1 tokens per row past the request's own budget
         self.cache = model.new_cache(max_batch, max_len + speculative_tokens + 1, cache_options)
-        self.prefix_cache = PrefixCache(prefill_chunk, prefix_cache_bytes) if prefix_cache_bytes > 0 else None
+        # the prefix cache's block: a divisor of the prefill chunk (default: the Mamba scan chunk)
+        self.prefix_block = choose_block(model, self.cache, prefill_chunk, prefix_block)
+        self.prefix_cache = PrefixCache(self.prefix_block, prefix_cache_bytes) if prefix_cache_bytes > 0 else None
         # torch.compile of the one-token decode step (whole-buffer KV with a mask, positions as a
         # tensor, symbolic shapes): the first step compiles (seconds), later ones run fused kernels
         self.compiled_step = compiled_decode_step(model) if compile else None
@@ -132,6 +143,8 @@ class Engine:
         if self.error is not None:
             raise EngineStopped(f"the engine has stopped: {self.error!r}")
         check_prompt(req, self.vocab_size)
+        if req.grammar is not None and req.constraint is None:
+            req.constraint = self._compile(req)
         need = len(req.prompt_ids) + req.params.max_new_tokens
         if need > self.max_len:
             raise ValueError(f"prompt ({len(req.prompt_ids)} tokens) + max_tokens ({req.params.max_new_tokens}) "
@@ -142,6 +155,14 @@ class Engine:
                 raise QueueFull(f"{len(self.waiting)} requests are waiting")
             self.waiting.append(req)
             self._wake.notify()
+
+    def _compile(self, req: Request) -> Constraint:
+        """The request's grammar as a Constraint, compiled on the submitting thread (a bad grammar is
+        the caller's ValueError, and compiling never holds up the batch)."""
+        if self.tokenizer is None:
+            raise ValueError("constrained decoding needs the model's tokenizer")
+        compiler = grammar_compiler(self.tokenizer, self.vocab_size, self.stop_ids)
+        return Constraint(compiler.matcher(req.grammar.lark), self.vocab_size, req.grammar.starts_after)
 
     def cancel(self, req: Request) -> None:
         """Drop a request (a client went away): it leaves before the next step, its row freed."""
@@ -332,11 +353,12 @@ class Engine:
             row = first + len(admitted)
             try:
                 self.cache.reset_row(row)
+                req.prompt_logprob_entries = [] if req.prompt_logprobs is None else [None]  # token 0: no context
                 if self.prefix_cache is not None:
-                    keys = self.prefix_cache.lookup(req.prompt_ids)
-                    self.prefix_cache.restore(keys, self.cache, row)
-                    req.cached_tokens = len(keys) * self.prefill_chunk
-                    self._prefill_keys = block_keys(req.prompt_ids, self.prefill_chunk)
+                    # prompt log-probs need every position's logits, which restored blocks would skip
+                    keys = self.prefix_cache.lookup(req.prompt_ids) if req.prompt_logprobs is None else []
+                    req.cached_tokens = self.prefix_cache.restore(keys, self.cache, row)
+                    self._prefill_keys = block_keys(req.prompt_ids, self.prefix_block)
             except Exception as exc:  # the row is reset again by the next admission
                 self._prefill_keys = []
                 events.append(self._failed(req, exc, "admission"))
@@ -371,15 +393,37 @@ class Engine:
         length = len(reqs[0].prompt_ids)
         end = min(length, (pos // self.prefill_chunk + 1) * self.prefill_chunk)
         ids = torch.tensor([r.prompt_ids[pos:end] for r in reqs], device=self.device)
+        # the Mamba states at the prefix-cache blocks ending in this chunk
+        capture = None if self.prefix_cache is None else self.prefix_cache.capture(pos, end)
+        scored = [i for i, r in enumerate(reqs) if r.prompt_logprobs is not None]
         if self.speculative_tokens:  # the MTP block drafts from the target's hidden states: keep them
-            h = self.model.hidden_states(ids, view)
+            h = self.model.hidden_states(ids, view, capture=capture)
             self._prefill_hidden.append(h)
             logits = self.model.lm_head(h[:, -1]).float()
+        elif scored:  # every position's hidden state too; the last logits are computed as without
+            logits, h = self.model(ids, view, logits_to_keep=1, return_hidden=True, capture=capture)
+            logits = logits[:, -1]
         else:
-            logits = self.model(ids, view, logits_to_keep=1)[:, -1]
-        if self.prefix_cache is not None and end % self.prefill_chunk == 0:
-            self.prefix_cache.save(self._prefill_keys[end // self.prefill_chunk - 1], self.cache, first, end)
+            logits = self.model(ids, view, logits_to_keep=1, capture=capture)[:, -1]
+        if scored:
+            self._score_prompts([reqs[i] for i in scored], h[scored], pos, end)
+        if capture is not None:
+            self.prefix_cache.save(self._prefill_keys, view, 0, pos, capture)
         return None if end < length else logits
+
+    def _score_prompts(self, reqs: list[Request], hidden: torch.Tensor, pos: int, end: int) -> None:
+        """Prompt log-probs of the tokens this chunk (positions pos..end-1, final hidden states
+        `hidden`) predicts: position t scores token t+1, so the chunk's last position scores the next
+        chunk's first token, and the prompt's last position (the first generated token's) none. The
+        logits are made a slice of positions at a time, to bound their memory."""
+        n = min(end + 1, len(reqs[0].prompt_ids)) - pos - 1
+        targets = torch.tensor([r.prompt_ids[pos + 1:pos + 1 + n] for r in reqs], device=self.device)
+        step = max(1, PROMPT_LOGITS_ELEMENTS // (len(reqs) * self.vocab_size))
+        for lo in range(0, n, step):
+            logits = self.model.lm_head(hidden[:, lo:min(n, lo + step)]).float()
+            rows = score_tokens(logits, targets[:, lo:lo + step], [r.prompt_logprobs for r in reqs])
+            for r, entries in zip(reqs, rows):
+                r.prompt_logprob_entries.extend(entries)
 
     def _join(self, reqs: list[Request]) -> Sampler:
         """The prompts are done: `reqs` join the running batch (their first tokens come from the last
@@ -438,7 +482,8 @@ class Engine:
         n = len(self.running)
         try:
             accepted, logits, self.owed = draft_and_verify(self.model, self.speculative_tokens, view, self.tokens,
-                                                           self.owed, self.spec_stats)
+                                                           self.owed, self.spec_stats,
+                                                           [r.constraint for r in self.running])
         except Exception as exc:
             return self._fail_batch(exc)
         events, finished = [], set()
@@ -459,6 +504,7 @@ class Engine:
         token (log-probs, detokenization, stop strings, thinking budget) fails that row alone."""
         reqs = [self.running[row] for row in rows]
         try:
+            _mask_constrained(logits, reqs, self._stop_index)
             out = sampler(logits)
             tokens = out.tokens.clone()
             for i, r in enumerate(reqs):
@@ -475,7 +521,8 @@ class Engine:
         for i, (row, r, token) in enumerate(zip(rows, reqs, token_ids)):
             if row in done_rows:
                 continue
-            logprob = (lambda i=i, token=token: token_logprob(logits, out, i, token)) if r.params.logprobs else None
+            logprob = ((lambda i=i, token=token, top=r.params.top_logprobs: token_logprob(logits, out, i, token, top))
+                       if r.params.logprobs else None)
             event, done = self._record(r, token, logprob)
             events.append(event)
             if done:
@@ -520,3 +567,22 @@ class Engine:
             self.tokens = self.tokens[:len(self.running)] if self.running else None
             for i in range(len(self.prefilling)):
                 self.cache.move_row(last + 1 + i, last + i)
+
+
+def _mask_constrained(logits: torch.Tensor, reqs: list[Request], stop_index: torch.Tensor) -> None:
+    """In place: each row whose request has an active grammar (and no forced token) keeps only the
+    tokens the grammar allows next. The log-probs reported are then those of the masked distribution,
+    as vLLM reports them. A row whose grammar waits for the reasoning to end may not end the turn
+    before (`stop_index`: the end-of-turn ids): the answer it must give comes after the reasoning."""
+    pending = [i for i, r in enumerate(reqs) if r.constraint is not None and not r.constraint.active]
+    if pending and len(stop_index):
+        logits[torch.tensor(pending, device=logits.device)[:, None], stop_index.to(logits.device)] = float("-inf")
+    rows = [i for i, r in enumerate(reqs) if r.constraint is not None and r.constraint.active and not r.forced]
+    if not rows:
+        return
+    allowed = allowed_tokens([reqs[i].constraint for i in rows]).to(logits.device)
+    if len(rows) == len(reqs):
+        logits.masked_fill_(~allowed, float("-inf"))
+    else:
+        index = torch.tensor(rows, device=logits.device)
+        logits[index] = logits[index].masked_fill(~allowed, float("-inf"))

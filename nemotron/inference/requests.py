@@ -9,8 +9,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+from nemotron.inference.constraint import Constraint, Grammar
 from nemotron.inference.detokenize import IncrementalDetokenizer, StopStrings
-from nemotron.inference.sampling import SamplingParams
+from nemotron.inference.sampling import MAX_TOP_LOGPROBS, SamplingParams
 
 # special tokens kept in the streamed text: the output parsers read them
 PARSER_TAGS = ("<think>", "</think>", "<tool_call>", "</tool_call>", "<TOOLCALL>", "</TOOLCALL>")
@@ -20,9 +21,7 @@ PARSER_TAGS = ("<think>", "</think>", "<tool_call>", "</tool_call>", "<TOOLCALL>
 class ThinkingBudget:
     """Caps reasoning at `budget` tokens. Once spent, reasoning is closed at the next line end, or
     after `grace` more tokens at the latest, by forcing `</think>` (NIM's budget control: a grace
-    window to finish the line). The answer then follows as usual. `after_close` tokens are forced
-    right after the reasoning ends, however it ends (the server's required/named tool_choice starts
-    the tool call there)."""
+    window to finish the line). The answer then follows as usual."""
 
     budget: int
     close_ids: list[int]           # tokens of "</think>\n"
@@ -34,7 +33,6 @@ class ThinkingBudget:
     at_line_start: bool = True     # generation prompt "<think>\n" ends a line
     spent: int = 0
     closed: bool = False
-    after_close: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if self.grace <= 0:
@@ -57,10 +55,7 @@ class ThinkingBudget:
 
     def force(self) -> list[int]:
         """Tokens to force next (empty while within budget)."""
-        if self.closed:
-            after, self.after_close = self.after_close, []
-            return after
-        if not self.active or self.spent < self.budget:
+        if self.closed or not self.active or self.spent < self.budget:
             return []
         if self.at_line_start:
             close = self.close_ids
@@ -69,8 +64,7 @@ class ThinkingBudget:
         else:
             return []
         self.closed = True
-        after, self.after_close = self.after_close, []
-        return list(close) + after
+        return list(close)
 
 
 
@@ -79,6 +73,10 @@ class Request:
     prompt_ids: list[int]
     params: SamplingParams = field(default_factory=SamplingParams)
     thinking_budget: ThinkingBudget | None = None
+    # vLLM's prompt_logprobs: score every prompt token given the ones before it, with this many top
+    # alternatives (0: the token alone); None: not asked
+    prompt_logprobs: int | None = None
+    grammar: Grammar | None = None     # constrained decoding: the engine compiles it into `constraint`
     # filled while generating
     output_ids: list[int] = field(default_factory=list)
     text: str = ""
@@ -92,6 +90,10 @@ class Request:
     cached_tokens: int = 0    # prompt tokens served from the prefix cache
     error: str | None = None  # why it failed (finish_reason "error"), one line
     failure: BaseException | None = field(default=None, repr=False)   # the exception behind `error`
+    constraint: Constraint | None = field(default=None, repr=False)
+    # with prompt_logprobs, filled by the prefill before the first TokenEvent: None for the first token
+    # (nothing precedes it), then per prompt token {"token_id", "logprob", "rank", "top": [(id, logprob)]}
+    prompt_logprob_entries: list[dict | None] = field(default_factory=list, repr=False)
 
 
 @dataclass
@@ -122,6 +124,8 @@ def start_request(req: Request, tokenizer) -> None:
 def accept_token(req: Request, token: int, logprob: dict | None, stop_ids: set[int]) -> tuple[str, bool]:
     """Record one generated token for `req`; returns (text delta, finished)."""
     req.output_ids.append(token)
+    if req.constraint is not None:
+        req.constraint.observe(token)
     if logprob is not None:
         req.logprobs.append(logprob)
     stopped_by_id = (token in stop_ids and not req.params.ignore_eos) or token in req.params.stop_token_ids
@@ -154,8 +158,9 @@ def accept_token(req: Request, token: int, logprob: dict | None, stop_ids: set[i
     return text, True
 
 
-def token_logprob(logits: torch.Tensor, out, row: int, token: int) -> dict:
-    """Raw-distribution log-prob of the emitted token (forced tokens too) and the top-n."""
+def token_logprob(logits: torch.Tensor, out, row: int, token: int, top: int | None = None) -> dict:
+    """Raw-distribution log-prob of the emitted token (forced tokens too) and the top-n (`top`: this
+    row's n; the batch computes the largest any row asked for)."""
     if token == int(out.tokens[row]):
         value = float(out.logprobs[row])
     else:
@@ -163,8 +168,28 @@ def token_logprob(logits: torch.Tensor, out, row: int, token: int) -> dict:
     entry = {"token_id": token, "logprob": value}
     if out.top_logprobs is not None:
         ids, values = out.top_logprobs
-        entry["top"] = list(zip(ids[row].tolist(), values[row].tolist()))
+        entry["top"] = list(zip(ids[row, :top].tolist(), values[row, :top].tolist()))
     return entry
+
+
+def score_tokens(logits: torch.Tensor, targets: torch.Tensor, top: list[int]) -> list[list[dict]]:
+    """Teacher-forced scores: logits [B, T, V] predict targets [B, T]. Per row and position, the
+    target's raw log-prob (log_softmax in fp32), its rank (1 + the tokens more likely) and the row's
+    `top[b]` most likely (id, log-prob), in prompt_logprob_entries' shape."""
+    lp = torch.log_softmax(logits.float(), -1)
+    chosen = lp.gather(-1, targets[..., None])
+    ranks = ((lp > chosen).sum(-1) + 1).tolist()
+    values = chosen.squeeze(-1).tolist()
+    n = max(top, default=0)
+    if n:
+        top_values, top_ids = lp.topk(n, dim=-1)
+        top_values, top_ids = top_values.tolist(), top_ids.tolist()
+    out = []
+    for b, (row_ids, k) in enumerate(zip(targets.tolist(), top)):
+        out.append([{"token_id": t, "logprob": values[b][j], "rank": ranks[b][j],
+                     "top": list(zip(top_ids[b][j][:k], top_values[b][j][:k])) if k else []}
+                    for j, t in enumerate(row_ids)])
+    return out
 
 
 def check_prompt(req: Request, vocab_size: int) -> None:
@@ -175,4 +200,9 @@ def check_prompt(req: Request, vocab_size: int) -> None:
         raise ValueError(f"prompt token id out of range [0, {vocab_size})")
     if any(t >= vocab_size for t in req.params.stop_token_ids):
         raise ValueError(f"stop_token_ids: token id out of range [0, {vocab_size})")
+    if any(t >= vocab_size for t in req.params.logit_bias):
+        raise ValueError(f"logit_bias: token id out of range [0, {vocab_size})")
+    n = req.prompt_logprobs
+    if n is not None and (isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= MAX_TOP_LOGPROBS):
+        raise ValueError(f"prompt_logprobs must be None or an integer in [0, {MAX_TOP_LOGPROBS}], got {n!r}")
 

@@ -1,5 +1,5 @@
 """Batch sampling with per-row parameters, in vLLM's order and semantics:
-penalties -> temperature -> min_p -> top_k -> top_p -> draw.
+logit_bias -> penalties -> temperature -> min_p -> top_k -> top_p -> draw.
 
 Everything is vectorised over the batch and free of host syncs: per-row parameters live in [B]
 tensors built once, token counts in a [B, V] tensor updated by scatter, and the draw is the
@@ -21,6 +21,8 @@ MAX_TOP_LOGPROBS = 20
 SEED_MIN, SEED_MAX = -(1 << 63), (1 << 64) - 1
 # token ids become int64 tensors
 TOKEN_ID_MAX = (1 << 63) - 1
+# OpenAI's range for a logit_bias value
+LOGIT_BIAS_MAX = 100.0
 
 
 @dataclass
@@ -42,6 +44,8 @@ class SamplingParams:
     logprobs: bool = False
     top_logprobs: int = 0  # 0..20, requires logprobs
     ignore_eos: bool = False  # vLLM's option: keep going past the model's end-of-turn ids
+    # OpenAI: token id -> bias in [-100, 100], added to the logits before anything else (as vLLM)
+    logit_bias: dict[int, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):  # OpenAI accepts a single string
@@ -81,6 +85,11 @@ class SamplingParams:
             fail("stop", "must be a list of non-empty strings")
         if not all(isinstance(t, int) and 0 <= t <= TOKEN_ID_MAX for t in self.stop_token_ids):
             fail("stop_token_ids", f"must be a list of token ids in [0, {TOKEN_ID_MAX}]")
+        if not (isinstance(self.logit_bias, dict) and all(
+                isinstance(t, int) and not isinstance(t, bool) and 0 <= t <= TOKEN_ID_MAX
+                and isinstance(b, (int, float)) and not isinstance(b, bool) and -LOGIT_BIAS_MAX <= b <= LOGIT_BIAS_MAX
+                for t, b in self.logit_bias.items())):
+            fail("logit_bias", f"must map token ids to biases in [{-LOGIT_BIAS_MAX:g}, {LOGIT_BIAS_MAX:g}]")
         return self
 
     @property
@@ -165,6 +174,8 @@ class Sampler:
         for row in prompt_ids:
             if any(not 0 <= t < v for t in row):
                 raise ValueError(f"prompt_ids: token id out of range [0, {v})")
+        if any(t >= v for p in params for t in p.logit_bias):
+            raise ValueError(f"logit_bias: token id out of range [0, {v})")
         self.params = [p.validate() for p in params]
         self.vocab_size, self.device = v, dev
 
@@ -198,9 +209,23 @@ class Sampler:
             self.counts = torch.zeros(b, v, dtype=torch.float32, device=dev)
         self._set_flags()
 
+    def _build_bias(self) -> None:
+        """The rows' logit_bias as sparse (rows, cols, values) tensors, built from the Python params
+        whenever the batch changes (never per step); None when no row has one."""
+        entries = [(i, t, b) for i, p in enumerate(self.params) for t, b in p.logit_bias.items()]
+        if not entries:
+            self.bias = None
+            return
+        rows, cols, values = zip(*entries)
+        self.bias = (torch.tensor(rows, dtype=torch.long, device=self.device),
+                     torch.tensor(cols, dtype=torch.long, device=self.device),
+                     torch.tensor(values, dtype=torch.float32, device=self.device))
+
     def _set_flags(self) -> None:
-        """Host-side switches from the Python params: which stages run (no device reads)."""
+        """Host-side switches from the Python params: which stages run, and the logit_bias entries
+        (no device reads)."""
         p = self.params
+        self._build_bias()
         self._all_greedy = all(x.greedy for x in p)
         self._any_greedy = any(x.greedy for x in p)
         self._any_min_p = any(x.min_p > 0 and not x.greedy for x in p)
@@ -217,7 +242,11 @@ class Sampler:
     def process(self, logits: torch.Tensor) -> torch.Tensor:
         """The logits each row draws from: penalised, divided by temperature and filtered (-inf).
         Greedy rows are divided by 1, and no filter removes a row's argmax: it is their token."""
-        x = apply_penalties(logits.float(), self.seen, self.counts, self.repetition, self.presence, self.frequency)
+        x = logits.float()
+        if self.bias is not None:  # out of place: the raw logits serve the log-probs; other rows stay bit-identical
+            rows, cols, values = self.bias
+            x = x.index_put((rows, cols), values, accumulate=True)
+        x = apply_penalties(x, self.seen, self.counts, self.repetition, self.presence, self.frequency)
         if self._all_greedy:
             return x
         x = x / self.temperature[:, None]

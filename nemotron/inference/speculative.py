@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from nemotron.inference.constraint import Constraint
 from nemotron.inference.requests import Request
 from nemotron.layers.cache import HybridCache
 
@@ -79,10 +80,13 @@ def extend_owed(owed: list[OwedPairs], hidden: torch.Tensor, tokens: torch.Tenso
 
 
 def draft_and_verify(model: nn.Module, k: int, cache: HybridCache, tokens: torch.Tensor, owed: list[OwedPairs],
-                     stats: SpecStats) -> tuple[list[list[int]], torch.Tensor, list[OwedPairs]]:
+                     stats: SpecStats, constraints: list[Constraint | None] | None = None,
+                     ) -> tuple[list[list[int]], torch.Tensor, list[OwedPairs]]:
     """Draft k tokens per row with the MTP block, verify [token, drafts] in one target forward, keep
     the accepted prefix. Returns (the accepted drafts per row, the logits that follow each row's last
-    kept token, the rows' new owed pairs)."""
+    kept token, the rows' new owed pairs). `constraints`: per row, a grammar the kept drafts must
+    follow (after `tokens`, which it has seen): a row keeps no draft past the first one its grammar
+    refuses, and greedy under the grammar agrees with the target's argmax wherever that is allowed."""
     device = tokens.device
     drafts = []
     for row in range(tokens.shape[0]):
@@ -104,8 +108,10 @@ def draft_and_verify(model: nn.Module, k: int, cache: HybridCache, tokens: torch
     preds = all_logits.argmax(-1).tolist()
     keep, accepted, new_owed = [], [], []
     for row, row_drafts in enumerate(drafts):
+        c = constraints[row] if constraints is not None else None
+        limit = k if c is None else c.valid_prefix(row_drafts)
         n = 0
-        while n < k and preds[row][n] == row_drafts[n]:
+        while n < limit and preds[row][n] == row_drafts[n]:
             n += 1
         keep.append(n + 1)
         accepted.append(row_drafts[:n])

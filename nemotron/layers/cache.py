@@ -35,15 +35,18 @@ down to its layers):
 CACHE_MODES: tuple[str, ...] = ("dynamic", "static", "verify")
 
 
-def check_mode(mode: str, cache: object, positions: object) -> None:
+def check_mode(mode: str, cache: object, positions: object, capture: object = None) -> None:
     """A model-level forward's mode against its arguments: static needs `positions` and a cache,
-    verify a cache; `positions` belongs to static decode only."""
+    verify a cache; `positions` belongs to static decode only, a `StateCapture` to dynamic mode with
+    a cache."""
     if mode not in CACHE_MODES:
         raise ValueError(f"mode must be one of {', '.join(CACHE_MODES)}, not {mode!r}")
     if mode != "dynamic" and cache is None:
         raise ValueError(f"mode={mode!r} continues a cache: pass one")
     if (mode == "static") != (positions is not None):
         raise ValueError("positions [B] (a tensor) go with mode='static', and only with it")
+    if capture is not None and (mode != "dynamic" or cache is None):
+        raise ValueError("capture (states inside a forward) goes with mode='dynamic' and a cache")
 
 
 @dataclass
@@ -246,6 +249,31 @@ class MambaState:
     @property
     def bytes_per_sequence(self) -> int:
         return (self.conv[0].numel() * self.conv.element_size() + self.ssm[0].numel() * self.ssm.element_size())
+
+
+@dataclass
+class StateCapture:
+    """A request, passed explicitly to a "dynamic" forward (`capture=` of the model's forward /
+    hidden_states, down to each Mamba mixer), for every Mamba layer's state at given offsets inside
+    that forward: what a prefix-cache block ending inside a prefill chunk saves. Attention needs no
+    capture: its keys and values are in the cache per position.
+
+    offsets: token counts into the forward, ascending, each a multiple of the layers' scan chunk
+    (where the chunked scan has the state anyway) or the forward's length. The forward appends one
+    (conv [B, O, conv_dim, K-1], ssm [B, O, heads, head_dim, state_size]) per Mamba layer to `states`,
+    in layer order, in the cache's dtypes."""
+
+    offsets: tuple[int, ...]
+    states: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.offsets = tuple(self.offsets)
+        if not self.offsets or self.offsets[0] <= 0 or any(a >= b for a, b in zip(self.offsets, self.offsets[1:])):
+            raise ValueError(f"capture offsets must be positive and ascending, not {self.offsets}")
+
+    def at(self, i: int, row: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Each Mamba layer's (conv, ssm) at offsets[i] in batch row `row`, in layer order."""
+        return [(conv[row, i], ssm[row, i]) for conv, ssm in self.states]
 
 
 State = KVState | MambaState | None

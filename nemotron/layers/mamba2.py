@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nemotron.layers.cache import CacheMode, MambaState
+from nemotron.layers.cache import CacheMode, MambaState, StateCapture
 from nemotron.layers.linear import Linear
 from nemotron.layers.norm import GatedRMSNorm
 from nemotron.layers.ssd import ssd_chunked, ssd_step, ssd_steps
@@ -142,23 +142,35 @@ class Mamba2Mixer(nn.Module):
         return self.out_proj(self.norm(y, z))
 
     def forward(self, x: torch.Tensor, state: MambaState | None = None, pos: list[int] | torch.Tensor | None = None,
-                rope=None, seq_idx: torch.Tensor | None = None, mode: CacheMode = "dynamic") -> torch.Tensor:
+                rope=None, seq_idx: torch.Tensor | None = None, mode: CacheMode = "dynamic",
+                capture: StateCapture | None = None) -> torch.Tensor:
         """x [b, T, H] continuing `state` (rows at positions pos, a list in "dynamic" mode). mode
         "verify": the per-token recurrence with snapshots for rollback (`verify`); a single token with
         a state (any mode): the recurrent `step`; otherwise the chunked scan. seq_idx [b, T] (training,
-        no cache): packed sequences, each starting from zero conv/SSM state."""
+        no cache): packed sequences, each starting from zero conv/SSM state. capture ("dynamic" mode,
+        with a state): keep the states at `capture.offsets` (see StateCapture)."""
         b, t, _ = x.shape
         if seq_idx is not None and state is not None:
             raise ValueError("seq_idx (packed sequences) is for cache-free forwards")
+        if capture is not None and (state is None or mode != "dynamic"):
+            raise ValueError("capturing states needs a cache and mode='dynamic'")
         if mode == "verify":
             if state is None:
                 raise ValueError("mode='verify' continues a cached state: pass one")
             return self.verify(x, state)
         if state is not None and t == 1:
-            return self.step(x, state)
+            if capture is not None and capture.offsets != (1,):
+                raise ValueError(f"a one-token forward has its state at offset 1 only, not {capture.offsets}")
+            out = self.step(x, state)
+            if capture is not None:
+                capture.states.append((state.conv[:, None].clone(), state.ssm[:, None].clone()))
+            return out
         z, xBC, dt = self.in_proj(x).split([self.inner, self.conv_dim, self.num_heads], dim=-1)
         # every row at position 0: the cached states of a previous sequence are not read
         fresh = state is not None and mode == "dynamic" and pos is not None and not any(pos)
+        # the conv inputs before this forward, for captured conv windows that reach back into them
+        before = state.conv.clone() if capture is not None and not fresh else None
+        xBC_in = xBC
         xBC = self._conv(xBC, state, fresh, seq_idx)
         xs, B, C = xBC.split([self.inner, self.n_groups * self.state_size, self.n_groups * self.state_size], dim=-1)
         xs = xs.unflatten(-1, (self.num_heads, self.head_dim))     # views, no copies
@@ -167,13 +179,38 @@ class Mamba2Mixer(nn.Module):
 
         dt, A = self._discretize(dt)
 
-        y, final = ssd_chunked(xs, dt, A, B, C, self.chunk_size,
-                               initial_state=None if state is None or fresh else state.ssm, seq_idx=seq_idx)
+        y, states = ssd_chunked(xs, dt, A, B, C, self.chunk_size,
+                                initial_state=None if state is None or fresh else state.ssm, seq_idx=seq_idx,
+                                state_at=None if capture is None else (*capture.offsets, t))
         if state is not None:
-            state.store_ssm(final)
+            state.store_ssm(states if capture is None else states[:, -1])
+        if capture is not None:
+            capture.states.append(self._captured(capture.offsets, xBC_in, states[:, :-1], state, before))
         y = y.addcmul_(_f32(xs), _f32(self.D)[:, None])                 # D skip, in place
         y = y.reshape(b, t, self.inner).to(x.dtype)
         return self.out_proj(self.norm(y, z))
+
+    def _captured(self, offsets: tuple[int, ...], xBC: torch.Tensor, ssm: torch.Tensor, state: MambaState,
+                  before: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(conv [b, O, conv_dim, K-1], ssm [b, O, h, p, n]) at `offsets` of a chunked forward whose conv
+        inputs were xBC [b, T, conv_dim] and whose scan kept `ssm` [b, O, h, p, n] fp32 there, in the
+        state's dtypes. The conv state at an offset is the K-1 inputs before it (those before the
+        forward: `before`, or zeros for a new sequence). A low-precision SSM state is rounded to
+        nearest, with no random draws, so the stochastic rounding of the forward's own state goes on
+        as without the capture; at the forward's end it is the stored state itself."""
+        w, t = self.conv_kernel - 1, xBC.shape[1]
+        inputs = xBC.to(state.conv.dtype).transpose(1, 2)                              # [b, c, T]
+        windows = []
+        for o in offsets:
+            window = inputs[:, :, max(0, o - w):o]
+            if o < w:
+                prev = before[:, :, o:] if before is not None else window.new_zeros(*window.shape[:2], w - o)
+                window = torch.cat([prev, window], dim=-1)
+            windows.append(window)
+        ssm = ssm.to(state.ssm.dtype)
+        if offsets[-1] == t:
+            ssm[:, -1] = state.ssm
+        return torch.stack(windows, dim=1), ssm
 
     def new_state(self, batch: int, dtype: torch.dtype, ssm_dtype: torch.dtype, device, rounding: str = "nearest",
                   generator: torch.Generator | None = None) -> MambaState:

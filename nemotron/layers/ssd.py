@@ -17,6 +17,7 @@ state [b, h, p, n].
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -68,18 +69,6 @@ class _DecayedCB(torch.autograd.Function):
             g = (grad * CB).mul_(E).masked_fill_(E <= _FLOOR_VALUE, 0.0)
             grad_a = g.sum(-1) - g.sum(-2)
         return grad_a, grad_CB
-
-
-def segsum(a: torch.Tensor) -> torch.Tensor:
-    """[..., T] -> [..., T, T] with out[i, j] = sum_{k=j+1..i} a_k for i >= j and -inf above the diagonal.
-
-    Built from masked cumulative sums rather than differences of a cumsum, which loses precision."""
-    t = a.shape[-1]
-    a = a[..., None].expand(*a.shape, t)
-    below = torch.tril(torch.ones(t, t, dtype=torch.bool, device=a.device), diagonal=-1)
-    out = torch.cumsum(a.masked_fill(~below, 0), dim=-2)
-    keep = torch.tril(torch.ones(t, t, dtype=torch.bool, device=a.device), diagonal=0)
-    return out.masked_fill(~keep, float("-inf"))
 
 
 def ssd_step(state: torch.Tensor, x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor,
@@ -153,18 +142,25 @@ def ssd_recurrent(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.T
 
 def ssd_chunked(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
                 chunk_size: int, initial_state: torch.Tensor | None = None,
-                seq_idx: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                seq_idx: torch.Tensor | None = None,
+                state_at: Sequence[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Chunked SSD: returns (y [b, L, h, p] fp32, final state [b, h, p, n] fp32).
 
     The sequence is zero-padded to whole chunks and viewed as [b, c, Q, ...]; `ssd_chunks` does the
     work on that layout (so its only free size is the chunk count c). seq_idx [b, L] (non-decreasing
     per row): packed sequences, each starting from a zero state (mamba_ssm's seq_idx); an initial
-    state belongs to the first one."""
+    state belongs to the first one. state_at: positions (each a multiple of chunk_size, or L) whose
+    states to return instead of the final one, [b, len(state_at), h, p, n] fp32: the scan has the
+    state at every chunk boundary anyway (the prefix cache keeps them)."""
     b, L, h, p = x.shape
     g, n = B.shape[2], B.shape[3]
     Q = chunk_size
     pad = (-L) % Q
     c = (L + pad) // Q
+    if state_at is not None:
+        bad = [s for s in state_at if not (0 < s <= L and (s % Q == 0 or s == L))]
+        if bad:
+            raise ValueError(f"states are kept at chunk boundaries ({Q}) or the end ({L}), not at {bad}")
     if pad:
         x = F.pad(x, (0, 0, 0, 0, 0, pad))
         dt = F.pad(dt, (0, 0, 0, pad))
@@ -172,20 +168,25 @@ def ssd_chunked(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Ten
         C = F.pad(C, (0, 0, 0, 0, 0, pad))
         if seq_idx is not None:  # padding continues the last sequence (and adds nothing to it)
             seq_idx = F.pad(seq_idx, (0, pad), mode="replicate") if seq_idx.shape[1] > 0 else seq_idx
-    y, final_state = ssd_chunks(x.view(b, c, Q, h, p), dt.view(b, c, Q, h), A, B.view(b, c, Q, g, n),
-                                C.view(b, c, Q, g, n), initial_state,
-                                None if seq_idx is None else seq_idx.view(b, c, Q))
-    return y.reshape(b, c * Q, h, p)[:, :L], final_state
+    y, states = ssd_chunks(x.view(b, c, Q, h, p), dt.view(b, c, Q, h), A, B.view(b, c, Q, g, n),
+                           C.view(b, c, Q, g, n), initial_state,
+                           None if seq_idx is None else seq_idx.view(b, c, Q))
+    y = y.reshape(b, c * Q, h, p)[:, :L]
+    if state_at is None:
+        return y, states[:, -1].contiguous()
+    # the padded tail adds nothing (dt = 0: no decay, no input), so the last state is the state at L
+    return y, states[:, [-(-s // Q) for s in state_at]].contiguous()
 
 
 def ssd_chunks(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
                initial_state: torch.Tensor | None = None,
                seq_idx: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """SSD over whole chunks: x [b, c, Q, h, p], dt [b, c, Q, h], B/C [b, c, Q, g, n] ->
-    (y [b, c, Q, g, h/g, p] fp32, final state [b, h, p, n] fp32).
+    (y [b, c, Q, g, h/g, p] fp32, the state at every chunk boundary [b, c+1, h, p, n] fp32: the
+    initial one (zeros without `initial_state`), then after each chunk).
 
-    Heads are split as [groups g, heads per group r]. Every contraction is a batched matmul: C.B is
-    formed once per group (not per head), and the heads of a group share one matmul with B or C by
+    Heads are split as [groups g, heads per group r]. Every contraction within a chunk is a batched
+    matmul: C.B is formed once per group (not per head), and the heads of a group share one matmul with B or C by
     laying them side by side ([Q, r*p] matrices), so B and C are never repeated per head. Decays
     within a chunk are exp(cumsum_i - cumsum_j), as mamba_ssm's kernels compute them."""
     b, c, Q, h, p = x.shape
@@ -227,18 +228,23 @@ def ssd_chunks(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tens
         decay_to_end = decay_to_end * keeps_end[..., None]
     chunk_states = Bc.transpose(-1, -2) @ (xg * decay_to_end[..., None]).view(b, g, c, Q, r * p)
 
-    # 3. carry states across chunks (the initial state enters as chunk -1), per head
+    # 3. carry the state across chunks one chunk at a time, as mamba_ssm's state-passing kernel does:
+    # S_{j+1} = exp(chunk j's total decay) S_j + chunk j's own state. Sequential (not one matmul over
+    # all chunk pairs) so that the state at a chunk boundary, and all that follows it, is the same
+    # arithmetic whether the scan started at the sequence start or at that boundary: a prefix-cache
+    # block restored there continues bit-identically (prefix_cache.py).
     chunk_states = chunk_states.view(b, g, c, n, r, p).permute(0, 1, 4, 2, 3, 5)       # [b, g, r, c, n, p]
-    chunk_total = a_cum[..., -1]                                       # [b, g, r, c]
+    chunk_decay = a_cum[..., -1].exp()                                 # [b, g, r, c]
     if seq_idx is not None:  # a chunk where a new sequence starts passes nothing of the old state on
-        chunk_total = chunk_total.masked_fill(resets[:, :, None], float("-inf"))
-    chunk_decay = torch.exp(segsum(F.pad(chunk_total, (1, 0))))       # [b, g, r, c+1, c+1]
-    states = chunk_decay[..., 1:] @ chunk_states.flatten(-2)         # [b, g, r, c+1, n*p]
-    if initial_state is not None:
-        init = initial_state.float().view(b, g, r, 1, p, n).transpose(-1, -2).flatten(-2)
-        states += chunk_decay[..., :1] * init
-    states = states.view(b, g, r, c + 1, n, p)
-    start_states, final_state = states[:, :, :, :-1], states[:, :, :, -1]
+        chunk_decay = chunk_decay.masked_fill(resets[:, :, None], 0.0)
+    state = (chunk_states.new_zeros(b, g, r, n, p) if initial_state is None
+             else initial_state.float().view(b, g, r, p, n).transpose(-1, -2))
+    states = [state]
+    for j in range(c):
+        state = torch.addcmul(chunk_states[:, :, :, j], chunk_decay[..., j, None, None], state)
+        states.append(state)
+    states = torch.stack(states, dim=3)                                # [b, g, r, c+1, n, p]
+    start_states = states[:, :, :, :-1]
 
     # 4. contribution of the state entering each chunk: C @ [n, r*p] per group, decayed per head
     y_off = Cc @ start_states.permute(0, 1, 3, 4, 2, 5).reshape(b, g, c, n, r * p)    # [b, g, c, Q, r*p]
@@ -248,4 +254,4 @@ def ssd_chunks(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tens
     y_off = y_off.view(b, g, c, Q, r, p) * start_decay[..., None]
 
     y = _into((b, c, Q, g, r, p), torch.add, y_off.permute(0, 2, 3, 1, 4, 5), y_diag.permute(0, 3, 4, 1, 2, 5))
-    return y, final_state.transpose(-1, -2).reshape(b, h, p, n)
+    return y, states.permute(0, 3, 1, 2, 5, 4).flatten(2, 3)           # a view [b, c+1, h, p, n]

@@ -17,7 +17,7 @@ from typing import Any, ClassVar, Protocol, runtime_checkable
 import torch
 from torch import nn
 
-from nemotron.layers.cache import CacheMode, CacheOptions, HybridCache
+from nemotron.layers.cache import CacheMode, CacheOptions, HybridCache, StateCapture
 
 # --------------------------------------------------------------------------------------------------
 # the model
@@ -37,7 +37,9 @@ class CausalLM(Protocol):
     tokens continue each row of `cache`, which the forward advances), "static" (one token per row at
     `positions` [B], whole-buffer attention for torch.compile; the caller advances `cache.seq_lens`),
     "verify" (as dynamic, with per-token Mamba snapshots for `cache.rollback`). `seq_idx` [B, T]:
-    packed training sequences (no cache), which share no attention or state.
+    packed training sequences (no cache), which share no attention or state. `capture` (a
+    `StateCapture`, dynamic mode): the Mamba states at offsets inside the forward, for prefix-cache
+    blocks (a model without Mamba layers captures nothing).
 
     `lm_head(hidden_states(ids, ...)).float()` equals `forward(ids, ...)`. Models are nn.Modules, so
     on Python 3.12+ `isinstance(model, CausalLM)` cannot see registered submodules (it looks
@@ -52,7 +54,7 @@ class CausalLM(Protocol):
 
     def forward(self, input_ids: torch.Tensor, cache: HybridCache | None = None, logits_to_keep: int = 0, *,
                 mode: CacheMode = "dynamic", positions: torch.Tensor | None = None,
-                seq_idx: torch.Tensor | None = None,
+                seq_idx: torch.Tensor | None = None, capture: StateCapture | None = None,
                 return_hidden: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Logits [B, T, V] fp32 (of the last `logits_to_keep` positions when > 0); with return_hidden,
         (logits, final hidden states [B, T, H]) in one call."""
@@ -60,7 +62,7 @@ class CausalLM(Protocol):
 
     def hidden_states(self, input_ids: torch.Tensor, cache: HybridCache | None = None, *,
                       mode: CacheMode = "dynamic", positions: torch.Tensor | None = None,
-                      seq_idx: torch.Tensor | None = None) -> torch.Tensor:
+                      seq_idx: torch.Tensor | None = None, capture: StateCapture | None = None) -> torch.Tensor:
         """The final-normed hidden states [B, T, H]: what lm_head (and the MTP block) consume."""
         ...
 

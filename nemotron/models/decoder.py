@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from nemotron.layers.cache import CacheMode, CacheOptions, HybridCache, KVState, check_mode
+from nemotron.layers.cache import CacheMode, CacheOptions, HybridCache, KVState, StateCapture, check_mode
 from nemotron.layers.attention import Attention
 from nemotron.layers.linear import Linear, linear
 from nemotron.layers.rope import rope_cos_sin
@@ -89,9 +89,11 @@ class DecoderLM(nn.Module):
         return self.model.layers
 
     def _layers(self, input_ids: torch.Tensor, cache: HybridCache | None, mode: CacheMode,
-                positions: torch.Tensor | None, seq_idx: torch.Tensor | None) -> torch.Tensor:
-        """Embeddings through every layer: the hidden states [B, T, H] before the final norm."""
-        check_mode(mode, cache, positions)
+                positions: torch.Tensor | None, seq_idx: torch.Tensor | None,
+                capture: StateCapture | None = None) -> torch.Tensor:
+        """Embeddings through every layer: the hidden states [B, T, H] before the final norm. A
+        `capture` gets nothing: these models have no Mamba layers (their KV is cached per position)."""
+        check_mode(mode, cache, positions, capture)
         b, t = input_ids.shape
         if seq_idx is not None:
             pos, token_pos = None, packed_positions(seq_idx)
@@ -111,14 +113,14 @@ class DecoderLM(nn.Module):
 
     def hidden_states(self, input_ids: torch.Tensor, cache: HybridCache | None = None, *,
                       mode: CacheMode = "dynamic", positions: torch.Tensor | None = None,
-                      seq_idx: torch.Tensor | None = None) -> torch.Tensor:
+                      seq_idx: torch.Tensor | None = None, capture: StateCapture | None = None) -> torch.Tensor:
         """The final-normed hidden states [B, T, H] (what lm_head consumes). `mode` / `positions` /
-        `seq_idx`: as `forward`."""
-        return self.model.norm(self._layers(input_ids, cache, mode, positions, seq_idx))
+        `seq_idx` / `capture`: as `forward`."""
+        return self.model.norm(self._layers(input_ids, cache, mode, positions, seq_idx, capture))
 
     def forward(self, input_ids: torch.Tensor, cache: HybridCache | None = None, logits_to_keep: int = 0, *,
                 mode: CacheMode = "dynamic", positions: torch.Tensor | None = None,
-                seq_idx: torch.Tensor | None = None,
+                seq_idx: torch.Tensor | None = None, capture: StateCapture | None = None,
                 return_hidden: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Logits [B, T, V] fp32 (of the last `logits_to_keep` positions when > 0); with return_hidden,
         (logits, final hidden states [B, T, H]).
@@ -127,8 +129,9 @@ class DecoderLM(nn.Module):
         static-shape decode for torch.compile, one token per row at `positions` [B] (a tensor), and the
         caller then advances `cache.seq_lens` itself; "verify" is "dynamic" here (no Mamba state to
         snapshot). `seq_idx` [B, T]: packed training sequences, which neither attend to each other nor
-        share rotary positions (each counts from 0)."""
-        x = self._layers(input_ids, cache, mode, positions, seq_idx)
+        share rotary positions (each counts from 0). `capture`: accepted for the contract; nothing to
+        capture here."""
+        x = self._layers(input_ids, cache, mode, positions, seq_idx, capture)
         if return_hidden:
             h = self.model.norm(x)
             return self.lm_head(h[:, -logits_to_keep:] if logits_to_keep else h).float(), h

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from nemotron.layers.cache import CacheMode, CacheOptions, HybridCache, KVState, MambaState, check_mode
+from nemotron.layers.cache import CacheMode, CacheOptions, HybridCache, KVState, MambaState, StateCapture, check_mode
 from nemotron.config import DTYPES, LAYER_CHARS, NemotronHConfig
 from nemotron.models.contract import UNWRAP_LANGUAGE_MODEL, ExpertNames, Family, NameMap
 from nemotron.layers.attention import Attention
@@ -55,10 +55,14 @@ class HybridBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, state: KVState | MambaState | None = None,
                 pos: list[int] | torch.Tensor | None = None, seq_idx: torch.Tensor | None = None,
-                mode: CacheMode = "dynamic") -> torch.Tensor:
+                mode: CacheMode = "dynamic", capture: StateCapture | None = None) -> torch.Tensor:
         h = self.norm(x if x.dtype == self.norm.weight.dtype else x.to(self.norm.weight.dtype))
-        h = self.mixer(h, state, pos, seq_idx=seq_idx, mode=mode) if self.kind in ("mamba", "attention") \
-            else self.mixer(h)
+        if self.kind == "mamba":
+            h = self.mixer(h, state, pos, seq_idx=seq_idx, mode=mode, capture=capture)
+        elif self.kind == "attention":   # its keys and values are in the cache per position: no capture
+            h = self.mixer(h, state, pos, seq_idx=seq_idx, mode=mode)
+        else:
+            h = self.mixer(h)
         return (x.float() if self.residual_in_fp32 else x) + h
 
 
@@ -112,30 +116,32 @@ class NemotronHForCausalLM(nn.Module):
 
     def hidden_states(self, input_ids: torch.Tensor, cache: HybridCache | None = None, *,
                       mode: CacheMode = "dynamic", positions: torch.Tensor | None = None,
-                      seq_idx: torch.Tensor | None = None) -> torch.Tensor:
+                      seq_idx: torch.Tensor | None = None, capture: StateCapture | None = None) -> torch.Tensor:
         """The final-normed hidden states [B, T, H] (what lm_head and the MTP block consume).
 
         `mode` (see CacheMode): "dynamic" continues each row of `cache` and advances it; "static" is
         the static-shape decode used under torch.compile, one token per row at `positions` [B] (a
         tensor), and the caller then advances `cache.seq_lens` itself; "verify" keeps the Mamba state
         after every token for `cache.rollback`. `seq_idx` [B, T] marks packed training sequences
-        (non-decreasing per row): no state or attention crosses from one to the next."""
-        check_mode(mode, cache, positions)
+        (non-decreasing per row): no state or attention crosses from one to the next. `capture`
+        ("dynamic" mode): the Mamba states at offsets inside this forward (see StateCapture)."""
+        check_mode(mode, cache, positions, capture)
         pos = positions if mode == "static" else None if cache is None else cache.positions()
         x = self.backbone.embeddings(input_ids)
         for i, layer in enumerate(self.backbone.layers):
-            x = layer(x, None if cache is None else cache.layers[i], pos, seq_idx, mode)
+            x = layer(x, None if cache is None else cache.layers[i], pos, seq_idx, mode, capture)
         if cache is not None and mode != "static":
             cache.seq_lens += input_ids.shape[1]
         return self.backbone.norm_f(x.to(self.backbone.norm_f.weight.dtype))
 
     def forward(self, input_ids: torch.Tensor, cache: HybridCache | None = None, logits_to_keep: int = 0, *,
                 mode: CacheMode = "dynamic", positions: torch.Tensor | None = None,
-                seq_idx: torch.Tensor | None = None,
+                seq_idx: torch.Tensor | None = None, capture: StateCapture | None = None,
                 return_hidden: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Logits [B, T, V] fp32; with return_hidden, (logits, final hidden states) in one call (training
-        with MTP: a single entry point is also what FSDP wraps). `mode` / `positions`: as hidden_states."""
-        h = self.hidden_states(input_ids, cache, mode=mode, positions=positions, seq_idx=seq_idx)
+        with MTP: a single entry point is also what FSDP wraps). `mode` / `positions` / `capture`: as
+        hidden_states."""
+        h = self.hidden_states(input_ids, cache, mode=mode, positions=positions, seq_idx=seq_idx, capture=capture)
         logits = self.lm_head(h[:, -logits_to_keep:] if logits_to_keep else h).float()
         return (logits, h) if return_hidden else logits
 

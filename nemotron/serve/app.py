@@ -26,13 +26,15 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 import torch
 
 from nemotron.api import LoadedModel, release_freed_memory, load
-from nemotron.chat.template import ChatInputError, ChatTemplateError
+from nemotron.chat.template import ChatInputError, ChatTemplateError, chat_template_for
 from nemotron.chat.turn import ChatTurn
 from nemotron.inference.engine import Engine, EngineStopped, QueueFull
 from nemotron.inference.requests import Request, TokenEvent
 from nemotron.serve.metrics import Metrics
-from nemotron.serve.protocol import (APIError, ChatRequest, Limits, error_body, new_id, now, parse_chat_request,
-                       parse_completion_request, sampling_params, text_chars, usage)
+from nemotron.serve.protocol import (structured_output, APIError, ChatRequest, Limits, TokenizeRequest, error_body, new_id, now,
+                                     parse_chat_request, parse_completion_request, parse_detokenize_request,
+                                     parse_tokenize_request, prompt_logprobs, sampling_params, text_chars, usage)
+from nemotron.serve.responses import Responses
 
 # a request body at least this large has its freed memory handed back to the OS once it is answered
 LARGE_BODY_BYTES = 1 << 20
@@ -96,6 +98,7 @@ class Server:
         self._loop: asyncio.AbstractEventLoop | None = None
         self.max_prompt_chars = max_prompt_chars(self.tokenizer, engine.max_len)
         self._trim_scheduled = False
+        self.responses = Responses(self)   # POST /v1/responses and the responses it remembers
 
     def _deliver(self, queue: asyncio.Queue, event: TokenEvent) -> None:  # engine thread
         with self._pending_lock:
@@ -261,7 +264,8 @@ class Server:
             turn = ChatTurn.prepare(tok, cr.messages, cr.tools, tool_choice=cr.tool_choice,
                                     enable_thinking=cr.enable_thinking, thinking_budget=cr.thinking_budget,
                                     template_kwargs=cr.template_kwargs,
-                                    special_tokens_in_content=self.config.allow_special_tokens_in_content)
+                                    special_tokens_in_content=self.config.allow_special_tokens_in_content,
+                                    answer=cr.answer, parallel_tool_calls=cr.parallel_tool_calls)
         except (ChatInputError, ChatTemplateError) as e:
             raise APIError(400, str(e), param="messages") from None
         except RecursionError:
@@ -273,14 +277,15 @@ class Server:
                                 f"{self.engine.max_len}", param="messages", code="context_length_exceeded")
         params = sampling_params(cr.body, self.limits, context_left, chat=True, choices=cr.n,
                                  vocab_size=self.engine.vocab_size)
-        turn.requests([_choice_params(params, i) for i in range(cr.n)])
+        try:
+            turn.requests([_choice_params(params, i) for i in range(cr.n)])
+        except ChatInputError as e:
+            raise APIError(400, str(e), param="response_format") from None
+        turn.reqs[0].prompt_logprobs = prompt_logprobs(cr.body, cr.stream)   # the choices share the prompt
         return turn
 
-    async def chat(self, http: HTTPRequest):
-        self.check_auth(http)
-        body = await self.read_json(http)
-        cr = parse_chat_request(body, self.limits, self.config.default_template_kwargs)
-        self.check_model(body)
+    async def prepare_chat_turn(self, cr: ChatRequest) -> ChatTurn:
+        """The ChatTurn of a parsed chat request (chat completions and the Responses API)."""
         # refused before any rendering or tokenization. Every string counts, though a template may drop
         # some (old reasoning): text this far past the context is no prompt to serve either way
         chars = text_chars(cr.messages, cr.tools, cr.template_kwargs)
@@ -289,7 +294,14 @@ class Server:
                                 f"{self.engine.max_len} tokens can hold", param="messages",
                            code="context_length_exceeded")
         # rendering and tokenizing a long prompt takes a while: not on the event loop
-        turn = await asyncio.to_thread(self._chat_turn, cr)
+        return await asyncio.to_thread(self._chat_turn, cr)
+
+    async def chat(self, http: HTTPRequest):
+        self.check_auth(http)
+        body = await self.read_json(http)
+        cr = parse_chat_request(body, self.limits, self.config.default_template_kwargs)
+        self.check_model(body)
+        turn = await self.prepare_chat_turn(cr)
         reqs = turn.reqs
         queue = self.submit(reqs)
         rid, created = new_id("chatcmpl"), now()
@@ -306,9 +318,12 @@ class Server:
             logprobs = {"content": [self.logprob_entry(lp) for lp in result.logprobs]} if r.params.logprobs else None
             choices.append({"index": i, "message": result.message(), "logprobs": logprobs,
                             "finish_reason": result.finish_reason})
-        return {"id": rid, "object": "chat.completion", "created": created, "model": self.config.model_name,
-                "choices": choices,
-                "usage": usage(n_prompt, sum(len(r.output_ids) for r in reqs), sum(r.cached_tokens for r in reqs))}
+        out = {"id": rid, "object": "chat.completion", "created": created, "model": self.config.model_name,
+               "choices": choices,
+               "usage": usage(n_prompt, sum(len(r.output_ids) for r in reqs), sum(r.cached_tokens for r in reqs))}
+        if reqs[0].prompt_logprobs is not None:   # vLLM: one list for the (shared) prompt
+            out["prompt_logprobs"] = self.prompt_logprobs_list(reqs[0], reqs[0].prompt_logprobs)
+        return out
 
     async def sse(self, choices, reqs: list[Request], rid: str, created: int, obj: str, include_usage: bool,
                   n_prompt: int):
@@ -368,23 +383,38 @@ class Server:
                            param="prompt", code="context_length_exceeded")
         params = sampling_params(body, self.limits, self.engine.max_len - longest, chat=False,
                                  choices=len(cr.prompts) * cr.n, vocab_size=self.engine.vocab_size)
+        answer = structured_output(body, chat=False)
+        grammar = answer.grammar() if answer is not None else None
+        n_prompt_lp = prompt_logprobs(body, cr.stream)
+        # echo with logprobs scores the prompt too (OpenAI's legacy API, vLLM)
+        echo_lp = params.top_logprobs if cr.echo and params.logprobs else None
+        scored = None if n_prompt_lp is None and echo_lp is None else max(n_prompt_lp or 0, echo_lp or 0)
         reqs, texts = [], []
         for text, ids in prompts:
             for j in range(cr.n):
-                reqs.append(Request(list(ids), _choice_params(params, len(reqs))))
+                reqs.append(Request(list(ids), _choice_params(params, len(reqs)), prompt_logprobs=scored,
+                                    grammar=grammar))
                 texts.append(text if cr.echo else "")
         queue = self.submit(reqs)
         rid, created = new_id("cmpl"), now()
         n_prompt = sum(len(r.prompt_ids) for r in reqs)
         if cr.stream:
             return StreamingResponse(
-                self.sse(self._completion_choices(reqs, texts, queue), reqs, rid, created, "text_completion",
+                self.sse(self._completion_choices(reqs, texts, queue, echo_lp), reqs, rid, created, "text_completion",
                          cr.include_usage, n_prompt),
                 media_type="text/event-stream")
         lps = await self.finish(reqs, queue, http)
-        choices = [{"index": i, "text": texts[i] + r.text, "finish_reason": r.finish_reason,
-                    "logprobs": self._completion_logprobs(lps[i], len(texts[i])) if r.params.logprobs else None}
-                   for i, r in enumerate(reqs)]
+        choices = []
+        for i, r in enumerate(reqs):
+            logprobs = None
+            if r.params.logprobs:
+                logprobs = self._completion_logprobs(lps[i], len(texts[i]))
+                if echo_lp is not None:
+                    logprobs = self._echo_logprobs(r, echo_lp, logprobs)
+            choices.append({"index": i, "text": texts[i] + r.text, "finish_reason": r.finish_reason,
+                            "logprobs": logprobs})
+            if n_prompt_lp is not None:
+                choices[-1]["prompt_logprobs"] = self.prompt_logprobs_list(r, n_prompt_lp)
         return {"id": rid, "object": "text_completion", "created": created, "model": self.config.model_name,
                 "choices": choices, "usage": usage(n_prompt, sum(len(r.output_ids) for r in reqs),
                                                    sum(r.cached_tokens for r in reqs))}
@@ -410,11 +440,59 @@ class Server:
             offset += len(entry["token"])
         return out
 
-    async def _completion_choices(self, reqs, texts, queue):
+    def _token_texts(self, ids) -> dict[int, str]:
+        """Each token's own text (as logprobs show it), by id; each distinct id decoded once."""
+        if self.tokenizer is None:
+            return {t: str(t) for t in set(ids)}
+        return {t: self.tokenizer.decode([t]) for t in set(ids)}
+
+    def _echo_logprobs(self, r: Request, top: int, generated: dict | None = None) -> dict:
+        """The echoed prompt's logprobs in the legacy completions shape (the first token has none: no
+        context precedes it), followed by `generated`'s lists."""
+        entries = r.prompt_logprob_entries
+        texts = self._token_texts(r.prompt_ids + [t for e in entries if e is not None for t, _ in e["top"][:top]])
+        out = {"tokens": [texts[t] for t in r.prompt_ids],
+               "token_logprobs": [None if e is None else e["logprob"] for e in entries],
+               "top_logprobs": [None if e is None else {texts[t]: v for t, v in e["top"][:top]} for e in entries],
+               "text_offset": []}
+        offset = 0
+        for text in out["tokens"]:
+            out["text_offset"].append(offset)
+            offset += len(text)
+        for key, values in (generated or {}).items():
+            out[key] = out[key] + values
+        return out
+
+    def prompt_logprobs_list(self, r: Request, top: int) -> list[dict | None]:
+        """vLLM's prompt_logprobs: None for the first token, then per prompt token
+        {token id: {"logprob", "rank", "decoded_token"}} for the token itself and the `top` most likely."""
+        entries = r.prompt_logprob_entries
+        texts = self._token_texts([t for e in entries if e is not None
+                                   for t in [e["token_id"], *(t for t, _ in e["top"][:top])]])
+        out = []
+        for e in entries:
+            if e is None:
+                out.append(None)
+                continue
+            entry = {str(e["token_id"]): {"logprob": e["logprob"], "rank": e["rank"],
+                                          "decoded_token": texts[e["token_id"]]}}
+            for rank, (t, v) in enumerate(e["top"][:top], 1):
+                entry.setdefault(str(t), {"logprob": v, "rank": rank, "decoded_token": texts[t]})
+            out.append(entry)
+        return out
+
+    async def _completion_choices(self, reqs, texts, queue, echo_lp: int | None = None):
+        # the echoed prompt leads each choice; with log-probs it waits for them (made by the prefill,
+        # they are on the request by its first event)
+        waiting = set(range(len(reqs))) if echo_lp is not None else set()
         for i, text in enumerate(texts):
-            if text:
+            if text and i not in waiting:
                 yield [{"index": i, "text": text, "logprobs": None, "finish_reason": None}]
         async for i, event in self.events(reqs, queue):
+            if i in waiting:
+                waiting.discard(i)
+                yield [{"index": i, "text": texts[i], "logprobs": self._echo_logprobs(reqs[i], echo_lp),
+                        "finish_reason": None}]
             lp = self._completion_logprobs([event.logprob], 0) if event.logprob is not None else None
             if event.text or lp is not None or event.finished:
                 yield [{"index": i, "text": event.text, "logprobs": lp,
@@ -422,12 +500,80 @@ class Server:
 
     # ---- the rest ----
 
+    def _model_card(self) -> dict:
+        return {"id": self.config.model_name, "object": "model", "created": self.created, "owned_by": "nemotron",
+                "root": str(self.loaded.path) if self.loaded.path else self.config.model_name, "parent": None,
+                "max_model_len": self.engine.max_len, "permission": []}
+
     def models(self, http: HTTPRequest) -> dict:
         self.check_auth(http)
-        return {"object": "list", "data": [{
-            "id": self.config.model_name, "object": "model", "created": self.created, "owned_by": "nemotron",
-            "root": str(self.loaded.path) if self.loaded.path else self.config.model_name, "parent": None,
-            "max_model_len": self.engine.max_len, "permission": []}]}
+        return {"object": "list", "data": [self._model_card()]}
+
+    def model(self, http: HTTPRequest, model_id: str) -> dict:
+        """GET /v1/models/{id} (the openai client's models.retrieve)."""
+        self.check_auth(http)
+        if model_id != self.config.model_name:
+            shown = model_id if len(model_id) <= 100 else model_id[:100] + "..."
+            raise APIError(404, f"the model {shown!r} does not exist; this server serves {self.config.model_name!r}",
+                           param="model", code="model_not_found")
+        return self._model_card()
+
+    # ---- the tokenizer (vLLM's /tokenize, /detokenize, /tokenizer_info) ----
+
+    def _tokenizer_or_400(self):
+        if self.tokenizer is None:
+            raise APIError(400, "this model has no tokenizer")
+        return self.tokenizer
+
+    def _tokenize_ids(self, tr: TokenizeRequest) -> list[int]:
+        tok = self.tokenizer
+        if tr.prompt is not None:
+            return tok.encode(tr.prompt, add_special_tokens=tr.add_special_tokens)
+        cr = tr.chat
+        try:   # the ids /v1/chat/completions would prefill for this conversation
+            turn = ChatTurn.prepare(tok, cr.messages, cr.tools, tool_choice=cr.tool_choice,
+                                    enable_thinking=cr.enable_thinking, template_kwargs=cr.template_kwargs,
+                                    special_tokens_in_content=self.config.allow_special_tokens_in_content)
+        except (ChatInputError, ChatTemplateError) as e:
+            raise APIError(400, str(e), param="messages") from None
+        except RecursionError:
+            raise APIError(400, "the messages or tools are nested too deeply", param="messages") from None
+        return turn.prompt.ids
+
+    async def tokenize(self, http: HTTPRequest) -> dict:
+        self.check_auth(http)
+        body = await self.read_json(http)
+        tr = parse_tokenize_request(body, self.limits, self.config.default_template_kwargs)
+        self.check_model(body)
+        tok = self._tokenizer_or_400()
+        ids = await asyncio.to_thread(self._tokenize_ids, tr)   # a long text takes a while: not on the event loop
+        strs = [tok.backend.id_to_token(t) for t in ids] if tr.return_token_strs else None
+        return {"count": len(ids), "max_model_len": self.engine.max_len, "tokens": ids, "token_strs": strs}
+
+    async def detokenize(self, http: HTTPRequest) -> dict:
+        self.check_auth(http)
+        body = await self.read_json(http)
+        ids = parse_detokenize_request(body, self.engine.vocab_size)
+        self.check_model(body)
+        tok = self._tokenizer_or_400()
+        return {"prompt": await asyncio.to_thread(tok.decode, ids)}
+
+    def tokenizer_info(self, http: HTTPRequest) -> dict:
+        """vLLM's shape: the tokenizer's class and configuration (lm-eval's remote tokenizer reads the
+        special tokens and the chat template from it)."""
+        self.check_auth(http)
+        tok = self._tokenizer_or_400()
+        # the configuration's plain entries (the added-token table is the tokenizer's, not needed here)
+        info = {k: v for k, v in tok.config.items() if k != "added_tokens_decoder"}
+        try:
+            template = chat_template_for(tok)
+        except ChatTemplateError:
+            template = None
+        info.update(tokenizer_class=tok.config.get("tokenizer_class") or "PreTrainedTokenizerFast",
+                    model_max_length=self.engine.max_len, chat_template=template,
+                    **{k: getattr(tok, k, None) or _special_token(tok.config.get(k))
+                       for k in ("bos_token", "eos_token", "pad_token", "unk_token")})
+        return info
 
     def render_metrics(self) -> str:
         e = self.engine
@@ -442,6 +588,17 @@ class Server:
             counters["spec_decode_num_draft_tokens_total"] = e.spec_stats.drafted
             counters["spec_decode_num_accepted_tokens_total"] = e.spec_stats.accepted
         return self.metrics.render(gauges, counters)
+
+
+def _special_token(value: Any) -> str | None:
+    """A tokenizer_config special token: a string, or {"content": string} in older files."""
+    return value.get("content") if isinstance(value, dict) else value if isinstance(value, str) else None
+
+
+def _handler(server: Server, method):
+    async def route(request: HTTPRequest):
+        return await server.handle(request, method)
+    return route
 
 
 def build_app(server: Server) -> FastAPI:
@@ -464,6 +621,18 @@ def build_app(server: Server) -> FastAPI:
     async def chat_completions(request: HTTPRequest):
         return await server.handle(request, server.chat)
 
+    @app.post("/v1/responses")
+    async def responses_create(request: HTTPRequest):
+        return await server.handle(request, server.responses.create)
+
+    @app.get("/v1/responses/{response_id}")
+    async def responses_retrieve(request: HTTPRequest, response_id: str):
+        return server.responses.retrieve(request, response_id)
+
+    @app.delete("/v1/responses/{response_id}")
+    async def responses_delete(request: HTTPRequest, response_id: str):
+        return server.responses.delete(request, response_id)
+
     @app.post("/v1/completions")
     async def completions(request: HTTPRequest):
         return await server.handle(request, server.completions)
@@ -471,6 +640,18 @@ def build_app(server: Server) -> FastAPI:
     @app.get("/v1/models")
     async def models(request: HTTPRequest):
         return server.models(request)
+
+    @app.get("/v1/models/{model_id:path}")   # served names may hold a slash ("nvidia/...")
+    async def model(request: HTTPRequest, model_id: str):
+        return server.model(request, model_id)
+
+    for prefix in ("", "/v1"):   # vLLM serves these at the root; some clients look under /v1
+        app.add_api_route(prefix + "/tokenize", _handler(server, server.tokenize), methods=["POST"])
+        app.add_api_route(prefix + "/detokenize", _handler(server, server.detokenize), methods=["POST"])
+
+    @app.get("/tokenizer_info")
+    async def tokenizer_info(request: HTTPRequest):
+        return server.tokenizer_info(request)
 
     @app.get("/health")
     async def health():
@@ -506,13 +687,15 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | 
           max_tokens: int = 4096, default_template_kwargs: dict | None = None, dtype: str | None = None,
           device: str = "cpu", threads: int | None = None, speculative_tokens: int = 0,
           cache_options=None, prefill_threads: int | None = None,
-          allow_special_tokens_in_content: bool = False) -> None:
+          allow_special_tokens_in_content: bool = False, prefix_block: int | None = None) -> None:
     """Load `model` and serve it until interrupted. threads: torch's CPU threads for decode steps
     (default: `decode_threads`). prefill_threads: for prefill chunks, which stream nothing (default:
     every core).
     cache_options: a CacheOptions (FP8 KV cache, SSM state dtype and rounding).
     allow_special_tokens_in_content: parse control-token spellings inside messages and tools (by
-    default they are ordinary text)."""
+    default they are ordinary text).
+    prefix_block: the prefix cache's block, a divisor of prefill_chunk (default: the model's Mamba scan
+    chunk; see Engine)."""
     import uvicorn   # imported when serving: the server's other users (tests, benchmarks) build the app only
 
     cores = os.cpu_count() or 2
@@ -523,7 +706,7 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | 
     engine = Engine(loaded.model, loaded.tokenizer, loaded.stop_ids, max_batch=max_batch, max_len=max_len,
                     prefill_chunk=prefill_chunk, max_waiting=max_waiting, prefix_cache_bytes=prefix_cache_mb << 20,
                     speculative_tokens=speculative_tokens, threads=threads, cache_options=loaded.cache_options,
-                    prefill_threads=prefill_threads or max(threads, cores)).start()
+                    prefill_threads=prefill_threads or max(threads, cores), prefix_block=prefix_block).start()
     # a directory is served under its name; the embedded model under the name it was asked by ("tiny")
     name = served_model_name or (loaded.path.name if Path(str(model)).exists() else str(model))
     server = Server(loaded, engine, ServerConfig(name, api_key, Limits(max_tokens=max_tokens), default_template_kwargs,

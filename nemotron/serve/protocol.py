@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from nemotron.chat.template import ChatInputError, check_text, tool_function, validate_messages, validate_tools
-from nemotron.inference.sampling import MAX_TOP_LOGPROBS, SEED_MAX, SEED_MIN, SamplingParams
+from nemotron.inference.constraint import ConstraintError, StructuredOutput
+from nemotron.inference.sampling import LOGIT_BIAS_MAX, MAX_TOP_LOGPROBS, SEED_MAX, SEED_MIN, SamplingParams
 
 
 class APIError(Exception):
@@ -119,6 +120,36 @@ def _seed(body: dict, choices: int) -> int | None:
     return seed
 
 
+def _logit_bias(body: dict, vocab_size: int | None) -> dict[int, float]:
+    """OpenAI's logit_bias: {"token id": bias in [-100, 100]} -> {token id: bias}."""
+    bias = get(body, "logit_bias", dict, {})
+    top = INT_MAX if vocab_size is None else vocab_size - 1
+    out = {}
+    for key, value in bias.items():
+        # at most 19 digits: int() of a longer string is slow or refused, and no such id exists
+        if not (key.isascii() and key.isdigit() and len(key) <= 19) or int(key) > top:
+            shown = key if len(key) <= 40 else key[:40] + "..."
+            raise APIError(400, f"'logit_bias' keys must be token ids in [0, {top}] (as strings), got {shown!r}",
+                           param="logit_bias")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or \
+                not -LOGIT_BIAS_MAX <= value <= LOGIT_BIAS_MAX:   # NaN fails the comparison too
+            raise APIError(400, f"'logit_bias' values must be numbers in [{-LOGIT_BIAS_MAX:g}, {LOGIT_BIAS_MAX:g}], "
+                                f"got {_kind(value) if not isinstance(value, (int, float)) else value} for {key}",
+                           param="logit_bias")
+        out[int(key)] = float(value)
+    return out
+
+
+def prompt_logprobs(body: dict, stream: bool) -> int | None:
+    """vLLM's prompt_logprobs: the number of top alternatives per prompt token (0: the token alone)."""
+    n = get(body, "prompt_logprobs", int)
+    if n is not None and not 0 <= n <= MAX_TOP_LOGPROBS:
+        raise APIError(400, f"'prompt_logprobs' must be in [0, {MAX_TOP_LOGPROBS}], got {n}", param="prompt_logprobs")
+    if n is not None and stream:   # as vLLM
+        raise APIError(400, "'prompt_logprobs' is not available with stream=true", param="prompt_logprobs")
+    return n
+
+
 def sampling_params(body: dict, limits: Limits, context_left: int, chat: bool, choices: int = 1,
                     vocab_size: int | None = None) -> SamplingParams:
     """The sampling fields of a chat or completions request. context_left: tokens the prompt leaves;
@@ -161,6 +192,7 @@ def sampling_params(body: dict, limits: Limits, context_left: int, chat: bool, c
         logprobs=logprobs,
         top_logprobs=top,
         ignore_eos=get(body, "ignore_eos", bool, False),
+        logit_bias=_logit_bias(body, vocab_size),
     )
     if params.temperature > 2:
         raise APIError(400, f"'temperature' must be in [0, 2], got {params.temperature}", param="temperature")
@@ -198,7 +230,6 @@ class ChatRequest:
     messages: list[dict]
     tools: list[dict] | None
     tool_choice: str | dict           # "auto" | "none" | "required" | {"type": "function", "function": {...}}
-    forced_function: str | None       # a named tool_choice
     template_kwargs: dict[str, Any]
     enable_thinking: bool
     thinking_budget: int | None
@@ -206,6 +237,23 @@ class ChatRequest:
     stream: bool
     include_usage: bool
     body: dict = field(repr=False, default_factory=dict)
+    answer: StructuredOutput | None = None   # response_format or vLLM's structured_outputs / guided_*
+    parallel_tool_calls: bool = True
+
+
+def structured_output(body: dict, chat: bool) -> StructuredOutput | None:
+    """What the request's answer must be: `response_format` (chat) or vLLM's `structured_outputs` /
+    `guided_json` / `guided_regex` / `guided_choice` / `guided_grammar` (chat and completions)."""
+    param = "response_format"
+    try:
+        answer = StructuredOutput.from_response_format(body.get("response_format")) if chat else None
+        param = "structured_outputs"
+        extra = StructuredOutput.from_request(body)
+    except ConstraintError as e:
+        raise APIError(400, str(e), param=param) from None
+    if answer is not None and extra is not None:
+        raise APIError(400, "give response_format or structured_outputs, not both", param="structured_outputs")
+    return answer or extra
 
 
 # chat_template_kwargs that would collide with what prepare_chat, apply_chat_template and render_chat
@@ -236,7 +284,6 @@ def parse_chat_request(body: Any, limits: Limits, default_template_kwargs: dict 
         raise APIError(400, str(e), param="tools") from None
     choice = body.get("tool_choice")
     choice = ("auto" if tools else "none") if choice is None else choice
-    forced = None
     if isinstance(choice, str):
         if choice not in ("auto", "none", "required"):
             raise APIError(400, f"'tool_choice' must be 'auto', 'none', 'required' or a named function, got {choice!r}",
@@ -251,7 +298,6 @@ def parse_chat_request(body: Any, limits: Limits, default_template_kwargs: dict 
                            param="tool_choice")
         if not tools or name not in {tool_function(t)["name"] for t in tools}:
             raise APIError(400, f"tool_choice names {name!r}, which is not among 'tools'", param="tool_choice")
-        forced = name
     else:
         raise APIError(400, f"'tool_choice' must be a string or an object, got {_kind(choice)}", param="tool_choice")
     kwargs = dict(default_template_kwargs or {})
@@ -265,13 +311,12 @@ def parse_chat_request(body: Any, limits: Limits, default_template_kwargs: dict 
     if not isinstance(enable_thinking, bool):
         raise APIError(400, "chat_template_kwargs.enable_thinking must be a boolean", param="chat_template_kwargs")
     budget = get(body, "thinking_token_budget", int, lo=0)
-    fmt = get(body, "response_format", dict)
-    if fmt is not None and fmt.get("type") not in (None, "text"):
-        raise APIError(400, f"response_format type {fmt.get('type')!r} is not supported (only 'text')",
-                       param="response_format")
+    get(body, "response_format", dict)
+    answer = structured_output(body, chat=True)
+    parallel = get(body, "parallel_tool_calls", bool, True)
     stream, include_usage = stream_options(body)
-    return ChatRequest(messages, tools, choice, forced, kwargs, enable_thinking, budget,
-                       n_choices(body, limits), stream, include_usage, body)
+    return ChatRequest(messages, tools, choice, kwargs, enable_thinking, budget,
+                       n_choices(body, limits), stream, include_usage, body, answer, parallel)
 
 
 def text_chars(*values: Any) -> int:
@@ -342,6 +387,58 @@ def parse_completion_request(body: Any, limits: Limits, vocab_size: int | None =
     if n * len(prompts) > limits.max_n:
         raise APIError(400, f"n x prompts must be <= {limits.max_n}", param="n")
     return CompletionRequest(prompts, get(body, "echo", bool, False), n, stream, include_usage, body)
+
+
+# --------------------------------------------------------------------------------------------------
+# tokenize / detokenize (vLLM's shapes)
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TokenizeRequest:
+    prompt: str | None                # a completion prompt, or
+    chat: ChatRequest | None          # a conversation, rendered as /v1/chat/completions renders it
+    add_special_tokens: bool
+    return_token_strs: bool
+
+
+def parse_tokenize_request(body: Any, limits: Limits, default_template_kwargs: dict | None = None) -> TokenizeRequest:
+    """POST /tokenize: {"prompt": str, "add_special_tokens": bool} or {"messages": [...], "tools",
+    "chat_template_kwargs"}; "return_token_strs" either way."""
+    if not isinstance(body, dict):
+        raise APIError(400, f"the request body must be a JSON object, got {_kind(body)}")
+    strs = get(body, "return_token_strs", bool, False)
+    if body.get("messages") is None:
+        prompt = get(body, "prompt", str)
+        if prompt is None:
+            raise APIError(400, "'prompt' (a string) or 'messages' is required", param="prompt")
+        _check_text("prompt", prompt)
+        return TokenizeRequest(prompt, None, get(body, "add_special_tokens", bool, True), strs)
+    if body.get("prompt") is not None:
+        raise APIError(400, "send either 'prompt' or 'messages', not both", param="prompt")
+    # the chat template adds the special tokens itself: add_special_tokens does not apply
+    get(body, "add_special_tokens", bool)
+    if not get(body, "add_generation_prompt", bool, True):
+        raise APIError(400, "add_generation_prompt=false is not supported", param="add_generation_prompt")
+    for key in ("continue_final_message", "chat_template"):
+        if body.get(key) not in (None, False):
+            raise APIError(400, f"'{key}' is not supported", param=key)
+    chat = parse_chat_request({k: body[k] for k in ("messages", "tools", "tool_choice", "chat_template_kwargs")
+                               if k in body}, limits, default_template_kwargs)
+    return TokenizeRequest(None, chat, False, strs)
+
+
+def parse_detokenize_request(body: Any, vocab_size: int) -> list[int]:
+    """POST /detokenize: {"tokens": [token ids]} -> the ids."""
+    if not isinstance(body, dict):
+        raise APIError(400, f"the request body must be a JSON object, got {_kind(body)}")
+    tokens = body.get("tokens")
+    if tokens is None:
+        raise APIError(400, "'tokens' is required", param="tokens")
+    if not isinstance(tokens, list) or \
+            not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab_size for t in tokens):
+        raise APIError(400, f"'tokens' must be an array of token ids in [0, {vocab_size})", param="tokens")
+    return tokens
 
 
 # --------------------------------------------------------------------------------------------------
