@@ -235,15 +235,6 @@ class Constraint:
         self.starts_after = starts_after
         self.active = starts_after is None
 
-    @property
-    def done(self) -> bool:
-        """The grammar is complete: only end-of-turn tokens are allowed."""
-        return self.active and self.matcher.is_stopped()
-
-    def allowed(self) -> torch.Tensor:
-        """[V] bool: the tokens allowed next (call only while active)."""
-        return allowed_tokens([self])[0]
-
     def observe(self, token: int) -> None:
         """Follow one emitted token. Raises ConstraintError if the grammar does not allow it (the engine
         then ends the request alone)."""

@@ -574,10 +574,15 @@ def _mask_constrained(logits: torch.Tensor, reqs: list[Request], stop_index: tor
     tokens the grammar allows next. The log-probs reported are then those of the masked distribution,
     as vLLM reports them. A row whose grammar waits for the reasoning to end may not end the turn
     before (`stop_index`: the end-of-turn ids): the answer it must give comes after the reasoning."""
-    pending = [i for i, r in enumerate(reqs) if r.constraint is not None and not r.constraint.active]
+    pending, rows = [], []
+    for i, r in enumerate(reqs):
+        if r.constraint is not None:
+            if not r.constraint.active:
+                pending.append(i)
+            elif not r.forced:
+                rows.append(i)
     if pending and len(stop_index):
         logits[torch.tensor(pending, device=logits.device)[:, None], stop_index.to(logits.device)] = float("-inf")
-    rows = [i for i, r in enumerate(reqs) if r.constraint is not None and r.constraint.active and not r.forced]
     if not rows:
         return
     allowed = allowed_tokens([reqs[i].constraint for i in rows]).to(logits.device)

@@ -54,7 +54,8 @@ _TYPE_NAMES = {bool: "a boolean", int: "an integer", float: "a number", str: "a 
                dict: "an object"}
 
 
-def _kind(value: Any) -> str:
+def json_kind(value: Any) -> str:
+    """The JSON type name of a parsed value, for error messages."""
     return {bool: "boolean", int: "integer", float: "number", str: "string", list: "array", dict: "object",
             type(None): "null"}.get(type(value), type(value).__name__)
 
@@ -75,7 +76,7 @@ def get(body: dict, key: str, typ: type | tuple[type, ...], default: Any = None,
         (float in types and isinstance(value, int) and not isinstance(value, bool))
     if not ok:
         want = " or ".join(_TYPE_NAMES.get(t, t.__name__) for t in types)
-        raise APIError(400, f"'{key}' must be {want}, got {_kind(value)}", param=key)
+        raise APIError(400, f"'{key}' must be {want}, got {json_kind(value)}", param=key)
     if isinstance(value, float) and not math.isfinite(value):
         raise APIError(400, f"'{key}' must be a finite number", param=key)
     if isinstance(value, int) and not isinstance(value, bool) and not lo <= value <= hi:
@@ -89,14 +90,15 @@ def _stop_list(body: dict, limits: Limits) -> list[str]:
     stop = [stop] if isinstance(stop, str) else stop
     if len(stop) > limits.max_stop or not all(isinstance(s, str) and s for s in stop):
         raise APIError(400, f"'stop' must be a string or at most {limits.max_stop} non-empty strings", param="stop")
-    _check_text("stop", stop)
+    check_field_text("stop", stop)
     return stop
 
 
-def _check_text(param: str, value: Any) -> None:
-    """A 400 naming the field when a string in `value` is not valid Unicode (the tokenizer's input)."""
+def check_field_text(param: str, value: Any, where: str | None = None) -> None:
+    """A 400 for field `param` when a string in `value` (at `where`, by default the field itself) is
+    not valid Unicode (the tokenizer's input)."""
     try:
-        check_text(param, value)
+        check_text(where or param, value)
     except ChatInputError as e:
         raise APIError(400, str(e), param=param) from None
 
@@ -134,7 +136,7 @@ def _logit_bias(body: dict, vocab_size: int | None) -> dict[int, float]:
         if isinstance(value, bool) or not isinstance(value, (int, float)) or \
                 not -LOGIT_BIAS_MAX <= value <= LOGIT_BIAS_MAX:   # NaN fails the comparison too
             raise APIError(400, f"'logit_bias' values must be numbers in [{-LOGIT_BIAS_MAX:g}, {LOGIT_BIAS_MAX:g}], "
-                                f"got {_kind(value) if not isinstance(value, (int, float)) else value} for {key}",
+                                f"got {json_kind(value) if not isinstance(value, (int, float)) else value} for {key}",
                            param="logit_bias")
         out[int(key)] = float(value)
     return out
@@ -264,7 +266,7 @@ RESERVED_TEMPLATE_KWARGS = frozenset({"tokenizer", "messages", "tools", "add_gen
 
 def parse_chat_request(body: Any, limits: Limits, default_template_kwargs: dict | None = None) -> ChatRequest:
     if not isinstance(body, dict):
-        raise APIError(400, f"the request body must be a JSON object, got {_kind(body)}")
+        raise APIError(400, f"the request body must be a JSON object, got {json_kind(body)}")
     messages = body.get("messages")
     if messages is None:
         raise APIError(400, "'messages' is required", param="messages")
@@ -299,14 +301,14 @@ def parse_chat_request(body: Any, limits: Limits, default_template_kwargs: dict 
         if not tools or name not in {tool_function(t)["name"] for t in tools}:
             raise APIError(400, f"tool_choice names {name!r}, which is not among 'tools'", param="tool_choice")
     else:
-        raise APIError(400, f"'tool_choice' must be a string or an object, got {_kind(choice)}", param="tool_choice")
+        raise APIError(400, f"'tool_choice' must be a string or an object, got {json_kind(choice)}", param="tool_choice")
     kwargs = dict(default_template_kwargs or {})
     kwargs.update(get(body, "chat_template_kwargs", dict, {}))
     reserved = sorted(RESERVED_TEMPLATE_KWARGS & set(kwargs))
     if reserved:
         raise APIError(400, f"chat_template_kwargs cannot set {', '.join(reserved)} (the server sets it from the "
                             "request)", param="chat_template_kwargs")
-    _check_text("chat_template_kwargs", kwargs)
+    check_field_text("chat_template_kwargs", kwargs)
     enable_thinking = kwargs.pop("enable_thinking", True)
     if not isinstance(enable_thinking, bool):
         raise APIError(400, "chat_template_kwargs.enable_thinking must be a boolean", param="chat_template_kwargs")
@@ -353,7 +355,7 @@ class CompletionRequest:
 def parse_completion_request(body: Any, limits: Limits, vocab_size: int | None = None) -> CompletionRequest:
     """vocab_size: the bound of token-id prompts (checked before anything decodes them)."""
     if not isinstance(body, dict):
-        raise APIError(400, f"the request body must be a JSON object, got {_kind(body)}")
+        raise APIError(400, f"the request body must be a JSON object, got {json_kind(body)}")
     prompt = body.get("prompt")
     bad = APIError(400, "'prompt' must be a string, an array of strings, an array of token ids or an array "
                         "of such arrays", param="prompt")
@@ -379,7 +381,7 @@ def parse_completion_request(body: Any, limits: Limits, vocab_size: int | None =
         raise APIError(400, "'prompt' must not be empty", param="prompt")
     if vocab_size is not None and any(not 0 <= t < vocab_size for p in prompts if isinstance(p, list) for t in p):
         raise APIError(400, f"'prompt' token ids must be in [0, {vocab_size})", param="prompt")
-    _check_text("prompt", prompts)
+    check_field_text("prompt", prompts)
     if body.get("suffix") is not None:
         raise APIError(400, "'suffix' is not supported", param="suffix")
     stream, include_usage = stream_options(body)
@@ -406,13 +408,13 @@ def parse_tokenize_request(body: Any, limits: Limits, default_template_kwargs: d
     """POST /tokenize: {"prompt": str, "add_special_tokens": bool} or {"messages": [...], "tools",
     "chat_template_kwargs"}; "return_token_strs" either way."""
     if not isinstance(body, dict):
-        raise APIError(400, f"the request body must be a JSON object, got {_kind(body)}")
+        raise APIError(400, f"the request body must be a JSON object, got {json_kind(body)}")
     strs = get(body, "return_token_strs", bool, False)
     if body.get("messages") is None:
         prompt = get(body, "prompt", str)
         if prompt is None:
             raise APIError(400, "'prompt' (a string) or 'messages' is required", param="prompt")
-        _check_text("prompt", prompt)
+        check_field_text("prompt", prompt)
         return TokenizeRequest(prompt, None, get(body, "add_special_tokens", bool, True), strs)
     if body.get("prompt") is not None:
         raise APIError(400, "send either 'prompt' or 'messages', not both", param="prompt")
@@ -431,7 +433,7 @@ def parse_tokenize_request(body: Any, limits: Limits, default_template_kwargs: d
 def parse_detokenize_request(body: Any, vocab_size: int) -> list[int]:
     """POST /detokenize: {"tokens": [token ids]} -> the ids."""
     if not isinstance(body, dict):
-        raise APIError(400, f"the request body must be a JSON object, got {_kind(body)}")
+        raise APIError(400, f"the request body must be a JSON object, got {json_kind(body)}")
     tokens = body.get("tokens")
     if tokens is None:
         raise APIError(400, "'tokens' is required", param="tokens")

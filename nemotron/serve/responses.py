@@ -37,9 +37,9 @@ from fastapi import Request as HTTPRequest
 from fastapi.responses import StreamingResponse
 
 from nemotron.chat.parsers import Delta
-from nemotron.chat.template import ChatInputError, check_text
 from nemotron.chat.turn import ChatResult, ChatTurn
-from nemotron.serve.protocol import APIError, get, now, parse_chat_request, text_chars
+from nemotron.serve.protocol import (APIError, check_field_text, get, json_kind, now, parse_chat_request,
+                                     text_chars)
 
 if TYPE_CHECKING:
     from nemotron.serve.app import Server
@@ -69,11 +69,6 @@ UNSUPPORTED = {"background": "background responses are not supported",
 
 def new_item_id(prefix: str) -> str:
     return f"{prefix}_{uuid.uuid4().hex}"
-
-
-def _kind(value: Any) -> str:
-    return {bool: "boolean", int: "integer", float: "number", str: "string", list: "array", dict: "object",
-            type(None): "null"}.get(type(value), type(value).__name__)
 
 
 def _bad(message: str, param: str, status: int = 400, code: str | None = None) -> APIError:
@@ -165,7 +160,7 @@ def _text_parts(where: str, parts: list, allowed: tuple[str, ...]) -> list[str]:
             texts.append(part)
             continue
         if not isinstance(part, dict):
-            raise _bad(f"{at} must be a content part object, got {_kind(part)}", "input")
+            raise _bad(f"{at} must be a content part object, got {json_kind(part)}", "input")
         kind = part.get("type")
         if kind == "refusal" and isinstance(part.get("refusal"), str):
             texts.append(part["refusal"])
@@ -173,30 +168,22 @@ def _text_parts(where: str, parts: list, allowed: tuple[str, ...]) -> list[str]:
         if kind not in allowed:
             raise _bad(f"{at}.type {kind!r} is not supported (text only: {', '.join(allowed)})", "input")
         if not isinstance(part.get("text"), str):
-            raise _bad(f"{at}.text must be a string, got {_kind(part.get('text'))}", "input")
+            raise _bad(f"{at}.text must be a string, got {json_kind(part.get('text'))}", "input")
         texts.append(part["text"])
     return texts
-
-
-def _check_text(where: str, value: Any, param: str) -> None:
-    """A 400 naming where a string of `value` is not valid Unicode (a lone surrogate)."""
-    try:
-        check_text(where, value)
-    except ChatInputError as e:
-        raise _bad(str(e), param) from None
 
 
 def _string(item: dict, key: str, where: str) -> str:
     value = item.get(key)
     if not isinstance(value, str):
-        raise _bad(f"{where}.{key} must be a string, got {_kind(value)}", "input")
+        raise _bad(f"{where}.{key} must be a string, got {json_kind(value)}", "input")
     return value
 
 
 def _input_item(item: Any, where: str, store: ResponseStore) -> dict:
     """One input item checked and normalized (text parts as plain strings or lists of them)."""
     if not isinstance(item, dict):
-        raise _bad(f"{where} must be an input item object, got {_kind(item)}", "input")
+        raise _bad(f"{where} must be an input item object, got {json_kind(item)}", "input")
     kind = item.get("type") or ("message" if "role" in item else None)
     if kind not in ITEM_TYPES:
         raise _bad(f"{where}.type {kind!r} is not supported (one of {', '.join(ITEM_TYPES)})", "input")
@@ -208,7 +195,7 @@ def _input_item(item: Any, where: str, store: ResponseStore) -> dict:
         if isinstance(content, list):
             content = _text_parts(f"{where}.content", content, TEXT_PARTS)
         elif not isinstance(content, str):
-            raise _bad(f"{where}.content must be a string or an array of text parts, got {_kind(content)}", "input")
+            raise _bad(f"{where}.content must be a string or an array of text parts, got {json_kind(content)}", "input")
         out = {"type": "message", "role": role, "content": content}
     elif kind == "function_call":
         out = {"type": "function_call", "call_id": _string(item, "call_id", where),
@@ -218,7 +205,7 @@ def _input_item(item: Any, where: str, store: ResponseStore) -> dict:
         if isinstance(output, list):
             output = "\n".join(_text_parts(f"{where}.output", output, ("input_text", "output_text", "text")))
         elif not isinstance(output, str):
-            raise _bad(f"{where}.output must be a string or an array of text parts, got {_kind(output)}", "input")
+            raise _bad(f"{where}.output must be a string or an array of text parts, got {json_kind(output)}", "input")
         out = {"type": "function_call_output", "call_id": _string(item, "call_id", where), "output": output}
     elif kind == "reasoning":
         content, summary = item.get("content") or [], item.get("summary") or []
@@ -237,7 +224,7 @@ def _input_item(item: Any, where: str, store: ResponseStore) -> dict:
         return found
     if isinstance(item.get("id"), str):
         out["id"] = item["id"]
-    _check_text(where, out, "input")
+    check_field_text("input", out, where)
     return out
 
 
@@ -245,7 +232,7 @@ def _input_items(value: Any, store: ResponseStore) -> list[dict]:
     if isinstance(value, str):
         return [{"type": "message", "role": "user", "content": value}]
     if not isinstance(value, list):
-        raise _bad(f"'input' must be a string or an array of input items, got {_kind(value)}", "input")
+        raise _bad(f"'input' must be a string or an array of input items, got {json_kind(value)}", "input")
     return [_input_item(item, f"input[{i}]", store) for i, item in enumerate(value)]
 
 
@@ -310,13 +297,13 @@ def _tools(body: dict) -> tuple[list[dict], list[dict] | None]:
     flat, chat = [], []
     for i, tool in enumerate(tools):
         if not isinstance(tool, dict):
-            raise _bad(f"tools[{i}] must be an object, got {_kind(tool)}", "tools")
+            raise _bad(f"tools[{i}] must be an object, got {json_kind(tool)}", "tools")
         kind = tool.get("type", "function")
         if kind != "function":
             raise _bad(f"tools[{i}].type {kind!r} is not supported: this server runs function tools only", "tools")
         fn = tool["function"] if isinstance(tool.get("function"), dict) else \
             {k: tool[k] for k in ("name", "description", "parameters", "strict") if k in tool}
-        _check_text(f"tools[{i}]", fn, "tools")
+        check_field_text("tools", fn, f"tools[{i}]")
         flat.append({"type": "function", "name": fn.get("name"), "description": fn.get("description"),
                      "parameters": fn.get("parameters"), "strict": fn.get("strict")})
         chat.append({"type": "function", "function": fn})
@@ -339,7 +326,7 @@ def _tool_choice(body: dict) -> tuple[str | dict, str | dict | None]:
         if not isinstance(name, str):
             raise _bad('a named tool_choice is {"type": "function", "name": ...}', "tool_choice")
         return {"type": "function", "name": name}, {"type": "function", "function": {"name": name}}
-    raise _bad(f"'tool_choice' must be a string or an object, got {_kind(choice)}", "tool_choice")
+    raise _bad(f"'tool_choice' must be a string or an object, got {json_kind(choice)}", "tool_choice")
 
 
 def _text_format(body: dict) -> tuple[dict, dict | None]:
@@ -349,7 +336,7 @@ def _text_format(body: dict) -> tuple[dict, dict | None]:
     if fmt is None:
         return {"type": "text"}, None
     if not isinstance(fmt, dict):
-        raise _bad(f"'text.format' must be an object, got {_kind(fmt)}", "text.format")
+        raise _bad(f"'text.format' must be an object, got {json_kind(fmt)}", "text.format")
     kind = fmt.get("type")
     if kind == "text":
         return {"type": "text"}, None
@@ -360,7 +347,7 @@ def _text_format(body: dict) -> tuple[dict, dict | None]:
         if not isinstance(name, str) or not name:
             raise _bad("'text.format.name' must be a non-empty string", "text.format")
         if not isinstance(schema, dict):
-            raise _bad(f"'text.format.schema' must be an object, got {_kind(schema)}", "text.format")
+            raise _bad(f"'text.format.schema' must be an object, got {json_kind(schema)}", "text.format")
         json_schema = {"name": name, "schema": schema}
         for key in ("strict", "description"):
             if fmt.get(key) is not None:
@@ -373,7 +360,7 @@ def parse_responses_request(body: Any, store: ResponseStore) -> ResponsesRequest
     """Check a Responses create body field by field (4xx naming the field) and build the chat body it
     is served as; an unknown previous_response_id is a 404."""
     if not isinstance(body, dict):
-        raise APIError(400, f"the request body must be a JSON object, got {_kind(body)}")
+        raise APIError(400, f"the request body must be a JSON object, got {json_kind(body)}")
     for key, why in UNSUPPORTED.items():
         if body.get(key) not in (None, False):
             raise _bad(f"'{key}': {why}", key)
@@ -389,7 +376,7 @@ def parse_responses_request(body: Any, store: ResponseStore) -> ResponsesRequest
         raise _bad("'input' is required", "input")
     items = _input_items(body["input"], store) if body.get("input") is not None else []
     instructions = get(body, "instructions", str)
-    _check_text("instructions", instructions, "instructions")
+    check_field_text("instructions", instructions, "instructions")
     get(body, "metadata", dict)
     get(body, "user", str)
     if not items and not history:
