@@ -10,23 +10,43 @@ from nemotron.layers.linear import Linear, linear, use_onednn
 onednn = pytest.mark.skipif(not L._ONEDNN, reason="oneDNN is only taken on AVX-512 CPUs")
 
 
+@pytest.fixture(params=["other", "intel"])
+def vendor_rule(request, monkeypatch):
+    """Both dispatch rules, whatever this CPU is: each must be right on the CPUs that take it."""
+    monkeypatch.setattr(L, "_MKL_AVX512", request.param == "intel")
+    return request.param
+
+
 @onednn
-@pytest.mark.parametrize("rows", [1, 3, 16, 64])
-def test_onednn_path_matches_f_linear(rows):
+@pytest.mark.parametrize("rows", [1, 3, 8, 16, 64])
+def test_onednn_path_matches_f_linear(rows, vendor_rule):
     torch.manual_seed(0)
     w, b = torch.randn(1024, 1024) / 32, torch.randn(1024)
     x = torch.randn(2, rows, 1024)
     with torch.inference_mode():
-        assert use_onednn(x, w)   # a 4 MB weight takes oneDNN at any row count
+        # a 4 MB weight takes oneDNN at any row count; on Intel at 4-16 rows (x 2 leading)
+        assert use_onednn(x, w) == (vendor_rule == "other" or 4 <= 2 * rows <= 16)
         got = linear(x, w, b)
     torch.testing.assert_close(got, F.linear(x, w, b), rtol=1e-5, atol=1e-5)
     assert got.shape == (2, rows, 1024)
 
 
 @onednn
-def test_dispatch_rule():
-    """oneDNN from rows x weight elements >= 2^20, and from 16 rows unless the weight alone is that
-    large (its ~10 us per call must pay off)."""
+def test_dispatch_rule_intel(monkeypatch):
+    """With MKL's AVX-512 kernels, oneDNN only for a weight of >= 2^20 elements at 4-16 rows."""
+    monkeypatch.setattr(L, "_MKL_AVX512", True)
+    in_proj, big = torch.randn(908, 192), torch.randn(1024, 1024)
+    with torch.no_grad():
+        assert [use_onednn(torch.randn(r, 1024), big) for r in (1, 2, 4, 16, 17, 256)] == \
+            [False, False, True, True, False, False]
+        assert not use_onednn(torch.randn(16, 192), in_proj)     # 174k elements: MKL at any row count
+
+
+@onednn
+def test_dispatch_rule(monkeypatch):
+    """Elsewhere (MKL without AVX-512): oneDNN from rows x weight elements >= 2^20, and from 16 rows
+    unless the weight alone is that large (its ~10 us per call must pay off)."""
+    monkeypatch.setattr(L, "_MKL_AVX512", False)
     in_proj, small, big = torch.randn(908, 192), torch.randn(192, 192), torch.randn(1024, 1024)
     with torch.no_grad():
         assert not use_onednn(torch.randn(8, 192), in_proj)     # a tiny model's decode stays on MKL

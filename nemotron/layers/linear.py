@@ -3,7 +3,9 @@
 PyTorch runs fp32 `F.linear` on CPU through MKL, which uses AVX-512 only on Intel CPUs. On an
 AVX-512 AMD CPU, oneDNN (also in every PyTorch CPU build) multiplies about 2x faster for prefill
 and batched decode, and reads a large weight faster at batch 1 (BENCHMARKS.md). oneDNN costs ~10 us
-more per call, so small products (a tiny model's decode, cache-resident) stay on MKL.
+more per call, so small products (a tiny model's decode, cache-resident) stay on MKL. On an Intel
+CPU, where MKL runs its AVX-512 kernels, oneDNN wins only a large weight at a few rows (batched
+decode) and loses prefill and a single row (BENCHMARKS.md), so only those products take it there.
 
 oneDNN's op has no autograd: anything that records gradients takes `F.linear`."""
 
@@ -21,9 +23,26 @@ from torch import nn
 # measured faster alone on oneDNN but made the whole step 6% slower.
 MIN_WORK, MIN_ROWS = 1 << 20, 16
 
+# on an Intel CPU: the row counts at which a weight of MIN_WORK elements takes oneDNN
+INTEL_ROWS = range(4, 17)
+
+
+def cpu_vendor() -> str:
+    """The CPU's vendor id as Linux reports it ("GenuineIntel", "AuthenticAMD"; "" where unknown)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("vendor_id"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""
+
+
 # NEMOTRON_ONEDNN=0 keeps every product on F.linear (A/B measurements)
 _ONEDNN = (os.environ.get("NEMOTRON_ONEDNN", "1") != "0" and torch.backends.mkldnn.is_available()
            and torch.backends.cpu.get_cpu_capability().startswith("AVX512"))
+_MKL_AVX512 = cpu_vendor() == "GenuineIntel"
 
 
 def use_onednn(x: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -35,6 +54,8 @@ def use_onednn(x: torch.Tensor, weight: torch.Tensor) -> bool:
     if torch.compiler.is_compiling() or x.numel() == 0:
         return False
     rows, size = x.numel() // x.shape[-1], weight.numel()
+    if _MKL_AVX512:
+        return size >= MIN_WORK and rows in INTEL_ROWS
     return size >= MIN_WORK or (rows >= MIN_ROWS and rows * size >= MIN_WORK)
 
 
