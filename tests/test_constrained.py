@@ -15,7 +15,7 @@ pytest.importorskip("llguidance")
 import nemotron  # noqa: E402
 from nemotron.chat.template import prepare_chat  # noqa: E402
 from nemotron.chat.turn import ChatTurn, make_thinking_budget  # noqa: E402
-from nemotron.inference.constraint import ConstraintError, StructuredOutput, grammar_compiler  # noqa: E402
+from nemotron.inference.constraint import ConstraintError, Grammar, StructuredOutput, grammar_compiler  # noqa: E402
 from nemotron.inference.engine import Engine  # noqa: E402
 from nemotron.inference.requests import Request  # noqa: E402
 from nemotron.inference.sampling import SamplingParams  # noqa: E402
@@ -169,6 +169,24 @@ def test_speculation_keeps_the_constraint_and_the_greedy_output(tiny):
     fast = tiny.chat(question, max_new_tokens=150, response_format=fmt, enable_thinking=False, speculative_tokens=2)
     assert fast.text == plain.text and fast.speculation is not None
     jsonschema.validate(json.loads(fast.content), schema)
+
+
+def test_drafts_during_reasoning_may_not_end_the_turn(tiny):
+    """Speculative drafts of a request whose grammar waits for the reasoning to end are cut before an
+    end-of-turn id (as the sampled tokens are masked: the answer must come after the reasoning), and
+    after the closing tag the grammar checks them."""
+    tok = tiny.tokenizer
+    close, stop = tok.token_id("</think>"), min(tiny.stop_ids)
+    grammar = Grammar(StructuredOutput("choice", ["yes", "no"]).grammar().lark, starts_after=close)
+    req = Request(tok.encode("Answer:"), SamplingParams(max_new_tokens=8), grammar=grammar)
+    tiny._engine([req]).submit(req)
+    think, yes = tok.encode("Let me think", add_special_tokens=False), tok.encode("yes", add_special_tokens=False)
+    c = req.constraint
+    assert c.valid_prefix(think + [stop] + think) == len(think)
+    assert c.valid_prefix([stop]) == 0
+    assert c.valid_prefix(think + [close] + yes) == len(think) + 1 + len(yes)
+    assert c.valid_prefix(think + [close] + [stop]) == len(think) + 1   # an empty answer is no choice
+    assert c.valid_prefix(think) == len(think) and not c.active
 
 
 def test_thinking_budget_then_schema(tiny):

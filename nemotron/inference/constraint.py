@@ -227,12 +227,15 @@ _BITS = torch.arange(32, dtype=torch.int32)
 
 class Constraint:
     """A grammar on one request's output. `starts_after`: a token id (the reasoning's closing tag)
-    before which the output is free; None: the grammar applies from the first token."""
+    before which the output is free, except that it may not end the turn (`stop_ids`): the answer
+    comes after the reasoning; None: the grammar applies from the first token."""
 
-    def __init__(self, matcher, vocab_size: int, starts_after: int | None = None) -> None:
+    def __init__(self, matcher, vocab_size: int, starts_after: int | None = None,
+                 stop_ids: frozenset[int] = frozenset()) -> None:
         self.matcher = matcher
         self.vocab_size = vocab_size
         self.starts_after = starts_after
+        self.stop_ids = frozenset(stop_ids)
         self.active = starts_after is None
 
     def observe(self, token: int) -> None:
@@ -249,10 +252,12 @@ class Constraint:
         """How many of `tokens`, emitted in order from here, the grammar allows (speculative drafts are
         cut there); the matcher's state is unchanged."""
         if not self.active:
-            if self.starts_after not in tokens:
-                return len(tokens)
-            at = tokens.index(self.starts_after) + 1
-            return at + self.matcher.validate_tokens(tokens[at:])
+            for at, token in enumerate(tokens):
+                if token == self.starts_after:
+                    return at + 1 + self.matcher.validate_tokens(tokens[at + 1:])
+                if token in self.stop_ids:   # the turn may not end before the answer
+                    return at
+            return len(tokens)
         return self.matcher.validate_tokens(tokens)
 
 

@@ -162,7 +162,8 @@ class Engine:
         if self.tokenizer is None:
             raise ValueError("constrained decoding needs the model's tokenizer")
         compiler = grammar_compiler(self.tokenizer, self.vocab_size, self.stop_ids)
-        return Constraint(compiler.matcher(req.grammar.lark), self.vocab_size, req.grammar.starts_after)
+        return Constraint(compiler.matcher(req.grammar.lark), self.vocab_size, req.grammar.starts_after,
+                          frozenset(self.stop_ids))
 
     def cancel(self, req: Request) -> None:
         """Drop a request (a client went away): it leaves before the next step, its row freed."""
