@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shutil
 import statistics
@@ -225,9 +226,9 @@ def child(code: str, *args) -> dict:
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
-def decode_bytes(ckpt: Path, bytes_per_weight: float) -> float:
-    """Weight bytes one batch-1 decode step reads: everything but the embedding table, the routed
-    experts at top_k / experts of their size."""
+def decode_weights(ckpt: Path) -> float:
+    """Weights one batch-1 decode step reads: everything but the embedding table, the routed experts
+    at top_k / experts of their count."""
     from safetensors import safe_open
 
     share = CONFIG["num_experts_per_tok"] / CONFIG["n_routed_experts"]
@@ -236,21 +237,17 @@ def decode_bytes(ckpt: Path, bytes_per_weight: float) -> float:
         for name in f.keys():
             if "embeddings" in name or name.startswith("mtp."):
                 continue
-            n = f.get_slice(name).get_shape()
-            size = 1
-            for d in n:
-                size *= d
             routed = ".experts." in name and "shared_experts" not in name
-            total += size * (share if routed else 1.0)
-    return total * bytes_per_weight
+            total += math.prod(f.get_slice(name).get_shape()) * (share if routed else 1.0)
+    return total
 
 
-def copy_bandwidth(nbytes: int) -> float:
-    """Bytes per second `dst.copy_(src)` moves, on buffers of `nbytes` or 1 GiB, whichever is larger
-    (this machine's L3 can hold a 125M model's active weights: the roofline is memory's)."""
+def copy_bandwidth() -> float:
+    """Bytes per second `dst.copy_(src)` moves on 1 GiB buffers: larger than the CPU's caches (an L3
+    can hold a 125M model's active weights), so the roofline is memory's."""
     import torch
 
-    src = torch.randn(max(nbytes, 1 << 30) // 4)
+    src = torch.randn((1 << 30) // 4)
     dst = torch.empty_like(src)
     dst.copy_(src)
     samples = []
@@ -259,7 +256,8 @@ def copy_bandwidth(nbytes: int) -> float:
     return src.numel() * 4 / statistics.median(samples)
 
 
-BYTES = {"f32": 4, "f16": 2, "bf16": 2, "q8_0": 34 / 32, "q4_0": 18 / 32}
+# bytes per weight of each engine's precision
+BYTES = {"f32": 4, "f16": 2, "bf16": 2, "q8_0": 34 / 32, "q4_0": 18 / 32, "float32": 4, "bfloat16": 2}
 
 
 def measure(who: str, kind: str, model: Path, runs: int, common: dict, prompt: list[int], new: int,
@@ -332,10 +330,10 @@ def main() -> None:
                 decode[e].append(d["tokens_per_s"])
                 pre[e].append(p["tokens_per_s"])
                 tokens.setdefault(e, d["tokens"])
-                bw.append(copy_bandwidth(int(decode_bytes(ckpt, 4))))
+                bw.append(copy_bandwidth())
             print(f"round {r + 1} of {args.rounds} done", flush=True)
 
-        copy_bw = statistics.median(bw)
+        copy_bw, active = statistics.median(bw), decode_weights(ckpt)
         base = ("llama.cpp", "f32")
         base_d = statistics.median(decode[base]) if decode.get(base) else float("nan")
         base_p = statistics.median(pre[base]) if pre.get(base) else float("nan")
@@ -352,7 +350,7 @@ def main() -> None:
                 print(f"| {who} | {kind} | failed: {failed[e]} | | | | |")
                 continue
             d, p = statistics.median(decode[e]), statistics.median(pre[e])
-            roof = copy_bw / decode_bytes(ckpt, BYTES.get(kind, 2 if kind == "bfloat16" else 4))
+            roof = copy_bw / (active * BYTES[kind])
             print(f"| {who} | {kind} | {d:.1f} | {d / base_d:.2f} | {d / roof:.0%} | {p:.0f} | {p / base_p:.2f} |")
         ref, mine = tokens.get(base), tokens.get(("nemotron", "float32"))
         if ref is not None and mine is not None:
