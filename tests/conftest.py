@@ -14,6 +14,15 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 
 
+@pytest.fixture
+def dequantizing_reference(monkeypatch):
+    """Quantized layers on their dequantize-then-matmul reference path, the CPU weight-only kernels
+    off (tests/test_quant_cpu.py measures the kernels against this path)."""
+    from nemotron.quant import cpu
+
+    monkeypatch.setattr(cpu, "_ENABLED", False)
+
+
 def randomize_(model: torch.nn.Module, seed: int = 0, scale: float = 0.5) -> torch.nn.Module:
     """Give every tensor (norm weights, A_log, D, dt_bias, router bias too) non-trivial random values so
     parity tests exercise every term."""

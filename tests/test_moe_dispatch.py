@@ -9,6 +9,7 @@ import torch
 import torch.multiprocessing as mp
 
 from nemotron.layers.moe import MoE, Experts, choose_kernel, route
+from nemotron.quant import cpu
 from nemotron.quant.modules import QuantExperts, QuantScheme
 
 E, X, I, K = 8, 32, 64, 3
@@ -55,20 +56,43 @@ def test_dense_experts_match_reference(tokens):
     assert (y.detach() - ref).abs().max() <= 1e-5
 
 
-@pytest.mark.parametrize("algo", ["NVFP4", "FP8", "FP8_PB_WO"])
-@pytest.mark.parametrize("tokens", [1, 4, 40])
-def test_quantized_experts_match_reference(algo, tokens):
+def _quantized(algo: str, tokens: int):
+    """Quantized experts, inputs for `tokens` tokens, and the reference on their dequantized weights."""
     q = QuantExperts.from_experts(_experts(), QuantScheme(algo),
                                   {"up_proj": torch.full((E,), 3.0), "down_proj": torch.full((E,), 3.0)})
     up = torch.stack([q.expert_weight("up_proj", e) for e in range(E)])
     down = torch.stack([q.expert_weight("down_proj", e) for e in range(E)])
     x, idx, weights = _inputs(tokens, seed=tokens)
-    ref = _reference(up, down, x, idx, weights)
+    return q, x, idx, weights, _reference(up, down, x, idx, weights)
+
+
+@pytest.mark.parametrize("algo", ["NVFP4", "FP8", "FP8_PB_WO"])
+@pytest.mark.parametrize("tokens", [1, 4, 40])
+def test_quantized_experts_match_reference(algo, tokens, monkeypatch):
+    """The dequantizing kernels (the CPU weight-only kernels off: test below)."""
+    monkeypatch.setattr(cpu, "_ENABLED", False)
+    q, x, idx, weights, ref = _quantized(algo, tokens)
     expected = "gather" if tokens * K <= 16 and algo != "FP8_PB_WO" else "loop"
     assert choose_kernel(q, x, tokens, K) == expected
     with torch.no_grad():
         for method in (None, "loop") + (("gather",) if algo != "FP8_PB_WO" else ()):
             assert (q(x, idx, weights, method=method) - ref).abs().max() <= 1e-5, method
+
+
+@pytest.mark.parametrize("algo", ["NVFP4", "FP8", "FP8_PB_WO"])
+@pytest.mark.parametrize("tokens", [1, 4, 40])
+def test_quantized_experts_through_the_cpu_kernels(algo, tokens):
+    """On a CPU, an expert given up to 16 rows multiplies its repacked weight where it is stored
+    (nemotron.quant.cpu; 40 tokens x 2 over 8 experts leaves each fewer), within the repack's
+    rounding of the dequantized reference."""
+    q, x, idx, weights, ref = _quantized(algo, tokens)
+    with torch.no_grad():
+        method = choose_kernel(q, x, tokens, K)
+        y = q(x, idx, weights)
+    assert method == ("single" if tokens == 1 else "loop")
+    assert "_cached_packs" in vars(q)
+    error = ((y - ref).norm() / ref.norm()).item()
+    assert error <= {"NVFP4": 0.2, "FP8": 0.015, "FP8_PB_WO": 0.015}[algo], error
 
 
 def _ep_worker(rank: int, world: int, init: str, result: str) -> None:

@@ -20,6 +20,9 @@ from nemotron.quant import formats
 from nemotron.quant.modelopt import repair_name
 from nemotron.quant.modules import QuantExperts, QuantLinear, set_activation_emulation
 
+# the loader's reference numerics: quantized layers dequantize, then multiply
+pytestmark = pytest.mark.usefixtures("dequantizing_reference")
+
 # layer -> format in the hand-built MIXED_PRECISION checkpoint (layers 1 and 4 are LatentMoE, 3 attention)
 LAYERS = {
     "backbone.layers.0.mixer.in_proj": "NVFP4",

@@ -14,6 +14,7 @@ import nemotron
 from nemotron.io.checkpoint import read_safetensors_index
 from nemotron.config.presets import toy_super_config
 from nemotron.io.random_checkpoint import init_checkpoint
+from nemotron.quant import cpu
 from nemotron.quant.modelopt import HF_QUANT_CONFIG, quantized_layers
 from nemotron.quant.modules import QuantExperts, QuantLinear
 from nemotron.quant.quantize import LayerStats, choose_mixed, quantize_model, save_quantized
@@ -188,11 +189,13 @@ def test_serving_a_quantized_checkpoint(tmp_path):
     assert all(answers[q].strip().endswith(a) for q, a in questions.items()), answers
 
 
-def test_compiled_decode_of_a_quantized_model_matches_eager(float_ckpt, tmp_path):
+def test_compiled_decode_of_a_quantized_model_matches_eager(float_ckpt, tmp_path, monkeypatch):
     """Decode gathers the chosen experts' stored tensors (static shapes, no host reads), so
-    torch.compile traces the quantized MoE without graph breaks on routing."""
+    torch.compile traces the quantized MoE without graph breaks on routing. It traces the dequantizing
+    path, which eager runs without the CPU weight-only kernels (tests/test_quant_cpu.py)."""
     loaded = nemotron.load(float_ckpt)
     cfg, report = quantize_model(loaded, "nvfp4", TEXTS)
     m = nemotron.load(save_quantized(loaded, cfg, tmp_path / "nvfp4", report))
+    monkeypatch.setattr(cpu, "_ENABLED", False)
     eager = m.generate("Hello there", max_new_tokens=10, temperature=0)
     assert m.generate("Hello there", max_new_tokens=10, temperature=0, compile=True) == eager

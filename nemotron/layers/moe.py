@@ -95,6 +95,7 @@ class TopkRouter(nn.Module):
 #   stacked(proj, dtype)        every expert's weight, [E, N, K] (for torch._grouped_mm)
 #   quantized                   True when weights are decoded from their storage at each use
 #   grouped_mm_ok(x), gather_ok()   whether `stacked` / `gathered` serve (for this input)
+#   repacked(x)                 (quantized) whether up / down run x without decoding the weight
 # --------------------------------------------------------------------------------------------------
 
 
@@ -103,8 +104,9 @@ def choose_kernel(source, x: torch.Tensor, tokens: int, k: int, sorted_only: boo
 
     "gather": the chosen experts' weights gathered for two batched matmuls (static shapes, no host
       reads). Quantized weights take it for up to 16 (token, expert) pairs, since only the chosen
-      experts are decoded; dense weights under torch.compile for up to 64 (decode).
-    "single": one token, a matrix-vector product per chosen expert, no sorting (dense CPU decode).
+      experts are decoded (unless their CPU kernels read the stored weight directly, `repacked`:
+      then "single" / "loop"); dense weights under torch.compile for up to 64 (decode).
+    "single": one token, a matrix-vector product per chosen expert, no sorting (CPU decode).
     "grouped": rows sorted by expert through torch._grouped_mm, all experts in one kernel (dense:
       CUDA bf16, and CPU batches of up to 1024 pairs, where per-expert matmuls are tiny).
     "loop": rows sorted by expert, one matmul per expert that has any (quantized: each expert is
@@ -112,6 +114,8 @@ def choose_kernel(source, x: torch.Tensor, tokens: int, k: int, sorted_only: boo
     sorted_only: the rows are already one per (token, expert) pair (expert parallel), so only
     "grouped" and "loop" apply."""
     pairs = tokens * k
+    if source.quantized and source.repacked(x):
+        return "single" if tokens == 1 and not sorted_only else "loop"
     if source.quantized:
         return "gather" if not sorted_only and pairs <= 16 and source.gather_ok() else "loop"
     compiling = torch.compiler.is_compiling()

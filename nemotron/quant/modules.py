@@ -17,9 +17,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from nemotron.layers.linear import linear
+from nemotron.layers.linear import cached, linear
 from nemotron.layers.moe import dispatch
-from nemotron.quant import formats
+from nemotron.quant import cpu, formats
 
 # quant_algo -> the storage of one linear layer's weight
 NVFP4_ALGOS = ("NVFP4", "W4A16_NVFP4")
@@ -163,6 +163,10 @@ class QuantLinear(_KeepsStorageDtypes):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.emulate_activations:
             x = self.scheme.fake_quantize_input(x, self._buffers.get("input_scale"))
+        elif cpu.applies(x):   # decode on a CPU: the weight repacked once for a weight-only kernel
+            y = cached(self, "cpu", self.weight, lambda: cpu.pack(self.dequantized_weight(torch.float32),
+                                                                     self.scheme.nvfp4))(x)
+            return y if self.bias is None else y + self.bias
         return linear(x, self.dequantized_weight(x.dtype), self.bias)
 
     def extra_repr(self) -> str:
@@ -220,10 +224,18 @@ class QuantExperts(_KeepsStorageDtypes):
         """Whether `gathered` serves (not for 128x128-block FP8 nor with emulated activations)."""
         return self.scheme.algo != "FP8_PB_WO" and not self.emulate_activations
 
+    def repacked(self, x: torch.Tensor) -> bool:
+        """Whether `up` / `down` multiply x through the CPU weight-only kernels (nemotron.quant.cpu)."""
+        return not self.emulate_activations and cpu.applies(x)
+
     def grouped_mm_ok(self, x: torch.Tensor) -> bool:
         return False  # it would decode every expert
 
     def _project(self, x: torch.Tensor, proj: str, e: int) -> torch.Tensor:
+        if self.repacked(x):
+            packs = cached(self, proj, getattr(self, proj), lambda: [
+                cpu.pack(self.expert_weight(proj, i, torch.float32), self.scheme.nvfp4) for i in range(self.num_experts)])
+            return packs[e](x)
         t = self._tensors(proj, e)
         if self.emulate_activations:
             x = self.scheme.fake_quantize_input(x, t.get("input_scale"))
