@@ -4,7 +4,9 @@ Builds a random ~125M-parameter `nemotron_h` MoE hybrid (hidden 768, 12 layers o
 and 16-expert top-4 MoE, vocabulary 16384) in the release layout, converts it with llama.cpp's own
 `convert_hf_to_gguf.py` to f32, f16, bf16 and q8_0 (q4_0 through llama.cpp's quantizer), checks
 that llama.cpp's f32 logits match ours, then times batch-1 greedy decode and a 512-token prefill
-for each, every engine in its own subprocess, the runs alternated. Beside each decode rate: the
+for each, every engine in its own subprocess, the runs alternated. Ours runs fp32, bf16, and beside
+q8_0 / q4_0 the checkpoint quantized by `nemotron quantize` to FP8 / NVFP4, decoded through the
+CPU weight-only kernels (int8 per channel / int4 per 32, bf16 activations). Beside each decode rate: the
 copy-bandwidth roofline, the weight bytes a decode step reads (every weight but the embedding
 table, the routed experts counted top_k / experts) over the bytes per second `dst.copy_(src)`
 moves, measured between the runs.
@@ -51,8 +53,12 @@ CONFIG = dict(
     max_position_embeddings=4096, torch_dtype="float32", eos_token_id=2, bos_token_id=1,
 )
 
-# our precisions beside llama.cpp's types: the nearest counterpart of each
-OURS = {"f32": "float32", "f16": "bfloat16", "bf16": "bfloat16"}
+# our precisions beside llama.cpp's types: the nearest counterpart of each. 8-bit and 4-bit are the
+# checkpoint quantized by `nemotron quantize` to FP8 / NVFP4 (ModelOpt's layout, lm_head and routers
+# left in bf16 as ModelOpt leaves them), run in bf16 through the CPU weight-only kernels
+# (nemotron.quant.cpu: int8 per channel, int4 per 32)
+OURS = {"f32": "float32", "f16": "bfloat16", "bf16": "bfloat16", "q8_0": "fp8", "q4_0": "nvfp4"}
+QUANTIZED = ("fp8", "nvfp4")
 
 LLAMA_CHILD = r"""
 import json, sys, time, statistics
@@ -256,14 +262,41 @@ def copy_bandwidth() -> float:
     return src.numel() * 4 / statistics.median(samples)
 
 
-# bytes per weight of each engine's precision
-BYTES = {"f32": 4, "f16": 2, "bf16": 2, "q8_0": 34 / 32, "q4_0": 18 / 32, "float32": 4, "bfloat16": 2}
+# bytes per weight of each engine's precision (ours quantized: the kernels' int8 per channel, and int4
+# with a bf16 scale and zero per 32, for the quantized weights; bf16 for the rest, see decode_bytes)
+BYTES = {"f32": 4, "f16": 2, "bf16": 2, "q8_0": 34 / 32, "q4_0": 18 / 32, "float32": 4, "bfloat16": 2,
+         "fp8": 1, "nvfp4": 20 / 32}
+
+
+def decode_bytes(ckpt: Path, kind: str) -> float:
+    """Bytes one batch-1 decode step reads (as `decode_weights`): ours quantized reads its quantized
+    weights at BYTES[kind] and the tensors left unquantized in bf16."""
+    from safetensors import safe_open
+
+    if kind not in QUANTIZED:
+        return decode_weights(ckpt) * BYTES[kind]
+    share = CONFIG["num_experts_per_tok"] / CONFIG["n_routed_experts"]
+    total = 0.0
+    with safe_open(ckpt / "model.safetensors", "pt") as f:
+        for name in f.keys():
+            if "embeddings" in name or name.startswith("mtp.") or "scale" in name:
+                continue
+            routed = ".experts." in name and "shared_experts" not in name
+            t = f.get_slice(name)
+            n = math.prod(t.get_shape()) * (share if routed else 1.0)
+            dtype = t.get_dtype()
+            if dtype in ("U8", "F8_E4M3"):   # NVFP4 holds two weights a byte
+                total += n * (2 if dtype == "U8" else 1) * BYTES[kind]
+            else:
+                total += n * 2
+    return total
 
 
 def measure(who: str, kind: str, model: Path, runs: int, common: dict, prompt: list[int], new: int,
             long: list[int]) -> tuple[dict, dict]:
     """(decode, prefill) results of one engine and precision, each in its own process."""
-    code, extra = (LLAMA_CHILD, {}) if who == "llama.cpp" else (OUR_CHILD, {"dtype": kind})
+    code, extra = (LLAMA_CHILD, {}) if who == "llama.cpp" else \
+        (OUR_CHILD, {"dtype": "bfloat16" if kind in QUANTIZED else kind})
     d = child(code, model, "decode", runs, json.dumps({**common, **extra, "ids": prompt, "new": new}))
     p = child(code, model, "prefill", runs, json.dumps({**common, **extra, "ids": long}))
     return d, p
@@ -293,6 +326,13 @@ def main() -> None:
         tmp = Path(tmp)
         ckpt = build(tmp / "moe-125m")
         ggufs = {"f32": convert(src, tf, ckpt, tmp / "f32.gguf", "f32")}
+        ours_ckpt = {"float32": ckpt, "bfloat16": ckpt}
+        from nemotron.quant.quantize import quantize as quantize_ours
+        for kind in args.types:
+            if OURS.get(kind) in QUANTIZED:
+                out = tmp / f"moe-125m-{OURS[kind]}"
+                quantize_ours(str(ckpt), OURS[kind], out, dtype="bfloat16", progress=False)
+                ours_ckpt[OURS[kind]] = out
         for kind in args.types:
             if kind in ("f16", "bf16"):
                 ggufs[kind] = convert(src, tf, ckpt, tmp / f"{kind}.gguf", kind)
@@ -320,7 +360,7 @@ def main() -> None:
             for e in (engines if r % 2 == 0 else engines[::-1]):
                 if e in failed:
                     continue
-                model = ggufs[e[1]] if e[0] == "llama.cpp" else ckpt
+                model = ggufs[e[1]] if e[0] == "llama.cpp" else ours_ckpt[e[1]]
                 try:
                     d, p = measure(*e, model, args.runs, common, prompt, args.new_tokens, long)
                 except RuntimeError as exc:
@@ -333,7 +373,7 @@ def main() -> None:
                 bw.append(copy_bandwidth())
             print(f"round {r + 1} of {args.rounds} done", flush=True)
 
-        copy_bw, active = statistics.median(bw), decode_weights(ckpt)
+        copy_bw = statistics.median(bw)
         base = ("llama.cpp", "f32")
         base_d = statistics.median(decode[base]) if decode.get(base) else float("nan")
         base_p = statistics.median(pre[base]) if pre.get(base) else float("nan")
@@ -341,17 +381,25 @@ def main() -> None:
               f"batch-1 greedy decode of {args.new_tokens} tokens after a {len(prompt)}-token prompt, "
               f"prefill of {args.prefill}; medians of {args.rounds} alternated rounds x {args.runs} runs; "
               f"copy bandwidth {copy_bw / 1e9:.1f} GB/s\n")
-        print("| engine | weights | decode tok/s | vs llama.cpp f32 | of the copy roofline | prefill tok/s | "
-              "vs llama.cpp f32 |")
-        print("|---|---|---|---|---|---|---|")
+        print("| engine | weights | decode tok/s | vs llama.cpp f32 | vs llama.cpp, nearest type | "
+              "of the copy roofline | prefill tok/s | vs llama.cpp f32 | vs llama.cpp, nearest type |")
+        print("|---|---|---|---|---|---|---|---|---|")
         for e in engines:
             who, kind = e
             if e in failed:
-                print(f"| {who} | {kind} | failed: {failed[e]} | | | | |")
+                print(f"| {who} | {kind} | failed: {failed[e]} | | | | | | |")
                 continue
             d, p = statistics.median(decode[e]), statistics.median(pre[e])
-            roof = copy_bw / (active * BYTES[kind])
-            print(f"| {who} | {kind} | {d:.1f} | {d / base_d:.2f} | {d / roof:.0%} | {p:.0f} | {p / base_p:.2f} |")
+            # ours beside llama.cpp's first type that OURS maps to this precision (bf16: f16)
+            twin = ("llama.cpp", next((k for k in args.types if OURS.get(k) == kind), kind))
+            same_d, same_p = "", ""
+            if who == "nemotron" and decode.get(twin):
+                same_d = f"{d / statistics.median(decode[twin]):.2f} ({twin[1]})"
+                same_p = f"{p / statistics.median(pre[twin]):.2f} ({twin[1]})"
+            roof = copy_bw / decode_bytes(ours_ckpt[kind], kind) if who == "nemotron" else \
+                copy_bw / (decode_weights(ckpt) * BYTES[kind])
+            print(f"| {who} | {kind} | {d:.1f} | {d / base_d:.2f} | {same_d} | {d / roof:.0%} | {p:.0f} | "
+                  f"{p / base_p:.2f} | {same_p} |")
         ref, mine = tokens.get(base), tokens.get(("nemotron", "float32"))
         if ref is not None and mine is not None:
             same = next((i for i, (x, y) in enumerate(zip(ref, mine)) if x != y), min(len(ref), len(mine)))

@@ -184,12 +184,12 @@ def dispatch(source, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor,
         ys = torch.bmm(source.gathered("down_proj", flat, x.dtype), h).view(t, k, -1).float()   # [T, k, X]
         return (ys * weights[..., None].float()).sum(1).to(x.dtype)
     if method == "single":
-        # read only the k chosen experts, no sorting or copies
-        out = None
-        for e, w in zip(idx[0].tolist(), weights[0].float()):
-            y = expert_mlp(source, x, e).float() * w
-            out = y if out is None else out + y
-        return out.to(x.dtype)
+        # read only the k chosen experts, no sorting or copies; the routing read to the host once, each
+        # output added in fp32 with its weight by one kernel
+        out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+        for e, w in zip(idx[0].tolist(), weights[0].tolist()):
+            out.add_(expert_mlp(source, x, e), alpha=w)
+        return out if x.dtype == torch.float32 else out.to(x.dtype)
     order, counts = sort_by_expert(idx.reshape(-1), source.up_proj.shape[0])
     token = order // k
     # index_select rather than x[token]: its backward is an index_add, not a sorting index_put
