@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from nemotron.config.presets import toy_super_config
@@ -15,11 +16,13 @@ def _bf16_inputs(*shape, seed=0):
     return (torch.randn(*shape, generator=g) * 3).to(torch.bfloat16)
 
 
-def test_rmsnorm_multiplies_weight_in_fp32_and_rounds_once():
-    norm = RMSNorm(256).to(torch.bfloat16)
+@pytest.mark.parametrize("rows, dim", [(64, 256), (1, 768), (3, 100)])
+def test_rmsnorm_multiplies_weight_in_fp32_and_rounds_once(rows, dim):
+    """On a CPU the bf16 kernel runs directly (decode: one row); the bits must be the fp32 formula's."""
+    norm = RMSNorm(dim).to(torch.bfloat16)
     with torch.no_grad():
-        norm.weight.copy_(1 + 0.3 * torch.randn(256, generator=torch.Generator().manual_seed(1)))
-    x = _bf16_inputs(64, 256)
+        norm.weight.copy_(1 + 0.3 * torch.randn(dim, generator=torch.Generator().manual_seed(1)))
+    x = _bf16_inputs(rows, dim)
     xf = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + 1e-5)
     once = (norm.weight.float() * xf).to(torch.bfloat16)
     twice = norm.weight * xf.to(torch.bfloat16)  # Llama's order: round, then multiply in bf16

@@ -125,11 +125,13 @@ def test_a_changed_weight_is_repacked(checkpoints):
 
 @pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="x86 code paths")
 def test_the_avx2_code_path():
-    """This file's kernel tests again with torch's CPU dispatch and oneDNN held to AVX2 (the AMD EPYC
-    path), in a process that checks it got it."""
+    """This file's kernel tests and the bf16 RMSNorm's bits again with torch's CPU dispatch and oneDNN
+    held to AVX2 (the AMD EPYC path), in a process that checks it got it."""
     env = {**os.environ, "ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "NEMOTRON_EXPECT_CPU": "AVX2"}
-    out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__,
-                          "-k", "repack or kernel or groups or expected_one"], env=env, capture_output=True, text=True, timeout=300)
+    numerics = os.path.join(os.path.dirname(__file__), "test_numerics.py")
+    out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, numerics,
+                          "-k", "repack or kernel or groups or expected_one or rmsnorm"],
+                         env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0 and " passed" in out.stdout, out.stdout[-3000:] + out.stderr[-2000:]
     assert "skipped" not in out.stdout and "deselected" in out.stdout
 
