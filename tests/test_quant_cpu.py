@@ -112,12 +112,19 @@ def test_decode_with_the_kernels_stays_within_the_formats_own_error(checkpoints,
     assert (fast - reference).abs().max() < {"fp8": 0.03, "nvfp4": 0.2}[fmt]
 
 
-def test_a_changed_weight_is_repacked(checkpoints):
+def test_a_changed_weight_or_scale_is_repacked(checkpoints):
     model = nemotron.load(checkpoints["fp8"]).model
     layer = next(m for m in model.modules() if isinstance(m, QuantLinear))
-    x = torch.randn(1, layer.in_features)
+    experts = next(m for m in model.modules() if isinstance(m, QuantExperts))
+    x, h = torch.randn(1, layer.in_features), torch.randn(1, experts.up_proj.shape[-1])
     with torch.inference_mode():
-        before = layer(x)
+        before, up = layer(x), experts.up(h, 0)
+    with torch.no_grad():
+        layer.weight_scale.mul_(2)                                     # changed in place
+        experts.up_proj_weight_scale.mul_(2)
+    with torch.inference_mode():
+        torch.testing.assert_close(layer(x), 2 * before, rtol=2e-2, atol=1e-3)
+        torch.testing.assert_close(experts.up(h, 0), 2 * up, rtol=2e-2, atol=1e-3)
     layer.weight = torch.zeros_like(layer.weight)                     # replaced: a new tensor
     with torch.inference_mode():
         assert layer(x).abs().max() == 0 and before.abs().max() > 0

@@ -12,7 +12,7 @@ oneDNN's op has no autograd: anything that records gradients takes `F.linear`.""
 from __future__ import annotations
 
 import os
-from typing import Callable, TypeVar
+from typing import Callable, Iterable, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -80,12 +80,12 @@ def _stamp(t: torch.Tensor) -> tuple:
     return t.data_ptr(), t.shape, t.dtype, t.device, version
 
 
-def cached(owner: nn.Module, key: object, source: torch.Tensor, build: Callable[[], T]) -> T:
-    """`build()`, made once per value of `source` and kept on `owner` (outside its state dict): made
-    again when `source` is replaced, moved or changed in place; freed with the owner. For weights
-    repacked into a kernel's layout at their first use in inference."""
+def cached(owner: nn.Module, key: object, sources: Iterable[torch.Tensor], build: Callable[[], T]) -> T:
+    """`build()`, made once per value of the tensors it reads (`sources`) and kept on `owner` (outside
+    its state dict): made again when one of them is replaced, moved or changed in place; freed with
+    the owner. For weights repacked into a kernel's layout at their first use in inference."""
     store = owner.__dict__.setdefault("_cached_packs", {})
-    stamp = _stamp(source)
+    stamp = tuple(_stamp(t) for t in sources)
     hit = store.get(key)
     if hit is None or hit[0] != stamp:
         hit = store[key] = (stamp, build())

@@ -164,8 +164,8 @@ class QuantLinear(_KeepsStorageDtypes):
         if self.emulate_activations:
             x = self.scheme.fake_quantize_input(x, self._buffers.get("input_scale"))
         elif cpu.applies(x):   # decode on a CPU: the weight repacked once for a weight-only kernel
-            y = cached(self, "cpu", self.weight, lambda: cpu.pack(self.dequantized_weight(torch.float32),
-                                                                     self.scheme.nvfp4))(x)
+            y = cached(self, "cpu", self.stored().values(),
+                       lambda: cpu.pack(self.dequantized_weight(torch.float32), self.scheme.nvfp4))(x)
             return y if self.bias is None else y + self.bias
         return linear(x, self.dequantized_weight(x.dtype), self.bias)
 
@@ -233,7 +233,8 @@ class QuantExperts(_KeepsStorageDtypes):
 
     def _project(self, x: torch.Tensor, proj: str, e: int) -> torch.Tensor:
         if self.repacked(x):
-            packs = cached(self, proj, getattr(self, proj), lambda: [
+            stored = [t for name, t in self._buffers.items() if t is not None and name.startswith(proj)]
+            packs = cached(self, proj, stored, lambda: [
                 cpu.pack(self.expert_weight(proj, i, torch.float32), self.scheme.nvfp4) for i in range(self.num_experts)])
             return packs[e](x)
         t = self._tensors(proj, e)
