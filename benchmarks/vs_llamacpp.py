@@ -232,22 +232,6 @@ def child(code: str, *args) -> dict:
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
-def decode_weights(ckpt: Path) -> float:
-    """Weights one batch-1 decode step reads: everything but the embedding table, the routed experts
-    at top_k / experts of their count."""
-    from safetensors import safe_open
-
-    share = CONFIG["num_experts_per_tok"] / CONFIG["n_routed_experts"]
-    total = 0.0
-    with safe_open(ckpt / "model.safetensors", "pt") as f:
-        for name in f.keys():
-            if "embeddings" in name or name.startswith("mtp."):
-                continue
-            routed = ".experts." in name and "shared_experts" not in name
-            total += math.prod(f.get_slice(name).get_shape()) * (share if routed else 1.0)
-    return total
-
-
 def copy_bandwidth() -> float:
     """Bytes per second `dst.copy_(src)` moves on 1 GiB buffers: larger than the CPU's caches (an L3
     can hold a 125M model's active weights), so the roofline is memory's."""
@@ -269,12 +253,11 @@ BYTES = {"f32": 4, "f16": 2, "bf16": 2, "q8_0": 34 / 32, "q4_0": 18 / 32, "float
 
 
 def decode_bytes(ckpt: Path, kind: str) -> float:
-    """Bytes one batch-1 decode step reads (as `decode_weights`): ours quantized reads its quantized
-    weights at BYTES[kind] and the tensors left unquantized in bf16."""
+    """Bytes one batch-1 decode step reads at `kind`'s BYTES per weight: every weight but the embedding
+    table, the routed experts at top_k / experts of their count. A checkpoint of ours quantized reads
+    its quantized weights at BYTES[kind] and the tensors left unquantized in bf16."""
     from safetensors import safe_open
 
-    if kind not in QUANTIZED:
-        return decode_weights(ckpt) * BYTES[kind]
     share = CONFIG["num_experts_per_tok"] / CONFIG["n_routed_experts"]
     total = 0.0
     with safe_open(ckpt / "model.safetensors", "pt") as f:
@@ -283,12 +266,12 @@ def decode_bytes(ckpt: Path, kind: str) -> float:
                 continue
             routed = ".experts." in name and "shared_experts" not in name
             t = f.get_slice(name)
-            n = math.prod(t.get_shape()) * (share if routed else 1.0)
-            dtype = t.get_dtype()
-            if dtype in ("U8", "F8_E4M3"):   # NVFP4 holds two weights a byte
-                total += n * (2 if dtype == "U8" else 1) * BYTES[kind]
-            else:
-                total += n * 2
+            weights = math.prod(t.get_shape()) * (share if routed else 1.0)
+            stored = t.get_dtype()
+            if stored == "U8":           # NVFP4 holds two weights a byte
+                weights *= 2
+            quantized = stored in ("U8", "F8_E4M3")
+            total += weights * (BYTES["bfloat16"] if kind in QUANTIZED and not quantized else BYTES[kind])
     return total
 
 
@@ -396,8 +379,7 @@ def main() -> None:
             if who == "nemotron" and decode.get(twin):
                 same_d = f"{d / statistics.median(decode[twin]):.2f} ({twin[1]})"
                 same_p = f"{p / statistics.median(pre[twin]):.2f} ({twin[1]})"
-            roof = copy_bw / decode_bytes(ours_ckpt[kind], kind) if who == "nemotron" else \
-                copy_bw / (decode_weights(ckpt) * BYTES[kind])
+            roof = copy_bw / decode_bytes(ours_ckpt[kind] if who == "nemotron" else ckpt, kind)
             print(f"| {who} | {kind} | {d:.1f} | {d / base_d:.2f} | {same_d} | {d / roof:.0%} | {p:.0f} | "
                   f"{p / base_p:.2f} | {same_p} |")
         ref, mine = tokens.get(base), tokens.get(("nemotron", "float32"))

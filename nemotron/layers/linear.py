@@ -12,7 +12,6 @@ oneDNN's op has no autograd: anything that records gradients takes `F.linear`.""
 from __future__ import annotations
 
 import os
-from typing import Callable, Iterable, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -65,31 +64,6 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     if use_onednn(x, weight):
         return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
     return F.linear(x, weight, bias)
-
-
-T = TypeVar("T")
-
-
-def _stamp(t: torch.Tensor) -> tuple:
-    """What identifies t's current values: its storage, shape, dtype and in-place version (tensors
-    made under inference_mode keep no version: they cannot change outside it)."""
-    try:
-        version = t._version
-    except RuntimeError:
-        version = -1
-    return t.data_ptr(), t.shape, t.dtype, t.device, version
-
-
-def cached(owner: nn.Module, key: object, sources: Iterable[torch.Tensor], build: Callable[[], T]) -> T:
-    """`build()`, made once per value of the tensors it reads (`sources`) and kept on `owner` (outside
-    its state dict): made again when one of them is replaced, moved or changed in place; freed with
-    the owner. For weights repacked into a kernel's layout at their first use in inference."""
-    store = owner.__dict__.setdefault("_cached_packs", {})
-    stamp = tuple(_stamp(t) for t in sources)
-    hit = store.get(key)
-    if hit is None or hit[0] != stamp:
-        hit = store[key] = (stamp, build())
-    return hit[1]
 
 
 class Linear(nn.Linear):

@@ -21,9 +21,10 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.weight_in_fp32:  # one fused kernel: normalise and multiply in fp32, round once
-            if x.dtype == self.weight.dtype and (x.dtype == torch.float32 or (x.dtype == torch.bfloat16 and x.device.type == "cpu")):
-                # the CPU's bf16 kernel computes in fp32 and rounds once: the bits of the fp32 path
-                # below without its three conversions (tests/test_numerics.py)
+            # fp32; or bf16 on a CPU, whose kernel computes in fp32 and rounds once: the bits of the
+            # fp32 path below without its three conversions (tests/test_numerics.py)
+            direct = x.dtype == torch.float32 or (x.dtype == torch.bfloat16 and x.device.type == "cpu")
+            if direct and x.dtype == self.weight.dtype:
                 return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
             return F.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps).to(x.dtype)
         xf = x.float()

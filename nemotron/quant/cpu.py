@@ -29,14 +29,41 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Callable, Iterable, TypeVar
 
 import torch
+from torch import nn
 
 # rows up to which the weight-only kernels beat dequantizing the weight for a float GEMM
 MAX_ROWS = 16
 INT4_GROUP = 32
 
 _ENABLED = os.environ.get("NEMOTRON_CPU_KERNELS", "1") != "0"
+
+
+T = TypeVar("T")
+
+
+def _stamp(t: torch.Tensor) -> tuple:
+    """What identifies t's current values: its storage, shape, dtype and in-place version (tensors
+    made under inference_mode keep no version: they cannot change outside it)."""
+    try:
+        version = t._version
+    except RuntimeError:
+        version = -1
+    return t.data_ptr(), t.shape, t.dtype, t.device, version
+
+
+def cached(owner: nn.Module, key: object, sources: Iterable[torch.Tensor], build: Callable[[], T]) -> T:
+    """`build()`, made once per value of the tensors it reads (`sources`) and kept on `owner` (outside
+    its state dict): made again when one of them is replaced, moved or changed in place; freed with
+    the owner. For weights repacked into a kernel's layout at their first use in inference."""
+    store = owner.__dict__.setdefault("_cached_packs", {})
+    stamp = tuple(_stamp(t) for t in sources)
+    hit = store.get(key)
+    if hit is None or hit[0] != stamp:
+        hit = store[key] = (stamp, build())
+    return hit[1]
 
 
 def applies(x: torch.Tensor) -> bool:
@@ -111,7 +138,7 @@ def int4_weight(w: torch.Tensor) -> PackedWeight | None:
     return PackedWeight(4, packed, scales_and_zeros, n)
 
 
-def pack(w: torch.Tensor, nvfp4: bool) -> PackedWeight | None:
+def pack(w: torch.Tensor, nvfp4: bool) -> PackedWeight:
     """The CPU kernel layout of a dequantized [N, K] weight: int4 for NVFP4 (int8 where its K does
     not fit the 4-bit groups), int8 for FP8."""
     return (int4_weight(w) if nvfp4 else None) or int8_weight(w)

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from nemotron.layers.linear import cached, linear
+from nemotron.layers.linear import linear
 from nemotron.layers.moe import dispatch
 from nemotron.quant import cpu, formats
 
@@ -164,7 +164,7 @@ class QuantLinear(_KeepsStorageDtypes):
         if self.emulate_activations:
             x = self.scheme.fake_quantize_input(x, self._buffers.get("input_scale"))
         elif cpu.applies(x):   # decode on a CPU: the weight repacked once for a weight-only kernel
-            y = cached(self, "cpu", self.stored().values(),
+            y = cpu.cached(self, "cpu", self.stored().values(),
                        lambda: cpu.pack(self.dequantized_weight(torch.float32), self.scheme.nvfp4))(x)
             return y if self.bias is None else y + self.bias
         return linear(x, self.dequantized_weight(x.dtype), self.bias)
@@ -234,7 +234,7 @@ class QuantExperts(_KeepsStorageDtypes):
     def _project(self, x: torch.Tensor, proj: str, e: int) -> torch.Tensor:
         if self.repacked(x):
             stored = [t for name, t in self._buffers.items() if t is not None and name.startswith(proj)]
-            packs = cached(self, proj, stored, lambda: [
+            packs = cpu.cached(self, proj, stored, lambda: [
                 cpu.pack(self.expert_weight(proj, i, torch.float32), self.scheme.nvfp4) for i in range(self.num_experts)])
             return packs[e](x)
         t = self._tensors(proj, e)
