@@ -97,17 +97,19 @@ class LoadedModel:
         sampling.setdefault("temperature", 0.0)  # greedy unless asked otherwise
         return SamplingParams(max_new_tokens=max_new_tokens, **sampling).validate()
 
-    def _engine(self, reqs: list[Request], speculative_tokens: int = 0, compile: bool = False) -> Engine:
+    def _engine(self, reqs: list[Request], speculative_tokens: int = 0, compile: bool | None = None) -> Engine:
         """An engine sized for `reqs`, run on the calling thread."""
         return Engine.for_requests(self.model, reqs, self.tokenizer, self.stop_ids, speculative_tokens, compile,
                                    self.cache_options)
 
     def generate(self, prompt: str | list[str] | list[int], max_new_tokens: int = 256,
-                 speculative_tokens: int = 0, compile: bool = False, **sampling: Any) -> str | list[str]:
+                 speculative_tokens: int = 0, compile: bool | None = None, **sampling: Any) -> str | list[str]:
         """Plain completion of a prompt (or a batch of prompts, or token ids). Greedy by default;
         sampling options as in `SamplingParams` (temperature, top_p, seed, stop, ...).
-        speculative_tokens: MTP drafts per step (greedy, MTP checkpoints); compile: torch.compile the
-        decode step (a one-time compile, then much less per-token overhead for small models)."""
+        speculative_tokens: MTP drafts per step (greedy, MTP checkpoints); compile: True compiles the
+        decode step from the first token (a one-time cost of seconds per model and process, then less
+        per-token overhead), False never; None (default): once the model has decoded eagerly about
+        as long as compiling takes (`nemotron.inference.steps.use_compiled_decode`)."""
         batch = isinstance(prompt, list) and prompt and isinstance(prompt[0], str)
         prompts = prompt if batch else [prompt]
         tok = self.tokenizer
@@ -128,7 +130,7 @@ class LoadedModel:
 
     def chat(self, messages: list[dict], tools: list[dict] | None = None, enable_thinking: bool = True,
              thinking_budget: int | None = None, max_new_tokens: int = 1024, stream: bool = False,
-             speculative_tokens: int = 0, compile: bool = False, template_kwargs: dict[str, Any] | None = None,
+             speculative_tokens: int = 0, compile: bool | None = None, template_kwargs: dict[str, Any] | None = None,
              special_tokens_in_content: bool = False, tool_choice: str | dict = "auto",
              response_format: dict | None = None, parallel_tool_calls: bool = True,
              **sampling: Any) -> ChatResult | Iterator:

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import nemotron
+from nemotron.errors import NemotronWarning
 from nemotron.inference.engine import Engine
 from nemotron.inference.requests import Request
 from nemotron.inference.steps import greedy_generate, prefill
@@ -258,6 +259,75 @@ def test_compiled_decode_matches_eager(tiny):
     compiled = [Request(p, SamplingParams(max_new_tokens=n, temperature=0)) for p, n in zip(prompts, budgets)]
     list(Engine.for_requests(tiny.model, compiled, compile=True).run(compiled))
     assert [r.output_ids for r in compiled] == [r.output_ids for r in eager]
+
+
+def test_default_rule_switches_to_the_compiled_step_between_batches(tiny, monkeypatch):
+    """By default (NEMOTRON_COMPILE unset) a model decodes eagerly until it has spent COMPILE_AFTER_S
+    seconds in eager steps; the engine's next batch then starts on the compiled step and picks the
+    same tokens. compile= and NEMOTRON_COMPILE override the rule; a bad setting is refused."""
+    from nemotron.inference import steps
+
+    model = tiny.model
+    monkeypatch.delenv("NEMOTRON_COMPILE", raising=False)
+    compiled = steps.compiled_decode_step(model)   # graphs of test_compiled_decode_matches_eager, if it ran
+    monkeypatch.delitem(model.__dict__, "_compiled_decode")
+    monkeypatch.setitem(model.__dict__, "_eager_decode_s", 0.0)
+    assert steps.compile_blocker(model) is None
+    assert not steps.use_compiled_decode(model) and steps.use_compiled_decode(model, True)
+    assert steps.use_compiled_decode(model, long_run=True)
+
+    prompts = _prompts(260, seed=8)[:2]
+    engine = Engine(model, max_batch=2, max_len=64)
+    first = [Request(p, SamplingParams(max_new_tokens=6, temperature=0)) for p in prompts]
+    list(engine.run(first))
+    assert engine.compiled_step is None and steps.eager_decode_seconds(model) > 0
+    # the model has now decoded eagerly for as long as a compile takes (here: the threshold is lowered)
+    monkeypatch.setattr(steps, "COMPILE_AFTER_S", steps.eager_decode_seconds(model))
+    monkeypatch.setitem(model.__dict__, "_compiled_decode", compiled)
+    second = [Request(p, SamplingParams(max_new_tokens=6, temperature=0)) for p in prompts]
+    list(engine.run(second))
+    assert engine.compiled_step is compiled and compiled.compile_seconds
+    assert [r.output_ids for r in second] == [r.output_ids for r in first]
+
+    assert not steps.use_compiled_decode(model, False)
+    monkeypatch.setenv("NEMOTRON_COMPILE", "0")
+    assert not steps.use_compiled_decode(model, long_run=True) and Engine(model, max_batch=1, max_len=8).warm_up() == {}
+    monkeypatch.setenv("NEMOTRON_COMPILE", "sometimes")
+    with pytest.raises(ValueError, match="NEMOTRON_COMPILE='sometimes'"):
+        steps.use_compiled_decode(model)
+
+
+def test_a_failed_compile_falls_back_to_eager_under_the_default_rule(tiny, monkeypatch):
+    """Where compiling the decode step fails (here: the compiler raises), the default rule decodes
+    eagerly from then on with a warning and the same tokens; a compile that was asked for raises."""
+    from nemotron.inference import steps
+
+    model = tiny.model
+    monkeypatch.delenv("NEMOTRON_COMPILE", raising=False)
+    prompt = _prompts(260, seed=9)[:1]
+    eager = [Request(prompt[0], SamplingParams(max_new_tokens=5, temperature=0))]
+    list(Engine.for_requests(model, eager, compile=False).run(eager))
+
+    def fails(fn, **kwargs):
+        def compile_error(*args):
+            raise RuntimeError("no compiler here")
+        return compile_error
+
+    monkeypatch.setattr(torch, "compile", fails)
+    monkeypatch.delitem(model.__dict__, "_compiled_decode", raising=False)
+    monkeypatch.setitem(model.__dict__, "_eager_decode_s", steps.COMPILE_AFTER_S)
+    asked = [Request(prompt[0], SamplingParams(max_new_tokens=5, temperature=0))]
+    with pytest.raises(RuntimeError, match="no compiler here"):
+        list(Engine.for_requests(model, asked, compile=True).run(asked))
+    monkeypatch.delitem(model.__dict__, "_compiled_decode", raising=False)
+    default = [Request(prompt[0], SamplingParams(max_new_tokens=5, temperature=0))]
+    engine = Engine.for_requests(model, default)
+    assert engine.compiled_step is not None
+    with pytest.warns(NemotronWarning, match="compiling the decode step failed: RuntimeError: no compiler here"):
+        list(engine.run(default))
+    assert default[0].output_ids == eager[0].output_ids and engine.compiled_step is None
+    assert "failed" in steps.compile_blocker(model)
+    monkeypatch.delitem(model.__dict__, "_compile_failed")
 
 
 def test_static_decode_path_matches_dynamic(tmp_path, tiny):

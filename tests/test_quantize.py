@@ -14,6 +14,7 @@ import nemotron
 from nemotron.io.checkpoint import read_safetensors_index
 from nemotron.config.presets import toy_super_config
 from nemotron.io.random_checkpoint import init_checkpoint
+from nemotron.inference import steps
 from nemotron.quant import cpu
 from nemotron.quant.modelopt import HF_QUANT_CONFIG, quantized_layers
 from nemotron.quant.modules import QuantExperts, QuantLinear
@@ -196,6 +197,9 @@ def test_compiled_decode_of_a_quantized_model_matches_eager(float_ckpt, tmp_path
     loaded = nemotron.load(float_ckpt)
     cfg, report = quantize_model(loaded, "nvfp4", TEXTS)
     m = nemotron.load(save_quantized(loaded, cfg, tmp_path / "nvfp4", report))
+    # by default a quantized CPU model stays eager, where its CPU kernels are faster than a compiled graph
+    monkeypatch.delenv("NEMOTRON_COMPILE", raising=False)
+    assert "quantized" in steps.compile_blocker(m.model) and not steps.use_compiled_decode(m.model, long_run=True)
     monkeypatch.setattr(cpu, "_ENABLED", False)
     eager = m.generate("Hello there", max_new_tokens=10, temperature=0)
     assert m.generate("Hello there", max_new_tokens=10, temperature=0, compile=True) == eager

@@ -352,7 +352,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
     serve(args.model, args.host, args.port, args.api_key, args.served_model_name, args.max_batch, args.max_model_len,
           args.prefill_chunk, args.max_waiting, args.prefix_cache_mb, args.max_tokens, kwargs, args.dtype,
           args.device, args.threads, args.speculative_tokens, _cache_options(args), args.prefill_threads,
-          allow_special_tokens_in_content=args.allow_special_tokens_in_content, prefix_block=args.prefix_block)
+          allow_special_tokens_in_content=args.allow_special_tokens_in_content, prefix_block=args.prefix_block,
+          compile=args.compile)
 
 
 def cmd_quantize(args: argparse.Namespace) -> None:
@@ -411,7 +412,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--seed", type=int)
         p.add_argument("--stop", action="append", help="stop string (repeatable)")
         p.add_argument("--speculative-tokens", type=int, default=0, help="MTP draft tokens per step (greedy)")
-        p.add_argument("--compile", action="store_true", help="torch.compile the decode step (compiles once)")
+        p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                       help="torch.compile the decode step from the first token (--no-compile: never); by default "
+                            "it is compiled once the model has decoded eagerly about as long as compiling takes")
         p.add_argument("--dtype", default=None, help="float32 / bfloat16 / float16 (default: the checkpoint's)")
         p.add_argument("--device", default="cpu")
         _content_tokens_flag(p)
@@ -466,6 +469,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prefill-threads", type=int, help="torch CPU threads for prefill chunks (default: all cores)")
     p.add_argument("--speculative-tokens", type=int, default=0,
                    help="MTP draft tokens per step for greedy requests (checkpoints with MTP weights)")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="compile the decode step before serving (default: where it runs, i.e. not for quantized "
+                        "CPU models; --no-compile: decode eagerly)")
     _content_tokens_flag(p)
     _cache_flags(p)
     p.set_defaults(func=cmd_serve)

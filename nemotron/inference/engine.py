@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 import warnings
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -45,7 +46,7 @@ from nemotron.inference.requests import (Request, TokenEvent, accept_token, chec
 from nemotron.inference.sampling import Sampler
 from nemotron.inference.speculative import (OwedPairs, SpecStats, check_speculation, draft_and_verify, extend_owed,
                                             speculation_ok)
-from nemotron.inference.steps import compiled_decode_step
+from nemotron.inference.steps import compile_failed, compiled_decode_step, note_eager_decode, use_compiled_decode
 from nemotron.layers.cache import CacheOptions
 
 
@@ -76,7 +77,7 @@ class Engine:
                  max_batch: int = 16, max_len: int = 4096, prefill_chunk: int = 256,
                  max_waiting: int = 256, prefix_cache_bytes: int = 0, speculative_tokens: int = 0,
                  threads: int | None = None, prefill_threads: int | None = None,
-                 cache_options: CacheOptions | None = None, prefill_batch: int = 1, compile: bool = False,
+                 cache_options: CacheOptions | None = None, prefill_batch: int = 1, compile: bool | None = None,
                  prefix_block: int | None = None) -> None:
         self.model = model
         # torch's CPU threads for decode steps and for prefill chunks. OpenMP keeps the setting per OS
@@ -105,8 +106,11 @@ class Engine:
         self.prefix_block = choose_block(model, self.cache, prefill_chunk, prefix_block)
         self.prefix_cache = PrefixCache(self.prefix_block, prefix_cache_bytes) if prefix_cache_bytes > 0 else None
         # torch.compile of the one-token decode step (whole-buffer KV with a mask, positions as a
-        # tensor, symbolic shapes): the first step compiles (seconds), later ones run fused kernels
-        self.compiled_step = compiled_decode_step(model) if compile else None
+        # tensor, symbolic shapes): the first step compiles (seconds), later ones run fused kernels.
+        # compile None: by the default rule of `use_compiled_decode`, checked again whenever a batch
+        # starts, so one request runs on one path
+        self.compile = compile
+        self.compiled_step = compiled_decode_step(model) if use_compiled_decode(model, compile) else None
         self.spec_stats = SpecStats()
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
@@ -125,7 +129,7 @@ class Engine:
 
     @classmethod
     def for_requests(cls, model: nn.Module, requests: list[Request], tokenizer=None, stop_ids: set[int] | None = None,
-                     speculative_tokens: int = 0, compile: bool = False, cache_options: CacheOptions | None = None,
+                     speculative_tokens: int = 0, compile: bool | None = None, cache_options: CacheOptions | None = None,
                      prefill_chunk: int = 512) -> "Engine":
         """An engine sized to run `requests` at once: a row for each, prompts of one length
         prefilled together."""
@@ -433,6 +437,8 @@ class Engine:
         for req in reqs:
             start_request(req, self.tokenizer)
         sampler = Sampler([r.params for r in reqs], self.vocab_size, self.device, [r.prompt_ids for r in reqs])
+        if self.sampler is None and self.compiled_step is None and use_compiled_decode(self.model, self.compile):
+            self.compiled_step = compiled_decode_step(self.model)
         batch = sampler if self.sampler is None else Sampler.concat([self.sampler, sampler])
         new = torch.zeros(len(reqs), dtype=torch.long, device=self.device)
         tokens = new if self.tokens is None else torch.cat([self.tokens, new])
@@ -456,14 +462,58 @@ class Engine:
                 h = self.model.hidden_states(self.tokens[:, None], view)
                 extend_owed(self.owed, h, self.tokens)
                 logits = self.model.lm_head(h[:, -1]).float()
-            elif self.compiled_step is not None:
-                logits = self.compiled_step(self.tokens[:, None], view, view.seq_lens.to(self.device))
-                view.seq_lens += 1
             else:
-                logits = self.model(self.tokens[:, None], view)[:, -1]
+                logits = self._compiled_decode(view) if self.compiled_step is not None else None
+                if logits is None:
+                    start = time.perf_counter()
+                    logits = self.model(self.tokens[:, None], view)[:, -1]
+                    note_eager_decode(self.model, time.perf_counter() - start)
         except Exception as exc:
             return self._fail_batch(exc)
         return self._emit(logits, self.sampler, list(range(n)))
+
+    def warm_up(self) -> dict[str, float]:
+        """For a long-lived engine (a server), before it starts: compile the decode step now for batch
+        1 and for larger batches, where `use_compiled_decode` allows it for a long run, so no request
+        waits for a compile. Runs on the cache's first rows, which are emptied after. Returns the
+        seconds each compile took (empty when the step stays eager)."""
+        if self._thread is not None or self.running or self.prefilling:
+            raise RuntimeError("warm_up runs before the engine starts")
+        if not use_compiled_decode(self.model, self.compile, long_run=True):
+            return {}
+        self.compiled_step = compiled_decode_step(self.model)
+        rows = 2 if self.max_batch > 1 else 1
+        try:
+            with torch.inference_mode():
+                for n in range(1, rows + 1):
+                    view = self.cache.rows(0, n)
+                    ids = torch.zeros(n, 1, dtype=torch.long, device=self.device)
+                    self.compiled_step(ids, view, view.seq_lens.to(self.device))
+        except Exception as exc:
+            if self.compile is not None:
+                raise
+            compile_failed(self.model, exc)
+            self.compiled_step = None
+        finally:
+            for row in range(rows):
+                self.cache.reset_row(row)
+        return dict(self.compiled_step.compile_seconds) if self.compiled_step is not None else {}
+
+    def _compiled_decode(self, view) -> torch.Tensor | None:
+        """The compiled step's logits; None when compiling it failed under the default rule (then the
+        model decodes eagerly from now on, and a compile that was asked for raises)."""
+        ids = self.tokens[:, None]
+        try:
+            logits = self.compiled_step(ids, view, view.seq_lens.to(self.device))
+        except Exception as exc:
+            # a failed compile raises before the graph runs, so the cache is as it was
+            if self.compile is not None or not self.compiled_step.compiles(ids):
+                raise
+            compile_failed(self.model, exc)
+            self.compiled_step = None
+            return None
+        view.seq_lens += 1
+        return logits
 
     def _fail_batch(self, exc: Exception) -> list[TokenEvent]:
         """A batched decode forward failed. No single request can be blamed, and the batch's cache

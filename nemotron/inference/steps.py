@@ -1,12 +1,21 @@
 """The model's forward steps over a cache: `prefill` runs a prompt in chunks that continue the cache
 (bounded memory for long prompts), `decode_step` is one recurrent step for every row,
-`compiled_decode_step` is the same step traced by torch.compile on the static decode path.
-`greedy_generate` is greedy decoding in one short loop: the oracle the engine is tested against."""
+`compiled_decode_step` is the same step traced by torch.compile on the static decode path, and
+`use_compiled_decode` the rule that picks it by default. `greedy_generate` is greedy decoding in one
+short loop: the oracle the engine is tested against."""
 
 from __future__ import annotations
 
+import logging
+import os
+import shutil
+import time
+import warnings
+
 import torch
 from torch import nn
+
+from nemotron.errors import NemotronWarning
 
 from nemotron.layers.cache import HybridCache
 
@@ -57,14 +66,116 @@ def greedy_generate(model: nn.Module, ids: torch.Tensor, max_new_tokens: int,
     return torch.stack(out, dim=1) if out else ids[:, :0]
 
 
-def compiled_decode_step(model: nn.Module):
-    """The model's compiled decode function, made once and kept on the model (so its graphs are
-    reused by every engine and freed with the model)."""
-    if getattr(model, "_compiled_decode", None) is None:
+log = logging.getLogger(__name__)
+
+# The compiled decode step runs a step in a fraction of the eager time (fewer dispatches, fused small
+# ops), but compiling costs seconds once per model and process (BENCHMARKS.md). By default the step is
+# compiled once the model has spent about that long decoding eagerly: the break-even rule for a
+# one-time cost, so a short one-off generation never pays it and a long session or a server runs
+# compiled for all but its first seconds. NEMOTRON_COMPILE=0 keeps every step eager (debugging),
+# NEMOTRON_COMPILE=1 compiles from the first step.
+COMPILE_ENV = "NEMOTRON_COMPILE"
+COMPILE_AFTER_S = 10.0
+
+
+def compile_setting() -> bool | None:
+    """NEMOTRON_COMPILE as True (always) / False (never) / None (unset: the break-even rule)."""
+    value = os.environ.get(COMPILE_ENV, "").strip().lower()
+    if value in ("", "auto"):
+        return None
+    if value in ("1", "true", "on", "yes"):
+        return True
+    if value in ("0", "false", "off", "no"):
+        return False
+    raise ValueError(f"{COMPILE_ENV}={value!r}: expected 1 (compile the decode step), 0 (never) or auto")
+
+
+def compile_blocker(model: nn.Module) -> str | None:
+    """Why the default rule leaves this model's decode step eager, or None when it may compile."""
+    if model.__dict__.get("_compile_failed"):
+        return model.__dict__["_compile_failed"]
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return "a distributed run (sharded parameters are gathered by hooks the compiled step would trace)"
+    device = model.lm_head.weight.device
+    if device.type == "cpu" and not any(shutil.which(c) for c in (os.environ.get("CXX", ""), "c++", "g++", "clang++") if c):
+        return "torch.compile needs a C++ compiler for CPU code and none is on PATH"
+    if device.type == "cpu" and any(getattr(m, "quantized", False) for m in model.modules()):
+        # eager, quantized layers multiply their stored weights through the CPU weight-only kernels;
+        # a compiled graph would decode every weight at every step
+        return "quantized layers decode faster eagerly, through the CPU weight-only kernels"
+    return None
+
+
+def eager_decode_seconds(model: nn.Module) -> float:
+    """Seconds this model has spent in eager decode steps in this process (`note_eager_decode`)."""
+    return model.__dict__.get("_eager_decode_s", 0.0)
+
+
+def note_eager_decode(model: nn.Module, seconds: float) -> None:
+    model.__dict__["_eager_decode_s"] = eager_decode_seconds(model) + seconds
+
+
+def use_compiled_decode(model: nn.Module, requested: bool | None = None, long_run: bool = False) -> bool:
+    """Whether decode steps of `model` run compiled: `requested` when given (True / False), else
+    NEMOTRON_COMPILE when set, else where nothing blocks it (`compile_blocker`) once its step is
+    compiled already, or the model has decoded eagerly for COMPILE_AFTER_S seconds, or the caller
+    will decode for long (`long_run`: a server)."""
+    if requested is not None:
+        return requested
+    setting = compile_setting()
+    if setting is not None:
+        return setting
+    if compile_blocker(model) is not None:
+        return False
+    return (long_run or model.__dict__.get("_compiled_decode") is not None
+            or eager_decode_seconds(model) >= COMPILE_AFTER_S)
+
+
+class CompiledDecode:
+    """The model's decode step under torch.compile (whole-buffer KV with a mask, positions as a
+    tensor, symbolic shapes). A call that compiles (the first one for batch 1, then for larger
+    batches) is timed, logged and kept in `compile_seconds`."""
+
+    def __init__(self, model: nn.Module) -> None:
         def step(ids: torch.Tensor, cache: HybridCache, positions: torch.Tensor) -> torch.Tensor:
             return model(ids, cache, mode="static", positions=positions)[:, -1]
 
-        model._compiled_decode = torch.compile(step, dynamic=True)
-    return model._compiled_decode
+        self.step = torch.compile(step, dynamic=True)
+        self.compile_seconds: dict[str, float] = {}
+
+    @staticmethod
+    def _shape(ids: torch.Tensor) -> str:
+        # torch.compile specialises a size of 1, so batch 1 and larger batches compile once each
+        return "batch 1" if ids.shape[0] == 1 else "batch > 1"
+
+    def compiles(self, ids: torch.Tensor) -> bool:
+        """Whether a call on `ids` compiles first (no graph for its shape yet)."""
+        return self._shape(ids) not in self.compile_seconds
+
+    def __call__(self, ids: torch.Tensor, cache: HybridCache, positions: torch.Tensor) -> torch.Tensor:
+        shape = self._shape(ids)
+        if shape in self.compile_seconds:
+            return self.step(ids, cache, positions)
+        start = time.perf_counter()
+        out = self.step(ids, cache, positions)
+        self.compile_seconds[shape] = seconds = time.perf_counter() - start
+        log.info("compiled the decode step for %s in %.1f s (once per model and process)", shape, seconds)
+        return out
+
+
+def compile_failed(model: nn.Module, exc: Exception) -> None:
+    """Compiling the decode step of `model` failed: the default rule keeps it eager from now on."""
+    reason = f"compiling the decode step failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+    model.__dict__["_compile_failed"] = reason
+    model.__dict__.pop("_compiled_decode", None)
+    warnings.warn(f"{reason}; decoding eagerly", NemotronWarning, stacklevel=3)
+
+
+def compiled_decode_step(model: nn.Module) -> CompiledDecode:
+    """The model's compiled decode function, made once and kept on the model (so its graphs are
+    reused by every engine and freed with the model)."""
+    if model.__dict__.get("_compiled_decode") is None:
+        model.__dict__["_compiled_decode"] = CompiledDecode(model)
+    return model.__dict__["_compiled_decode"]
 
 

@@ -128,6 +128,8 @@ class QuantLinear(_KeepsStorageDtypes):
     """A Linear stored in `scheme`'s format. `compute_dtype`: the dtype the weight is dequantized to
     (the model's dtype)."""
 
+    quantized = True
+
     def __init__(self, in_features: int, out_features: int, scheme: QuantScheme, bias: bool = False,
                  compute_dtype: torch.dtype = torch.float32, device=None) -> None:
         super().__init__()

@@ -687,7 +687,8 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | 
           max_tokens: int = 4096, default_template_kwargs: dict | None = None, dtype: str | None = None,
           device: str = "cpu", threads: int | None = None, speculative_tokens: int = 0,
           cache_options=None, prefill_threads: int | None = None,
-          allow_special_tokens_in_content: bool = False, prefix_block: int | None = None) -> None:
+          allow_special_tokens_in_content: bool = False, prefix_block: int | None = None,
+          compile: bool | None = None) -> None:
     """Load `model` and serve it until interrupted. threads: torch's CPU threads for decode steps
     (default: `decode_threads`). prefill_threads: for prefill chunks, which stream nothing (default:
     every core).
@@ -695,7 +696,9 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | 
     allow_special_tokens_in_content: parse control-token spellings inside messages and tools (by
     default they are ordinary text).
     prefix_block: the prefix cache's block, a divisor of prefill_chunk (default: the model's Mamba scan
-    chunk; see Engine)."""
+    chunk; see Engine).
+    compile: the decode step compiled before serving (None: where `use_compiled_decode` allows a long
+    run; False: never)."""
     import uvicorn   # imported when serving: the server's other users (tests, benchmarks) build the app only
 
     cores = os.cpu_count() or 2
@@ -706,7 +709,14 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | 
     engine = Engine(loaded.model, loaded.tokenizer, loaded.stop_ids, max_batch=max_batch, max_len=max_len,
                     prefill_chunk=prefill_chunk, max_waiting=max_waiting, prefix_cache_bytes=prefix_cache_mb << 20,
                     speculative_tokens=speculative_tokens, threads=threads, cache_options=loaded.cache_options,
-                    prefill_threads=prefill_threads or max(threads, cores), prefix_block=prefix_block).start()
+                    prefill_threads=prefill_threads or max(threads, cores), prefix_block=prefix_block,
+                    compile=compile)
+    if compile is not False:
+        print("compiling the decode step (once per process; --no-compile or NEMOTRON_COMPILE=0 skips it) ...",
+              end=" ", flush=True)
+        took = engine.warm_up()
+        print(", ".join(f"{k} {v:.1f} s" for k, v in took.items()) if took else "skipped: decoding eagerly", flush=True)
+    engine.start()
     # a directory is served under its name; the embedded model under the name it was asked by ("tiny")
     name = served_model_name or (loaded.path.name if Path(str(model)).exists() else str(model))
     server = Server(loaded, engine, ServerConfig(name, api_key, Limits(max_tokens=max_tokens), default_template_kwargs,
