@@ -175,7 +175,8 @@ def main() -> None:
             for which in ("nemotron", "nemotron-compiled"):
                 ours = child(which, small, "decode", args.runs, batch=batch, prompt=32, new=new)
                 assert ours["tokens"] == theirs["tokens"], "greedy outputs differ"
-                label = "" if which == "nemotron" else f" compiled ({ours['first_call_s']:.0f} s first call)"
+                # the default rule decodes eagerly for a model's first seconds, then compiled
+                label = " eager" if which == "nemotron" else f" compiled ({ours['first_call_s']:.0f} s first call)"
                 rows.append((f"prompt 32 + decode {new}, batch {batch}{label} (tok/s)", ours, theirs))
         print(f"\n{'':62s} {'nemotron':>10s} {'transformers':>13s} {'ratio':>7s} {'peak RSS rise (MB) ours/theirs':>32s}")
         for name, ours, theirs in rows:

@@ -133,13 +133,16 @@ def main() -> None:
     parser.add_argument("--model", help="serve this checkpoint (a directory, or 'tiny': the embedded model) "
                                         "instead of a random one of --config")
     parser.add_argument("--device", default="cpu", help="the server's --device (cuda on a GPU machine)")
+    parser.add_argument("--no-compile", action="store_true",
+                        help="the server's --no-compile: eager decode steps (by default it compiles the step first)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         path = args.model or build(Path(tmp) / f"{args.config}-chat", args.config)
         flags = ["--max-batch", str(max(args.levels)), "--device", args.device,
                  *(["--threads", str(args.server_threads)] if args.server_threads else []),
-                 *(["--prefill-threads", str(args.server_prefill_threads)] if args.server_prefill_threads else [])]
-        with running_server(path, *flags, startup_s=60) as base:
+                 *(["--prefill-threads", str(args.server_prefill_threads)] if args.server_prefill_threads else []),
+                 *(["--no-compile"] if args.no_compile else [])]
+        with running_server(path, *flags, startup_s=300) as base:   # compiling the decode step first
             port = int(base.rsplit(":", 1)[1])
             asyncio.run(level(port, 1, 1, 8, args.timeout))  # warm-up
             rounds = [[asyncio.run(level(port, n, args.requests, args.new_tokens, args.timeout)) for n in args.levels]
@@ -147,7 +150,8 @@ def main() -> None:
     print(f"{'model ' + args.model if args.model else 'config ' + args.config}, fp32, greedy, {args.new_tokens} new tokens per request, {args.requests} requests "
           f"per stream, {os.cpu_count()} cores, server torch threads "
           f"{args.server_threads or 'by the server default'} (prefill "
-          f"{args.server_prefill_threads or os.cpu_count()}), device {args.device}\n")
+          f"{args.server_prefill_threads or os.cpu_count()}), device {args.device}, decode step "
+          f"{'eager (--no-compile)' if args.no_compile else 'as the server defaults (compiled before serving)'}\n")
     print("| streams | requests | tokens/s (end to end) | decode tokens/s | requests/s | TTFT p50 / p90 / p99 (ms) "
           "| ITL p50 / p90 / p99 (ms) |")
     print("|---|---|---|---|---|---|---|")

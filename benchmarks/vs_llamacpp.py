@@ -59,6 +59,14 @@ CONFIG = dict(
 # (nemotron.quant.cpu: int8 per channel, int4 per 32)
 OURS = {"f32": "float32", "f16": "bfloat16", "bf16": "bfloat16", "q8_0": "fp8", "q4_0": "nvfp4"}
 QUANTIZED = ("fp8", "nvfp4")
+# the default rule compiles a float model's decode step once it has decoded eagerly about as long as
+# compiling takes (nemotron.inference.steps.use_compiled_decode): both phases are timed, as
+# "float32" (eager: the first seconds) and "float32 compiled" (after them)
+COMPILED = " compiled"
+
+
+def precision(kind: str) -> str:
+    return kind.removesuffix(COMPILED)
 
 LLAMA_CHILD = r"""
 import json, sys, time, statistics
@@ -126,9 +134,11 @@ elif task == "prefill":
 else:
     new = args["new"]
     def run():
-        # the default generation path: what `m.generate` runs (prompt prefill, then timed decode)
+        # the default generation path: what `m.generate` runs (prompt prefill, then timed decode): eager
+        # for a model's first seconds of decoding, compiled after them (compile=True: the step compiled
+        # in the untimed first run)
         req = Request(list(ids), SamplingParams(max_new_tokens=new, temperature=0, ignore_eos=True))
-        engine = Engine.for_requests(model, [req])
+        engine = Engine.for_requests(model, [req], compile=args["compile"])
         events = engine.run([req])
         next(events)                                   # the prefill's first token
         t = time.perf_counter()
@@ -279,8 +289,10 @@ def measure(who: str, kind: str, model: Path, runs: int, common: dict, prompt: l
             long: list[int]) -> tuple[dict, dict]:
     """(decode, prefill) results of one engine and precision, each in its own process."""
     code, extra = (LLAMA_CHILD, {}) if who == "llama.cpp" else \
-        (OUR_CHILD, {"dtype": "bfloat16" if kind in QUANTIZED else kind})
+        (OUR_CHILD, {"dtype": "bfloat16" if kind in QUANTIZED else precision(kind), "compile": kind.endswith(COMPILED)})
     d = child(code, model, "decode", runs, json.dumps({**common, **extra, "ids": prompt, "new": new}))
+    if kind.endswith(COMPILED):   # prefill is the same forward, compiled or not
+        return d, {"tokens_per_s": float("nan")}
     p = child(code, model, "prefill", runs, json.dumps({**common, **extra, "ids": long}))
     return d, p
 
@@ -328,22 +340,23 @@ def main() -> None:
         long = torch.randint(3, 1024, (args.prefill,), generator=g).tolist()
         common = {"threads": args.threads}
 
-        ours = child(OUR_CHILD, ckpt, "logits", 1, json.dumps({**common, "dtype": "float32", "ids": check_ids}))
+        mine = child(OUR_CHILD, ckpt, "logits", 1, json.dumps({**common, "dtype": "float32", "ids": check_ids}))
         theirs = child(LLAMA_CHILD, ggufs["f32"], "logits", 1, json.dumps({**common, "ids": check_ids}))
-        a, b = torch.tensor(ours["logits"]), torch.tensor(theirs["logits"])
+        a, b = torch.tensor(mine["logits"]), torch.tensor(theirs["logits"])
         print(f"logits, f32, {len(check_ids)} tokens: max |ours - llama.cpp| = {(a - b).abs().max().item():.2e} "
               f"(logits up to {a.abs().max().item():.1f}); same argmax at {int((a.argmax(-1) == b.argmax(-1)).sum())} "
               f"of {len(check_ids)} positions", flush=True)
 
-        engines = [("llama.cpp", k) for k in args.types] + [("nemotron", k) for k in dict.fromkeys(
-            OURS[k] for k in args.types if k in OURS)]
+        ours = dict.fromkeys(OURS[k] for k in args.types if k in OURS)
+        engines = [("llama.cpp", k) for k in args.types] + [("nemotron", k) for k in ours] + \
+            [("nemotron", k + COMPILED) for k in ours]
         decode, pre = {e: [] for e in engines}, {e: [] for e in engines}
         failed, tokens, bw = {}, {}, []
         for r in range(args.rounds):
             for e in (engines if r % 2 == 0 else engines[::-1]):
                 if e in failed:
                     continue
-                model = ggufs[e[1]] if e[0] == "llama.cpp" else ours_ckpt[e[1]]
+                model = ggufs[e[1]] if e[0] == "llama.cpp" else ours_ckpt[precision(e[1])]
                 try:
                     d, p = measure(*e, model, args.runs, common, prompt, args.new_tokens, long)
                 except RuntimeError as exc:
@@ -374,18 +387,20 @@ def main() -> None:
                 continue
             d, p = statistics.median(decode[e]), statistics.median(pre[e])
             # ours beside llama.cpp's first type that OURS maps to this precision (bf16: f16)
-            twin = ("llama.cpp", next((k for k in args.types if OURS.get(k) == kind), kind))
+            twin = ("llama.cpp", next((k for k in args.types if OURS.get(k) == precision(kind)), kind))
             same_d, same_p = "", ""
             if who == "nemotron" and decode.get(twin):
                 same_d = f"{d / statistics.median(decode[twin]):.2f} ({twin[1]})"
                 same_p = f"{p / statistics.median(pre[twin]):.2f} ({twin[1]})"
-            roof = copy_bw / decode_bytes(ours_ckpt[kind] if who == "nemotron" else ckpt, kind)
-            print(f"| {who} | {kind} | {d:.1f} | {d / base_d:.2f} | {same_d} | {d / roof:.0%} | {p:.0f} | "
-                  f"{p / base_p:.2f} | {same_p} |")
-        ref, mine = tokens.get(base), tokens.get(("nemotron", "float32"))
-        if ref is not None and mine is not None:
-            same = next((i for i, (x, y) in enumerate(zip(ref, mine)) if x != y), min(len(ref), len(mine)))
-            print(f"\ngreedy tokens, f32: the first {same} of {len(ref)} are the same in both")
+            roof = copy_bw / decode_bytes(ours_ckpt[precision(kind)] if who == "nemotron" else ckpt, precision(kind))
+            prefill = f"{p:.0f} | {p / base_p:.2f} | {same_p}" if p == p else "as above | | "
+            print(f"| {who} | {kind} | {d:.1f} | {d / base_d:.2f} | {same_d} | {d / roof:.0%} | {prefill} |")
+        ref = tokens.get(base)
+        for kind in ("float32", "float32" + COMPILED):
+            mine = tokens.get(("nemotron", kind))
+            if ref is not None and mine is not None:
+                same = next((i for i, (x, y) in enumerate(zip(ref, mine)) if x != y), min(len(ref), len(mine)))
+                print(f"greedy tokens, llama.cpp f32 against ours {kind}: the first {same} of {len(ref)} are the same")
 
 
 if __name__ == "__main__":

@@ -191,15 +191,36 @@ def test_serving_a_quantized_checkpoint(tmp_path):
 
 
 def test_compiled_decode_of_a_quantized_model_matches_eager(float_ckpt, tmp_path, monkeypatch):
-    """Decode gathers the chosen experts' stored tensors (static shapes, no host reads), so
-    torch.compile traces the quantized MoE without graph breaks on routing. It traces the dequantizing
-    path, which eager runs without the CPU weight-only kernels (tests/test_quant_cpu.py)."""
+    """On a CPU the compiled decode step of a quantized model multiplies the repacked weights through
+    the weight-only kernels as eager decode does (made before the trace; the experts through one
+    custom operation): the same logits, not the dequantizing path's. Without the kernels it traces
+    the dequantizing path (the chosen experts' stored tensors gathered: static shapes, no host reads),
+    equal to eager there too, and the default rule keeps such a model eager."""
     loaded = nemotron.load(float_ckpt)
     cfg, report = quantize_model(loaded, "nvfp4", TEXTS)
     m = nemotron.load(save_quantized(loaded, cfg, tmp_path / "nvfp4", report))
-    # by default a quantized CPU model stays eager, where its CPU kernels are faster than a compiled graph
     monkeypatch.delenv("NEMOTRON_COMPILE", raising=False)
-    assert "quantized" in steps.compile_blocker(m.model) and not steps.use_compiled_decode(m.model, long_run=True)
+    assert steps.compile_blocker(m.model) is None
+    ids = torch.tensor([m.tokenizer.encode("Hello there")])
+
+    def next_logits(compiled: bool) -> torch.Tensor:
+        cache = m.model.new_cache(1, 16)
+        token = steps.prefill(m.model, ids, cache).argmax(-1)
+        if not compiled:
+            return steps.decode_step(m.model, token, cache)
+        with torch.inference_mode():
+            return steps.compiled_decode_step(m.model)(token[:, None], cache, cache.seq_lens.clone())
+
+    kernels, compiled = next_logits(False), next_logits(True)
     monkeypatch.setattr(cpu, "_ENABLED", False)
+    dequantizing = next_logits(False)
+    assert (compiled - kernels).abs().max() < 1e-3 < (dequantizing - kernels).abs().max()
+    monkeypatch.setattr(cpu, "_ENABLED", True)
+    eager = m.generate("Hello there", max_new_tokens=10, temperature=0, compile=False)
+    assert m.generate("Hello there", max_new_tokens=10, temperature=0, compile=True) == eager
+
+    monkeypatch.setattr(cpu, "_ENABLED", False)
+    assert "quantized" in steps.compile_blocker(m.model) and not steps.use_compiled_decode(m.model, long_run=True)
+    m.model.__dict__.pop("_compiled_decode")   # a fresh trace, of the dequantizing path
     eager = m.generate("Hello there", max_new_tokens=10, temperature=0)
     assert m.generate("Hello there", max_new_tokens=10, temperature=0, compile=True) == eager

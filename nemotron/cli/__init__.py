@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 import typing
 import warnings
@@ -504,8 +505,20 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
 _python_show_warning = warnings.showwarning
 
 
+def _show_compile_notes() -> None:
+    """The one-time compile of the decode step (nemotron.inference.steps) is noted on stderr, with its
+    seconds, since the command pauses for it."""
+    notes = logging.getLogger("nemotron.inference.steps")
+    if not notes.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("[%(message)s]"))
+        notes.addHandler(handler)
+        notes.setLevel(logging.INFO)
+
+
 def main(argv: list[str] | None = None) -> int:
     warnings.showwarning = _show_warning
+    _show_compile_notes()
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if args.command in ("train", "recipe"):  # key=value overrides may come before or after the flags

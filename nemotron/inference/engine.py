@@ -439,6 +439,8 @@ class Engine:
         sampler = Sampler([r.params for r in reqs], self.vocab_size, self.device, [r.prompt_ids for r in reqs])
         if self.sampler is None and self.compiled_step is None and use_compiled_decode(self.model, self.compile):
             self.compiled_step = compiled_decode_step(self.model)
+        elif self.sampler is None and self.compiled_step is not None:
+            self.compiled_step.prepare()
         batch = sampler if self.sampler is None else Sampler.concat([self.sampler, sampler])
         new = torch.zeros(len(reqs), dtype=torch.long, device=self.device)
         tokens = new if self.tokens is None else torch.cat([self.tokens, new])

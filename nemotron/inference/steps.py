@@ -99,10 +99,10 @@ def compile_blocker(model: nn.Module) -> str | None:
     device = model.lm_head.weight.device
     if device.type == "cpu" and not any(shutil.which(c) for c in (os.environ.get("CXX", ""), "c++", "g++", "clang++") if c):
         return "torch.compile needs a C++ compiler for CPU code and none is on PATH"
-    if device.type == "cpu" and any(getattr(m, "quantized", False) for m in model.modules()):
-        # eager, quantized layers multiply their stored weights through the CPU weight-only kernels;
-        # a compiled graph would decode every weight at every step
-        return "quantized layers decode faster eagerly, through the CPU weight-only kernels"
+    if device.type == "cpu" and any(getattr(m, "quantized", False) and not m.runs_repacked() for m in model.modules()):
+        # without their weight-only kernels (NEMOTRON_CPU_KERNELS=0, emulated activations) quantized
+        # layers decode their weights at each step, which a compiled graph does several times slower
+        return "quantized layers without their CPU weight-only kernels decode faster eagerly"
     return None
 
 
@@ -140,8 +140,18 @@ class CompiledDecode:
         def step(ids: torch.Tensor, cache: HybridCache, positions: torch.Tensor) -> torch.Tensor:
             return model(ids, cache, mode="static", positions=positions)[:, -1]
 
+        self.model = model
         self.step = torch.compile(step, dynamic=True)
         self.compile_seconds: dict[str, float] = {}
+        self.prepare()
+
+    def prepare(self) -> None:
+        """Layers that keep a repacked copy of their weights for a CPU kernel (quantized layers) make
+        or refresh it in eager code, where their stored tensors' changes are seen; the compiled graph
+        reads it. Engines call this when a batch starts."""
+        for m in self.model.modules():
+            if hasattr(m, "prepare_cpu_kernels"):
+                m.prepare_cpu_kernels()
 
     @staticmethod
     def _shape(ids: torch.Tensor) -> str:

@@ -96,6 +96,7 @@ class TopkRouter(nn.Module):
 #   quantized                   True when weights are decoded from their storage at each use
 #   grouped_mm_ok(x), gather_ok()   whether `stacked` / `gathered` serve (for this input)
 #   repacked(x)                 (quantized) whether up / down run x without decoding the weight
+#   rows(x, idx, weights)       (quantized, repacked) `dispatch` as one custom operation
 # --------------------------------------------------------------------------------------------------
 
 
@@ -106,6 +107,9 @@ def choose_kernel(source, x: torch.Tensor, tokens: int, k: int, sorted_only: boo
       reads). Quantized weights take it for up to 16 (token, expert) pairs, since only the chosen
       experts are decoded (unless their CPU kernels read the stored weight directly, `repacked`:
       then "single" / "loop"); dense weights under torch.compile for up to 64 (decode).
+    "rows": the source runs the rows itself as one custom operation (`source.rows`), which
+      torch.compile calls without tracing its host reads of the routing: repacked quantized experts
+      under torch.compile (their "single" / "loop" kernels inside).
     "single": one token, a matrix-vector product per chosen expert, no sorting (CPU decode).
     "grouped": rows sorted by expert through torch._grouped_mm, all experts in one kernel (dense:
       CUDA bf16, and CPU batches of up to 1024 pairs, where per-expert matmuls are tiny).
@@ -114,11 +118,13 @@ def choose_kernel(source, x: torch.Tensor, tokens: int, k: int, sorted_only: boo
     sorted_only: the rows are already one per (token, expert) pair (expert parallel), so only
     "grouped" and "loop" apply."""
     pairs = tokens * k
+    compiling = torch.compiler.is_compiling()
     if source.quantized and source.repacked(x):
+        if compiling and not sorted_only:
+            return "rows"
         return "single" if tokens == 1 and not sorted_only else "loop"
     if source.quantized:
         return "gather" if not sorted_only and pairs <= 16 and source.gather_ok() else "loop"
-    compiling = torch.compiler.is_compiling()
     cuda_bf16 = x.is_cuda and x.dtype == torch.bfloat16
     if compiling and pairs <= 64 and not sorted_only and source.gather_ok():
         return "gather"  # decode under torch.compile: no host reads inside the graph
@@ -178,6 +184,8 @@ def dispatch(source, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor,
     method: a kernel of `choose_kernel` (its choice by default)."""
     t, k = idx.shape
     method = method or choose_kernel(source, x, t, k)
+    if method == "rows":
+        return source.rows(x, idx, weights)
     if method == "gather":
         flat = idx.reshape(-1)
         h = relu2(torch.bmm(source.gathered("up_proj", flat, x.dtype), x.repeat_interleave(k, dim=0)[:, :, None]))

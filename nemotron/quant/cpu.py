@@ -21,7 +21,9 @@ has the measured differences. Prefill and batches of more than MAX_ROWS rows dec
 as before (the kernels are matrix-vector kernels: slower than a float GEMM at many rows).
 
 The repacked copy is kept beside the stored tensors (which a save writes back unchanged): FP8 takes
-1 byte more per weight, NVFP4 0.625 (bf16 scale and zero per 32), still less than a bf16 model.
+1 byte more per weight, NVFP4 0.625 (bf16 scale and zero per 32), still less than a bf16 model. A
+compiled decode step reads the copies made in eager code before it runs (`prepare_cpu_kernels` of
+the quantized modules); the experts' products run as one custom operation the trace does not enter.
 
 NEMOTRON_CPU_KERNELS=0 turns the repacked kernels off (the dequantizing reference path everywhere)."""
 
@@ -29,6 +31,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Callable, Iterable, TypeVar
 
 import torch
@@ -54,10 +57,15 @@ def _stamp(t: torch.Tensor) -> tuple:
     return t.data_ptr(), t.shape, t.dtype, t.device, version
 
 
-def cached(owner: nn.Module, key: object, sources: Iterable[torch.Tensor], build: Callable[[], T]) -> T:
+def cached(owner: nn.Module, key: object, sources: Iterable[torch.Tensor], build: Callable[[], T]) -> T | None:
     """`build()`, made once per value of the tensors it reads (`sources`) and kept on `owner` (outside
     its state dict): made again when one of them is replaced, moved or changed in place; freed with
     the owner. For weights repacked into a kernel's layout at their first use in inference."""
+    if torch.compiler.is_compiling():
+        # a trace cannot read data pointers: it takes the copy made by the eager call before it (the
+        # compiled decode step calls `prepare_cpu_kernels` first), or None (the caller's float path)
+        hit = owner.__dict__.get("_cached_packs", {}).get(key)
+        return None if hit is None else hit[1]
     store = owner.__dict__.setdefault("_cached_packs", {})
     stamp = tuple(_stamp(t) for t in sources)
     hit = store.get(key)
@@ -68,12 +76,13 @@ def cached(owner: nn.Module, key: object, sources: Iterable[torch.Tensor], build
 
 def applies(x: torch.Tensor) -> bool:
     """Whether a quantized layer runs `x` through its repacked kernel: CPU inference (nothing records
-    a gradient for x, no torch.compile trace), at most MAX_ROWS rows."""
+    a gradient for x), at most MAX_ROWS rows. Under torch.compile only where the repacked copy was
+    made before the trace (`cached`)."""
     if not _ENABLED or x.device.type != "cpu" or x.numel() == 0:
         return False
     if torch.is_grad_enabled() and x.requires_grad:
         return False
-    return not torch.compiler.is_compiling() and x.numel() // x.shape[-1] <= MAX_ROWS
+    return x.numel() // x.shape[-1] <= MAX_ROWS
 
 
 @dataclass
@@ -136,6 +145,31 @@ def int4_weight(w: torch.Tensor) -> PackedWeight | None:
     packed = torch._convert_weight_to_int4pack_for_cpu(codes.view(-1, k).to(torch.int32), 1)
     scales_and_zeros = torch.stack([scale, zero], -1).transpose(0, 1).contiguous().bfloat16()
     return PackedWeight(4, packed, scales_and_zeros, n)
+
+
+@dataclass
+class StackedPacks:
+    """E experts' weights of one projection in one kernel layout, stacked: weight [E, ...], scales
+    [E, ...]; `experts[e]` is expert e's PackedWeight (views of the stacks)."""
+
+    bits: int
+    weight: torch.Tensor
+    scales: torch.Tensor
+    out_features: int
+
+    def expert(self, e: int) -> PackedWeight:
+        return PackedWeight(self.bits, self.weight[e], self.scales[e], self.out_features)
+
+    @cached_property
+    def experts(self) -> list[PackedWeight]:
+        """Every expert's PackedWeight, made once (the eager decode path reads them per token)."""
+        return [PackedWeight(self.bits, w, s, self.out_features) for w, s in zip(self.weight, self.scales)]
+
+
+def stack(packs: list[PackedWeight]) -> StackedPacks:
+    """Packs of the same shape and kind (each expert's weight of one projection) as one stack."""
+    return StackedPacks(packs[0].bits, torch.stack([p.weight for p in packs]), torch.stack([p.scales for p in packs]),
+                        packs[0].out_features)
 
 
 def pack(w: torch.Tensor, nvfp4: bool) -> PackedWeight:

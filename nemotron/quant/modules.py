@@ -165,11 +165,24 @@ class QuantLinear(_KeepsStorageDtypes):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.emulate_activations:
             x = self.scheme.fake_quantize_input(x, self._buffers.get("input_scale"))
-        elif cpu.applies(x):   # decode on a CPU: the weight repacked once for a weight-only kernel
-            y = cpu.cached(self, "cpu", self.stored().values(),
-                       lambda: cpu.pack(self.dequantized_weight(torch.float32), self.scheme.nvfp4))(x)
+        elif cpu.applies(x) and (packed := self._packed()) is not None:
+            y = packed(x)   # decode on a CPU: the weight repacked once for a weight-only kernel
             return y if self.bias is None else y + self.bias
         return linear(x, self.dequantized_weight(x.dtype), self.bias)
+
+    def _packed(self) -> cpu.PackedWeight | None:
+        return cpu.cached(self, "cpu", self.stored().values(),
+                          lambda: cpu.pack(self.dequantized_weight(torch.float32), self.scheme.nvfp4))
+
+    def runs_repacked(self) -> bool:
+        """Whether CPU decode multiplies the stored weight through a weight-only kernel (not decoding it)."""
+        return cpu.applies(torch.empty(1, 1, device=self.weight.device)) and not self.emulate_activations
+
+    def prepare_cpu_kernels(self) -> None:
+        """Make (or, after a change of the stored tensors, remake) the repacked copy now, in eager code,
+        for a torch.compile trace to read."""
+        if self.runs_repacked():
+            self._packed()
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, {self.scheme.algo}"
@@ -228,17 +241,35 @@ class QuantExperts(_KeepsStorageDtypes):
 
     def repacked(self, x: torch.Tensor) -> bool:
         """Whether `up` / `down` multiply x through the CPU weight-only kernels (nemotron.quant.cpu)."""
-        return not self.emulate_activations and cpu.applies(x)
+        return not self.emulate_activations and cpu.applies(x) and self._packs("down_proj") is not None
 
     def grouped_mm_ok(self, x: torch.Tensor) -> bool:
         return False  # it would decode every expert
 
+    def _packs(self, proj: str) -> cpu.StackedPacks | None:
+        stored = [t for name, t in self._buffers.items() if t is not None and name.startswith(proj)]
+        return cpu.cached(self, proj, stored, lambda: cpu.stack([
+            cpu.pack(self.expert_weight(proj, i, torch.float32), self.scheme.nvfp4) for i in range(self.num_experts)]))
+
+    def runs_repacked(self) -> bool:
+        """Whether CPU decode multiplies the stored weights through weight-only kernels (not decoding them)."""
+        return cpu.applies(torch.empty(1, 1, device=self.up_proj.device)) and not self.emulate_activations
+
+    def prepare_cpu_kernels(self) -> None:
+        """Make (or remake) the repacked copies now, in eager code, for a torch.compile trace to read."""
+        if self.runs_repacked():
+            self._packs("up_proj"), self._packs("down_proj")
+
+    def rows(self, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """`dispatch` of x over the repacked experts as one custom operation (`packed_expert_rows`),
+        which torch.compile calls without tracing its reads of the routing."""
+        up, down = self._packs("up_proj"), self._packs("down_proj")
+        return packed_expert_rows(x, idx, weights, up.weight, up.scales, down.weight, down.scales,
+                                  up.bits, down.bits, up.out_features, down.out_features)
+
     def _project(self, x: torch.Tensor, proj: str, e: int) -> torch.Tensor:
         if self.repacked(x):
-            stored = [t for name, t in self._buffers.items() if t is not None and name.startswith(proj)]
-            packs = cpu.cached(self, proj, stored, lambda: [
-                cpu.pack(self.expert_weight(proj, i, torch.float32), self.scheme.nvfp4) for i in range(self.num_experts)])
-            return packs[e](x)
+            return self._packs(proj).experts[e](x)
         t = self._tensors(proj, e)
         if self.emulate_activations:
             x = self.scheme.fake_quantize_input(x, t.get("input_scale"))
@@ -270,6 +301,37 @@ class QuantExperts(_KeepsStorageDtypes):
         needs). Otherwise the tokens are grouped by expert and each expert is decoded once
         (`nemotron.layers.moe.choose_kernel`)."""
         return dispatch(self, x, idx, weights, method)
+
+
+class _Packed:
+    """Repacked stacked experts as a weight source of `dispatch` (inside `packed_expert_rows`)."""
+
+    quantized = False
+
+    def __init__(self, up: cpu.StackedPacks, down: cpu.StackedPacks) -> None:
+        self.up_packs, self.down_packs = up, down
+
+    def up(self, x: torch.Tensor, e: int) -> torch.Tensor:
+        return self.up_packs.expert(e)(x)
+
+    def down(self, h: torch.Tensor, e: int) -> torch.Tensor:
+        return self.down_packs.expert(e)(h)
+
+
+@torch.library.custom_op("nemotron::packed_expert_rows", mutates_args=())
+def packed_expert_rows(x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor, up_weight: torch.Tensor,
+                       up_scales: torch.Tensor, down_weight: torch.Tensor, down_scales: torch.Tensor,
+                       up_bits: int, down_bits: int, up_features: int, down_features: int) -> torch.Tensor:
+    """sum_j w_j down_j relu²(up_j x) for rows x [T, X] over repacked experts (`cpu.StackedPacks`'
+    tensors): the eager "single" / "loop" kernels of `dispatch`, one custom operation for torch.compile."""
+    source = _Packed(cpu.StackedPacks(up_bits, up_weight, up_scales, up_features),
+                     cpu.StackedPacks(down_bits, down_weight, down_scales, down_features))
+    return dispatch(source, x, idx, weights, "single" if x.shape[0] == 1 else "loop")
+
+
+@packed_expert_rows.register_fake
+def _(x, idx, weights, up_weight, up_scales, down_weight, down_scales, up_bits, down_bits, up_features, down_features):
+    return torch.empty_like(x)
 
 
 def set_activation_emulation(model: nn.Module, on: bool = True) -> int:

@@ -712,10 +712,7 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | 
                     prefill_threads=prefill_threads or max(threads, cores), prefix_block=prefix_block,
                     compile=compile)
     if compile is not False:
-        print("compiling the decode step (once per process; --no-compile or NEMOTRON_COMPILE=0 skips it) ...",
-              end=" ", flush=True)
-        took = engine.warm_up()
-        print(", ".join(f"{k} {v:.1f} s" for k, v in took.items()) if took else "skipped: decoding eagerly", flush=True)
+        engine.warm_up()   # each compile is logged with its seconds (the CLI shows them on stderr)
     engine.start()
     # a directory is served under its name; the embedded model under the name it was asked by ("tiny")
     name = served_model_name or (loaded.path.name if Path(str(model)).exists() else str(model))

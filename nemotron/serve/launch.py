@@ -22,7 +22,7 @@ def free_port() -> int:
 
 
 @contextmanager
-def running_server(model, *flags: str, startup_s: float = 120) -> Iterator[str]:
+def running_server(model, *flags: str, startup_s: float = 300) -> Iterator[str]:
     """Start `nemotron serve --model MODEL FLAGS...` on 127.0.0.1, wait for /health, yield its base URL
     (http://127.0.0.1:PORT) and stop it on exit. A server that exits or never answers raises
     RuntimeError with the end of its stderr (kept in a file: a pipe nobody reads would fill up and
