@@ -289,7 +289,8 @@ def measure(who: str, kind: str, model: Path, runs: int, common: dict, prompt: l
             long: list[int]) -> tuple[dict, dict]:
     """(decode, prefill) results of one engine and precision, each in its own process."""
     code, extra = (LLAMA_CHILD, {}) if who == "llama.cpp" else \
-        (OUR_CHILD, {"dtype": "bfloat16" if kind in QUANTIZED else precision(kind), "compile": kind.endswith(COMPILED)})
+        (OUR_CHILD, {"dtype": "bfloat16" if precision(kind) in QUANTIZED else precision(kind),
+                     "compile": kind.endswith(COMPILED)})
     d = child(code, model, "decode", runs, json.dumps({**common, **extra, "ids": prompt, "new": new}))
     if kind.endswith(COMPILED):   # prefill is the same forward, compiled or not
         return d, {"tokens_per_s": float("nan")}
