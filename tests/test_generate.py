@@ -250,9 +250,13 @@ def test_logprobs_stop_strings_and_seed(tiny):
 
 
 def test_compiled_decode_matches_eager(tiny):
-    """The torch.compile decode path (whole KV buffer with a mask, tensor positions, gathered
-    experts) picks the same tokens as eager decoding, as rows leave the batch."""
-    prompts = _prompts(260, seed=6)
+    """The torch.compile decode path (the KV window up to the longest row under a mask, tensor
+    positions, gathered experts) picks the same tokens as eager decoding, as rows leave the batch and
+    as the window grows past a multiple of STATIC_WINDOW (a prompt of 125 tokens decoding 6)."""
+    from nemotron.inference.engine import STATIC_WINDOW
+
+    assert STATIC_WINDOW == 128
+    prompts = _prompts(260, seed=6)[:2] + [list(range(3, 128))]
     budgets = (4, 9, 6)
     eager = [Request(p, SamplingParams(max_new_tokens=n, temperature=0)) for p, n in zip(prompts, budgets)]
     list(Engine.for_requests(tiny.model, eager).run(eager))

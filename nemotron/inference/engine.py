@@ -54,6 +54,8 @@ log = logging.getLogger(__name__)
 
 # prompt log-probs: at most this many fp32 logits at once (256 MiB)
 PROMPT_LOGITS_ELEMENTS = 1 << 26
+# the compiled decode step attends over the cache's first positions, a multiple of this many
+STATIC_WINDOW = 128
 
 
 class QueueFull(Exception):
@@ -100,8 +102,9 @@ class Engine:
             warnings.warn("MTP speculation is on, so the prefix cache is off (they cannot be combined yet)",
                           NemotronWarning, stacklevel=2)
             prefix_cache_bytes = 0
-        # speculation verifies k+1 tokens per row past the request's own budget
-        self.cache = model.new_cache(max_batch, max_len + speculative_tokens + 1, cache_options)
+        # speculation verifies k+1 tokens per row past the request's own budget; one position more is
+        # never read, so the compiled step's KV window is never the whole buffer (`_compiled_decode`)
+        self.cache = model.new_cache(max_batch, max_len + speculative_tokens + 2, cache_options)
         # the prefix cache's block: a divisor of the prefill chunk (default: the Mamba scan chunk)
         self.prefix_block = choose_block(model, self.cache, prefill_chunk, prefix_block)
         self.prefix_cache = PrefixCache(self.prefix_block, prefix_cache_bytes) if prefix_cache_bytes > 0 else None
@@ -490,7 +493,8 @@ class Engine:
                 for n in range(1, rows + 1):
                     view = self.cache.rows(0, n)
                     ids = torch.zeros(n, 1, dtype=torch.long, device=self.device)
-                    self.compiled_step(ids, view, view.seq_lens.to(self.device))
+                    self.compiled_step(ids, view.first(min(self.cache.capacity - 1, STATIC_WINDOW)),
+                                       view.seq_lens.to(self.device))
         except Exception as exc:
             if self.compile is not None:
                 raise
@@ -505,8 +509,12 @@ class Engine:
         """The compiled step's logits; None when compiling it failed under the default rule (then the
         model decodes eagerly from now on, and a compile that was asked for raises)."""
         ids = self.tokens[:, None]
+        # attention reads the positions up to the longest row's, rounded up to a multiple of
+        # STATIC_WINDOW, not the cache's whole capacity. The window is a symbolic size, and always short
+        # of the capacity: a view of the whole buffer (contiguous) would take a graph of its own
+        window = min(self.cache.capacity - 1, -(-(int(view.seq_lens.max()) + 1) // STATIC_WINDOW) * STATIC_WINDOW)
         try:
-            logits = self.compiled_step(ids, view, view.seq_lens.to(self.device))
+            logits = self.compiled_step(ids, view.first(window), view.seq_lens.to(self.device))
         except Exception as exc:
             # a failed compile raises before the graph runs, so the cache is as it was
             if self.compile is not None or not self.compiled_step.compiles(ids):

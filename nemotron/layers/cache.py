@@ -178,6 +178,10 @@ class KVState:
             self.v[rows, :, cols] = v.transpose(1, 2)
         return self._load(self.k[:, :, :end], self.k_scale, dtype), self._load(self.v[:, :, :end], self.v_scale, dtype)
 
+    def first(self, length: int) -> "KVState":
+        """A view of positions 0..length-1 of every row (the static decode's window)."""
+        return KVState(self.k[:, :, :length], self.v[:, :, :length], self.k_scale, self.v_scale)
+
     def update_static(self, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """One token per row (k/v [B, kv, 1, hd]) written at pos [B] (a tensor); returns the whole
         buffer. Shapes never change, so a compiled decode step never recompiles (gpt-fast style)."""
@@ -311,6 +315,14 @@ class HybridCache:
 
         return HybridCache(view(self.layers), view(self.mtp_layers), self.seq_lens[start:end],
                            self.mtp_seq_lens[start:end])
+
+    def first(self, length: int) -> "HybridCache":
+        """A view whose attention layers hold positions 0..length-1 only (Mamba states whole): the
+        static decode step reads and masks `length` positions, not the whole capacity."""
+        def view(states: list[State]) -> list[State]:
+            return [s.first(length) if isinstance(s, KVState) else s for s in states]
+
+        return HybridCache(view(self.layers), view(self.mtp_layers), self.seq_lens, self.mtp_seq_lens)
 
     def rollback(self, keep: list[int], forward_len: int) -> None:
         """Undo the tail of the last "verify" forward of `forward_len` tokens: row b keeps keep[b]."""
