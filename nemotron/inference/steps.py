@@ -132,30 +132,6 @@ def use_compiled_decode(model: nn.Module, requested: bool | None = None, long_ru
             or eager_decode_seconds(model) >= COMPILE_AFTER_S)
 
 
-# torch 2.13's inductor calls each generated CPU kernel with the GIL held, so a server's HTTP thread
-# waits for whole fused kernels (at 8 streams the compiled step decoded slower through the server
-# than the eager one, whose operations release the GIL). Its Python binding is a C++ template: the
-# arguments are read from Python objects with the GIL, then the kernel runs without it (the GIL is
-# taken back by a destructor, also when the kernel throws). Applied only where the template is the
-# one this was written against.
-_KERNEL_CALL_WITH_GIL = "kernel({}); Py_RETURN_NONE;"
-_KERNEL_CALL_WITHOUT_GIL = ("[&](auto... a) {{ struct Released {{ PyThreadState* s = PyEval_SaveThread(); "
-                            "~Released() {{ PyEval_RestoreThread(s); }} }} released; kernel(a...); }}({}); "
-                            "Py_RETURN_NONE;")
-
-
-def release_gil_in_compiled_kernels() -> bool:
-    """Make inductor's CPU kernels (compiled from now on) run without the GIL; False where torch's
-    binding template is not the known one (then nothing changes)."""
-    try:
-        from torch._inductor.codecache import CppPythonBindingsCodeCache as bindings
-    except ImportError:
-        return False
-    if bindings.call_entry_function == _KERNEL_CALL_WITH_GIL:
-        bindings.call_entry_function = _KERNEL_CALL_WITHOUT_GIL
-    return bindings.call_entry_function == _KERNEL_CALL_WITHOUT_GIL
-
-
 class CompiledDecode:
     """The model's decode step under torch.compile (whole-buffer KV with a mask, positions as a
     tensor, symbolic shapes). A call that compiles (the first one for batch 1, then for larger
@@ -166,7 +142,6 @@ class CompiledDecode:
             return model(ids, cache, mode="static", positions=positions)[:, -1]
 
         self.model = model
-        release_gil_in_compiled_kernels()
         self.step = torch.compile(step, dynamic=True)
         self.compile_seconds: dict[str, float] = {}
         self.prepare()
