@@ -193,9 +193,8 @@ def test_serving_a_quantized_checkpoint(tmp_path):
 def test_compiled_decode_of_a_quantized_model_matches_eager(float_ckpt, tmp_path, monkeypatch):
     """On a CPU the compiled decode step of a quantized model multiplies the repacked weights through
     the weight-only kernels as eager decode does (made before the trace; the experts through one
-    custom operation): the same logits, not the dequantizing path's. Without the kernels it traces
-    the dequantizing path (the chosen experts' stored tensors gathered: static shapes, no host reads),
-    equal to eager there too, and the default rule keeps such a model eager."""
+    custom operation): the same logits, not the dequantizing path's. Without the kernels the default
+    rule keeps such a model eager."""
     loaded = nemotron.load(float_ckpt)
     cfg, report = quantize_model(loaded, "nvfp4", TEXTS)
     m = nemotron.load(save_quantized(loaded, cfg, tmp_path / "nvfp4", report))
@@ -203,13 +202,13 @@ def test_compiled_decode_of_a_quantized_model_matches_eager(float_ckpt, tmp_path
     assert steps.compile_blocker(m.model) is None
     ids = torch.tensor([m.tokenizer.encode("Hello there")])
 
-    def next_logits(compiled: bool) -> torch.Tensor:
-        cache = m.model.new_cache(1, 16)
-        token = steps.prefill(m.model, ids, cache).argmax(-1)
-        if not compiled:
-            return steps.decode_step(m.model, token, cache)
+    def next_logits(compiled: bool) -> torch.Tensor:   # the compiled step called as the engine calls it
+        cache = m.model.new_cache(1, 32)
         with torch.inference_mode():
-            return steps.compiled_decode_step(m.model)(token[:, None], cache, cache.seq_lens.clone())
+            token = steps.prefill(m.model, ids, cache).argmax(-1)
+            if not compiled:
+                return steps.decode_step(m.model, token, cache)
+            return steps.compiled_decode_step(m.model)(token[:, None], cache.first(16), cache.seq_lens)
 
     kernels, compiled = next_logits(False), next_logits(True)
     monkeypatch.setattr(cpu, "_ENABLED", False)
@@ -221,6 +220,15 @@ def test_compiled_decode_of_a_quantized_model_matches_eager(float_ckpt, tmp_path
 
     monkeypatch.setattr(cpu, "_ENABLED", False)
     assert "quantized" in steps.compile_blocker(m.model) and not steps.use_compiled_decode(m.model, long_run=True)
-    m.model.__dict__.pop("_compiled_decode")   # a fresh trace, of the dequantizing path
+
+
+@pytest.mark.slow
+def test_compiled_dequantizing_decode_of_a_quantized_model_matches_eager(float_ckpt, tmp_path, monkeypatch):
+    """Without the CPU kernels, torch.compile traces the dequantizing path (the chosen experts'
+    stored tensors gathered: static shapes, no host reads) and picks eager decoding's tokens."""
+    loaded = nemotron.load(float_ckpt)
+    cfg, report = quantize_model(loaded, "nvfp4", TEXTS)
+    m = nemotron.load(save_quantized(loaded, cfg, tmp_path / "nvfp4", report))
+    monkeypatch.setattr(cpu, "_ENABLED", False)
     eager = m.generate("Hello there", max_new_tokens=10, temperature=0)
     assert m.generate("Hello there", max_new_tokens=10, temperature=0, compile=True) == eager
