@@ -108,8 +108,8 @@ class Engine:
         # the prefix cache's block: a divisor of the prefill chunk (default: the Mamba scan chunk)
         self.prefix_block = choose_block(model, self.cache, prefill_chunk, prefix_block)
         self.prefix_cache = PrefixCache(self.prefix_block, prefix_cache_bytes) if prefix_cache_bytes > 0 else None
-        # torch.compile of the one-token decode step (whole-buffer KV with a mask, positions as a
-        # tensor, symbolic shapes): the first step compiles (seconds), later ones run fused kernels.
+        # torch.compile of the one-token decode step (a KV window under a mask, positions as a tensor,
+        # symbolic shapes): the first step compiles (seconds), later ones run fused kernels.
         # compile None: by the default rule of `use_compiled_decode`, checked again whenever a batch
         # starts, so one request runs on one path
         self.compile = compile

@@ -17,7 +17,6 @@ import torch.fx.experimental._config as fx_config
 from torch import nn
 
 from nemotron.errors import NemotronWarning
-
 from nemotron.layers.cache import HybridCache
 
 
@@ -133,9 +132,9 @@ def use_compiled_decode(model: nn.Module, requested: bool | None = None, long_ru
 
 
 class CompiledDecode:
-    """The model's decode step under torch.compile (whole-buffer KV with a mask, positions as a
-    tensor, symbolic shapes). A call that compiles (the first one for batch 1, then for larger
-    batches) is timed, logged and kept in `compile_seconds`."""
+    """The model's decode step under torch.compile (mode "static": positions as a tensor, the KV
+    window the caller passes read under a mask, symbolic shapes). A call that compiles (the first one
+    for batch 1, then for larger batches) is timed, logged and kept in `compile_seconds`."""
 
     def __init__(self, model: nn.Module) -> None:
         def step(ids: torch.Tensor, cache: HybridCache, positions: torch.Tensor) -> torch.Tensor:
