@@ -511,7 +511,7 @@ def _show_compile_notes() -> None:
     notes = logging.getLogger("nemotron.inference.steps")
     if not notes.handlers:
         handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("[%(message)s]"))
+        handler.setFormatter(logging.Formatter("\n[%(message)s]"))   # on a line of its own, mid-stream too
         notes.addHandler(handler)
         notes.setLevel(logging.INFO)
 
