@@ -471,8 +471,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--speculative-tokens", type=int, default=0,
                    help="MTP draft tokens per step for greedy requests (checkpoints with MTP weights)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                   help="compile the decode step before serving (default: where it runs, i.e. not for quantized "
-                        "CPU models; --no-compile: decode eagerly)")
+                   help="compile the decode step before serving (default: unless nothing can compile it, e.g. no "
+                        "C++ compiler; --no-compile: decode eagerly)")
     _content_tokens_flag(p)
     _cache_flags(p)
     p.set_defaults(func=cmd_serve)

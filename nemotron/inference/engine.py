@@ -468,7 +468,7 @@ class Engine:
                 extend_owed(self.owed, h, self.tokens)
                 logits = self.model.lm_head(h[:, -1]).float()
             else:
-                logits = self._compiled_decode(view) if self.compiled_step is not None else None
+                logits = self._compiled_decode(view, self.tokens[:, None]) if self.compiled_step is not None else None
                 if logits is None:
                     start = time.perf_counter()
                     logits = self.model(self.tokens[:, None], view)[:, -1]
@@ -491,24 +491,18 @@ class Engine:
         try:
             with torch.inference_mode():
                 for n in range(1, rows + 1):
-                    view = self.cache.rows(0, n)
                     ids = torch.zeros(n, 1, dtype=torch.long, device=self.device)
-                    self.compiled_step(ids, view.first(min(self.cache.capacity - 1, STATIC_WINDOW)),
-                                       view.seq_lens.to(self.device))
-        except Exception as exc:
-            if self.compile is not None:
-                raise
-            compile_failed(self.model, exc)
-            self.compiled_step = None
+                    if self._compiled_decode(self.cache.rows(0, n), ids) is None:
+                        break
         finally:
             for row in range(rows):
                 self.cache.reset_row(row)
         return dict(self.compiled_step.compile_seconds) if self.compiled_step is not None else {}
 
-    def _compiled_decode(self, view) -> torch.Tensor | None:
-        """The compiled step's logits; None when compiling it failed under the default rule (then the
-        model decodes eagerly from now on, and a compile that was asked for raises)."""
-        ids = self.tokens[:, None]
+    def _compiled_decode(self, view, ids: torch.Tensor) -> torch.Tensor | None:
+        """The compiled step's logits for ids [B, 1] on the rows of `view` (advanced by one); None when
+        compiling it failed under the default rule (then the model decodes eagerly from now on, and a
+        compile that was asked for raises)."""
         # attention reads the positions up to the longest row's, rounded up to a multiple of
         # STATIC_WINDOW, not the cache's whole capacity. The window is a symbolic size, and always short
         # of the capacity: a view of the whole buffer (contiguous) would take a graph of its own

@@ -6,6 +6,7 @@ short loop: the oracle the engine is tested against."""
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import shutil
@@ -90,6 +91,11 @@ def compile_setting() -> bool | None:
     raise ValueError(f"{COMPILE_ENV}={value!r}: expected 1 (compile the decode step), 0 (never) or auto")
 
 
+@functools.cache
+def _has_cxx() -> bool:
+    return any(shutil.which(c) for c in (os.environ.get("CXX", ""), "c++", "g++", "clang++") if c)
+
+
 def compile_blocker(model: nn.Module) -> str | None:
     """Why the default rule leaves this model's decode step eager, or None when it may compile."""
     if model.__dict__.get("_compile_failed"):
@@ -97,7 +103,7 @@ def compile_blocker(model: nn.Module) -> str | None:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return "a distributed run (sharded parameters are gathered by hooks the compiled step would trace)"
     device = model.lm_head.weight.device
-    if device.type == "cpu" and not any(shutil.which(c) for c in (os.environ.get("CXX", ""), "c++", "g++", "clang++") if c):
+    if device.type == "cpu" and not _has_cxx():
         return "torch.compile needs a C++ compiler for CPU code and none is on PATH"
     if device.type == "cpu" and any(getattr(m, "quantized", False) and not m.runs_repacked() for m in model.modules()):
         # without their weight-only kernels (NEMOTRON_CPU_KERNELS=0, emulated activations) quantized
@@ -125,10 +131,9 @@ def use_compiled_decode(model: nn.Module, requested: bool | None = None, long_ru
     setting = compile_setting()
     if setting is not None:
         return setting
-    if compile_blocker(model) is not None:
-        return False
-    return (long_run or model.__dict__.get("_compiled_decode") is not None
-            or eager_decode_seconds(model) >= COMPILE_AFTER_S)
+    due = (long_run or model.__dict__.get("_compiled_decode") is not None
+           or eager_decode_seconds(model) >= COMPILE_AFTER_S)
+    return due and compile_blocker(model) is None   # the cheap test first: engines ask at every batch
 
 
 class CompiledDecode:

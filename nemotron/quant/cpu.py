@@ -74,11 +74,16 @@ def cached(owner: nn.Module, key: object, sources: Iterable[torch.Tensor], build
     return hit[1]
 
 
+def enabled_on(device: torch.device) -> bool:
+    """Whether the weight-only kernels serve layers stored on `device` (a CPU, not turned off)."""
+    return _ENABLED and device.type == "cpu"
+
+
 def applies(x: torch.Tensor) -> bool:
     """Whether a quantized layer runs `x` through its repacked kernel: CPU inference (nothing records
     a gradient for x), at most MAX_ROWS rows. Under torch.compile only where the repacked copy was
     made before the trace (`cached`)."""
-    if not _ENABLED or x.device.type != "cpu" or x.numel() == 0:
+    if not enabled_on(x.device) or x.numel() == 0:
         return False
     if torch.is_grad_enabled() and x.requires_grad:
         return False
@@ -163,7 +168,7 @@ class StackedPacks:
     @cached_property
     def experts(self) -> list[PackedWeight]:
         """Every expert's PackedWeight, made once (the eager decode path reads them per token)."""
-        return [PackedWeight(self.bits, w, s, self.out_features) for w, s in zip(self.weight, self.scales)]
+        return [self.expert(e) for e in range(self.weight.shape[0])]
 
 
 def stack(packs: list[PackedWeight]) -> StackedPacks:

@@ -176,7 +176,7 @@ class QuantLinear(_KeepsStorageDtypes):
 
     def runs_repacked(self) -> bool:
         """Whether CPU decode multiplies the stored weight through a weight-only kernel (not decoding it)."""
-        return cpu.applies(torch.empty(1, 1, device=self.weight.device)) and not self.emulate_activations
+        return cpu.enabled_on(self.weight.device) and not self.emulate_activations
 
     def prepare_cpu_kernels(self) -> None:
         """Make (or, after a change of the stored tensors, remake) the repacked copy now, in eager code,
@@ -241,7 +241,9 @@ class QuantExperts(_KeepsStorageDtypes):
 
     def repacked(self, x: torch.Tensor) -> bool:
         """Whether `up` / `down` multiply x through the CPU weight-only kernels (nemotron.quant.cpu)."""
-        return not self.emulate_activations and cpu.applies(x) and self._packs("down_proj") is not None
+        # under a trace, only where the copies were made before it (eager calls make them)
+        return not self.emulate_activations and cpu.applies(x) and (
+            not torch.compiler.is_compiling() or self._packs("down_proj") is not None)
 
     def grouped_mm_ok(self, x: torch.Tensor) -> bool:
         return False  # it would decode every expert
@@ -253,7 +255,7 @@ class QuantExperts(_KeepsStorageDtypes):
 
     def runs_repacked(self) -> bool:
         """Whether CPU decode multiplies the stored weights through weight-only kernels (not decoding them)."""
-        return cpu.applies(torch.empty(1, 1, device=self.up_proj.device)) and not self.emulate_activations
+        return cpu.enabled_on(self.up_proj.device) and not self.emulate_activations
 
     def prepare_cpu_kernels(self) -> None:
         """Make (or remake) the repacked copies now, in eager code, for a torch.compile trace to read."""
