@@ -6,7 +6,7 @@ and 16-expert top-4 MoE, vocabulary 16384) in the release layout, converts it wi
 that llama.cpp's f32 logits match ours, then times batch-1 greedy decode and a 512-token prefill
 for each, every engine in its own subprocess, the runs alternated. Ours runs fp32, bf16, and beside
 q8_0 / q4_0 the checkpoint quantized by `nemotron quantize` to FP8 / NVFP4, decoded through the
-CPU weight-only kernels (int8 per channel / int4 per 32, bf16 activations). Beside each decode rate: the
+CPU decode kernels (nemotron.kernels: the stored E4M3 / NVFP4 weight read as it is). Beside each decode rate: the
 copy-bandwidth roofline, the weight bytes a decode step reads (every weight but the embedding
 table, the routed experts counted top_k / experts) over the bytes per second `dst.copy_(src)`
 moves, measured between the runs.
@@ -56,7 +56,7 @@ CONFIG = dict(
 # our precisions beside llama.cpp's types: the nearest counterpart of each. 8-bit and 4-bit are the
 # checkpoint quantized by `nemotron quantize` to FP8 / NVFP4 (ModelOpt's layout, lm_head and routers
 # left in bf16 as ModelOpt leaves them), run in bf16 through the CPU weight-only kernels
-# (nemotron.quant.cpu: int8 per channel, int4 per 32)
+# (nemotron.quant.cpu: the stored E4M3 bytes, NVFP4's codes and E4M3 block scales)
 OURS = {"f32": "float32", "f16": "bfloat16", "bf16": "bfloat16", "q8_0": "fp8", "q4_0": "nvfp4"}
 QUANTIZED = ("fp8", "nvfp4")
 # the default rule compiles a float model's decode step once it has decoded eagerly about as long as
@@ -256,10 +256,10 @@ def copy_bandwidth() -> float:
     return src.numel() * 4 / statistics.median(samples)
 
 
-# bytes per weight of each engine's precision (ours quantized: the kernels' int8 per channel, and int4
-# with a bf16 scale and zero per 32, for the quantized weights; bf16 for the rest, see decode_bytes)
+# bytes per weight of each engine's precision (ours quantized: the stored E4M3 byte, and NVFP4's
+# 4-bit code with an E4M3 scale per 16, for the quantized weights; bf16 for the rest, see decode_bytes)
 BYTES = {"f32": 4, "f16": 2, "bf16": 2, "q8_0": 34 / 32, "q4_0": 18 / 32, "float32": 4, "bfloat16": 2,
-         "fp8": 1, "nvfp4": 20 / 32}
+         "fp8": 1, "nvfp4": 9 / 16}
 
 
 def decode_bytes(ckpt: Path, kind: str) -> float:

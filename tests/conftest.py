@@ -20,11 +20,11 @@ SHARED = Path(__file__).resolve().parents[2] / "shared"
 
 @pytest.fixture
 def dequantizing_reference(monkeypatch):
-    """Quantized layers on their dequantize-then-matmul reference path, the CPU weight-only kernels
-    off (tests/test_quant_cpu.py measures the kernels against this path)."""
-    from nemotron.quant import cpu
+    """Quantized layers on their dequantize-then-matmul reference path, the CPU decode kernels off
+    (tests/test_quant_cpu.py measures the kernels against this path)."""
+    from nemotron import kernels
 
-    monkeypatch.setattr(cpu, "_ENABLED", False)
+    monkeypatch.setattr(kernels, "_ENABLED", False)
 
 
 def randomize_(model: torch.nn.Module, seed: int = 0, scale: float = 0.5) -> torch.nn.Module:

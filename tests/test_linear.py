@@ -76,3 +76,22 @@ def test_linear_is_an_nn_linear_with_the_same_state_dict():
     plain.load_state_dict(layer.state_dict())
     x = torch.randn(3, 8)
     torch.testing.assert_close(layer(x), plain(x))
+
+
+@pytest.mark.parametrize("rows", [1, 5, 16, 40])
+def test_bf16_products(rows):
+    """bf16 decode takes nemotron.kernels' product where it runs (fp32 sums of the bf16 values: the
+    reference is F.linear on the same values in fp64, rounded to bf16); larger products F.linear,
+    in fp32 on an x86 CPU without bf16 instructions. Either way within bf16's rounding of the output."""
+    from nemotron import kernels
+
+    torch.manual_seed(0)
+    w, b = (torch.randn(200, 256) / 16).bfloat16(), torch.randn(200).bfloat16()
+    x = torch.randn(rows, 256).bfloat16()
+    with torch.inference_mode():
+        assert L.use_bf16_kernel(x, w) == (kernels.available() and rows <= kernels.MAX_ROWS)
+        got = linear(x, w, b)
+    ref = F.linear(x.double(), w.double(), b.double())
+    assert got.dtype == torch.bfloat16
+    assert ((got.double() - ref).abs().max() / ref.abs().max()).item() < 2 ** -7
+    assert not L.use_bf16_kernel(x.requires_grad_(), w)                   # training takes F.linear

@@ -146,12 +146,15 @@ def test_fixture_export_matches_transformers_on_decoded_weights(fmt, tmp_path):
 @needs_fixtures
 @pytest.mark.parametrize("fmt", ["NVFP4", "FP8"])
 def test_fixture_export_through_the_cpu_kernels(fmt, monkeypatch):
-    """ModelOpt's own export, each quantized layer on the CPU weight-only kernels (FP8 -> int8 per
-    channel, NVFP4 -> int4 per 32; nemotron.quant.cpu) against its dequantize-then-matmul reference,
-    within the repack's rounding. (Whole-model logits are no measure on this random export: a 1%
-    change of a MoE layer's input flips a near-tied routing choice.)"""
-    from nemotron.quant import cpu
+    """ModelOpt's own export, each quantized layer through the CPU decode kernels (nemotron.quant.cpu,
+    which read the stored weight) against its dequantize-then-matmul reference: exact up to the
+    order of fp32 sums, or within bf16 activations for FP8 on AVX512-BF16. (Whole-model logits are
+    no measure on this random export: a 1% change of a MoE layer's input flips a near-tied routing
+    choice.)"""
+    from nemotron import kernels
 
+    if not kernels.available():
+        pytest.skip("the CPU kernels do not run here")
     model = load_export(FIXTURES / f"nemotron_h-{fmt}").model
     layers = [m for m in model.modules() if isinstance(m, (QuantLinear, QuantExperts))]
     g = torch.Generator().manual_seed(0)
@@ -162,13 +165,14 @@ def test_fixture_export_through_the_cpu_kernels(fmt, monkeypatch):
         x = torch.randn(3, k, generator=g)
         run = (lambda: layer(x)) if isinstance(layer, QuantLinear) else (lambda: layer.up(x, 1))
         with torch.inference_mode():
-            monkeypatch.setattr(cpu, "_ENABLED", False)
+            monkeypatch.setattr(kernels, "_ENABLED", False)
             ref = run()
-            monkeypatch.setattr(cpu, "_ENABLED", True)
+            monkeypatch.setattr(kernels, "_ENABLED", True)
             got = run()
         assert "_cached_packs" in vars(layer)
         worst = max(worst, ((got - ref).norm() / ref.norm()).item())
-    assert layers and worst <= {"FP8": 0.015, "NVFP4": 0.2}[fmt], (fmt, worst)
+    bf16 = fmt == "FP8" and kernels.cpu_isa() == kernels.AVX512_BF16
+    assert layers and worst <= (2 ** -8 if bf16 else 1e-6), (fmt, worst)
 
 
 @needs_fixtures

@@ -13,9 +13,9 @@ import torch
 import nemotron
 from nemotron.io.checkpoint import read_safetensors_index
 from nemotron.config.presets import toy_super_config
+from nemotron import kernels
 from nemotron.io.random_checkpoint import init_checkpoint
 from nemotron.inference import steps
-from nemotron.quant import cpu
 from nemotron.quant.modelopt import HF_QUANT_CONFIG, quantized_layers
 from nemotron.quant.modules import QuantExperts, QuantLinear
 from nemotron.quant.quantize import LayerStats, choose_mixed, quantize_model, save_quantized
@@ -191,10 +191,12 @@ def test_serving_a_quantized_checkpoint(tmp_path):
 
 
 def test_compiled_decode_of_a_quantized_model_matches_eager(float_ckpt, tmp_path, monkeypatch):
-    """On a CPU the compiled decode step of a quantized model multiplies the repacked weights through
-    the weight-only kernels as eager decode does (made before the trace; the experts through one
-    custom operation): the same logits, not the dequantizing path's. Without the kernels the default
-    rule keeps such a model eager."""
+    """On a CPU the compiled decode step of a quantized model multiplies the stored weights through
+    nemotron.kernels as eager decode does (every quantized Linear, two calls per MoE layer: the
+    profiler sees them run), with eager decoding's logits and tokens. Without the kernels the
+    default rule keeps such a model eager."""
+    if not kernels.available():
+        pytest.skip("the CPU kernels do not run here")
     loaded = nemotron.load(float_ckpt)
     cfg, report = quantize_model(loaded, "nvfp4", TEXTS)
     m = nemotron.load(save_quantized(loaded, cfg, tmp_path / "nvfp4", report))
@@ -210,15 +212,19 @@ def test_compiled_decode_of_a_quantized_model_matches_eager(float_ckpt, tmp_path
                 return steps.decode_step(m.model, token, cache)
             return steps.compiled_decode_step(m.model)(token[:, None], cache.first(16), cache.seq_lens)
 
-    kernels, compiled = next_logits(False), next_logits(True)
-    monkeypatch.setattr(cpu, "_ENABLED", False)
-    dequantizing = next_logits(False)
-    assert (compiled - kernels).abs().max() < 1e-3 < (dequantizing - kernels).abs().max()
-    monkeypatch.setattr(cpu, "_ENABLED", True)
+    eager_logits = next_logits(False)
+    next_logits(True)                                  # compiles
+    with torch.profiler.profile() as prof:
+        compiled_logits = next_logits(True)
+    calls = sum(e.count for e in prof.key_averages() if e.key == "nemotron_cpu::gemv_nvfp4")
+    layers = [mod for mod in m.model.modules() if isinstance(mod, (QuantLinear, QuantExperts))]
+    expected = sum(1 if isinstance(mod, QuantLinear) else 2 for mod in layers)
+    assert calls >= expected > 0, (calls, expected)
+    assert (compiled_logits - eager_logits).abs().max() < 1e-4
     eager = m.generate("Hello there", max_new_tokens=10, temperature=0, compile=False)
     assert m.generate("Hello there", max_new_tokens=10, temperature=0, compile=True) == eager
 
-    monkeypatch.setattr(cpu, "_ENABLED", False)
+    monkeypatch.setattr(kernels, "_ENABLED", False)
     assert "quantized" in steps.compile_blocker(m.model) and not steps.use_compiled_decode(m.model, long_run=True)
 
 
@@ -229,6 +235,6 @@ def test_compiled_dequantizing_decode_of_a_quantized_model_matches_eager(float_c
     loaded = nemotron.load(float_ckpt)
     cfg, report = quantize_model(loaded, "nvfp4", TEXTS)
     m = nemotron.load(save_quantized(loaded, cfg, tmp_path / "nvfp4", report))
-    monkeypatch.setattr(cpu, "_ENABLED", False)
+    monkeypatch.setattr(kernels, "_ENABLED", False)
     eager = m.generate("Hello there", max_new_tokens=10, temperature=0)
     assert m.generate("Hello there", max_new_tokens=10, temperature=0, compile=True) == eager

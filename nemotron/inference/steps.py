@@ -105,10 +105,10 @@ def compile_blocker(model: nn.Module) -> str | None:
     device = model.lm_head.weight.device
     if device.type == "cpu" and not _has_cxx():
         return "torch.compile needs a C++ compiler for CPU code and none is on PATH"
-    if device.type == "cpu" and any(getattr(m, "quantized", False) and not m.runs_repacked() for m in model.modules()):
-        # without their weight-only kernels (NEMOTRON_CPU_KERNELS=0, emulated activations) quantized
+    if device.type == "cpu" and any(getattr(m, "quantized", False) and not m.uses_cpu_kernels() for m in model.modules()):
+        # without the CPU kernels (NEMOTRON_CPU_KERNELS=0, no compiler, emulated activations) quantized
         # layers decode their weights at each step, which a compiled graph does several times slower
-        return "quantized layers without their CPU weight-only kernels decode faster eagerly"
+        return "quantized layers without their CPU kernels decode faster eagerly"
     return None
 
 
@@ -151,8 +151,8 @@ class CompiledDecode:
         self.prepare()
 
     def prepare(self) -> None:
-        """Layers that keep a repacked copy of their weights for a CPU kernel (quantized layers) make
-        or refresh it in eager code, where their stored tensors' changes are seen; the compiled graph
+        """Layers that keep a copy of their weights in a CPU kernel's layout (quantized layers) make or
+        refresh it in eager code, where their stored tensors' changes are seen; the compiled graph
         reads it. Engines call this when a batch starts."""
         for m in self.model.modules():
             if hasattr(m, "prepare_cpu_kernels"):

@@ -7,7 +7,13 @@ more per call, so small products (a tiny model's decode, cache-resident) stay on
 CPU, where MKL runs its AVX-512 kernels, oneDNN wins only a large weight at a few rows (batched
 decode) and loses prefill and a single row (BENCHMARKS.md), so only those products take it there.
 
-oneDNN's op has no autograd: anything that records gradients takes `F.linear`."""
+oneDNN's op has no autograd: anything that records gradients takes `F.linear`.
+
+bf16 decode (at most kernels.MAX_ROWS rows) takes nemotron.kernels' matrix-vector product: on
+AVX512-BF16 through VDPBF16PS, elsewhere in fp32 from the bf16 weight, fp32 sums either way; torch's
+bf16 product is bound by its arithmetic at a few rows, 1.4-2x slower (BENCHMARKS.md). On x86 CPUs
+without bf16 instructions, torch's bf16 GEMM is emulated (10x slower than fp32 at 512 rows on the
+AVX2 path): larger bf16 products run in fp32 there and are rounded back."""
 
 from __future__ import annotations
 
@@ -16,6 +22,8 @@ import os
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from nemotron import kernels
 
 # oneDNN's extra per-call cost pays off once rows x weight elements reach MIN_WORK (crossovers
 # measured alone: a 1M-element weight at one row, 74k at 16 rows, 33k at 32). Below MIN_ROWS only a
@@ -59,8 +67,20 @@ def use_onednn(x: torch.Tensor, weight: torch.Tensor) -> bool:
     return size >= MIN_WORK or (rows >= MIN_ROWS and rows * size >= MIN_WORK)
 
 
+def use_bf16_kernel(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether `linear` takes nemotron.kernels' bf16 product (CPU bf16 decode)."""
+    return (x.dtype == torch.bfloat16 and weight.dtype == torch.bfloat16 and weight.dim() == 2
+            and weight.shape[1] % 32 == 0 and not (torch.is_grad_enabled() and weight.requires_grad) and kernels.applies(x))
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """`F.linear`, through oneDNN where `use_onednn` says it is faster."""
+    """`F.linear`, through oneDNN or nemotron.kernels where `use_onednn` / `use_bf16_kernel` say it
+    is faster."""
+    if use_bf16_kernel(x, weight):
+        y = kernels.gemv(x, weight)
+        return y if bias is None else y + bias
+    if x.dtype == torch.bfloat16 and x.device.type == "cpu" and kernels.cpu_isa() in (kernels.AVX2, kernels.AVX512):
+        return F.linear(x.float(), weight.float(), None if bias is None else bias.float()).to(torch.bfloat16)
     if use_onednn(x, weight):
         return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
     return F.linear(x, weight, bias)

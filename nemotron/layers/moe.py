@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from nemotron import kernels
 from nemotron.layers.linear import Linear, linear
 from nemotron.layers.mlp import ReLU2MLP, relu2
 
@@ -94,22 +95,20 @@ class TopkRouter(nn.Module):
 #   gathered(proj, ids, dtype)  the weights of experts `ids` (repeats allowed), [P, N, K]
 #   stacked(proj, dtype)        every expert's weight, [E, N, K] (for torch._grouped_mm)
 #   quantized                   True when weights are decoded from their storage at each use
-#   grouped_mm_ok(x), gather_ok()   whether `stacked` / `gathered` serve (for this input)
-#   repacked(x)                 (quantized) whether up / down run x without decoding the weight
-#   rows(x, idx, weights)       (quantized, repacked) `dispatch` as one custom operation
+#   indexed(proj, xs, ids)      row i of xs times the weight of expert ids[i] (the CPU decode kernels)
+#   grouped_mm_ok(x), gather_ok(), indexed_ok(x)   whether `stacked` / `gathered` / `indexed` serve
 # --------------------------------------------------------------------------------------------------
 
 
 def choose_kernel(source, x: torch.Tensor, tokens: int, k: int, sorted_only: bool = False) -> str:
     """The kernel for `tokens` rows of x routed to k experts each:
 
+    "indexed": on a CPU, at most kernels.MAX_ROWS tokens (decode): the kernels of nemotron.kernels
+      multiply each (token, expert) pair's row by its expert's weight where it is stored (quantized
+      weights undecoded), two calls in all, no host reads (torch.compile calls them as they are).
     "gather": the chosen experts' weights gathered for two batched matmuls (static shapes, no host
       reads). Quantized weights take it for up to 16 (token, expert) pairs, since only the chosen
-      experts are decoded (unless their CPU kernels read the stored weight directly, `repacked`:
-      then "single" / "loop"); dense weights under torch.compile for up to 64 (decode).
-    "rows": the source runs the rows itself as one custom operation (`source.rows`), which
-      torch.compile calls without tracing its host reads of the routing: repacked quantized experts
-      under torch.compile (their "single" / "loop" kernels inside).
+      experts are decoded; dense weights under torch.compile for up to 64 (decode).
     "single": one token, a matrix-vector product per chosen expert, no sorting (CPU decode).
     "grouped": rows sorted by expert through torch._grouped_mm, all experts in one kernel (dense:
       CUDA bf16, and CPU batches of up to 1024 pairs, where per-expert matmuls are tiny).
@@ -119,10 +118,8 @@ def choose_kernel(source, x: torch.Tensor, tokens: int, k: int, sorted_only: boo
     "grouped" and "loop" apply."""
     pairs = tokens * k
     compiling = torch.compiler.is_compiling()
-    if source.quantized and source.repacked(x):
-        if compiling and not sorted_only:
-            return "rows"
-        return "single" if tokens == 1 and not sorted_only else "loop"
+    if not sorted_only and source.indexed_ok(x):
+        return "indexed"
     if source.quantized:
         return "gather" if not sorted_only and pairs <= 16 and source.gather_ok() else "loop"
     cuda_bf16 = x.is_cuda and x.dtype == torch.bfloat16
@@ -184,13 +181,14 @@ def dispatch(source, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor,
     method: a kernel of `choose_kernel` (its choice by default)."""
     t, k = idx.shape
     method = method or choose_kernel(source, x, t, k)
-    if method == "rows":
-        return source.rows(x, idx, weights)
-    if method == "gather":
-        flat = idx.reshape(-1)
-        h = relu2(torch.bmm(source.gathered("up_proj", flat, x.dtype), x.repeat_interleave(k, dim=0)[:, :, None]))
-        ys = torch.bmm(source.gathered("down_proj", flat, x.dtype), h).view(t, k, -1).float()   # [T, k, X]
-        return (ys * weights[..., None].float()).sum(1).to(x.dtype)
+    if method in ("indexed", "gather"):
+        flat, xs = idx.reshape(-1), x.repeat_interleave(k, dim=0)                            # [T*k, X]
+        if method == "indexed":
+            ys = source.indexed("down_proj", relu2(source.indexed("up_proj", xs, flat)), flat)
+        else:
+            h = relu2(torch.bmm(source.gathered("up_proj", flat, x.dtype), xs[:, :, None]))
+            ys = torch.bmm(source.gathered("down_proj", flat, x.dtype), h)
+        return (ys.view(t, k, -1).float() * weights[..., None].float()).sum(1).to(x.dtype)
     if method == "single":
         # read only the k chosen experts, no sorting or copies; the routing read to the host once, each
         # output added in fp32 with its weight by one kernel
@@ -224,6 +222,17 @@ class Experts(nn.Module):
 
     def gather_ok(self) -> bool:
         return True
+
+    def indexed_ok(self, x: torch.Tensor) -> bool:
+        """Whether `indexed` serves rows like x: CPU decode of bf16 experts (32-column multiples) through
+        the kernels. fp32 experts read memory no faster there than MKL or the compiled gather do."""
+        w = self.up_proj
+        return (w.dtype == torch.bfloat16 and x.dtype == w.dtype and w.shape[1] % 32 == 0
+                and w.shape[2] % 32 == 0 and not (torch.is_grad_enabled() and w.requires_grad)
+                and kernels.applies(x))
+
+    def indexed(self, proj: str, x: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+        return kernels.gemv(x, getattr(self, proj), experts=experts)
 
     def up(self, x: torch.Tensor, e: int) -> torch.Tensor:
         return linear(x, self.up_proj[e])

@@ -166,22 +166,22 @@ class QuantLinear(_KeepsStorageDtypes):
         if self.emulate_activations:
             x = self.scheme.fake_quantize_input(x, self._buffers.get("input_scale"))
         elif cpu.applies(x) and (packed := self._packed()) is not None:
-            y = packed(x)   # decode on a CPU: the weight repacked once for a weight-only kernel
+            y = packed(x)   # decode on a CPU: the kernels read the stored weight
             return y if self.bias is None else y + self.bias
         return linear(x, self.dequantized_weight(x.dtype), self.bias)
 
     def _packed(self) -> cpu.PackedWeight | None:
-        return cpu.cached(self, "cpu", self.stored().values(),
-                          lambda: cpu.pack(self.dequantized_weight(torch.float32), self.scheme.nvfp4))
+        return cpu.cached(self, "cpu", self.stored().values(), lambda: cpu.pack(
+            self.scheme.nvfp4, self.weight, self.weight_scale, self._buffers.get("weight_scale_2")))
 
-    def runs_repacked(self) -> bool:
-        """Whether CPU decode multiplies the stored weight through a weight-only kernel (not decoding it)."""
+    def uses_cpu_kernels(self) -> bool:
+        """Whether CPU decode multiplies the stored weight through the kernels (not decoding it)."""
         return cpu.enabled_on(self.weight.device) and not self.emulate_activations
 
     def prepare_cpu_kernels(self) -> None:
-        """Make (or, after a change of the stored tensors, remake) the repacked copy now, in eager code,
+        """Make (or, after a change of the stored tensors, remake) the kernels' copy now, in eager code,
         for a torch.compile trace to read."""
-        if self.runs_repacked():
+        if self.uses_cpu_kernels():
             self._packed()
 
     def extra_repr(self) -> str:
@@ -239,39 +239,37 @@ class QuantExperts(_KeepsStorageDtypes):
         """Whether `gathered` serves (not for 128x128-block FP8 nor with emulated activations)."""
         return self.scheme.algo != "FP8_PB_WO" and not self.emulate_activations
 
-    def repacked(self, x: torch.Tensor) -> bool:
-        """Whether `up` / `down` multiply x through the CPU weight-only kernels (nemotron.quant.cpu)."""
-        # under a trace, only where the copies were made before it (eager calls make them)
-        return not self.emulate_activations and cpu.applies(x) and (
-            not torch.compiler.is_compiling() or self._packs("down_proj") is not None)
+    def indexed_ok(self, x: torch.Tensor) -> bool:
+        """Whether `indexed` serves rows like x: the CPU kernels multiply the stored weights (under a
+        trace, only where their copies were made before it, by eager calls)."""
+        return (not self.emulate_activations and cpu.applies(x) and self._packs("up_proj") is not None
+                and self._packs("down_proj") is not None)
 
     def grouped_mm_ok(self, x: torch.Tensor) -> bool:
         return False  # it would decode every expert
 
-    def _packs(self, proj: str) -> cpu.StackedPacks | None:
+    def _packs(self, proj: str) -> cpu.PackedWeight | None:
         stored = [t for name, t in self._buffers.items() if t is not None and name.startswith(proj)]
-        return cpu.cached(self, proj, stored, lambda: cpu.stack([
-            cpu.pack(self.expert_weight(proj, i, torch.float32), self.scheme.nvfp4) for i in range(self.num_experts)]))
+        return cpu.cached(self, proj, stored, lambda: cpu.pack(
+            self.scheme.nvfp4, getattr(self, proj), getattr(self, f"{proj}_weight_scale"),
+            self._buffers.get(f"{proj}_weight_scale_2")))
 
-    def runs_repacked(self) -> bool:
-        """Whether CPU decode multiplies the stored weights through weight-only kernels (not decoding them)."""
+    def uses_cpu_kernels(self) -> bool:
+        """Whether CPU decode multiplies the stored weights through the kernels (not decoding them)."""
         return cpu.enabled_on(self.up_proj.device) and not self.emulate_activations
 
     def prepare_cpu_kernels(self) -> None:
-        """Make (or remake) the repacked copies now, in eager code, for a torch.compile trace to read."""
-        if self.runs_repacked():
+        """Make (or remake) the kernels' copies now, in eager code, for a torch.compile trace to read."""
+        if self.uses_cpu_kernels():
             self._packs("up_proj"), self._packs("down_proj")
 
-    def rows(self, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """`dispatch` of x over the repacked experts as one custom operation (`packed_expert_rows`),
-        which torch.compile calls without tracing its reads of the routing."""
-        up, down = self._packs("up_proj"), self._packs("down_proj")
-        return packed_expert_rows(x, idx, weights, up.weight, up.scales, down.weight, down.scales,
-                                  up.bits, down.bits, up.out_features, down.out_features)
+    def indexed(self, proj: str, x: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+        """Row i of x [R, K] times the `proj` weight of expert experts[i], read as stored (the kernels)."""
+        return self._packs(proj)(x, experts)
 
     def _project(self, x: torch.Tensor, proj: str, e: int) -> torch.Tensor:
-        if self.repacked(x):
-            return self._packs(proj).experts[e](x)
+        if self.indexed_ok(x):
+            return self.indexed(proj, x, torch.full((x.numel() // x.shape[-1],), e, dtype=torch.long))
         t = self._tensors(proj, e)
         if self.emulate_activations:
             x = self.scheme.fake_quantize_input(x, t.get("input_scale"))
@@ -300,40 +298,10 @@ class QuantExperts(_KeepsStorageDtypes):
 
         Few (token, expert) pairs (decode): the chosen experts' stored tensors are gathered and
         decoded for two batched matmuls, with static shapes and no host reads (what torch.compile
-        needs). Otherwise the tokens are grouped by expert and each expert is decoded once
+        needs); on a CPU, the kernels read the stored weights of each row's experts (`indexed`).
+        Otherwise the tokens are grouped by expert and each expert is decoded once
         (`nemotron.layers.moe.choose_kernel`)."""
         return dispatch(self, x, idx, weights, method)
-
-
-class _Packed:
-    """Repacked stacked experts as a weight source of `dispatch` (inside `packed_expert_rows`)."""
-
-    quantized = False
-
-    def __init__(self, up: cpu.StackedPacks, down: cpu.StackedPacks) -> None:
-        self.up_packs, self.down_packs = up, down
-
-    def up(self, x: torch.Tensor, e: int) -> torch.Tensor:
-        return self.up_packs.expert(e)(x)
-
-    def down(self, h: torch.Tensor, e: int) -> torch.Tensor:
-        return self.down_packs.expert(e)(h)
-
-
-@torch.library.custom_op("nemotron::packed_expert_rows", mutates_args=())
-def packed_expert_rows(x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor, up_weight: torch.Tensor,
-                       up_scales: torch.Tensor, down_weight: torch.Tensor, down_scales: torch.Tensor,
-                       up_bits: int, down_bits: int, up_features: int, down_features: int) -> torch.Tensor:
-    """sum_j w_j down_j relu²(up_j x) for rows x [T, X] over repacked experts (`cpu.StackedPacks`'
-    tensors): the eager "single" / "loop" kernels of `dispatch`, one custom operation for torch.compile."""
-    source = _Packed(cpu.StackedPacks(up_bits, up_weight, up_scales, up_features),
-                     cpu.StackedPacks(down_bits, down_weight, down_scales, down_features))
-    return dispatch(source, x, idx, weights, "single" if x.shape[0] == 1 else "loop")
-
-
-@packed_expert_rows.register_fake
-def _(x, idx, weights, up_weight, up_scales, down_weight, down_scales, up_bits, down_bits, up_features, down_features):
-    return torch.empty_like(x)
 
 
 def set_activation_emulation(model: nn.Module, on: bool = True) -> int:

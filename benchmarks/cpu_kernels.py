@@ -1,0 +1,109 @@
+"""nemotron.kernels against torch's own CPU kernels on one decode step's products.
+
+The products are those of the ~125M-parameter `nemotron_h` MoE hybrid of benchmarks/vs_llamacpp.py
+at batch 1 (hidden 768: 4 Mamba in/out projections, 6 shared experts, 24 routed experts (top 4 of 16
+in 6 layers), 2 attention blocks, the 16384-row lm_head): 64.6M weights, every matrix distinct, so
+the weights stream from memory or the last-level cache as they do in decode. Each precision's pair
+runs on the same weights and inputs, alternated, in rounds; medians of the rounds.
+
+- fp32: MKL (F.linear) | ours
+- bf16: torch's bf16 product (oneDNN) | ours (VDPBF16PS on AVX512-BF16, fp32 from bf16 elsewhere)
+- 8-bit: torch's int8 weight-only kernel on the weights re-rounded to int8 per channel (what this
+  project ran before) | ours on the FP8 (E4M3) weights as stored
+- 4-bit: torch's int4 kernel on the weights re-rounded to 4 bits per 32 (min-max) | ours on NVFP4
+
+    python benchmarks/cpu_kernels.py [--rows 1] [--threads 2] [--rounds 7]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+from nemotron import kernels
+from nemotron.quant import cpu, formats
+from nemotron.quant.modules import QuantScheme
+
+SHAPES = ([(5144, 768), (768, 1536)] * 4 + [(1024, 768), (768, 1024)] * 6 + [(512, 768), (768, 512)] * 24
+          + [(768, 768), (512, 768), (768, 768)] * 2 + [(16384, 768)])
+
+
+def torch_int8(w: torch.Tensor):
+    scale = (w.abs().amax(-1) / 127).clamp(min=1e-12)
+    q = (w / scale[:, None]).round().clamp(-127, 127).to(torch.int8).contiguous()
+    scales = scale.bfloat16()
+    return lambda x: torch._weight_int8pack_mm(x.bfloat16(), q, scales)
+
+
+def torch_int4(w: torch.Tensor):
+    n, k = w.shape
+    g = w.view(n, k // 32, 32)
+    lo, hi = g.amin(-1), g.amax(-1)
+    scale = ((hi - lo) / 15).clamp(min=1e-12)
+    zero = lo + 8 * scale
+    codes = ((g - zero[..., None]) / scale[..., None] + 8).round().clamp(0, 15).view(n, k).to(torch.int32)
+    packed = torch._convert_weight_to_int4pack_for_cpu(codes, 1)
+    sz = torch.stack([scale, zero], -1).transpose(0, 1).contiguous().bfloat16()
+    return lambda x: torch._weight_int4pack_mm_for_cpu(x.bfloat16(), packed, 32, sz)
+
+
+def ours_quantized(w: torch.Tensor, algo: str) -> cpu.PackedWeight:
+    scheme = QuantScheme(algo)
+    stored = scheme.quantize(w)
+    return cpu.pack(scheme.nvfp4, stored["weight"], stored["weight_scale"], stored.get("weight_scale_2"))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--rows", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=7)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    if not kernels.available():
+        raise SystemExit("the CPU kernels do not run here")
+    torch.manual_seed(0)
+    ws = [torch.randn(s) * 0.05 for s in SHAPES]
+    xs = {k: torch.randn(args.rows, k) for k in {s[1] for s in SHAPES}}
+    xb = {k: v.bfloat16() for k, v in xs.items()}
+    pairs: dict[str, tuple[list, list]] = {}
+    pairs["fp32 (MKL | ours)"] = ([lambda w=w: F.linear(xs[w.shape[1]], w) for w in ws],
+                                  [lambda w=w: kernels.gemv(xs[w.shape[1]], w) for w in ws])
+    wbs = [w.bfloat16() for w in ws]
+    pairs["bf16 (oneDNN | ours)"] = ([lambda w=w: F.linear(xb[w.shape[1]], w) for w in wbs],
+                                     [lambda w=w: kernels.gemv(xb[w.shape[1]], w) for w in wbs])
+    i8, f8 = [torch_int8(w) for w in ws], [ours_quantized(w, "FP8_PER_CHANNEL_PER_TOKEN") for w in ws]
+    pairs[f"8-bit (int8 | ours {f8[0].kind})"] = ([lambda f=f, w=w: f(xb[w.shape[1]]) for f, w in zip(i8, ws)],
+                                                 [lambda p=p, w=w: p(xb[w.shape[1]]) for p, w in zip(f8, ws)])
+    i4, n4 = [torch_int4(w) for w in ws], [ours_quantized(w, "W4A16_NVFP4") for w in ws]
+    pairs["4-bit (int4 | ours NVFP4)"] = ([lambda f=f, w=w: f(xb[w.shape[1]]) for f, w in zip(i4, ws)],
+                                          [lambda p=p, w=w: p(xb[w.shape[1]]) for p, w in zip(n4, ws)])
+    weights = sum(w.numel() for w in ws)
+    times = {(name, side): [] for name in pairs for side in (0, 1)}
+    with torch.inference_mode():
+        for r in range(args.rounds):
+            for name, sides in pairs.items():
+                for side in ((0, 1) if r % 2 == 0 else (1, 0)):
+                    calls = sides[side]
+                    for f in calls:
+                        f()
+                    t = time.perf_counter()
+                    for _ in range(3):
+                        for f in calls:
+                            f()
+                    times[(name, side)].append((time.perf_counter() - t) / 3)
+    print(f"{weights / 1e6:.1f}M weights a step, {args.rows} row(s), {args.threads} thread(s), "
+          f"{kernels.ISA_NAMES[kernels.cpu_isa()]} kernels, median of {args.rounds} rounds")
+    print(f"{'precision (torch | ours)':34s} {'torch ms':>9s} {'ours ms':>8s} {'torch G/s':>10s} {'ours G/s':>9s} {'ours/torch':>10s}")
+    for name in pairs:
+        a, b = statistics.median(times[(name, 0)]), statistics.median(times[(name, 1)])
+        ratio = statistics.median(x / y for x, y in zip(times[(name, 0)], times[(name, 1)]))
+        print(f"{name:34s} {a * 1e3:9.2f} {b * 1e3:8.2f} {weights / a / 1e9:10.1f} {weights / b / 1e9:9.1f} {ratio:10.2f}x")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,155 @@
+"""Matrix-vector kernels for CPU decode (`gemv.cpp`): a few rows of activations against a weight read
+in its stored format (fp32, bf16, FP8 E4M3, NVFP4), each row optionally against its own expert of a
+stack. torch's own one-row kernels are bound by their arithmetic, not by memory (BENCHMARKS.md):
+oneDNN's bf16 product, and the int8 / int4 kernels that quantized weights had to be re-rounded for.
+
+The C++ is compiled once per machine at first use by torch's extension builder (~20 s, a C++
+compiler needed; cached under ~/.cache/torch_extensions, or TORCH_EXTENSIONS_DIR). Where it cannot
+be built, `available()` is False and callers keep their torch path, with one warning.
+
+Which instructions run is chosen here from the CPU's features: `cpu_isa()` follows torch's own dispatch
+(so ATEN_CPU_CAPABILITY=avx2 forces the AVX2 kernels too) and the kernel flags /proc/cpuinfo lists.
+NEMOTRON_CPU_KERNELS=0 turns the kernels off (every caller's torch path)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import time
+import warnings
+
+import torch
+
+from nemotron.errors import NemotronWarning
+
+AVX2, AVX512, AVX512_BF16 = 0, 1, 2
+ISA_NAMES = {AVX2: "AVX2", AVX512: "AVX-512", AVX512_BF16: "AVX-512 with BF16"}
+MAX_ROWS = 16   # rows up to which these kernels beat a GEMM on the decoded weight
+
+_ENABLED = os.environ.get("NEMOTRON_CPU_KERNELS", "1") != "0"
+_SOURCE = os.path.join(os.path.dirname(__file__), "gemv.cpp")
+log = logging.getLogger(__name__)
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def _detect_isa() -> int | None:
+    capability = torch.backends.cpu.get_cpu_capability()
+    flags = _cpu_flags()
+    if capability.startswith("AVX512") and {"avx512f", "avx512bw", "avx512vl", "avx512dq", "f16c"} <= flags:
+        return AVX512_BF16 if "avx512_bf16" in flags else AVX512
+    if capability.startswith(("AVX2", "AVX512")) and {"avx2", "fma", "f16c"} <= flags:
+        return AVX2
+    return None
+
+
+_ISA = _detect_isa()
+_BUILT: bool | None = None   # built and loaded (decided at the first use)
+
+
+def cpu_isa() -> int | None:
+    """The best instruction set of these kernels this CPU runs (AVX2, AVX512, AVX512_BF16), or None."""
+    return _ISA
+
+
+def _load() -> bool:
+    if shutil.which(os.environ.get("CXX", "c++")) is None:
+        warnings.warn("no C++ compiler on PATH: CPU decode runs torch's kernels (slower for bf16 and quantized "
+                      "weights); install one (g++) for nemotron's", NemotronWarning, stacklevel=3)
+        return False
+    from torch.utils import cpp_extension
+
+    start = time.perf_counter()
+    try:
+        cpp_extension.load(name="nemotron_cpu_kernels", sources=[_SOURCE], extra_cflags=["-O3", "-fopenmp"],
+                           extra_ldflags=["-fopenmp"], is_python_module=False)
+    except Exception as e:  # a broken toolchain must not stop inference: the torch path still runs
+        warnings.warn(f"building the CPU kernels failed ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+                      "CPU decode runs torch's kernels", NemotronWarning, stacklevel=3)
+        return False
+    log.info("CPU kernels ready in %.1f s", time.perf_counter() - start)
+    for name in ("gemv", "gemv_nvfp4", "gemv_fp8_bf16"):
+        torch.library.register_fake(f"nemotron_cpu::{name}")(_fake_product)
+    return True
+
+
+def _fake_product(x: torch.Tensor, w: torch.Tensor, *rest) -> torch.Tensor:
+    # the output's shape for torch.compile: one row per input row, N columns (w is [.., N, K or K/2])
+    return x.new_empty(x.shape[0], w.shape[-2])
+
+
+def available() -> bool:
+    """Whether the kernels run here: turned on, an x86-64 CPU with AVX2 at least, built (at the first
+    call: a torch.compile trace reads the answer of the eager calls before it)."""
+    global _BUILT
+    if not _ENABLED or _ISA is None:
+        return False
+    if _BUILT is None:
+        _BUILT = _load()
+    return _BUILT
+
+
+def applies(x: torch.Tensor) -> bool:
+    """Whether a product with input x goes through these kernels: CPU inference (nothing records a
+    gradient for x), 1 to MAX_ROWS rows."""
+    if x.device.type != "cpu" or x.numel() == 0 or (torch.is_grad_enabled() and x.requires_grad):
+        return False
+    return x.numel() // x.shape[-1] <= MAX_ROWS and available()
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    return x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
+
+
+def _shaped(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return y if x.dim() == 2 else y.view(*x.shape[:-1], y.shape[-1])
+
+
+def gemv(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor | None = None, experts: torch.Tensor | None = None,
+         isa: int | None = None) -> torch.Tensor:
+    """x [.., K] against w [N, K] (or [E, N, K] with `experts`: one expert id per row of x) of fp32,
+    bf16 or E4M3 bits (uint8; then `scales` [.., N, segments] fp32, the dequantization scale of each
+    equal segment of K): [.., N] in x.dtype. bf16 x and w on AVX512-BF16 multiply in bf16 (VDPBF16PS);
+    everything else in fp32, exactly the product with the decoded weight up to summation order."""
+    return _shaped(torch.ops.nemotron_cpu.gemv(_rows(x), w, scales, experts, cpu_isa() if isa is None else isa), x)
+
+
+def gemv_fp8_bf16(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor,
+                  experts: torch.Tensor | None = None) -> torch.Tensor:
+    """x [.., K] (rounded to bf16) against E4M3 bits in `fp8_bf16_order` [N, K] or [E, N, K]: [.., N]
+    in x.dtype, through VDPBF16PS (AVX512-BF16 only); E4M3 subnormals read as 0."""
+    return _shaped(torch.ops.nemotron_cpu.gemv_fp8_bf16(_rows(x), w, scales, experts), x)
+
+
+def gemv_nvfp4(x: torch.Tensor, codes: torch.Tensor, block_scales: torch.Tensor, scales: torch.Tensor,
+               experts: torch.Tensor | None = None, isa: int | None = None) -> torch.Tensor:
+    """x [.., K] against NVFP4 codes in `nvfp4_order` [N, K/2] (or [E, N, K/2]), E4M3 block scales
+    (uint8 bits) [.., N, K/16] and fp32 tensor scales [.., N, 1]: [.., N] in x.dtype, exactly the
+    product with the dequantized weight up to summation order."""
+    return _shaped(torch.ops.nemotron_cpu.gemv_nvfp4(_rows(x), codes, block_scales, scales, experts,
+                                                     cpu_isa() if isa is None else isa), x)
+
+
+def fp8_bf16_order(q: torch.Tensor) -> torch.Tensor:
+    """E4M3 bits [.., K] (K a multiple of 64) in the order `gemv_fp8_bf16` reads: in each 64, the
+    byte unpacks' order (stored[16j + 8h + t] = w[32h + 8j + t])."""
+    *lead, k = q.shape
+    return q.reshape(*lead, k // 64, 2, 4, 8).transpose(-3, -2).reshape(*lead, k).contiguous()
+
+
+def nvfp4_order(codes: torch.Tensor) -> torch.Tensor:
+    """E2M1 codes [.., K] (0..15, K a multiple of 32) -> the bytes `gemv_nvfp4` reads [.., K/2]: in
+    each 32, byte j holds code j (low nibble) and code j + 16 (high nibble)."""
+    *lead, k = codes.shape
+    c = codes.to(torch.uint8).reshape(*lead, k // 32, 2, 16)
+    return (c[..., 0, :] | (c[..., 1, :] << 4)).reshape(*lead, k // 2).contiguous()

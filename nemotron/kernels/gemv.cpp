@@ -1,0 +1,502 @@
+// Matrix-vector kernels for decode on CPUs: y[r, n] = sum_seg scale[n, seg] * sum_{k in seg} W[n, k] x[r, k]
+// for a few input rows r, each row optionally against its own expert's weight (W: [E, N, K]). The
+// weight is read in its stored format and decoded in registers; accumulation is fp32.
+//
+// - fp32 / bf16 / E4M3 / NVFP4 weights against fp32 inputs (AVX-512 or AVX2): every bf16, E4M3 and
+//   E2M1-times-E4M3 value is an fp32 value, so the products are those with the dequantized weight;
+// - bf16 and E4M3 weights against bf16 inputs through VDPBF16PS (AVX512-BF16): 32 products an
+//   instruction; E4M3 subnormals (|q| < 2^-6) read as 0 there.
+//
+// Threads: torch's (at::parallel_for over tiles of weight rows). Which instruction set runs is the
+// caller's choice (`isa`), made from the CPU's features at run time; each is compiled with its own
+// target attribute, so one build serves every x86-64 CPU with AVX2.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+namespace {
+
+#define AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,f16c,fma")))
+#define AVX512BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,f16c,fma")))
+#define AVX2 __attribute__((target("avx2,f16c,fma")))
+
+constexpr int MAXR = 4;  // rows sharing one pass over a weight row
+// how far ahead of the product each weight row is prefetched (a single core's memory requests in
+// flight are what bound its bandwidth; measured: E4M3 rows read 1.4x faster from memory with it)
+constexpr int64_t kAhead = 1024;
+
+inline void ahead(const void* p) { _mm_prefetch(static_cast<const char*>(p) + kAhead, _MM_HINT_T0); }
+
+float e4m3_value(uint8_t b) {
+  int e = (b >> 3) & 15, m = b & 7;
+  float v = e ? std::ldexp(1.0f + m / 8.0f, e - 7) : std::ldexp(m / 8.0f, -6);
+  return (b & 0x80) ? -v : v;
+}
+
+struct E4M3Table {
+  float v[256];
+  E4M3Table() { for (int i = 0; i < 256; ++i) v[i] = e4m3_value(uint8_t(i)); }
+};
+const E4M3Table kE4M3;
+
+const float kE2M1[16] = {0.f, .5f, 1.f, 1.5f, 2.f, 3.f, 4.f, 6.f, -0.f, -.5f, -1.f, -1.5f, -2.f, -3.f, -4.f, -6.f};
+
+// ---- weight formats: each decodes the 32 weights at k..k+31 of one row to fp32 (w0: k..k+15, w1: k+16..k+31)
+
+struct F32 {
+  static constexpr float kScale = 1.0f;
+  const float* w;
+  void prefetch(int64_t k) const { ahead(w + k); ahead(w + k + 16); }
+  AVX512 void load(int64_t k, __m512& w0, __m512& w1) const {
+    w0 = _mm512_loadu_ps(w + k); w1 = _mm512_loadu_ps(w + k + 16);
+  }
+  AVX2 void load(int64_t k, __m256* o) const {
+    for (int i = 0; i < 4; ++i) o[i] = _mm256_loadu_ps(w + k + 8 * i);
+  }
+};
+
+struct BF16 {
+  static constexpr float kScale = 1.0f;
+  const uint16_t* w;
+  void prefetch(int64_t k) const { ahead(w + k); }
+  AVX512 static __m512 cvt16(const uint16_t* p) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
+  }
+  AVX512 void load(int64_t k, __m512& w0, __m512& w1) const { w0 = cvt16(w + k); w1 = cvt16(w + k + 16); }
+  AVX2 void load(int64_t k, __m256* o) const {
+    for (int i = 0; i < 4; ++i)
+      o[i] = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)(w + k + 8 * i))), 16));
+  }
+};
+
+// E4M3 -> the fp16 with the same bits shifted (sign 15, exponent 10..13, mantissa 7..9): the value
+// times 2^-8, subnormals included (kScale restores the 2^8).
+struct FP8 {
+  static constexpr float kScale = 256.0f;
+  const uint8_t* w;
+  void prefetch(int64_t k) const { ahead(w + k); }
+  AVX512 static __m512 cvt16(const uint8_t* p) {
+    __m256i h = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i*)p));
+    h = _mm256_and_si256(_mm256_srai_epi16(_mm256_slli_epi16(h, 8), 1), _mm256_set1_epi16(short(0xBFFF)));
+    return _mm512_cvtph_ps(h);
+  }
+  AVX512 void load(int64_t k, __m512& w0, __m512& w1) const { w0 = cvt16(w + k); w1 = cvt16(w + k + 16); }
+  AVX2 void load(int64_t k, __m256* o) const {
+    for (int i = 0; i < 4; ++i) {
+      __m128i h = _mm_cvtepu8_epi16(_mm_loadl_epi64((const __m128i*)(w + k + 8 * i)));
+      h = _mm_and_si128(_mm_srai_epi16(_mm_slli_epi16(h, 8), 1), _mm_set1_epi16(short(0xBFFF)));
+      o[i] = _mm256_cvtph_ps(h);
+    }
+  }
+};
+
+// NVFP4 repacked: per 32 weights 16 bytes, byte j = code[j] | code[j+16] << 4, and two E4M3 block scales
+struct NVFP4 {
+  static constexpr float kScale = 1.0f;
+  const uint8_t* w;       // [K/2]
+  void prefetch(int64_t k) const { ahead(w + k / 2); }
+  const uint8_t* scales;  // [K/16]
+  AVX512 void load(int64_t k, __m512& w0, __m512& w1) const {
+    const __m512 table = _mm512_loadu_ps(kE2M1);
+    __m512i d = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(w + k / 2)));
+    w0 = _mm512_mul_ps(_mm512_permutexvar_ps(d, table), _mm512_set1_ps(kE4M3.v[scales[k / 16]]));
+    w1 = _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(d, 4), table), _mm512_set1_ps(kE4M3.v[scales[k / 16 + 1]]));
+  }
+  AVX2 static __m256 lookup(__m256i d) {
+    const __m256 mag = _mm256_loadu_ps(kE2M1);
+    __m256 v = _mm256_permutevar8x32_ps(mag, d);
+    __m256i sign = _mm256_and_si256(_mm256_slli_epi32(d, 28), _mm256_set1_epi32(int(0x80000000u)));
+    return _mm256_xor_ps(v, _mm256_castsi256_ps(sign));
+  }
+  AVX2 void load(int64_t k, __m256* o) const {
+    __m256 s0 = _mm256_set1_ps(kE4M3.v[scales[k / 16]]), s1 = _mm256_set1_ps(kE4M3.v[scales[k / 16 + 1]]);
+    for (int i = 0; i < 2; ++i) {
+      __m256i d = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(w + k / 2 + 8 * i)));
+      o[i] = _mm256_mul_ps(lookup(d), s0);
+      o[i + 2] = _mm256_mul_ps(lookup(_mm256_srli_epi32(d, 4)), s1);
+    }
+  }
+};
+
+// NT weight rows against R input rows over [0, K): acc[t][r] sums w_t * x_r per segment of `seg`
+// weights (one scale each: s[t][seg]); the decoded weights are shared by the R rows, the inputs by the NT rows
+template <int NT, int R, class W>
+AVX512 void dot_avx512(const W* w, const float* const* x, int64_t K, int64_t seg, const float* const* s, float* out,
+                       int64_t ldo) {
+  __m512 total[NT][R];
+  for (int t = 0; t < NT; ++t) for (int r = 0; r < R; ++r) total[t][r] = _mm512_setzero_ps();
+  for (int64_t k0 = 0; k0 < K; k0 += seg) {
+    __m512 acc[NT][R];
+    for (int t = 0; t < NT; ++t) for (int r = 0; r < R; ++r) acc[t][r] = _mm512_setzero_ps();
+    for (int64_t k = k0; k < k0 + seg; k += 32) {
+      __m512 x0[R], x1[R];
+      for (int r = 0; r < R; ++r) { x0[r] = _mm512_loadu_ps(x[r] + k); x1[r] = _mm512_loadu_ps(x[r] + k + 16); }
+      for (int t = 0; t < NT; ++t) {
+        __m512 w0, w1;
+        w[t].prefetch(k);
+        w[t].load(k, w0, w1);
+        for (int r = 0; r < R; ++r) acc[t][r] = _mm512_fmadd_ps(w1, x1[r], _mm512_fmadd_ps(w0, x0[r], acc[t][r]));
+      }
+    }
+    const int64_t sg = k0 / seg;
+    for (int t = 0; t < NT; ++t) {
+      const __m512 f = _mm512_set1_ps(s ? s[t][sg] * W::kScale : W::kScale);
+      for (int r = 0; r < R; ++r) total[t][r] = _mm512_fmadd_ps(acc[t][r], f, total[t][r]);
+    }
+  }
+  for (int t = 0; t < NT; ++t)
+    for (int r = 0; r < R; ++r) out[r * ldo + t] = _mm512_reduce_add_ps(total[t][r]);
+}
+
+AVX2 inline float hsum256(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// one weight row against R input rows over [k0, k1) (a multiple of 32 long)
+template <int R, class W>
+AVX2 void dot_avx2(const W& w, const float* const* x, int64_t k0, int64_t k1, float* out) {
+  __m256 a[R][4];
+  for (int r = 0; r < R; ++r) for (int i = 0; i < 4; ++i) a[r][i] = _mm256_setzero_ps();
+  for (int64_t k = k0; k < k1; k += 32) {
+    __m256 wv[4];
+    w.prefetch(k);
+    w.load(k, wv);
+    for (int r = 0; r < R; ++r)
+      for (int i = 0; i < 4; ++i) a[r][i] = _mm256_fmadd_ps(wv[i], _mm256_loadu_ps(x[r] + k + 8 * i), a[r][i]);
+  }
+  for (int r = 0; r < R; ++r)
+    out[r] = hsum256(_mm256_add_ps(_mm256_add_ps(a[r][0], a[r][1]), _mm256_add_ps(a[r][2], a[r][3])));
+}
+
+// bf16 weights against bf16 inputs: VDPBF16PS, two products per fp32 lane
+template <int NT, int R>
+AVX512BF16 void dot_bf16dp(const uint16_t* const* w, const uint16_t* const* x, int64_t K, float* out, int64_t ldo) {
+  __m512 acc[NT][R];
+  for (int t = 0; t < NT; ++t) for (int r = 0; r < R; ++r) acc[t][r] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < K; k += 32) {
+    __m512bh xv[R];
+    for (int r = 0; r < R; ++r) xv[r] = (__m512bh)_mm512_loadu_si512(x[r] + k);
+    for (int t = 0; t < NT; ++t) {
+      ahead(w[t] + k);
+      const __m512bh wv = (__m512bh)_mm512_loadu_si512(w[t] + k);
+      for (int r = 0; r < R; ++r) acc[t][r] = _mm512_dpbf16_ps(acc[t][r], wv, xv[r]);
+    }
+  }
+  for (int t = 0; t < NT; ++t)
+    for (int r = 0; r < R; ++r) out[r * ldo + t] = _mm512_reduce_add_ps(acc[t][r]);
+}
+
+// E4M3 weights against bf16 inputs through VDPBF16PS. Each 64 stored bytes hold weights k..k+63 in
+// the order of the byte unpacks (stored[16j + 8h + t] = w[k + 32h + 8j + t]); each unpacked word,
+// b << 8, becomes the bf16 with the same value: exponent rebiased by 120 (7 -> 127), mantissa
+// shifted; E4M3 subnormals (exponent 0, |w| < 2^-6) become 0.
+AVX512BF16 inline __m512bh e4m3_to_bf16(__m512i u) {
+  __m512i v = _mm512_and_si512(_mm512_srai_epi16(u, 4), _mm512_set1_epi16(short(0x87F0)));
+  v = _mm512_add_epi16(v, _mm512_set1_epi16(0x3C00));
+  return (__m512bh)_mm512_maskz_mov_epi16(_mm512_test_epi16_mask(u, _mm512_set1_epi16(0x7800)), v);
+}
+
+template <int NT, int R>
+AVX512BF16 void dot_fp8dp(const uint8_t* const* w, const uint16_t* const* x, int64_t K, int64_t seg,
+                          const float* const* s, float* out, int64_t ldo) {
+  __m512 total[NT][R];
+  const __m512i zero = _mm512_setzero_si512();
+  for (int t = 0; t < NT; ++t) for (int r = 0; r < R; ++r) total[t][r] = _mm512_setzero_ps();
+  for (int64_t k0 = 0; k0 < K; k0 += seg) {
+    __m512 acc[NT][R];
+    for (int t = 0; t < NT; ++t) for (int r = 0; r < R; ++r) acc[t][r] = _mm512_setzero_ps();
+    for (int64_t k = k0; k < k0 + seg; k += 64) {
+      __m512bh x0[R], x1[R];
+      for (int r = 0; r < R; ++r) {
+        x0[r] = (__m512bh)_mm512_loadu_si512(x[r] + k);
+        x1[r] = (__m512bh)_mm512_loadu_si512(x[r] + k + 32);
+      }
+      for (int t = 0; t < NT; ++t) {
+        ahead(w[t] + k);
+        const __m512i b = _mm512_loadu_si512(w[t] + k);
+        const __m512bh w0 = e4m3_to_bf16(_mm512_unpacklo_epi8(zero, b)), w1 = e4m3_to_bf16(_mm512_unpackhi_epi8(zero, b));
+        for (int r = 0; r < R; ++r) acc[t][r] = _mm512_dpbf16_ps(_mm512_dpbf16_ps(acc[t][r], w0, x0[r]), w1, x1[r]);
+      }
+    }
+    const int64_t sg = k0 / seg;
+    for (int t = 0; t < NT; ++t) {
+      const __m512 f = _mm512_set1_ps(s[t][sg]);
+      for (int r = 0; r < R; ++r) total[t][r] = _mm512_fmadd_ps(acc[t][r], f, total[t][r]);
+    }
+  }
+  for (int t = 0; t < NT; ++t)
+    for (int r = 0; r < R; ++r) out[r * ldo + t] = _mm512_reduce_add_ps(total[t][r]);
+}
+
+// ---- the driver: groups of rows sharing an expert, tiles of weight rows split over threads
+
+enum Isa : int64_t { kAvx2 = 0, kAvx512 = 1, kAvx512Bf16 = 2 };
+constexpr int NT = 4;  // weight rows per tile
+
+struct Groups {
+  std::vector<int64_t> expert;              // per group: which [N, K] slice of the weight
+  std::vector<std::vector<int64_t>> rows;   // per group: the input rows it serves
+};
+
+Groups group_rows(const c10::optional<at::Tensor>& experts, int64_t R, int64_t E) {
+  Groups g;
+  if (!experts.has_value()) {
+    TORCH_CHECK(E == 1, "a stack of experts needs an expert index per row");
+    g.expert.push_back(0);
+    g.rows.emplace_back();
+    for (int64_t r = 0; r < R; ++r) g.rows[0].push_back(r);
+    return g;
+  }
+  at::Tensor e = experts->to(at::kLong).contiguous();
+  TORCH_CHECK(e.numel() == R, "one expert per input row expected");
+  const int64_t* p = e.data_ptr<int64_t>();
+  for (int64_t r = 0; r < R; ++r) {
+    TORCH_CHECK(p[r] >= 0 && p[r] < E, "expert index ", p[r], " out of range for ", E, " experts");
+    auto it = std::find(g.expert.begin(), g.expert.end(), p[r]);
+    if (it == g.expert.end()) { g.expert.push_back(p[r]); g.rows.push_back({r}); }
+    else g.rows[it - g.expert.begin()].push_back(r);
+  }
+  return g;
+}
+
+// tile(e, n0, nt, xs, nr, out[nr][NT]) computes weight rows n0..n0+nt-1 of expert e against nr inputs
+template <class X, class Tile>
+void drive(const Groups& g, int64_t N, const X* const* xrows, float* y, const Tile& tile) {
+  const int64_t G = g.expert.size(), tiles = (N + NT - 1) / NT;
+  at::parallel_for(0, G * tiles, 4, [&](int64_t begin, int64_t end) {
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t gi = item / tiles, n0 = (item % tiles) * NT, e = g.expert[gi];
+      const int nt = int(std::min<int64_t>(NT, N - n0));
+      const auto& rows = g.rows[gi];
+      for (size_t r0 = 0; r0 < rows.size(); r0 += MAXR) {
+        const int nr = int(std::min<size_t>(MAXR, rows.size() - r0));
+        const X* xs[MAXR];
+        for (int i = 0; i < nr; ++i) xs[i] = xrows[rows[r0 + i]];
+        float out[MAXR * NT];
+        tile(e, n0, nt, xs, nr, out);
+        for (int i = 0; i < nr; ++i) std::memcpy(y + rows[r0 + i] * N + n0, out + i * NT, nt * sizeof(float));
+      }
+    }
+  });
+}
+
+template <int NTT, int R, class W>
+void avx2_tile(const W* w, const float* const* xs, int64_t K, int64_t seg, const float* const* s, float* out) {
+  for (int t = 0; t < NTT; ++t) {
+    float total[R] = {}, part[R];
+    for (int64_t k0 = 0; k0 < K; k0 += seg) {
+      dot_avx2<R>(w[t], xs, k0, k0 + seg, part);
+      for (int r = 0; r < R; ++r) total[r] += part[r] * (s ? s[t][k0 / seg] * W::kScale : W::kScale);
+    }
+    for (int r = 0; r < R; ++r) out[r * NT + t] = total[r];
+  }
+}
+
+template <int NTT, int R, class W>
+void run_tile(int64_t isa, const W* w, const float* const* xs, int64_t K, int64_t seg, const float* const* s, float* out) {
+  if (isa >= kAvx512) dot_avx512<NTT, R>(w, xs, K, seg, s, out, NT);
+  else avx2_tile<NTT, R>(w, xs, K, seg, s, out);
+}
+
+template <int NTT, class W>
+void run_rows(int nr, int64_t isa, const W* w, const float* const* xs, int64_t K, int64_t seg, const float* const* s, float* out) {
+  switch (nr) {
+    case 1: return run_tile<NTT, 1>(isa, w, xs, K, seg, s, out);
+    case 2: return run_tile<NTT, 2>(isa, w, xs, K, seg, s, out);
+    case 3: return run_tile<NTT, 3>(isa, w, xs, K, seg, s, out);
+    default: return run_tile<NTT, 4>(isa, w, xs, K, seg, s, out);
+  }
+}
+
+// W decoders for rows n0.. of expert e (make(e, n)), then the tile
+template <class Make>
+void float_tile(int64_t isa, const Make& make, const float* scales, int64_t N, int64_t nseg, int64_t K, int64_t e,
+                int64_t n0, int nt, const float* const* xs, int nr, float* out) {
+  using W = decltype(make(0, 0));
+  W w[NT];
+  const float* s[NT];
+  for (int t = 0; t < nt; ++t) { w[t] = make(e, n0 + t); s[t] = scales ? scales + (e * N + n0 + t) * nseg : nullptr; }
+  const float* const* sp = scales ? s : nullptr;
+  const int64_t seg = K / nseg;
+  switch (nt) {
+    case 1: return run_rows<1>(nr, isa, w, xs, K, seg, sp, out);
+    case 2: return run_rows<2>(nr, isa, w, xs, K, seg, sp, out);
+    case 3: return run_rows<3>(nr, isa, w, xs, K, seg, sp, out);
+    default: return run_rows<4>(nr, isa, w, xs, K, seg, sp, out);
+  }
+}
+
+template <int NTT>
+void bf16_rows(int nr, const uint16_t* const* w, const uint16_t* const* xs, int64_t K, float* out) {
+  switch (nr) {
+    case 1: return dot_bf16dp<NTT, 1>(w, xs, K, out, NT);
+    case 2: return dot_bf16dp<NTT, 2>(w, xs, K, out, NT);
+    case 3: return dot_bf16dp<NTT, 3>(w, xs, K, out, NT);
+    default: return dot_bf16dp<NTT, 4>(w, xs, K, out, NT);
+  }
+}
+
+struct Prepared {
+  at::Tensor x;  // [R, K] contiguous fp32 (or bf16 for the bf16 dot)
+  std::vector<const void*> rows;
+};
+
+Prepared prepare(const at::Tensor& x, at::ScalarType dtype) {
+  TORCH_CHECK(x.dim() == 2 && x.device().is_cpu(), "x must be a CPU tensor [rows, K]");
+  Prepared p{x.to(dtype).contiguous(), {}};
+  const int64_t K = p.x.size(1);
+  const char* base = static_cast<const char*>(p.x.data_ptr());
+  for (int64_t r = 0; r < p.x.size(0); ++r) p.rows.push_back(base + r * K * p.x.element_size());
+  return p;
+}
+
+at::Tensor finish(at::Tensor y, const at::Tensor& x) { return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type()); }
+
+int64_t stack_size(const at::Tensor& w) {
+  TORCH_CHECK(w.dim() == 2 || w.dim() == 3, "weight must be [N, K] or [E, N, K]");
+  TORCH_CHECK(w.is_contiguous() && w.device().is_cpu(), "weight must be a contiguous CPU tensor");
+  return w.dim() == 3 ? w.size(0) : 1;
+}
+
+void check_scales(const at::Tensor& scales, const at::Tensor& w, int64_t nseg) {
+  TORCH_CHECK(scales.scalar_type() == at::kFloat && scales.is_contiguous() &&
+                  scales.numel() == stack_size(w) * w.size(-2) * nseg,
+              "scales must be contiguous fp32, [E, N, segments]");
+}
+
+void check_k(int64_t K, int64_t nseg) {
+  TORCH_CHECK(K % 32 == 0 && nseg > 0 && K % nseg == 0 && (K / nseg) % 32 == 0,
+              "the input dimension and its scale segments must be multiples of 32");
+}
+
+// w: [E, N, K] or [N, K] of fp32 / bf16 / uint8 (E4M3 bits); scales: [E, N, nseg] fp32 or None
+at::Tensor gemv(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& scales,
+                const c10::optional<at::Tensor>& experts, int64_t isa) {
+  const int64_t K = w.size(-1), N = w.size(-2), R = x.size(0);
+  const int64_t nseg = scales.has_value() ? scales->size(-1) : 1;
+  check_k(K, nseg);
+  TORCH_CHECK(x.size(1) == K, "x has ", x.size(1), " columns, the weight ", K);
+  if (scales.has_value()) check_scales(*scales, w, nseg);
+  const Groups g = group_rows(experts, R, stack_size(w));
+  at::Tensor y = at::empty({R, N}, x.options().dtype(at::kFloat));
+  const float* s = scales.has_value() ? scales->data_ptr<float>() : nullptr;
+  const int64_t rowsize = N * K;
+  if (w.scalar_type() == at::kBFloat16 && isa == kAvx512Bf16 && x.scalar_type() == at::kBFloat16 && !s) {
+    Prepared p = prepare(x, at::kBFloat16);
+    const uint16_t* wp = reinterpret_cast<const uint16_t*>(w.data_ptr());
+    drive(g, N, reinterpret_cast<const uint16_t* const*>(p.rows.data()), y.data_ptr<float>(),
+          [&](int64_t e, int64_t n0, int nt, const uint16_t* const* xs, int nr, float* out) {
+            const uint16_t* rows[NT];
+            for (int t = 0; t < nt; ++t) rows[t] = wp + e * rowsize + (n0 + t) * K;
+            switch (nt) {
+              case 1: return bf16_rows<1>(nr, rows, xs, K, out);
+              case 2: return bf16_rows<2>(nr, rows, xs, K, out);
+              case 3: return bf16_rows<3>(nr, rows, xs, K, out);
+              default: return bf16_rows<4>(nr, rows, xs, K, out);
+            }
+          });
+    return finish(y, x);
+  }
+  Prepared p = prepare(x, at::kFloat);
+  const float* const* xs0 = reinterpret_cast<const float* const*>(p.rows.data());
+  auto go = [&](auto make) {
+    drive(g, N, xs0, y.data_ptr<float>(), [&](int64_t e, int64_t n0, int nt, const float* const* xs, int nr, float* out) {
+      float_tile(isa, make, s, N, nseg, K, e, n0, nt, xs, nr, out);
+    });
+  };
+  if (w.scalar_type() == at::kFloat) {
+    const float* wp = w.data_ptr<float>();
+    go([&](int64_t e, int64_t n) { return F32{wp + e * rowsize + n * K}; });
+  } else if (w.scalar_type() == at::kBFloat16) {
+    const uint16_t* wp = reinterpret_cast<const uint16_t*>(w.data_ptr());
+    go([&](int64_t e, int64_t n) { return BF16{wp + e * rowsize + n * K}; });
+  } else {
+    TORCH_CHECK(w.scalar_type() == at::kByte, "weights: fp32, bf16 or uint8 E4M3 bits");
+    const uint8_t* wp = w.data_ptr<uint8_t>();
+    go([&](int64_t e, int64_t n) { return FP8{wp + e * rowsize + n * K}; });
+  }
+  return finish(y, x);
+}
+
+// codes: [E, N, K/2] repacked E2M1; block_scales: [E, N, K/16] E4M3 bits; scales: [E, N, 1] fp32
+at::Tensor gemv_nvfp4(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& block_scales,
+                      const at::Tensor& scales, const c10::optional<at::Tensor>& experts, int64_t isa) {
+  const int64_t K = codes.size(-1) * 2, N = codes.size(-2), R = x.size(0);
+  check_k(K, 1);
+  TORCH_CHECK(x.size(1) == K && block_scales.is_contiguous(), "x has ", x.size(1), " columns, the weight ", K);
+  const Groups g = group_rows(experts, R, stack_size(codes));
+  check_scales(scales, codes, 1);
+  TORCH_CHECK(block_scales.numel() == codes.numel() / 8 && block_scales.scalar_type() == at::kByte, "block scales: E4M3 bits, one per 16 weights");
+  at::Tensor y = at::empty({R, N}, x.options().dtype(at::kFloat));
+  Prepared p = prepare(x, at::kFloat);
+  const uint8_t* cp = codes.data_ptr<uint8_t>();
+  const uint8_t* sp = block_scales.data_ptr<uint8_t>();
+  const float* s = scales.data_ptr<float>();
+  auto make = [&](int64_t e, int64_t n) { return NVFP4{cp + (e * N + n) * (K / 2), sp + (e * N + n) * (K / 16)}; };
+  drive(g, N, reinterpret_cast<const float* const*>(p.rows.data()), y.data_ptr<float>(),
+        [&](int64_t e, int64_t n0, int nt, const float* const* xs, int nr, float* out) {
+          float_tile(isa, make, s, N, 1, K, e, n0, nt, xs, nr, out);
+        });
+  return finish(y, x);
+}
+
+template <int NTT>
+void fp8dp_rows(int nr, const uint8_t* const* w, const uint16_t* const* xs, int64_t K, int64_t seg, const float* const* s, float* out) {
+  switch (nr) {
+    case 1: return dot_fp8dp<NTT, 1>(w, xs, K, seg, s, out, NT);
+    case 2: return dot_fp8dp<NTT, 2>(w, xs, K, seg, s, out, NT);
+    case 3: return dot_fp8dp<NTT, 3>(w, xs, K, seg, s, out, NT);
+    default: return dot_fp8dp<NTT, 4>(w, xs, K, seg, s, out, NT);
+  }
+}
+
+// w: [E, N, K] E4M3 bits in the unpack order (above); scales [E, N, nseg] fp32 (the dequantization scales)
+at::Tensor gemv_fp8_bf16(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales,
+                         const c10::optional<at::Tensor>& experts) {
+  const int64_t K = w.size(-1), N = w.size(-2), R = x.size(0), nseg = scales.size(-1);
+  TORCH_CHECK(K % 64 == 0 && K % nseg == 0 && (K / nseg) % 64 == 0, "K and its scale segments must be multiples of 64");
+  TORCH_CHECK(x.size(1) == K && w.scalar_type() == at::kByte, "x has ", x.size(1), " columns, the weight ", K);
+  const Groups g = group_rows(experts, R, stack_size(w));
+  check_scales(scales, w, nseg);
+  at::Tensor y = at::empty({R, N}, x.options().dtype(at::kFloat));
+  Prepared p = prepare(x, at::kBFloat16);
+  const uint8_t* wp = w.data_ptr<uint8_t>();
+  const float* sp = scales.data_ptr<float>();
+  const int64_t seg = K / nseg;
+  drive(g, N, reinterpret_cast<const uint16_t* const*>(p.rows.data()), y.data_ptr<float>(),
+        [&](int64_t e, int64_t n0, int nt, const uint16_t* const* xs, int nr, float* out) {
+          const uint8_t* rows[NT];
+          const float* s[NT];
+          for (int t = 0; t < nt; ++t) { rows[t] = wp + (e * N + n0 + t) * K; s[t] = sp + (e * N + n0 + t) * nseg; }
+          switch (nt) {
+            case 1: return fp8dp_rows<1>(nr, rows, xs, K, seg, s, out);
+            case 2: return fp8dp_rows<2>(nr, rows, xs, K, seg, s, out);
+            case 3: return fp8dp_rows<3>(nr, rows, xs, K, seg, s, out);
+            default: return fp8dp_rows<4>(nr, rows, xs, K, seg, s, out);
+          }
+        });
+  return finish(y, x);
+}
+
+}  // namespace
+
+TORCH_LIBRARY(nemotron_cpu, m) {
+  m.def("gemv(Tensor x, Tensor w, Tensor? scales, Tensor? experts, int isa) -> Tensor");
+  m.def("gemv_nvfp4(Tensor x, Tensor codes, Tensor block_scales, Tensor scales, Tensor? experts, int isa) -> Tensor");
+  m.def("gemv_fp8_bf16(Tensor x, Tensor w, Tensor scales, Tensor? experts) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(nemotron_cpu, CPU, m) {
+  m.impl("gemv", &gemv);
+  m.impl("gemv_nvfp4", &gemv_nvfp4);
+  m.impl("gemv_fp8_bf16", &gemv_fp8_bf16);
+}
