@@ -40,6 +40,8 @@ def torch_int8(w: torch.Tensor):
 
 
 def torch_int4(w: torch.Tensor):
+    rows = w.shape[0]
+    w = F.pad(w, (0, 0, 0, -rows % 16))          # the packing's tile: 16 rows, the padding sliced off
     n, k = w.shape
     g = w.view(n, k // 32, 32)
     lo, hi = g.amin(-1), g.amax(-1)
@@ -48,7 +50,7 @@ def torch_int4(w: torch.Tensor):
     codes = ((g - zero[..., None]) / scale[..., None] + 8).round().clamp(0, 15).view(n, k).to(torch.int32)
     packed = torch._convert_weight_to_int4pack_for_cpu(codes, 1)
     sz = torch.stack([scale, zero], -1).transpose(0, 1).contiguous().bfloat16()
-    return lambda x: torch._weight_int4pack_mm_for_cpu(x.bfloat16(), packed, 32, sz)
+    return lambda x: torch._weight_int4pack_mm_for_cpu(x.bfloat16(), packed, 32, sz)[:, :rows]
 
 
 def ours_quantized(w: torch.Tensor, algo: str) -> cpu.PackedWeight:

@@ -112,3 +112,18 @@ def test_compiled_calls_run_the_kernels():
     w, x, experts = _inputs(3)
     f = torch.compile(lambda x, e: torch.relu(kernels.gemv(x, w, experts=e)), fullgraph=True)
     _close(f(x, experts), _reference(w, x, experts).relu(), 1e-6)
+
+
+@pytest.mark.skipif(kernels.AVX512_BF16 not in ISAS, reason="needs AVX512-BF16")
+@pytest.mark.parametrize("k", [256, 400])
+def test_nvfp4_through_bf16_products(k):
+    """NVFP4 block-transposed, K padded to 256: the dequantized weight's product on bf16-rounded inputs."""
+    g = torch.Generator().manual_seed(1)
+    w, x = torch.randn(E, N, k, generator=g), torch.randn(6, k, generator=g)
+    experts = torch.randint(0, E, (6,), generator=g)
+    packed, block_scales, scale_2 = formats.nvfp4_quantize(w)
+    dequantized = formats.nvfp4_dequantize(packed, block_scales, scale_2, torch.float32)
+    codes, scales = kernels.nvfp4_bf16_order(formats.unpack_fp4(packed), block_scales)
+    y = kernels.gemv_nvfp4_bf16(x, codes, scales, scale_2.float().expand(E, N, 1).contiguous(), experts)
+    _close(y, _reference(dequantized, x.bfloat16().float(), experts), 1e-6)
+    _close(y, _reference(dequantized, x, experts), 2 ** -8)

@@ -216,7 +216,7 @@ def test_compiled_decode_of_a_quantized_model_matches_eager(float_ckpt, tmp_path
     next_logits(True)                                  # compiles
     with torch.profiler.profile() as prof:
         compiled_logits = next_logits(True)
-    calls = sum(e.count for e in prof.key_averages() if e.key == "nemotron_cpu::gemv_nvfp4")
+    calls = sum(e.count for e in prof.key_averages() if e.key.startswith("nemotron_cpu::gemv_nvfp4"))
     layers = [mod for mod in m.model.modules() if isinstance(mod, (QuantLinear, QuantExperts))]
     expected = sum(1 if isinstance(mod, QuantLinear) else 2 for mod in layers)
     assert calls >= expected > 0, (calls, expected)

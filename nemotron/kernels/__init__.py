@@ -78,7 +78,7 @@ def _load() -> bool:
                       "CPU decode runs torch's kernels", NemotronWarning, stacklevel=3)
         return False
     log.info("CPU kernels ready in %.1f s", time.perf_counter() - start)
-    for name in ("gemv", "gemv_nvfp4", "gemv_fp8_bf16"):
+    for name in ("gemv", "gemv_nvfp4", "gemv_fp8_bf16", "gemv_nvfp4_bf16"):
         torch.library.register_fake(f"nemotron_cpu::{name}")(_fake_product)
     return True
 
@@ -138,6 +138,27 @@ def gemv_nvfp4(x: torch.Tensor, codes: torch.Tensor, block_scales: torch.Tensor,
     product with the dequantized weight up to summation order."""
     return _shaped(torch.ops.nemotron_cpu.gemv_nvfp4(_rows(x), codes, block_scales, scales, experts,
                                                      cpu_isa() if isa is None else isa), x)
+
+
+def gemv_nvfp4_bf16(x: torch.Tensor, codes: torch.Tensor, block_scales: torch.Tensor, scales: torch.Tensor,
+                    experts: torch.Tensor | None = None) -> torch.Tensor:
+    """x [.., K] (rounded to bf16) against NVFP4 in `nvfp4_bf16_order` (codes [.., N, Kp/2], E4M3 block
+    scales [.., N, Kp/16]; Kp: K rounded up to 256) and fp32 tensor scales [.., N, 1]: [.., N] in
+    x.dtype, through VDPBF16PS (AVX512-BF16 only): the product with the dequantized weight on the
+    bf16-rounded inputs, fp32 sums."""
+    return _shaped(torch.ops.nemotron_cpu.gemv_nvfp4_bf16(_rows(x), codes, block_scales, scales, experts), x)
+
+
+def nvfp4_bf16_order(codes: torch.Tensor, block_scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """E2M1 codes [.., K] (0..15, K a multiple of 16) and their E4M3 block scales' bits [.., K/16] ->
+    what `gemv_nvfp4_bf16` reads: both zero-padded to a multiple of 256 columns; in each 256 (16
+    blocks), 8 steps of 16 bytes, byte j of step p = code(block j, 2p) | code(block j, 2p + 1) << 4."""
+    *lead, k = codes.shape
+    pad = -k % 256
+    c = torch.nn.functional.pad(codes.to(torch.uint8), (0, pad)).reshape(*lead, (k + pad) // 256, 16, 8, 2)
+    packed = (c[..., 0] | (c[..., 1] << 4)).transpose(-1, -2)                 # [.., chunks, 8 steps, 16 blocks]
+    scales = torch.nn.functional.pad(block_scales.view(torch.uint8), (0, pad // 16))
+    return packed.reshape(*lead, (k + pad) // 2).contiguous(), scales.contiguous()
 
 
 def fp8_bf16_order(q: torch.Tensor) -> torch.Tensor:

@@ -237,6 +237,51 @@ AVX512BF16 void dot_fp8dp(const uint8_t* const* w, const uint16_t* const* x, int
     for (int r = 0; r < R; ++r) out[r * ldo + t] = _mm512_reduce_add_ps(total[t][r]);
 }
 
+// NVFP4 against bf16 inputs through VDPBF16PS, in chunks of 256 weights (16 blocks of 16) laid out
+// block-transposed: fp32 lane j sums block j, so a chunk's 16 block scales multiply once, as one
+// vector. Per chunk and step p (0..7) 16 bytes: byte j = code(block j, 2p) | code(block j, 2p+1) << 4;
+// the inputs are rearranged to match (xt: word 2j + s of step p = x[16j + 2p + s]); the chunk's 16
+// scales are E4M3 bits. Every E2M1 value is a bf16 value; the sums are fp32.
+AVX512BF16 inline __m512bh e2m1_pairs_to_bf16(const uint8_t* p, __m512i table) {
+  const __m512i d = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)p));
+  // word 2j: the low code, word 2j + 1: the high one (VPERMW reads an index's low 5 bits)
+  const __m512i idx = _mm512_ternarylogic_epi32(d, _mm512_slli_epi32(d, 12), _mm512_set1_epi32(0x000F000F), 0xA8);  // (d | d << 12) & mask
+  return (__m512bh)_mm512_permutexvar_epi16(idx, table);
+}
+
+template <int NT, int R>
+AVX512BF16 void dot_nvfp4dp(const uint8_t* const* w, const uint8_t* const* bs, const uint16_t* const* xt, int64_t chunks,
+                            float* out, int64_t ldo) {
+  __m512i table = _mm512_setzero_si512();
+  {
+    alignas(64) uint16_t t[32] = {};
+    for (int i = 0; i < 16; ++i) { uint32_t b; std::memcpy(&b, &kE2M1[i], 4); t[i] = uint16_t(b >> 16); }
+    table = _mm512_load_si512(t);
+  }
+  __m512 total[NT][R];
+  for (int t = 0; t < NT; ++t) for (int r = 0; r < R; ++r) total[t][r] = _mm512_setzero_ps();
+  for (int64_t c = 0; c < chunks; ++c) {
+    __m512 acc[NT][R];
+    for (int t = 0; t < NT; ++t) for (int r = 0; r < R; ++r) acc[t][r] = _mm512_setzero_ps();
+    for (int p = 0; p < 8; ++p) {
+      __m512bh xv[R];
+      for (int r = 0; r < R; ++r) xv[r] = (__m512bh)_mm512_loadu_si512(xt[r] + (c * 8 + p) * 32);
+      for (int t = 0; t < NT; ++t) {
+        const uint8_t* q = w[t] + (c * 8 + p) * 16;
+        ahead(q);
+        const __m512bh wv = e2m1_pairs_to_bf16(q, table);
+        for (int r = 0; r < R; ++r) acc[t][r] = _mm512_dpbf16_ps(acc[t][r], wv, xv[r]);
+      }
+    }
+    for (int t = 0; t < NT; ++t) {
+      const __m512 sv = FP8::cvt16(bs[t] + c * 16);   // the 16 block scales, times 2^-8
+      for (int r = 0; r < R; ++r) total[t][r] = _mm512_fmadd_ps(acc[t][r], sv, total[t][r]);
+    }
+  }
+  for (int t = 0; t < NT; ++t)
+    for (int r = 0; r < R; ++r) out[r * ldo + t] = _mm512_reduce_add_ps(total[t][r]) * FP8::kScale;
+}
+
 // ---- the driver: groups of rows sharing an expert, tiles of weight rows split over threads
 
 enum Isa : int64_t { kAvx2 = 0, kAvx512 = 1, kAvx512Bf16 = 2 };
@@ -269,8 +314,23 @@ Groups group_rows(const c10::optional<at::Tensor>& experts, int64_t R, int64_t E
 }
 
 // tile(e, n0, nt, xs, nr, out[nr][NT]) computes weight rows n0..n0+nt-1 of expert e against nr inputs
+// the result, [R, N] in the input's dtype (fp32, or bf16 rounded from the fp32 sums)
+struct Output {
+  at::Tensor y;
+  float* f32;
+  c10::BFloat16* bf16;
+  Output(int64_t R, int64_t N, const at::Tensor& x)
+      : y(at::empty({R, N}, x.options().dtype(x.scalar_type() == at::kBFloat16 ? at::kBFloat16 : at::kFloat))),
+        f32(y.scalar_type() == at::kFloat ? y.data_ptr<float>() : nullptr),
+        bf16(f32 ? nullptr : y.data_ptr<c10::BFloat16>()) {}
+  void store(int64_t at, const float* v, int n) const {
+    if (f32) std::memcpy(f32 + at, v, n * sizeof(float));
+    else for (int i = 0; i < n; ++i) bf16[at + i] = c10::BFloat16(v[i]);
+  }
+};
+
 template <class X, class Tile>
-void drive(const Groups& g, int64_t N, const X* const* xrows, float* y, const Tile& tile) {
+void drive(const Groups& g, int64_t N, const X* const* xrows, const Output& y, const Tile& tile) {
   const int64_t G = g.expert.size(), tiles = (N + NT - 1) / NT;
   at::parallel_for(0, G * tiles, 4, [&](int64_t begin, int64_t end) {
     for (int64_t item = begin; item < end; ++item) {
@@ -283,7 +343,7 @@ void drive(const Groups& g, int64_t N, const X* const* xrows, float* y, const Ti
         for (int i = 0; i < nr; ++i) xs[i] = xrows[rows[r0 + i]];
         float out[MAXR * NT];
         tile(e, n0, nt, xs, nr, out);
-        for (int i = 0; i < nr; ++i) std::memcpy(y + rows[r0 + i] * N + n0, out + i * NT, nt * sizeof(float));
+        for (int i = 0; i < nr; ++i) y.store(rows[r0 + i] * N + n0, out + i * NT, nt);
       }
     }
   });
@@ -359,7 +419,6 @@ Prepared prepare(const at::Tensor& x, at::ScalarType dtype) {
   return p;
 }
 
-at::Tensor finish(at::Tensor y, const at::Tensor& x) { return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type()); }
 
 int64_t stack_size(const at::Tensor& w) {
   TORCH_CHECK(w.dim() == 2 || w.dim() == 3, "weight must be [N, K] or [E, N, K]");
@@ -387,13 +446,13 @@ at::Tensor gemv(const at::Tensor& x, const at::Tensor& w, const c10::optional<at
   TORCH_CHECK(x.size(1) == K, "x has ", x.size(1), " columns, the weight ", K);
   if (scales.has_value()) check_scales(*scales, w, nseg);
   const Groups g = group_rows(experts, R, stack_size(w));
-  at::Tensor y = at::empty({R, N}, x.options().dtype(at::kFloat));
+  const Output y(R, N, x);
   const float* s = scales.has_value() ? scales->data_ptr<float>() : nullptr;
   const int64_t rowsize = N * K;
   if (w.scalar_type() == at::kBFloat16 && isa == kAvx512Bf16 && x.scalar_type() == at::kBFloat16 && !s) {
     Prepared p = prepare(x, at::kBFloat16);
     const uint16_t* wp = reinterpret_cast<const uint16_t*>(w.data_ptr());
-    drive(g, N, reinterpret_cast<const uint16_t* const*>(p.rows.data()), y.data_ptr<float>(),
+    drive(g, N, reinterpret_cast<const uint16_t* const*>(p.rows.data()), y,
           [&](int64_t e, int64_t n0, int nt, const uint16_t* const* xs, int nr, float* out) {
             const uint16_t* rows[NT];
             for (int t = 0; t < nt; ++t) rows[t] = wp + e * rowsize + (n0 + t) * K;
@@ -404,12 +463,12 @@ at::Tensor gemv(const at::Tensor& x, const at::Tensor& w, const c10::optional<at
               default: return bf16_rows<4>(nr, rows, xs, K, out);
             }
           });
-    return finish(y, x);
+    return y.y;
   }
   Prepared p = prepare(x, at::kFloat);
   const float* const* xs0 = reinterpret_cast<const float* const*>(p.rows.data());
   auto go = [&](auto make) {
-    drive(g, N, xs0, y.data_ptr<float>(), [&](int64_t e, int64_t n0, int nt, const float* const* xs, int nr, float* out) {
+    drive(g, N, xs0, y, [&](int64_t e, int64_t n0, int nt, const float* const* xs, int nr, float* out) {
       float_tile(isa, make, s, N, nseg, K, e, n0, nt, xs, nr, out);
     });
   };
@@ -424,7 +483,7 @@ at::Tensor gemv(const at::Tensor& x, const at::Tensor& w, const c10::optional<at
     const uint8_t* wp = w.data_ptr<uint8_t>();
     go([&](int64_t e, int64_t n) { return FP8{wp + e * rowsize + n * K}; });
   }
-  return finish(y, x);
+  return y.y;
 }
 
 // codes: [E, N, K/2] repacked E2M1; block_scales: [E, N, K/16] E4M3 bits; scales: [E, N, 1] fp32
@@ -436,17 +495,17 @@ at::Tensor gemv_nvfp4(const at::Tensor& x, const at::Tensor& codes, const at::Te
   const Groups g = group_rows(experts, R, stack_size(codes));
   check_scales(scales, codes, 1);
   TORCH_CHECK(block_scales.numel() == codes.numel() / 8 && block_scales.scalar_type() == at::kByte, "block scales: E4M3 bits, one per 16 weights");
-  at::Tensor y = at::empty({R, N}, x.options().dtype(at::kFloat));
+  const Output y(R, N, x);
   Prepared p = prepare(x, at::kFloat);
   const uint8_t* cp = codes.data_ptr<uint8_t>();
   const uint8_t* sp = block_scales.data_ptr<uint8_t>();
   const float* s = scales.data_ptr<float>();
   auto make = [&](int64_t e, int64_t n) { return NVFP4{cp + (e * N + n) * (K / 2), sp + (e * N + n) * (K / 16)}; };
-  drive(g, N, reinterpret_cast<const float* const*>(p.rows.data()), y.data_ptr<float>(),
+  drive(g, N, reinterpret_cast<const float* const*>(p.rows.data()), y,
         [&](int64_t e, int64_t n0, int nt, const float* const* xs, int nr, float* out) {
           float_tile(isa, make, s, N, 1, K, e, n0, nt, xs, nr, out);
         });
-  return finish(y, x);
+  return y.y;
 }
 
 template <int NTT>
@@ -467,12 +526,12 @@ at::Tensor gemv_fp8_bf16(const at::Tensor& x, const at::Tensor& w, const at::Ten
   TORCH_CHECK(x.size(1) == K && w.scalar_type() == at::kByte, "x has ", x.size(1), " columns, the weight ", K);
   const Groups g = group_rows(experts, R, stack_size(w));
   check_scales(scales, w, nseg);
-  at::Tensor y = at::empty({R, N}, x.options().dtype(at::kFloat));
+  const Output y(R, N, x);
   Prepared p = prepare(x, at::kBFloat16);
   const uint8_t* wp = w.data_ptr<uint8_t>();
   const float* sp = scales.data_ptr<float>();
   const int64_t seg = K / nseg;
-  drive(g, N, reinterpret_cast<const uint16_t* const*>(p.rows.data()), y.data_ptr<float>(),
+  drive(g, N, reinterpret_cast<const uint16_t* const*>(p.rows.data()), y,
         [&](int64_t e, int64_t n0, int nt, const uint16_t* const* xs, int nr, float* out) {
           const uint8_t* rows[NT];
           const float* s[NT];
@@ -484,7 +543,70 @@ at::Tensor gemv_fp8_bf16(const at::Tensor& x, const at::Tensor& w, const at::Ten
             default: return fp8dp_rows<4>(nr, rows, xs, K, seg, s, out);
           }
         });
-  return finish(y, x);
+  return y.y;
+}
+
+template <int NTT>
+void nvfp4dp_rows(int nr, const uint8_t* const* w, const uint8_t* const* bs, const uint16_t* const* xs, int64_t chunks,
+                  float* out) {
+  switch (nr) {
+    case 1: return dot_nvfp4dp<NTT, 1>(w, bs, xs, chunks, out, NT);
+    case 2: return dot_nvfp4dp<NTT, 2>(w, bs, xs, chunks, out, NT);
+    case 3: return dot_nvfp4dp<NTT, 3>(w, bs, xs, chunks, out, NT);
+    default: return dot_nvfp4dp<NTT, 4>(w, bs, xs, chunks, out, NT);
+  }
+}
+
+// codes: [E, N, Kp/2] in the block-transposed order (Kp: K rounded up to 256, zero-padded);
+// block_scales: [E, N, Kp/16] E4M3 bits; scales: [E, N, 1] fp32; x: [R, K]
+at::Tensor gemv_nvfp4_bf16(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& block_scales,
+                           const at::Tensor& scales, const c10::optional<at::Tensor>& experts) {
+  const int64_t Kp = codes.size(-1) * 2, N = codes.size(-2), R = x.size(0), K = x.size(1);
+  TORCH_CHECK(Kp % 256 == 0 && K <= Kp && Kp - K < 256, "codes must hold x's ", K, " columns in chunks of 256");
+  TORCH_CHECK(codes.scalar_type() == at::kByte && block_scales.scalar_type() == at::kByte &&
+                  block_scales.is_contiguous() && block_scales.numel() == codes.numel() / 8,
+              "block scales: E4M3 bits, one per 16 weights");
+  const Groups g = group_rows(experts, R, stack_size(codes));
+  check_scales(scales, codes, 1);
+  // the inputs in bf16, zero-padded to Kp and rearranged: xt[c][p][2j + s] = x[256c + 16j + 2p + s]
+  TORCH_CHECK(x.dim() == 2 && x.device().is_cpu(), "x must be a CPU tensor [rows, K]");
+  const at::Tensor xc = x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kFloat ? x.contiguous() : x.to(at::kFloat).contiguous();
+  at::Tensor xt = at::empty({R, Kp}, x.options().dtype(at::kBFloat16));
+  c10::BFloat16* xtp = xt.data_ptr<c10::BFloat16>();
+  const float* xf = xc.scalar_type() == at::kFloat ? xc.data_ptr<float>() : nullptr;
+  const c10::BFloat16* xh = xf ? nullptr : xc.data_ptr<c10::BFloat16>();
+  for (int64_t r = 0; r < R; ++r)
+    for (int64_t c = 0; c < Kp / 256; ++c)
+      for (int64_t p = 0; p < 8; ++p)
+        for (int64_t j = 0; j < 16; ++j)
+          for (int64_t t = 0; t < 2; ++t) {
+            const int64_t k = 256 * c + 16 * j + 2 * p + t;
+            float v = 0.0f;
+            if (k < K) v = xf ? xf[r * K + k] : float(xh[r * K + k]);
+            xtp[r * Kp + (c * 8 + p) * 32 + 2 * j + t] = c10::BFloat16(v);
+          }
+  std::vector<const void*> xrows;
+  for (int64_t r = 0; r < R; ++r) xrows.push_back(xtp + r * Kp);
+  const Output y(R, N, x);
+  const uint8_t* cp = codes.data_ptr<uint8_t>();
+  const uint8_t* sp = block_scales.data_ptr<uint8_t>();
+  const float* s = scales.data_ptr<float>();
+  const int64_t chunks = Kp / 256;
+  drive(g, N, reinterpret_cast<const uint16_t* const*>(xrows.data()), y,
+        [&](int64_t e, int64_t n0, int nt, const uint16_t* const* xs, int nr, float* out) {
+          const uint8_t* rows[NT];
+          const uint8_t* bs[NT];
+          for (int t = 0; t < nt; ++t) { rows[t] = cp + (e * N + n0 + t) * (Kp / 2); bs[t] = sp + (e * N + n0 + t) * (Kp / 16); }
+          switch (nt) {
+            case 1: nvfp4dp_rows<1>(nr, rows, bs, xs, chunks, out); break;
+            case 2: nvfp4dp_rows<2>(nr, rows, bs, xs, chunks, out); break;
+            case 3: nvfp4dp_rows<3>(nr, rows, bs, xs, chunks, out); break;
+            default: nvfp4dp_rows<4>(nr, rows, bs, xs, chunks, out); break;
+          }
+          for (int i = 0; i < nr; ++i)
+            for (int t = 0; t < nt; ++t) out[i * NT + t] *= s[e * N + n0 + t];
+        });
+  return y.y;
 }
 
 }  // namespace
@@ -493,10 +615,12 @@ TORCH_LIBRARY(nemotron_cpu, m) {
   m.def("gemv(Tensor x, Tensor w, Tensor? scales, Tensor? experts, int isa) -> Tensor");
   m.def("gemv_nvfp4(Tensor x, Tensor codes, Tensor block_scales, Tensor scales, Tensor? experts, int isa) -> Tensor");
   m.def("gemv_fp8_bf16(Tensor x, Tensor w, Tensor scales, Tensor? experts) -> Tensor");
+  m.def("gemv_nvfp4_bf16(Tensor x, Tensor codes, Tensor block_scales, Tensor scales, Tensor? experts) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(nemotron_cpu, CPU, m) {
   m.impl("gemv", &gemv);
   m.impl("gemv_nvfp4", &gemv_nvfp4);
   m.impl("gemv_fp8_bf16", &gemv_fp8_bf16);
+  m.impl("gemv_nvfp4_bf16", &gemv_nvfp4_bf16);
 }

@@ -3,18 +3,19 @@ matrix-vector kernels of `nemotron.kernels`, which decode it in registers, so a 
 1 byte (FP8) or ~0.56 bytes (NVFP4) per weight and never makes a float weight.
 
 Numerics (tests/test_quant_cpu.py checks each against the dequantized reference):
-- NVFP4, and FP8 without AVX512-BF16: exact. Every E2M1 code times its E4M3 block scale, and every
-  E4M3 value, is an fp32 value; the activations stay fp32 (a bf16 model's are widened), the sums
-  are fp32: the logits equal the dequantizing path's up to the order of the fp32 sums.
-- FP8 on a CPU with AVX512-BF16: the weights decode to bf16 exactly (E4M3's 3 mantissa bits fit
-  bf16's 7), except E4M3 subnormals (|q| < 2^-6, i.e. under 1/28672 of the scale's range), which
-  read as 0; the activations are rounded to bf16 (W8A16, as a bf16 model runs), 32 products an
-  instruction, fp32 sums.
+- Without AVX512-BF16: exact. Every E2M1 code times its E4M3 block scale, and every E4M3 value, is
+  an fp32 value; the activations stay fp32 (a bf16 model's are widened), the sums are fp32: the
+  logits equal the dequantizing path's up to the order of the fp32 sums.
+- On a CPU with AVX512-BF16 (32 products an instruction): the activations are rounded to bf16
+  (W4A16 / W8A16; a bf16 model's already are), the sums are fp32. NVFP4's weights are exact (every
+  E2M1 value is a bf16 value; the block scales multiply the fp32 block sums). FP8's decode to bf16
+  exactly (E4M3's 3 mantissa bits fit bf16's 7), except E4M3 subnormals (|q| < 2^-6, under 1/28672
+  of the scale's range), which read as 0.
 
-The stored tensors are read as they are, except two copies made once, at the first CPU decode:
-NVFP4's codes in the kernel's nibble order (0.5 bytes per weight) and, on AVX512-BF16, FP8's bytes
-in the kernel's order (1 byte). Scales become fp32 per output row and per 128-column block (FP8's
-128x128 blocks). Prefill, training, and batches of more than `kernels.MAX_ROWS` rows decode the
+The stored tensors are read as they are, except copies made once, at the first CPU decode: NVFP4's
+codes (and block scales) in the kernel's order (0.5 bytes per weight) and, on AVX512-BF16, FP8's
+bytes in the kernel's order (1 byte). Scales become fp32 per output row and per 128-column block
+(FP8's 128x128 blocks). Prefill, training, and batches of more than `kernels.MAX_ROWS` rows decode the
 stored weight for a float GEMM, as before. A compiled decode step reads the copies made in eager
 code before it runs (`prepare_cpu_kernels` of the quantized modules).
 
@@ -76,8 +77,9 @@ def applies(x: torch.Tensor) -> bool:
 class PackedWeight:
     """A quantized weight [N, K], or a stack of experts' [E, N, K], as a `nemotron.kernels` product
     reads it. kind: "nvfp4" (weight: codes in `kernels.nvfp4_order`, block_scales: E4M3 bits
-    [.., N, K/16]), "fp8" (weight: E4M3 bits as stored) or "fp8_bf16" (weight: E4M3 bits in
-    `kernels.fp8_bf16_order`); scales: fp32 [.., N, segments of K]."""
+    [.., N, K/16]), "nvfp4_bf16" (both in `kernels.nvfp4_bf16_order`), "fp8" (weight: E4M3 bits as
+    stored) or "fp8_bf16" (weight: E4M3 bits in `kernels.fp8_bf16_order`); scales: fp32
+    [.., N, segments of K]."""
 
     kind: str
     weight: torch.Tensor
@@ -88,6 +90,8 @@ class PackedWeight:
         """x [.., K] -> [.., N] in x.dtype; with a stack, `experts` names each row's expert."""
         if self.kind == "nvfp4":
             return kernels.gemv_nvfp4(x, self.weight, self.block_scales, self.scales, experts)
+        if self.kind == "nvfp4_bf16":
+            return kernels.gemv_nvfp4_bf16(x, self.weight, self.block_scales, self.scales, experts)
         if self.kind == "fp8_bf16":
             return kernels.gemv_fp8_bf16(x, self.weight, self.scales, experts)
         return kernels.gemv(x, self.weight, self.scales, experts)
@@ -117,11 +121,14 @@ def pack(nvfp4: bool, weight: torch.Tensor, weight_scale: torch.Tensor,
     n = weight.shape[-2]
     if nvfp4:
         k = weight.shape[-1] * 2
+        scales = weight_scale_2.float().reshape(*weight.shape[:-2], 1, 1).expand(*weight.shape[:-2], n, 1).contiguous()
+        codes = formats.unpack_fp4(weight)
+        if kernels.cpu_isa() == kernels.AVX512_BF16:
+            packed, block_scales = kernels.nvfp4_bf16_order(codes, weight_scale)
+            return PackedWeight("nvfp4_bf16", packed, scales, block_scales)
         if k % 32:
             return None
-        scales = weight_scale_2.float().reshape(*weight.shape[:-2], 1, 1).expand(*weight.shape[:-2], n, 1)
-        return PackedWeight("nvfp4", kernels.nvfp4_order(formats.unpack_fp4(weight)), scales.contiguous(),
-                            weight_scale.view(torch.uint8).contiguous())
+        return PackedWeight("nvfp4", kernels.nvfp4_order(codes), scales, weight_scale.view(torch.uint8).contiguous())
     k = weight.shape[-1]
     scales = _row_scales(weight_scale, lead, n, k)
     if scales is None or k % 32:
