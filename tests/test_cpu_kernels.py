@@ -1,7 +1,7 @@
 """nemotron.kernels, the C++ matrix-vector kernels of CPU decode: every instruction set this CPU runs
 against the product with the decoded weight (fp32 paths: equal up to the order of fp32 sums; the
 VDPBF16PS paths: the reference on the same bf16 inputs), with tiles cut short (N % 4), rows in
-groups of 4, an expert per row, scale segments; and bad input refused."""
+groups of up to 8 (13 rows over 3 experts: groups above 4 take tiles of 2), an expert per row, scale segments; and bad input refused."""
 
 from __future__ import annotations
 
@@ -38,7 +38,7 @@ def _close(got: torch.Tensor, ref: torch.Tensor, rel: float) -> None:
 
 
 @pytest.mark.parametrize("isa", ISAS)
-@pytest.mark.parametrize("rows", [1, 3, 6])
+@pytest.mark.parametrize("rows", [1, 3, 6, 13])
 def test_fp32_and_bf16_weights(isa, rows):
     w, x, experts = _inputs(rows)
     _close(kernels.gemv(x, w, experts=experts, isa=isa), _reference(w, x, experts), 1e-6)
@@ -69,7 +69,7 @@ def test_fp8_weights_are_read_exactly(isa, granularity):
 @pytest.mark.skipif(kernels.AVX512_BF16 not in ISAS, reason="needs AVX512-BF16")
 def test_fp8_through_bf16_products():
     """E4M3 decoded to bf16 in registers: the reference on bf16-rounded inputs, subnormals read as 0."""
-    w, x, experts = _inputs(6)
+    w, x, experts = _inputs(13)
     q, scale = formats.fp8_quantize(w.flatten(0, 1), "channel")
     q = q.view(E, N, K)
     bits = q.view(torch.uint8)
@@ -84,7 +84,7 @@ def test_fp8_through_bf16_products():
 
 
 @pytest.mark.parametrize("isa", ISAS)
-@pytest.mark.parametrize("rows", [1, 6])
+@pytest.mark.parametrize("rows", [1, 6, 13])
 def test_nvfp4_weights_are_read_exactly(isa, rows):
     w, x, experts = _inputs(rows)
     packed, block_scales, scale_2 = formats.nvfp4_quantize(w)          # one tensor scale for the stack
@@ -119,8 +119,8 @@ def test_compiled_calls_run_the_kernels():
 def test_nvfp4_through_bf16_products(k):
     """NVFP4 block-transposed, K padded to 256: the dequantized weight's product on bf16-rounded inputs."""
     g = torch.Generator().manual_seed(1)
-    w, x = torch.randn(E, N, k, generator=g), torch.randn(6, k, generator=g)
-    experts = torch.randint(0, E, (6,), generator=g)
+    w, x = torch.randn(E, N, k, generator=g), torch.randn(13, k, generator=g)
+    experts = torch.randint(0, E, (13,), generator=g)
     packed, block_scales, scale_2 = formats.nvfp4_quantize(w)
     dequantized = formats.nvfp4_dequantize(packed, block_scales, scale_2, torch.float32)
     codes, scales = kernels.nvfp4_bf16_order(formats.unpack_fp4(packed), block_scales)
