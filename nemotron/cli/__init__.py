@@ -506,14 +506,16 @@ _python_show_warning = warnings.showwarning
 
 
 def _show_compile_notes() -> None:
-    """The one-time compile of the decode step (nemotron.inference.steps) is noted on stderr, with its
-    seconds, since the command pauses for it."""
-    notes = logging.getLogger("nemotron.inference.steps")
-    if not notes.handlers:
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("\n[%(message)s]"))   # on a line of its own, mid-stream too
-        notes.addHandler(handler)
-        notes.setLevel(logging.INFO)
+    """The one-time compiles, of the decode step (nemotron.inference.steps) and of the CPU kernels
+    (nemotron.kernels, once per machine), are noted on stderr with their seconds, since the command
+    pauses for them."""
+    for name in ("nemotron.inference.steps", "nemotron.kernels"):
+        notes = logging.getLogger(name)
+        if not notes.handlers:
+            handler = logging.StreamHandler(sys.stderr)
+            handler.setFormatter(logging.Formatter("\n[%(message)s]"))   # on a line of its own, mid-stream too
+            notes.addHandler(handler)
+            notes.setLevel(logging.INFO)
 
 
 def main(argv: list[str] | None = None) -> int:

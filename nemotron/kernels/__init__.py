@@ -29,6 +29,7 @@ MAX_ROWS = 16   # rows up to which these kernels beat a GEMM on the decoded weig
 
 _ENABLED = os.environ.get("NEMOTRON_CPU_KERNELS", "1") != "0"
 _SOURCE = os.path.join(os.path.dirname(__file__), "gemv.cpp")
+_NAME = "nemotron_cpu_kernels"
 log = logging.getLogger(__name__)
 
 
@@ -62,6 +63,17 @@ def cpu_isa() -> int | None:
     return _ISA
 
 
+def _built_at() -> float | None:
+    """The modification time of the kernels' cached build, or None (none yet, or not found)."""
+    from torch.utils import cpp_extension
+
+    try:
+        folder = cpp_extension._get_build_directory(_NAME, verbose=False)
+        return os.stat(os.path.join(folder, f"{_NAME}.so")).st_mtime
+    except (AttributeError, OSError):
+        return None
+
+
 def _load() -> bool:
     if shutil.which(os.environ.get("CXX", "c++")) is None:
         warnings.warn("no C++ compiler on PATH: CPU decode runs torch's kernels (slower for bf16 and quantized "
@@ -69,15 +81,16 @@ def _load() -> bool:
         return False
     from torch.utils import cpp_extension
 
-    start = time.perf_counter()
+    start, before = time.perf_counter(), _built_at()
     try:
-        cpp_extension.load(name="nemotron_cpu_kernels", sources=[_SOURCE], extra_cflags=["-O3", "-fopenmp"],
+        cpp_extension.load(name=_NAME, sources=[_SOURCE], extra_cflags=["-O3", "-fopenmp"],
                            extra_ldflags=["-fopenmp"], is_python_module=False)
     except Exception as e:  # a broken toolchain must not stop inference: the torch path still runs
         warnings.warn(f"building the CPU kernels failed ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
                       "CPU decode runs torch's kernels", NemotronWarning, stacklevel=3)
         return False
-    log.info("CPU kernels ready in %.1f s", time.perf_counter() - start)
+    if _built_at() != before:   # compiled now, not loaded from the cache
+        log.info("compiled the CPU decode kernels in %.1f s (once per machine)", time.perf_counter() - start)
     for name in ("gemv", "gemv_nvfp4", "gemv_fp8_bf16", "gemv_nvfp4_bf16"):
         torch.library.register_fake(f"nemotron_cpu::{name}")(_fake_product)
     return True
