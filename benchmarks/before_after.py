@@ -42,7 +42,9 @@ def extract_before(rev: str, into: Path) -> str:
         text = text.replace("from nemotron import", "from nemotron_before import")
         text = re.sub(r"^import nemotron$", "import nemotron_before", text, flags=re.M)
         text = text.replace('"nemotron::', '"nemotron_before::')   # its custom ops, under their own names
-        path.write_text(text)
+        path.write_text(text.replace("nemotron_cpu", "nemotron_before_cpu"))
+    for path in (into / "nemotron_before").rglob("*.cpp"):   # its C++ kernels: their own library and build
+        path.write_text(path.read_text().replace("nemotron_cpu", "nemotron_before_cpu"))
     return "nemotron_before"
 
 

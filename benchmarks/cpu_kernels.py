@@ -82,7 +82,7 @@ def main() -> None:
     pairs[f"8-bit (int8 | ours {f8[0].kind})"] = ([lambda f=f, w=w: f(xb[w.shape[1]]) for f, w in zip(i8, ws)],
                                                  [lambda p=p, w=w: p(xb[w.shape[1]]) for p, w in zip(f8, ws)])
     i4, n4 = [torch_int4(w) for w in ws], [ours_quantized(w, "W4A16_NVFP4") for w in ws]
-    pairs["4-bit (int4 | ours NVFP4)"] = ([lambda f=f, w=w: f(xb[w.shape[1]]) for f, w in zip(i4, ws)],
+    pairs[f"4-bit (int4 | ours {n4[0].kind})"] = ([lambda f=f, w=w: f(xb[w.shape[1]]) for f, w in zip(i4, ws)],
                                           [lambda p=p, w=w: p(xb[w.shape[1]]) for p, w in zip(n4, ws)])
     weights = sum(w.numel() for w in ws)
     times = {(name, side): [] for name in pairs for side in (0, 1)}

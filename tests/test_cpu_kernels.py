@@ -1,6 +1,7 @@
 """nemotron.kernels, the C++ matrix-vector kernels of CPU decode: every instruction set this CPU runs
 against the product with the decoded weight (fp32 paths: equal up to the order of fp32 sums; the
-VDPBF16PS paths: the reference on the same bf16 inputs), with tiles cut short (N % 4), rows in
+VDPBF16PS paths: the reference on the same bf16 inputs; the VPDPBUSD path: on the same int8
+rounded inputs), with tiles cut short (N % 4), rows in
 groups of up to 8 (13 rows over 3 experts: groups above 4 take tiles of 2), an expert per row, scale segments; and bad input refused."""
 
 from __future__ import annotations
@@ -73,6 +74,8 @@ def test_fp8_through_bf16_products():
     q, scale = formats.fp8_quantize(w.flatten(0, 1), "channel")
     q = q.view(E, N, K)
     bits = q.view(torch.uint8)
+    every = torch.arange(256, dtype=torch.uint8)
+    bits[1, 5] = torch.where((every & 0x7F) == 0x7F, 0, every)          # every E4M3 code but NaN, in one row
     assert ((bits & 0x78) == 0).sum() > 100                              # subnormals and zeros are there
     scales = scale.view(E, N, 1).contiguous()
     dequantized = formats.fp8_dequantize(q.flatten(0, 1), scale, torch.float32).view(E, N, K)
@@ -114,16 +117,23 @@ def test_compiled_calls_run_the_kernels():
     _close(f(x, experts), _reference(w, x, experts).relu(), 1e-6)
 
 
-@pytest.mark.skipif(kernels.AVX512_BF16 not in ISAS, reason="needs AVX512-BF16")
+@pytest.mark.skipif(kernels.AVX512_BF16 not in ISAS, reason="needs AVX512 with BF16 and VNNI")
 @pytest.mark.parametrize("k", [256, 400])
-def test_nvfp4_through_bf16_products(k):
-    """NVFP4 block-transposed, K padded to 256: the dequantized weight's product on bf16-rounded inputs."""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_nvfp4_through_int8_products(k, dtype):
+    """NVFP4 block-transposed, K padded to 256 (W4A8): exactly the dequantized weight's product on the
+    inputs rounded to int8 per block of 16 (`quantize_blocks`), and within 1% of the unrounded inputs'."""
     g = torch.Generator().manual_seed(1)
-    w, x = torch.randn(E, N, k, generator=g), torch.randn(13, k, generator=g)
+    w, x = torch.randn(E, N, k, generator=g), torch.randn(13, k, generator=g).to(dtype)
+    x[3, :16] = 0                                           # a block of zeros: scale 0
     experts = torch.randint(0, E, (13,), generator=g)
     packed, block_scales, scale_2 = formats.nvfp4_quantize(w)
     dequantized = formats.nvfp4_dequantize(packed, block_scales, scale_2, torch.float32)
-    codes, scales = kernels.nvfp4_bf16_order(formats.unpack_fp4(packed), block_scales)
-    y = kernels.gemv_nvfp4_bf16(x, codes, scales, scale_2.float().expand(E, N, 1).contiguous(), experts)
-    _close(y, _reference(dequantized, x.bfloat16().float(), experts), 1e-6)
-    _close(y, _reference(dequantized, x, experts), 2 ** -8)
+    codes, scales = kernels.nvfp4_i8_order(formats.unpack_fp4(packed), block_scales)
+    y = kernels.gemv_nvfp4_i8(x, codes, scales, scale_2.float().expand(E, N, 1).contiguous(), experts)
+    assert y.dtype == dtype
+    q, s = kernels.quantize_blocks(torch.nn.functional.pad(x, (0, -k % 16)))
+    rounded = (q.unflatten(-1, (-1, 16)) * s[..., None]).flatten(-2)[:, :k]
+    exact = _reference(dequantized, rounded, experts)
+    _close(y.float(), exact, 1e-6 if dtype == torch.float32 else 2 ** -8)
+    _close(y.float(), _reference(dequantized, x.float(), experts), 1e-2)

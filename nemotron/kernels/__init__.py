@@ -1,6 +1,6 @@
 """Matrix-vector kernels for CPU decode (`gemv.cpp`): a few rows of activations against a weight read
 in its stored format (fp32, bf16, FP8 E4M3, NVFP4), each row optionally against its own expert of a
-stack. torch's own one-row kernels are bound by their arithmetic, not by memory (BENCHMARKS.md):
+stack; on a CPU with AVX512-BF16 and VNNI, NVFP4 against activations rounded to int8 (W4A8). torch's own one-row kernels are bound by their arithmetic, not by memory (BENCHMARKS.md):
 oneDNN's bf16 product, and the int8 / int4 kernels that quantized weights had to be re-rounded for.
 
 The C++ is compiled once per machine at first use by torch's extension builder (~20 s, a C++
@@ -24,7 +24,7 @@ import torch
 from nemotron.errors import NemotronWarning
 
 AVX2, AVX512, AVX512_BF16 = 0, 1, 2
-ISA_NAMES = {AVX2: "AVX2", AVX512: "AVX-512", AVX512_BF16: "AVX-512 with BF16"}
+ISA_NAMES = {AVX2: "AVX2", AVX512: "AVX-512", AVX512_BF16: "AVX-512 with BF16 and VNNI"}
 MAX_ROWS = 16   # rows up to which these kernels beat a GEMM on the decoded weight
 
 _ENABLED = os.environ.get("NEMOTRON_CPU_KERNELS", "1") != "0"
@@ -48,7 +48,7 @@ def _detect_isa() -> int | None:
     capability = torch.backends.cpu.get_cpu_capability()
     flags = _cpu_flags()
     if capability.startswith("AVX512") and {"avx512f", "avx512bw", "avx512vl", "avx512dq", "f16c"} <= flags:
-        return AVX512_BF16 if "avx512_bf16" in flags else AVX512
+        return AVX512_BF16 if {"avx512_bf16", "avx512_vnni"} <= flags else AVX512
     if capability.startswith(("AVX2", "AVX512")) and {"avx2", "fma", "f16c"} <= flags:
         return AVX2
     return None
@@ -91,7 +91,7 @@ def _load() -> bool:
         return False
     if _built_at() != before:   # compiled now, not loaded from the cache
         log.info("compiled the CPU decode kernels in %.1f s (once per machine)", time.perf_counter() - start)
-    for name in ("gemv", "gemv_nvfp4", "gemv_fp8_bf16", "gemv_nvfp4_bf16"):
+    for name in ("gemv", "gemv_nvfp4", "gemv_fp8_bf16", "gemv_nvfp4_i8"):
         torch.library.register_fake(f"nemotron_cpu::{name}")(_fake_product)
     return True
 
@@ -153,23 +153,33 @@ def gemv_nvfp4(x: torch.Tensor, codes: torch.Tensor, block_scales: torch.Tensor,
                                                      cpu_isa() if isa is None else isa), x)
 
 
-def gemv_nvfp4_bf16(x: torch.Tensor, codes: torch.Tensor, block_scales: torch.Tensor, scales: torch.Tensor,
-                    experts: torch.Tensor | None = None) -> torch.Tensor:
-    """x [.., K] (rounded to bf16) against NVFP4 in `nvfp4_bf16_order` (codes [.., N, Kp/2], E4M3 block
-    scales [.., N, Kp/16]; Kp: K rounded up to 256) and fp32 tensor scales [.., N, 1]: [.., N] in
-    x.dtype, through VDPBF16PS (AVX512-BF16 only): the product with the dequantized weight on the
-    bf16-rounded inputs, fp32 sums."""
-    return _shaped(torch.ops.nemotron_cpu.gemv_nvfp4_bf16(_rows(x), codes, block_scales, scales, experts), x)
+def gemv_nvfp4_i8(x: torch.Tensor, codes: torch.Tensor, block_scales: torch.Tensor, scales: torch.Tensor,
+                  experts: torch.Tensor | None = None) -> torch.Tensor:
+    """x [.., K] against NVFP4 in `nvfp4_i8_order` (codes [.., N, Kp/2], E4M3 block scales [.., N, Kp/16];
+    Kp: K rounded up to 256) and fp32 tensor scales [.., N, 1]: [.., N] in x.dtype, through VPDPBUSD
+    (AVX512-VNNI, W4A8). The weights are exact; x is rounded to int8 per block of 16 (`quantize_blocks`:
+    scale amax / 127, nearest, ties to even); the sums are exact integers, scaled in fp32."""
+    return _shaped(torch.ops.nemotron_cpu.gemv_nvfp4_i8(_rows(x), codes, block_scales, scales, experts), x)
 
 
-def nvfp4_bf16_order(codes: torch.Tensor, block_scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_blocks(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """What `gemv_nvfp4_i8` does to its inputs, in torch (the tests' reference): x [.., K] (K a multiple
+    of 16) -> (q [.., K] int8 as float, scale [.., K/16]) with x ~ q * scale per block of 16."""
+    blocks = x.float().unflatten(-1, (-1, 16))
+    amax = blocks.abs().amax(-1, keepdim=True)
+    inv = torch.where(amax > 0, 127.0 / amax, torch.zeros_like(amax))
+    return torch.round(blocks * inv).flatten(-2), (amax / 127.0).squeeze(-1)
+
+
+def nvfp4_i8_order(codes: torch.Tensor, block_scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """E2M1 codes [.., K] (0..15, K a multiple of 16) and their E4M3 block scales' bits [.., K/16] ->
-    what `gemv_nvfp4_bf16` reads: both zero-padded to a multiple of 256 columns; in each 256 (16
-    blocks), 8 steps of 16 bytes, byte j of step p = code(block j, 2p) | code(block j, 2p + 1) << 4."""
+    what `gemv_nvfp4_i8` reads: both zero-padded to a multiple of 256 columns; each 256 (16 blocks) as
+    two 64-byte halves L, byte 4j + u = code(block j, 8L + u) | code(block j, 8L + 4 + u) << 4."""
     *lead, k = codes.shape
     pad = -k % 256
-    c = torch.nn.functional.pad(codes.to(torch.uint8), (0, pad)).reshape(*lead, (k + pad) // 256, 16, 8, 2)
-    packed = (c[..., 0] | (c[..., 1] << 4)).transpose(-1, -2)                 # [.., chunks, 8 steps, 16 blocks]
+    c = torch.nn.functional.pad(codes.to(torch.uint8), (0, pad)).reshape(*lead, (k + pad) // 256, 16, 2, 2, 4)
+    c = c.permute(*range(len(lead)), -5, -3, -4, -1, -2)                   # [.., chunks, L, block j, u, nibble]
+    packed = c[..., 0] | (c[..., 1] << 4)
     scales = torch.nn.functional.pad(block_scales.view(torch.uint8), (0, pad // 16))
     return packed.reshape(*lead, (k + pad) // 2).contiguous(), scales.contiguous()
 

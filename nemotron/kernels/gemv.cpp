@@ -5,7 +5,9 @@
 // - fp32 / bf16 / E4M3 / NVFP4 weights against fp32 inputs (AVX-512 or AVX2): every bf16, E4M3 and
 //   E2M1-times-E4M3 value is an fp32 value, so the products are those with the dequantized weight;
 // - bf16 and E4M3 weights against bf16 inputs through VDPBF16PS (AVX512-BF16): 32 products an
-//   instruction; E4M3 subnormals (|q| < 2^-6) read as 0 there.
+//   instruction; E4M3 subnormals (|q| < 2^-6) read as 0 there;
+// - NVFP4 weights against int8 inputs (rounded per block of 16) through VPDPBUSD (AVX512-VNNI): 64
+//   products an instruction, integer sums.
 //
 // Threads: torch's (at::parallel_for over tiles of weight rows). Which instruction set runs is the
 // caller's choice (`isa`), made from the CPU's features at run time; each is compiled with its own
@@ -18,12 +20,14 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 namespace {
 
 #define AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,f16c,fma")))
 #define AVX512BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,f16c,fma")))
+#define AVX512VNNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,f16c,fma")))
 #define AVX2 __attribute__((target("avx2,f16c,fma")))
 
 constexpr int MAXR = 8;  // input rows sharing one pass over a weight row (tiles of 2 weight rows above 4)
@@ -237,49 +241,80 @@ AVX512BF16 void dot_fp8dp(const uint8_t* const* w, const uint16_t* const* x, int
     for (int r = 0; r < R; ++r) out[r * ldo + t] = _mm512_reduce_add_ps(total[t][r]);
 }
 
-// NVFP4 against bf16 inputs through VDPBF16PS, in chunks of 256 weights (16 blocks of 16) laid out
-// block-transposed: fp32 lane j sums block j, so a chunk's 16 block scales multiply once, as one
-// vector. Per chunk and step p (0..7) 16 bytes: byte j = code(block j, 2p) | code(block j, 2p+1) << 4;
-// the inputs are rearranged to match (xt: word 2j + s of step p = x[16j + 2p + s]); the chunk's 16
-// scales are E4M3 bits. Every E2M1 value is a bf16 value; the sums are fp32.
-AVX512BF16 inline __m512bh e2m1_pairs_to_bf16(const uint8_t* p, __m512i table) {
-  const __m512i d = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)p));
-  // word 2j: the low code, word 2j + 1: the high one (VPERMW reads an index's low 5 bits)
-  const __m512i idx = _mm512_ternarylogic_epi32(d, _mm512_slli_epi32(d, 12), _mm512_set1_epi32(0x000F000F), 0xA8);  // (d | d << 12) & mask
-  return (__m512bh)_mm512_permutexvar_epi16(idx, table);
+// NVFP4 against int8 inputs through VPDPBUSD (AVX512-VNNI, W4A8), in chunks of 256 weights (16 blocks
+// of 16) laid out block-transposed: int32 lane j sums block j, four weights an instruction, so a
+// chunk's 16 block scales multiply once, as one vector. Per chunk 128 bytes, two loads of 64: byte
+// 4j + u of load L = code(block j, 8L + u) | code(block j, 8L + 4 + u) << 4. A code becomes the
+// unsigned byte 2 * value + 12 (0..24: every E2M1 value times 2 is an integer); each input block of
+// 16 is rounded to int8 with its own scale (amax / 127), and the offset 12 * sum(q) is taken off.
+// The weights are exact; the inputs carry an int8 rounding per block (`quantize_blocks`).
+struct QuantizedRows {
+  at::Tensor q;      // [R, chunks, 4 steps, 16 blocks, 4] int8: step s of block j holds x[16j + 4s .. +3]
+  at::Tensor scale;  // [R, chunks * 16] fp32: each block's amax / 127
+  at::Tensor base;   // [R, chunks * 16] int32: -12 * the block's sum of q
+};
+
+template <class T>
+AVX512VNNI void quantize_blocks(const T* x, int64_t K, int64_t chunks, int8_t* q, float* scale, int32_t* base) {
+  alignas(16) int32_t words[4];
+  for (int64_t b = 0; b < chunks * 16; ++b) {
+    const int64_t k = b * 16, n = std::max<int64_t>(0, std::min<int64_t>(16, K - k));
+    const __mmask16 m = __mmask16((1u << n) - 1u);
+    __m512 v;
+    if constexpr (std::is_same_v<T, float>) v = _mm512_maskz_loadu_ps(m, x + k);
+    else v = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, x + k)), 16));
+    const float amax = _mm512_reduce_max_ps(_mm512_abs_ps(v));
+    const float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
+    const __m512i qi = _mm512_cvtps_epi32(_mm512_mul_ps(v, _mm512_set1_ps(inv)));  // nearest, ties to even
+    scale[b] = amax / 127.0f;
+    base[b] = -12 * _mm512_reduce_add_epi32(qi);
+    _mm_store_si128((__m128i*)words, _mm512_cvtepi32_epi8(qi));
+    const int64_t c = b / 16, j = b % 16;
+    int32_t* out = reinterpret_cast<int32_t*>(q) + c * 64 + j;
+    for (int s = 0; s < 4; ++s) out[16 * s] = words[s];
+  }
 }
 
 template <int NT, int R>
-AVX512BF16 void dot_nvfp4dp(const uint8_t* const* w, const uint8_t* const* bs, const uint16_t* const* xt, int64_t chunks,
-                            float* out, int64_t ldo) {
-  __m512i table = _mm512_setzero_si512();
-  {
-    alignas(64) uint16_t t[32] = {};
-    for (int i = 0; i < 16; ++i) { uint32_t b; std::memcpy(&b, &kE2M1[i], 4); t[i] = uint16_t(b >> 16); }
-    table = _mm512_load_si512(t);
+AVX512VNNI void dot_nvfp4_i8(const uint8_t* const* w, const uint8_t* const* bs, const int64_t* rows,
+                             const QuantizedRows& xq, int64_t chunks, float* out, int64_t ldo) {
+  const __m512i table = _mm512_broadcast_i32x4(_mm_setr_epi8(12, 13, 14, 15, 16, 18, 20, 24, 12, 11, 10, 9, 8, 6, 4, 0));
+  const __m512i low = _mm512_set1_epi8(0x0F);
+  const int32_t* q[R];
+  const float* sc[R];
+  const int32_t* bases[R];
+  for (int r = 0; r < R; ++r) {
+    q[r] = reinterpret_cast<const int32_t*>(xq.q.data_ptr<int8_t>()) + rows[r] * chunks * 64;
+    sc[r] = xq.scale.data_ptr<float>() + rows[r] * chunks * 16;
+    bases[r] = xq.base.data_ptr<int32_t>() + rows[r] * chunks * 16;
   }
   __m512 total[NT][R];
   for (int t = 0; t < NT; ++t) for (int r = 0; r < R; ++r) total[t][r] = _mm512_setzero_ps();
   for (int64_t c = 0; c < chunks; ++c) {
-    __m512 acc[NT][R];
-    for (int t = 0; t < NT; ++t) for (int r = 0; r < R; ++r) acc[t][r] = _mm512_setzero_ps();
-    for (int p = 0; p < 8; ++p) {
-      __m512bh xv[R];
-      for (int r = 0; r < R; ++r) xv[r] = (__m512bh)_mm512_loadu_si512(xt[r] + (c * 8 + p) * 32);
-      for (int t = 0; t < NT; ++t) {
-        const uint8_t* q = w[t] + (c * 8 + p) * 16;
-        ahead(q);
-        const __m512bh wv = e2m1_pairs_to_bf16(q, table);
-        for (int r = 0; r < R; ++r) acc[t][r] = _mm512_dpbf16_ps(acc[t][r], wv, xv[r]);
+    for (int t = 0; t < NT; ++t) {
+      const uint8_t* p = w[t] + c * 128;
+      ahead(p); ahead(p + 64);
+      const __m512i b0 = _mm512_loadu_si512(p), b1 = _mm512_loadu_si512(p + 64);
+      const __m512i v0 = _mm512_shuffle_epi8(table, _mm512_and_si512(b0, low));
+      const __m512i v1 = _mm512_shuffle_epi8(table, _mm512_and_si512(_mm512_srli_epi16(b0, 4), low));
+      const __m512i v2 = _mm512_shuffle_epi8(table, _mm512_and_si512(b1, low));
+      const __m512i v3 = _mm512_shuffle_epi8(table, _mm512_and_si512(_mm512_srli_epi16(b1, 4), low));
+      const __m512 ws = FP8::cvt16(bs[t] + c * 16);   // the 16 block scales, times 2^-8
+      for (int r = 0; r < R; ++r) {
+        const int32_t* x = q[r] + c * 64;
+        // two chains of two (the instruction's latency, not its rate, bounds one chain of four)
+        __m512i a0 = _mm512_dpbusd_epi32(_mm512_loadu_si512(bases[r] + c * 16), v0, _mm512_loadu_si512(x));
+        __m512i a1 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), v1, _mm512_loadu_si512(x + 16));
+        a0 = _mm512_dpbusd_epi32(a0, v2, _mm512_loadu_si512(x + 32));
+        a1 = _mm512_dpbusd_epi32(a1, v3, _mm512_loadu_si512(x + 48));
+        const __m512 f = _mm512_cvtepi32_ps(_mm512_add_epi32(a0, a1));
+        total[t][r] = _mm512_fmadd_ps(f, _mm512_mul_ps(ws, _mm512_loadu_ps(sc[r] + c * 16)), total[t][r]);
       }
     }
-    for (int t = 0; t < NT; ++t) {
-      const __m512 sv = FP8::cvt16(bs[t] + c * 16);   // the 16 block scales, times 2^-8
-      for (int r = 0; r < R; ++r) total[t][r] = _mm512_fmadd_ps(acc[t][r], sv, total[t][r]);
-    }
   }
+  // 2^8 for the block scales' shift, 1/2 for the doubled codes
   for (int t = 0; t < NT; ++t)
-    for (int r = 0; r < R; ++r) out[r * ldo + t] = _mm512_reduce_add_ps(total[t][r]) * FP8::kScale;
+    for (int r = 0; r < R; ++r) out[r * ldo + t] = _mm512_reduce_add_ps(total[t][r]) * (FP8::kScale / 2);
 }
 
 // ---- the driver: groups of rows sharing an expert, tiles of weight rows split over threads
@@ -532,9 +567,10 @@ at::Tensor gemv_fp8_bf16(const at::Tensor& x, const at::Tensor& w, const at::Ten
 }
 
 // codes: [E, N, Kp/2] in the block-transposed order (Kp: K rounded up to 256, zero-padded);
-// block_scales: [E, N, Kp/16] E4M3 bits; scales: [E, N, 1] fp32; x: [R, K]
-at::Tensor gemv_nvfp4_bf16(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& block_scales,
-                           const at::Tensor& scales, const c10::optional<at::Tensor>& experts) {
+// block_scales: [E, N, Kp/16] E4M3 bits; scales: [E, N, 1] fp32; x: [R, K] fp32 or bf16
+at::Tensor gemv_nvfp4_i8(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& block_scales,
+                         const at::Tensor& scales, const c10::optional<at::Tensor>& experts) {
+  TORCH_CHECK(x.dim() == 2 && x.device().is_cpu(), "x must be a CPU tensor [rows, K]");
   const int64_t Kp = codes.size(-1) * 2, N = codes.size(-2), R = x.size(0), K = x.size(1);
   TORCH_CHECK(Kp % 256 == 0 && K <= Kp && Kp - K < 256, "codes must hold x's ", K, " columns in chunks of 256");
   TORCH_CHECK(codes.scalar_type() == at::kByte && block_scales.scalar_type() == at::kByte &&
@@ -542,41 +578,37 @@ at::Tensor gemv_nvfp4_bf16(const at::Tensor& x, const at::Tensor& codes, const a
               "block scales: E4M3 bits, one per 16 weights");
   const Groups g = group_rows(experts, R, stack_size(codes));
   check_scales(scales, codes, 1);
-  // the inputs in bf16, zero-padded to Kp and rearranged: xt[c][p][2j + s] = x[256c + 16j + 2p + s]
-  TORCH_CHECK(x.dim() == 2 && x.device().is_cpu(), "x must be a CPU tensor [rows, K]");
+  const int64_t chunks = Kp / 256;
   const at::Tensor xc = x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kFloat ? x.contiguous() : x.to(at::kFloat).contiguous();
-  at::Tensor xt = at::empty({R, Kp}, x.options().dtype(at::kBFloat16));
-  c10::BFloat16* xtp = xt.data_ptr<c10::BFloat16>();
-  const float* xf = xc.scalar_type() == at::kFloat ? xc.data_ptr<float>() : nullptr;
-  const c10::BFloat16* xh = xf ? nullptr : xc.data_ptr<c10::BFloat16>();
-  for (int64_t r = 0; r < R; ++r)
-    for (int64_t c = 0; c < Kp / 256; ++c)
-      for (int64_t p = 0; p < 8; ++p)
-        for (int64_t j = 0; j < 16; ++j)
-          for (int64_t t = 0; t < 2; ++t) {
-            const int64_t k = 256 * c + 16 * j + 2 * p + t;
-            float v = 0.0f;
-            if (k < K) v = xf ? xf[r * K + k] : float(xh[r * K + k]);
-            xtp[r * Kp + (c * 8 + p) * 32 + 2 * j + t] = c10::BFloat16(v);
-          }
-  std::vector<const void*> xrows;
-  for (int64_t r = 0; r < R; ++r) xrows.push_back(xtp + r * Kp);
+  QuantizedRows xq{at::empty({R, Kp}, x.options().dtype(at::kChar)), at::empty({R, chunks * 16}, x.options().dtype(at::kFloat)),
+                   at::empty({R, chunks * 16}, x.options().dtype(at::kInt))};
+  for (int64_t r = 0; r < R; ++r) {
+    int8_t* q = xq.q.data_ptr<int8_t>() + r * Kp;
+    float* sc = xq.scale.data_ptr<float>() + r * chunks * 16;
+    int32_t* base = xq.base.data_ptr<int32_t>() + r * chunks * 16;
+    if (xc.scalar_type() == at::kFloat) quantize_blocks(xc.data_ptr<float>() + r * K, K, chunks, q, sc, base);
+    else quantize_blocks(reinterpret_cast<const uint16_t*>(xc.data_ptr()) + r * K, K, chunks, q, sc, base);
+  }
+  // the driver hands the tile pointers to its input rows' indices (the kernel reads three arrays by them)
+  std::vector<int64_t> index(R);
+  std::vector<const int64_t*> at(R);
+  for (int64_t r = 0; r < R; ++r) { index[r] = r; at[r] = &index[r]; }
   const Output y(R, N, x);
   const uint8_t* cp = codes.data_ptr<uint8_t>();
   const uint8_t* sp = block_scales.data_ptr<uint8_t>();
   const float* s = scales.data_ptr<float>();
-  const int64_t chunks = Kp / 256;
-  drive(g, N, reinterpret_cast<const uint16_t* const*>(xrows.data()), y,
-        [&](int64_t e, int64_t n0, int nt, const uint16_t* const* xs, int nr, float* out) {
-          const uint8_t* rows[NT];
-          const uint8_t* bs[NT];
-          for (int t = 0; t < nt; ++t) { rows[t] = cp + (e * N + n0 + t) * (Kp / 2); bs[t] = sp + (e * N + n0 + t) * (Kp / 16); }
-#define CALL(A, B) dot_nvfp4dp<A, B>(rows, bs, xs, chunks, out, NT)
-          BY_SHAPE(nt, nr, CALL)
+  drive(g, N, at.data(), y, [&](int64_t e, int64_t n0, int nt, const int64_t* const* xs, int nr, float* out) {
+    const uint8_t* rows[NT];
+    const uint8_t* bs[NT];
+    int64_t which[MAXR];
+    for (int i = 0; i < nr; ++i) which[i] = *xs[i];
+    for (int t = 0; t < nt; ++t) { rows[t] = cp + (e * N + n0 + t) * (Kp / 2); bs[t] = sp + (e * N + n0 + t) * (Kp / 16); }
+#define CALL(A, B) dot_nvfp4_i8<A, B>(rows, bs, which, xq, chunks, out, NT)
+    BY_SHAPE(nt, nr, CALL)
 #undef CALL
-          for (int i = 0; i < nr; ++i)
-            for (int t = 0; t < nt; ++t) out[i * NT + t] *= s[e * N + n0 + t];
-        });
+    for (int i = 0; i < nr; ++i)
+      for (int t = 0; t < nt; ++t) out[i * NT + t] *= s[e * N + n0 + t];
+  });
   return y.y;
 }
 
@@ -586,12 +618,12 @@ TORCH_LIBRARY(nemotron_cpu, m) {
   m.def("gemv(Tensor x, Tensor w, Tensor? scales, Tensor? experts, int isa) -> Tensor");
   m.def("gemv_nvfp4(Tensor x, Tensor codes, Tensor block_scales, Tensor scales, Tensor? experts, int isa) -> Tensor");
   m.def("gemv_fp8_bf16(Tensor x, Tensor w, Tensor scales, Tensor? experts) -> Tensor");
-  m.def("gemv_nvfp4_bf16(Tensor x, Tensor codes, Tensor block_scales, Tensor scales, Tensor? experts) -> Tensor");
+  m.def("gemv_nvfp4_i8(Tensor x, Tensor codes, Tensor block_scales, Tensor scales, Tensor? experts) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(nemotron_cpu, CPU, m) {
   m.impl("gemv", &gemv);
   m.impl("gemv_nvfp4", &gemv_nvfp4);
   m.impl("gemv_fp8_bf16", &gemv_fp8_bf16);
-  m.impl("gemv_nvfp4_bf16", &gemv_nvfp4_bf16);
+  m.impl("gemv_nvfp4_i8", &gemv_nvfp4_i8);
 }

@@ -6,11 +6,17 @@ Numerics (tests/test_quant_cpu.py checks each against the dequantized reference)
 - Without AVX512-BF16: exact. Every E2M1 code times its E4M3 block scale, and every E4M3 value, is
   an fp32 value; the activations stay fp32 (a bf16 model's are widened), the sums are fp32: the
   logits equal the dequantizing path's up to the order of the fp32 sums.
-- On a CPU with AVX512-BF16 (32 products an instruction): the activations are rounded to bf16
-  (W4A16 / W8A16; a bf16 model's already are), the sums are fp32. NVFP4's weights are exact (every
-  E2M1 value is a bf16 value; the block scales multiply the fp32 block sums). FP8's decode to bf16
-  exactly (E4M3's 3 mantissa bits fit bf16's 7), except E4M3 subnormals (|q| < 2^-6, under 1/28672
-  of the scale's range), which read as 0.
+- On a CPU with AVX512-BF16 and AVX512-VNNI: FP8 multiplies through VDPBF16PS (32 products an
+  instruction): the activations are rounded to bf16 (W8A16; a bf16 model's already are), the weights
+  decode to bf16 exactly (E4M3's 3 mantissa bits fit bf16's 7) except E4M3 subnormals (|q| < 2^-6,
+  under 1/28672 of the scale's range), which read as 0; fp32 sums. NVFP4 multiplies through VPDPBUSD
+  (64 products an instruction, about 6x VDPBF16PS's rate on a Xeon of this project's benchmarks):
+  the weights are exact (every E2M1 value times 2 is an integer), the activations are rounded to int8
+  per block of 16 with the block's amax / 127 as scale (W4A8, as llama.cpp's q4_0 dot products
+  round theirs to q8 blocks of 32); the integer sums are exact, scaled in fp32. On the 125M
+  benchmark model (BENCHMARKS.md) that moves decode logits by up to 0.35-0.42 (bf16 rounding of the
+  activations: 0.41 for a bf16 model, 0.014 for an fp32 one), where NVFP4's own rounding of the
+  weights moves them by 1.04-1.07.
 
 The stored tensors are read as they are, except copies made once, at the first CPU decode: NVFP4's
 codes (and block scales) in the kernel's order (0.5 bytes per weight) and, on AVX512-BF16, FP8's
@@ -77,7 +83,7 @@ def applies(x: torch.Tensor) -> bool:
 class PackedWeight:
     """A quantized weight [N, K], or a stack of experts' [E, N, K], as a `nemotron.kernels` product
     reads it. kind: "nvfp4" (weight: codes in `kernels.nvfp4_order`, block_scales: E4M3 bits
-    [.., N, K/16]), "nvfp4_bf16" (both in `kernels.nvfp4_bf16_order`), "fp8" (weight: E4M3 bits as
+    [.., N, K/16]), "nvfp4_i8" (both in `kernels.nvfp4_i8_order`), "fp8" (weight: E4M3 bits as
     stored) or "fp8_bf16" (weight: E4M3 bits in `kernels.fp8_bf16_order`); scales: fp32
     [.., N, segments of K]."""
 
@@ -86,12 +92,19 @@ class PackedWeight:
     scales: torch.Tensor
     block_scales: torch.Tensor | None = None
 
+    def __post_init__(self) -> None:
+        # fixed sizes for torch.compile (as parameters' are): the compiled decode step, traced with
+        # symbolic shapes, would otherwise check every size of these copies in Python at each step
+        for t in (self.weight, self.scales, self.block_scales):
+            if t is not None:
+                torch._dynamo.mark_static(t)
+
     def __call__(self, x: torch.Tensor, experts: torch.Tensor | None = None) -> torch.Tensor:
         """x [.., K] -> [.., N] in x.dtype; with a stack, `experts` names each row's expert."""
         if self.kind == "nvfp4":
             return kernels.gemv_nvfp4(x, self.weight, self.block_scales, self.scales, experts)
-        if self.kind == "nvfp4_bf16":
-            return kernels.gemv_nvfp4_bf16(x, self.weight, self.block_scales, self.scales, experts)
+        if self.kind == "nvfp4_i8":
+            return kernels.gemv_nvfp4_i8(x, self.weight, self.block_scales, self.scales, experts)
         if self.kind == "fp8_bf16":
             return kernels.gemv_fp8_bf16(x, self.weight, self.scales, experts)
         return kernels.gemv(x, self.weight, self.scales, experts)
@@ -124,8 +137,8 @@ def pack(nvfp4: bool, weight: torch.Tensor, weight_scale: torch.Tensor,
         scales = weight_scale_2.float().reshape(*weight.shape[:-2], 1, 1).expand(*weight.shape[:-2], n, 1).contiguous()
         codes = formats.unpack_fp4(weight)
         if kernels.cpu_isa() == kernels.AVX512_BF16:
-            packed, block_scales = kernels.nvfp4_bf16_order(codes, weight_scale)
-            return PackedWeight("nvfp4_bf16", packed, scales, block_scales)
+            packed, block_scales = kernels.nvfp4_i8_order(codes, weight_scale)
+            return PackedWeight("nvfp4_i8", packed, scales, block_scales)
         if k % 32:
             return None
         return PackedWeight("nvfp4", kernels.nvfp4_order(codes), scales, weight_scale.view(torch.uint8).contiguous())
