@@ -51,17 +51,18 @@ def _stamp(t: torch.Tensor) -> tuple:
     return t.data_ptr(), t.shape, t.dtype, t.device, version
 
 
-def cached(owner: nn.Module, key: object, sources: Iterable[torch.Tensor], build: Callable[[], T]) -> T | None:
-    """`build()`, made once per value of the tensors it reads (`sources`) and kept on `owner` (outside
+def cached(owner: nn.Module, key: object, sources: Callable[[], Iterable[torch.Tensor]], build: Callable[[], T]) -> T | None:
+    """`build()`, made once per value of the tensors it reads (`sources()`) and kept on `owner` (outside
     its state dict): made again when one of them is replaced, moved or changed in place; freed with
     the owner. For weights put in a kernel's layout at their first use in inference."""
     if torch.compiler.is_compiling():
         # a trace cannot read data pointers: it takes the copy made by the eager call before it (the
-        # compiled decode step calls `prepare_cpu_kernels` first), or None (the caller's float path)
+        # compiled decode step calls `prepare_cpu_kernels` first), or None (the caller's float path).
+        # Nor does it look at the sources: each tensor it touched would be checked at every call.
         hit = owner.__dict__.get("_cached_packs", {}).get(key)
         return None if hit is None else hit[1]
     store = owner.__dict__.setdefault("_cached_packs", {})
-    stamp = tuple(_stamp(t) for t in sources)
+    stamp = tuple(_stamp(t) for t in sources())
     hit = store.get(key)
     if hit is None or hit[0] != stamp:
         hit = store[key] = (stamp, build())

@@ -171,7 +171,7 @@ class QuantLinear(_KeepsStorageDtypes):
         return linear(x, self.dequantized_weight(x.dtype), self.bias)
 
     def _packed(self) -> cpu.PackedWeight | None:
-        return cpu.cached(self, "cpu", self.stored().values(), lambda: cpu.pack(
+        return cpu.cached(self, "cpu", lambda: self.stored().values(), lambda: cpu.pack(
             self.scheme.nvfp4, self.weight, self.weight_scale, self._buffers.get("weight_scale_2")))
 
     def uses_cpu_kernels(self) -> bool:
@@ -249,7 +249,9 @@ class QuantExperts(_KeepsStorageDtypes):
         return False  # it would decode every expert
 
     def _packs(self, proj: str) -> cpu.PackedWeight | None:
-        stored = [t for name, t in self._buffers.items() if t is not None and name.startswith(proj)]
+        def stored() -> list[torch.Tensor]:
+            return [t for name, t in self._buffers.items() if t is not None and name.startswith(proj)]
+
         return cpu.cached(self, proj, stored, lambda: cpu.pack(
             self.scheme.nvfp4, getattr(self, proj), getattr(self, f"{proj}_weight_scale"),
             self._buffers.get(f"{proj}_weight_scale_2")))
