@@ -103,8 +103,8 @@ def test_quantized_experts_through_the_cpu_kernels(algo, tokens):
     """On a CPU, decode (up to 16 tokens) multiplies each (token, expert) row by its expert's stored
     weight through nemotron.kernels in two calls ("indexed"); 40 tokens are grouped by expert and
     each expert's rows (fewer than 16) go through the same kernels. NVFP4 and FP8 read exactly
-    the dequantized weights; on AVX512-BF16 the activations are rounded, to bf16 for FP8 and to int8 per
-    block of 16 for NVFP4 (nemotron.quant.cpu).
+    the dequantized weights; NVFP4's activations are rounded to int8 per block of 16, and on
+    AVX512-BF16 FP8's to bf16 (nemotron.quant.cpu).
     FP8's 128x128 blocks do not split these 32 and 64 columns evenly: that one decodes its weight."""
     q, x, idx, weights, ref = _quantized(algo, tokens)
     with torch.no_grad():

@@ -1,7 +1,9 @@
 """Matrix-vector kernels for CPU decode (`gemv.cpp`): a few rows of activations against a weight read
 in its stored format (fp32, bf16, FP8 E4M3, NVFP4), each row optionally against its own expert of a
-stack; on a CPU with AVX512-BF16 and VNNI, NVFP4 against activations rounded to int8 (W4A8). torch's own one-row kernels are bound by their arithmetic, not by memory (BENCHMARKS.md):
+stack. torch's own one-row kernels are bound by their arithmetic, not by memory (BENCHMARKS.md):
 oneDNN's bf16 product, and the int8 / int4 kernels that quantized weights had to be re-rounded for.
+NVFP4 multiplies integers: its codes (times 2) against the activations rounded to int8 per block of
+16 (W4A8, `quantize_blocks`).
 
 The C++ is compiled once per machine at first use by torch's extension builder (~20 s, a C++
 compiler needed; cached under ~/.cache/torch_extensions, or TORCH_EXTENSIONS_DIR). Where it cannot
@@ -91,7 +93,7 @@ def _load() -> bool:
         return False
     if _built_at() != before:   # compiled now, not loaded from the cache
         log.info("compiled the CPU decode kernels in %.1f s (once per machine)", time.perf_counter() - start)
-    for name in ("gemv", "gemv_nvfp4", "gemv_fp8_bf16", "gemv_nvfp4_i8"):
+    for name in ("gemv", "gemv_fp8_bf16", "gemv_nvfp4_i8"):
         torch.library.register_fake(f"nemotron_cpu::{name}")(_fake_product)
     return True
 
@@ -144,22 +146,15 @@ def gemv_fp8_bf16(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor,
     return _shaped(torch.ops.nemotron_cpu.gemv_fp8_bf16(_rows(x), w, scales, experts), x)
 
 
-def gemv_nvfp4(x: torch.Tensor, codes: torch.Tensor, block_scales: torch.Tensor, scales: torch.Tensor,
-               experts: torch.Tensor | None = None, isa: int | None = None) -> torch.Tensor:
-    """x [.., K] against NVFP4 codes in `nvfp4_order` [N, K/2] (or [E, N, K/2]), E4M3 block scales
-    (uint8 bits) [.., N, K/16] and fp32 tensor scales [.., N, 1]: [.., N] in x.dtype, exactly the
-    product with the dequantized weight up to summation order."""
-    return _shaped(torch.ops.nemotron_cpu.gemv_nvfp4(_rows(x), codes, block_scales, scales, experts,
-                                                     cpu_isa() if isa is None else isa), x)
-
-
 def gemv_nvfp4_i8(x: torch.Tensor, codes: torch.Tensor, block_scales: torch.Tensor, scales: torch.Tensor,
-                  experts: torch.Tensor | None = None) -> torch.Tensor:
+                  experts: torch.Tensor | None = None, isa: int | None = None) -> torch.Tensor:
     """x [.., K] against NVFP4 in `nvfp4_i8_order` (codes [.., N, Kp/2], E4M3 block scales [.., N, Kp/16];
     Kp: K rounded up to 256) and fp32 tensor scales [.., N, 1]: [.., N] in x.dtype, through VPDPBUSD
-    (AVX512-VNNI, W4A8). The weights are exact; x is rounded to int8 per block of 16 (`quantize_blocks`:
-    scale amax / 127, nearest, ties to even); the sums are exact integers, scaled in fp32."""
-    return _shaped(torch.ops.nemotron_cpu.gemv_nvfp4_i8(_rows(x), codes, block_scales, scales, experts), x)
+    (AVX512-VNNI) or VPMADDUBSW (AVX2): W4A8. The weights are exact; x is rounded to int8 per block
+    of 16 (`quantize_blocks`: scale amax / 127, nearest, ties to even); the sums are exact integers,
+    scaled in fp32."""
+    return _shaped(torch.ops.nemotron_cpu.gemv_nvfp4_i8(_rows(x), codes, block_scales, scales, experts,
+                                                        cpu_isa() if isa is None else isa), x)
 
 
 def quantize_blocks(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -189,11 +184,3 @@ def fp8_bf16_order(q: torch.Tensor) -> torch.Tensor:
     byte unpacks' order (stored[16j + 8h + t] = w[32h + 8j + t])."""
     *lead, k = q.shape
     return q.reshape(*lead, k // 64, 2, 4, 8).transpose(-3, -2).reshape(*lead, k).contiguous()
-
-
-def nvfp4_order(codes: torch.Tensor) -> torch.Tensor:
-    """E2M1 codes [.., K] (0..15, K a multiple of 32) -> the bytes `gemv_nvfp4` reads [.., K/2]: in
-    each 32, byte j holds code j (low nibble) and code j + 16 (high nibble)."""
-    *lead, k = codes.shape
-    c = codes.to(torch.uint8).reshape(*lead, k // 32, 2, 16)
-    return (c[..., 0, :] | (c[..., 1, :] << 4)).reshape(*lead, k // 2).contiguous()

@@ -2,12 +2,12 @@
 // for a few input rows r, each row optionally against its own expert's weight (W: [E, N, K]). The
 // weight is read in its stored format and decoded in registers; accumulation is fp32.
 //
-// - fp32 / bf16 / E4M3 / NVFP4 weights against fp32 inputs (AVX-512 or AVX2): every bf16, E4M3 and
-//   E2M1-times-E4M3 value is an fp32 value, so the products are those with the dequantized weight;
+// - fp32 / bf16 / E4M3 weights against fp32 inputs (AVX-512 or AVX2): every bf16 and E4M3 value is an
+//   fp32 value, so the products are those with the dequantized weight;
 // - bf16 and E4M3 weights against bf16 inputs through VDPBF16PS (AVX512-BF16): 32 products an
 //   instruction; E4M3 subnormals (|q| < 2^-6) read as 0 there;
-// - NVFP4 weights against int8 inputs (rounded per block of 16) through VPDPBUSD (AVX512-VNNI): 64
-//   products an instruction, integer sums.
+// - NVFP4 weights against int8 inputs (rounded per block of 16): integer products, exact sums, through
+//   VPDPBUSD (AVX512-VNNI: 64 products an instruction) or VPMADDUBSW + VPMADDWD (AVX2).
 //
 // Threads: torch's (at::parallel_for over tiles of weight rows). Which instruction set runs is the
 // caller's choice (`isa`), made from the CPU's features at run time; each is compiled with its own
@@ -19,6 +19,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cmath>
 #include <cstring>
 #include <type_traits>
 #include <vector>
@@ -96,34 +97,6 @@ struct FP8 {
       __m128i h = _mm_cvtepu8_epi16(_mm_loadl_epi64((const __m128i*)(w + k + 8 * i)));
       h = _mm_and_si128(_mm_srai_epi16(_mm_slli_epi16(h, 8), 1), _mm_set1_epi16(short(0xBFFF)));
       o[i] = _mm256_cvtph_ps(h);
-    }
-  }
-};
-
-// NVFP4 repacked: per 32 weights 16 bytes, byte j = code[j] | code[j+16] << 4, and two E4M3 block scales
-struct NVFP4 {
-  static constexpr float kScale = 1.0f;
-  const uint8_t* w;       // [K/2]
-  void prefetch(int64_t k) const { ahead(w + k / 2); }
-  const uint8_t* scales;  // [K/16]
-  AVX512 void load(int64_t k, __m512& w0, __m512& w1) const {
-    const __m512 table = _mm512_loadu_ps(kE2M1);
-    __m512i d = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(w + k / 2)));
-    w0 = _mm512_mul_ps(_mm512_permutexvar_ps(d, table), _mm512_set1_ps(kE4M3.v[scales[k / 16]]));
-    w1 = _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(d, 4), table), _mm512_set1_ps(kE4M3.v[scales[k / 16 + 1]]));
-  }
-  AVX2 static __m256 lookup(__m256i d) {
-    const __m256 mag = _mm256_loadu_ps(kE2M1);
-    __m256 v = _mm256_permutevar8x32_ps(mag, d);
-    __m256i sign = _mm256_and_si256(_mm256_slli_epi32(d, 28), _mm256_set1_epi32(int(0x80000000u)));
-    return _mm256_xor_ps(v, _mm256_castsi256_ps(sign));
-  }
-  AVX2 void load(int64_t k, __m256* o) const {
-    __m256 s0 = _mm256_set1_ps(kE4M3.v[scales[k / 16]]), s1 = _mm256_set1_ps(kE4M3.v[scales[k / 16 + 1]]);
-    for (int i = 0; i < 2; ++i) {
-      __m256i d = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(w + k / 2 + 8 * i)));
-      o[i] = _mm256_mul_ps(lookup(d), s0);
-      o[i + 2] = _mm256_mul_ps(lookup(_mm256_srli_epi32(d, 4)), s1);
     }
   }
 };
@@ -275,6 +248,33 @@ AVX512VNNI void quantize_blocks(const T* x, int64_t K, int64_t chunks, int8_t* q
   }
 }
 
+inline float value_of(float v) { return v; }
+inline float value_of(uint16_t bits) { uint32_t u = uint32_t(bits) << 16; float v; std::memcpy(&v, &u, 4); return v; }
+
+// the same rounding in scalar code (the AVX2 path; equal results: the same fp32 operations, and
+// nearbyint rounds ties to even as VCVTPS2DQ does)
+template <class T>
+void quantize_blocks_scalar(const T* x, int64_t K, int64_t chunks, int8_t* q, float* scale, int32_t* base) {
+  for (int64_t b = 0; b < chunks * 16; ++b) {
+    float v[16];
+    float amax = 0.0f;
+    for (int i = 0; i < 16; ++i) {
+      v[i] = b * 16 + i < K ? value_of(x[b * 16 + i]) : 0.0f;
+      amax = std::max(amax, std::fabs(v[i]));
+    }
+    const float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
+    int32_t sum = 0;
+    const int64_t c = b / 16, j = b % 16;
+    for (int i = 0; i < 16; ++i) {
+      const int32_t qi = int32_t(std::nearbyint(v[i] * inv));
+      sum += qi;
+      q[c * 256 + (i / 4) * 64 + j * 4 + i % 4] = int8_t(qi);   // step i / 4 of block j
+    }
+    scale[b] = amax / 127.0f;
+    base[b] = -12 * sum;
+  }
+}
+
 template <int NT, int R>
 AVX512VNNI void dot_nvfp4_i8(const uint8_t* const* w, const uint8_t* const* bs, const int64_t* rows,
                              const QuantizedRows& xq, int64_t chunks, float* out, int64_t ldo) {
@@ -315,6 +315,52 @@ AVX512VNNI void dot_nvfp4_i8(const uint8_t* const* w, const uint8_t* const* bs, 
   // 2^8 for the block scales' shift, 1/2 for the doubled codes
   for (int t = 0; t < NT; ++t)
     for (int r = 0; r < R; ++r) out[r * ldo + t] = _mm512_reduce_add_ps(total[t][r]) * (FP8::kScale / 2);
+}
+
+// dot_nvfp4_i8 on AVX2: VPMADDUBSW (pairs of products summed in 16 bits: at most 2 * 24 * 127, no
+// saturation) and VPMADDWD (pairs of those summed in 32 bits: the four products VPDPBUSD sums), one
+// weight row against R input rows; each 64-byte half of a chunk as two 32-byte halves (blocks 0-7, 8-15)
+AVX2 inline __m256 e4m3x8(const uint8_t* p) {   // 8 E4M3 values, times 2^-8
+  __m128i h = _mm_cvtepu8_epi16(_mm_loadl_epi64((const __m128i*)p));
+  h = _mm_and_si128(_mm_srai_epi16(_mm_slli_epi16(h, 8), 1), _mm_set1_epi16(short(0xBFFF)));
+  return _mm256_cvtph_ps(h);
+}
+
+template <int R>
+AVX2 void dot_nvfp4_i8_avx2(const uint8_t* w, const uint8_t* bs, const int64_t* rows, const QuantizedRows& xq,
+                            int64_t chunks, float* out) {
+  const __m256i table = _mm256_broadcastsi128_si256(_mm_setr_epi8(12, 13, 14, 15, 16, 18, 20, 24, 12, 11, 10, 9, 8, 6, 4, 0));
+  const __m256i low = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
+  const int32_t* q[R];
+  const float* sc[R];
+  const int32_t* bases[R];
+  for (int r = 0; r < R; ++r) {
+    q[r] = reinterpret_cast<const int32_t*>(xq.q.data_ptr<int8_t>()) + rows[r] * chunks * 64;
+    sc[r] = xq.scale.data_ptr<float>() + rows[r] * chunks * 16;
+    bases[r] = xq.base.data_ptr<int32_t>() + rows[r] * chunks * 16;
+  }
+  __m256 total[R];
+  for (int r = 0; r < R; ++r) total[r] = _mm256_setzero_ps();
+  for (int64_t c = 0; c < chunks; ++c) {
+    const uint8_t* p = w + c * 128;
+    ahead(p); ahead(p + 64);
+    for (int h = 0; h < 2; ++h) {
+      const __m256i b0 = _mm256_loadu_si256((const __m256i*)(p + 32 * h)), b1 = _mm256_loadu_si256((const __m256i*)(p + 64 + 32 * h));
+      const __m256i v[4] = {_mm256_shuffle_epi8(table, _mm256_and_si256(b0, low)),
+                            _mm256_shuffle_epi8(table, _mm256_and_si256(_mm256_srli_epi16(b0, 4), low)),
+                            _mm256_shuffle_epi8(table, _mm256_and_si256(b1, low)),
+                            _mm256_shuffle_epi8(table, _mm256_and_si256(_mm256_srli_epi16(b1, 4), low))};
+      const __m256 ws = e4m3x8(bs + c * 16 + 8 * h);
+      for (int r = 0; r < R; ++r) {
+        const int32_t* x = q[r] + c * 64 + 8 * h;   // step s of blocks 8h..8h+7 at x + 16 s
+        __m256i acc = _mm256_loadu_si256((const __m256i*)(bases[r] + c * 16 + 8 * h));
+        for (int st = 0; st < 4; ++st)
+          acc = _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(v[st], _mm256_loadu_si256((const __m256i*)(x + 16 * st))), ones));
+        total[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc), _mm256_mul_ps(ws, _mm256_loadu_ps(sc[r] + c * 16 + 8 * h)), total[r]);
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r) out[r] = hsum256(total[r]) * (FP8::kScale / 2);
 }
 
 // ---- the driver: groups of rows sharing an expert, tiles of weight rows split over threads
@@ -519,28 +565,6 @@ at::Tensor gemv(const at::Tensor& x, const at::Tensor& w, const c10::optional<at
   return y.y;
 }
 
-// codes: [E, N, K/2] repacked E2M1; block_scales: [E, N, K/16] E4M3 bits; scales: [E, N, 1] fp32
-at::Tensor gemv_nvfp4(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& block_scales,
-                      const at::Tensor& scales, const c10::optional<at::Tensor>& experts, int64_t isa) {
-  const int64_t K = codes.size(-1) * 2, N = codes.size(-2), R = x.size(0);
-  check_k(K, 1);
-  TORCH_CHECK(x.size(1) == K && block_scales.is_contiguous(), "x has ", x.size(1), " columns, the weight ", K);
-  const Groups g = group_rows(experts, R, stack_size(codes));
-  check_scales(scales, codes, 1);
-  TORCH_CHECK(block_scales.numel() == codes.numel() / 8 && block_scales.scalar_type() == at::kByte, "block scales: E4M3 bits, one per 16 weights");
-  const Output y(R, N, x);
-  Prepared p = prepare(x, at::kFloat);
-  const uint8_t* cp = codes.data_ptr<uint8_t>();
-  const uint8_t* sp = block_scales.data_ptr<uint8_t>();
-  const float* s = scales.data_ptr<float>();
-  auto make = [&](int64_t e, int64_t n) { return NVFP4{cp + (e * N + n) * (K / 2), sp + (e * N + n) * (K / 16)}; };
-  drive(g, N, reinterpret_cast<const float* const*>(p.rows.data()), y,
-        [&](int64_t e, int64_t n0, int nt, const float* const* xs, int nr, float* out) {
-          float_tile(isa, make, s, N, 1, K, e, n0, nt, xs, nr, out);
-        });
-  return y.y;
-}
-
 // w: [E, N, K] E4M3 bits in the unpack order (above); scales [E, N, nseg] fp32 (the dequantization scales)
 at::Tensor gemv_fp8_bf16(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales,
                          const c10::optional<at::Tensor>& experts) {
@@ -569,7 +593,7 @@ at::Tensor gemv_fp8_bf16(const at::Tensor& x, const at::Tensor& w, const at::Ten
 // codes: [E, N, Kp/2] in the block-transposed order (Kp: K rounded up to 256, zero-padded);
 // block_scales: [E, N, Kp/16] E4M3 bits; scales: [E, N, 1] fp32; x: [R, K] fp32 or bf16
 at::Tensor gemv_nvfp4_i8(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& block_scales,
-                         const at::Tensor& scales, const c10::optional<at::Tensor>& experts) {
+                         const at::Tensor& scales, const c10::optional<at::Tensor>& experts, int64_t isa) {
   TORCH_CHECK(x.dim() == 2 && x.device().is_cpu(), "x must be a CPU tensor [rows, K]");
   const int64_t Kp = codes.size(-1) * 2, N = codes.size(-2), R = x.size(0), K = x.size(1);
   TORCH_CHECK(Kp % 256 == 0 && K <= Kp && Kp - K < 256, "codes must hold x's ", K, " columns in chunks of 256");
@@ -586,8 +610,10 @@ at::Tensor gemv_nvfp4_i8(const at::Tensor& x, const at::Tensor& codes, const at:
     int8_t* q = xq.q.data_ptr<int8_t>() + r * Kp;
     float* sc = xq.scale.data_ptr<float>() + r * chunks * 16;
     int32_t* base = xq.base.data_ptr<int32_t>() + r * chunks * 16;
-    if (xc.scalar_type() == at::kFloat) quantize_blocks(xc.data_ptr<float>() + r * K, K, chunks, q, sc, base);
-    else quantize_blocks(reinterpret_cast<const uint16_t*>(xc.data_ptr()) + r * K, K, chunks, q, sc, base);
+    const float* xf = xc.scalar_type() == at::kFloat ? xc.data_ptr<float>() + r * K : nullptr;
+    const uint16_t* xh = xf ? nullptr : reinterpret_cast<const uint16_t*>(xc.data_ptr()) + r * K;
+    if (isa >= kAvx512Bf16) xf ? quantize_blocks(xf, K, chunks, q, sc, base) : quantize_blocks(xh, K, chunks, q, sc, base);
+    else xf ? quantize_blocks_scalar(xf, K, chunks, q, sc, base) : quantize_blocks_scalar(xh, K, chunks, q, sc, base);
   }
   // the driver hands the tile pointers to its input rows' indices (the kernel reads three arrays by them)
   std::vector<int64_t> index(R);
@@ -603,9 +629,23 @@ at::Tensor gemv_nvfp4_i8(const at::Tensor& x, const at::Tensor& codes, const at:
     int64_t which[MAXR];
     for (int i = 0; i < nr; ++i) which[i] = *xs[i];
     for (int t = 0; t < nt; ++t) { rows[t] = cp + (e * N + n0 + t) * (Kp / 2); bs[t] = sp + (e * N + n0 + t) * (Kp / 16); }
+    if (isa >= kAvx512Bf16) {
 #define CALL(A, B) dot_nvfp4_i8<A, B>(rows, bs, which, xq, chunks, out, NT)
-    BY_SHAPE(nt, nr, CALL)
+      BY_SHAPE(nt, nr, CALL)
 #undef CALL
+    } else {
+      for (int t = 0; t < nt; ++t)
+        for (int r0 = 0; r0 < nr; r0 += 4) {   // 16 registers: at most 4 rows a pass
+          float part[4];
+          switch (std::min(4, nr - r0)) {
+            case 1: dot_nvfp4_i8_avx2<1>(rows[t], bs[t], which + r0, xq, chunks, part); break;
+            case 2: dot_nvfp4_i8_avx2<2>(rows[t], bs[t], which + r0, xq, chunks, part); break;
+            case 3: dot_nvfp4_i8_avx2<3>(rows[t], bs[t], which + r0, xq, chunks, part); break;
+            default: dot_nvfp4_i8_avx2<4>(rows[t], bs[t], which + r0, xq, chunks, part);
+          }
+          for (int i = 0; i < std::min(4, nr - r0); ++i) out[(r0 + i) * NT + t] = part[i];
+        }
+    }
     for (int i = 0; i < nr; ++i)
       for (int t = 0; t < nt; ++t) out[i * NT + t] *= s[e * N + n0 + t];
   });
@@ -616,14 +656,12 @@ at::Tensor gemv_nvfp4_i8(const at::Tensor& x, const at::Tensor& codes, const at:
 
 TORCH_LIBRARY(nemotron_cpu, m) {
   m.def("gemv(Tensor x, Tensor w, Tensor? scales, Tensor? experts, int isa) -> Tensor");
-  m.def("gemv_nvfp4(Tensor x, Tensor codes, Tensor block_scales, Tensor scales, Tensor? experts, int isa) -> Tensor");
   m.def("gemv_fp8_bf16(Tensor x, Tensor w, Tensor scales, Tensor? experts) -> Tensor");
-  m.def("gemv_nvfp4_i8(Tensor x, Tensor codes, Tensor block_scales, Tensor scales, Tensor? experts) -> Tensor");
+  m.def("gemv_nvfp4_i8(Tensor x, Tensor codes, Tensor block_scales, Tensor scales, Tensor? experts, int isa) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(nemotron_cpu, CPU, m) {
   m.impl("gemv", &gemv);
-  m.impl("gemv_nvfp4", &gemv_nvfp4);
   m.impl("gemv_fp8_bf16", &gemv_fp8_bf16);
   m.impl("gemv_nvfp4_i8", &gemv_nvfp4_i8);
 }

@@ -3,23 +3,24 @@ matrix-vector kernels of `nemotron.kernels`, which decode it in registers, so a 
 1 byte (FP8) or ~0.56 bytes (NVFP4) per weight and never makes a float weight.
 
 Numerics (tests/test_quant_cpu.py checks each against the dequantized reference):
-- Without AVX512-BF16: exact. Every E2M1 code times its E4M3 block scale, and every E4M3 value, is
-  an fp32 value; the activations stay fp32 (a bf16 model's are widened), the sums are fp32: the
-  logits equal the dequantizing path's up to the order of the fp32 sums.
-- On a CPU with AVX512-BF16 and AVX512-VNNI: FP8 multiplies through VDPBF16PS (32 products an
-  instruction): the activations are rounded to bf16 (W8A16; a bf16 model's already are), the weights
-  decode to bf16 exactly (E4M3's 3 mantissa bits fit bf16's 7) except E4M3 subnormals (|q| < 2^-6,
-  under 1/28672 of the scale's range), which read as 0; fp32 sums. NVFP4 multiplies through VPDPBUSD
-  (64 products an instruction, about 6x VDPBF16PS's rate on a Xeon of this project's benchmarks):
-  the weights are exact (every E2M1 value times 2 is an integer), the activations are rounded to int8
-  per block of 16 with the block's amax / 127 as scale (W4A8, as llama.cpp's q4_0 dot products
-  round theirs to q8 blocks of 32); the integer sums are exact, scaled in fp32. On the 125M
-  benchmark model (BENCHMARKS.md) that moves decode logits by up to 0.35-0.42 (bf16 rounding of the
-  activations: 0.41 for a bf16 model, 0.014 for an fp32 one), where NVFP4's own rounding of the
-  weights moves them by 1.04-1.07.
+- FP8 without AVX512-BF16: exact. Every E4M3 value is an fp32 value; the activations stay fp32 (a
+  bf16 model's are widened), the sums are fp32: the products equal the dequantizing path's up to the
+  order of the fp32 sums.
+- FP8 on a CPU with AVX512-BF16 and AVX512-VNNI: VDPBF16PS (32 products an instruction). The
+  activations are rounded to bf16 (W8A16; a bf16 model's already are), the weights decode to bf16
+  exactly (E4M3's 3 mantissa bits fit bf16's 7) except E4M3 subnormals (|q| < 2^-6, under 1/28672
+  of the scale's range), which read as 0; fp32 sums.
+- NVFP4, on every x86 CPU the kernels run on: integer products (W4A8), through VPDPBUSD (AVX512-VNNI,
+  64 products an instruction, about 6x VDPBF16PS's rate on the Xeon of BENCHMARKS.md) or VPMADDUBSW
+  (AVX2). The weights are exact (every E2M1 value times 2 is an integer); the activations are
+  rounded to int8 per block of 16, the block's amax / 127 its scale, as llama.cpp's q4_0 dot
+  products round theirs to q8 blocks of 32; the integer sums are exact, scaled in fp32. Both
+  instruction sets give the same sums. On the 125M benchmark model (BENCHMARKS.md) that moves decode
+  logits by up to 0.35-0.42 (rounding the activations to bf16 instead: 0.41 for a bf16 model, 0.014
+  for an fp32 one), where NVFP4's own rounding of the weights moves them by 1.04-1.07.
 
 The stored tensors are read as they are, except copies made once, at the first CPU decode: NVFP4's
-codes (and block scales) in the kernel's order (0.5 bytes per weight) and, on AVX512-BF16, FP8's
+codes and block scales in the kernel's order (0.56 bytes per weight) and, on AVX512-BF16, FP8's
 bytes in the kernel's order (1 byte). Scales become fp32 per output row and per 128-column block
 (FP8's 128x128 blocks). Prefill, training, and batches of more than `kernels.MAX_ROWS` rows decode the
 stored weight for a float GEMM, as before. A compiled decode step reads the copies made in eager
@@ -83,8 +84,8 @@ def applies(x: torch.Tensor) -> bool:
 @dataclass
 class PackedWeight:
     """A quantized weight [N, K], or a stack of experts' [E, N, K], as a `nemotron.kernels` product
-    reads it. kind: "nvfp4" (weight: codes in `kernels.nvfp4_order`, block_scales: E4M3 bits
-    [.., N, K/16]), "nvfp4_i8" (both in `kernels.nvfp4_i8_order`), "fp8" (weight: E4M3 bits as
+    reads it. kind: "nvfp4_i8" (weight: codes, block_scales: E4M3 bits, both in
+    `kernels.nvfp4_i8_order`), "fp8" (weight: E4M3 bits as
     stored) or "fp8_bf16" (weight: E4M3 bits in `kernels.fp8_bf16_order`); scales: fp32
     [.., N, segments of K]."""
 
@@ -102,8 +103,6 @@ class PackedWeight:
 
     def __call__(self, x: torch.Tensor, experts: torch.Tensor | None = None) -> torch.Tensor:
         """x [.., K] -> [.., N] in x.dtype; with a stack, `experts` names each row's expert."""
-        if self.kind == "nvfp4":
-            return kernels.gemv_nvfp4(x, self.weight, self.block_scales, self.scales, experts)
         if self.kind == "nvfp4_i8":
             return kernels.gemv_nvfp4_i8(x, self.weight, self.block_scales, self.scales, experts)
         if self.kind == "fp8_bf16":
@@ -130,19 +129,14 @@ def _row_scales(scale: torch.Tensor, lead: int, n: int, k: int) -> torch.Tensor 
 def pack(nvfp4: bool, weight: torch.Tensor, weight_scale: torch.Tensor,
          weight_scale_2: torch.Tensor | None = None) -> PackedWeight | None:
     """A layer's stored tensors (ModelOpt names; [N, ..] or stacked experts' [E, N, ..]) in the
-    kernels' layout, or None where its shape does not fit them (K not a multiple of 32 / 64)."""
+    kernels' layout, or None where its shape does not fit them (FP8: K not a multiple of 32, or its
+    128-column blocks not of 64; NVFP4 is padded to 256 columns: any K)."""
     lead = weight.dim() - 2
     n = weight.shape[-2]
     if nvfp4:
-        k = weight.shape[-1] * 2
         scales = weight_scale_2.float().reshape(*weight.shape[:-2], 1, 1).expand(*weight.shape[:-2], n, 1).contiguous()
-        codes = formats.unpack_fp4(weight)
-        if kernels.cpu_isa() == kernels.AVX512_BF16:
-            packed, block_scales = kernels.nvfp4_i8_order(codes, weight_scale)
-            return PackedWeight("nvfp4_i8", packed, scales, block_scales)
-        if k % 32:
-            return None
-        return PackedWeight("nvfp4", kernels.nvfp4_order(codes), scales, weight_scale.view(torch.uint8).contiguous())
+        packed, block_scales = kernels.nvfp4_i8_order(formats.unpack_fp4(weight), weight_scale)
+        return PackedWeight("nvfp4_i8", packed, scales, block_scales)
     k = weight.shape[-1]
     scales = _row_scales(weight_scale, lead, n, k)
     if scales is None or k % 32:
