@@ -225,6 +225,11 @@ struct QuantizedRows {
   at::Tensor q;      // [R, chunks, 4 steps, 16 blocks, 4] int8: step s of block j holds x[16j + 4s .. +3]
   at::Tensor scale;  // [R, chunks * 16] fp32: each block's amax / 127
   at::Tensor base;   // [R, chunks * 16] int32: -12 * the block's sum of q
+  struct Row { const int32_t* q; const float* scale; const int32_t* base; };
+  Row row(int64_t r, int64_t chunks) const {
+    return {reinterpret_cast<const int32_t*>(q.data_ptr<int8_t>()) + r * chunks * 64,
+            scale.data_ptr<float>() + r * chunks * 16, base.data_ptr<int32_t>() + r * chunks * 16};
+  }
 };
 
 template <class T>
@@ -280,14 +285,8 @@ AVX512VNNI void dot_nvfp4_i8(const uint8_t* const* w, const uint8_t* const* bs, 
                              const QuantizedRows& xq, int64_t chunks, float* out, int64_t ldo) {
   const __m512i table = _mm512_broadcast_i32x4(_mm_setr_epi8(12, 13, 14, 15, 16, 18, 20, 24, 12, 11, 10, 9, 8, 6, 4, 0));
   const __m512i low = _mm512_set1_epi8(0x0F);
-  const int32_t* q[R];
-  const float* sc[R];
-  const int32_t* bases[R];
-  for (int r = 0; r < R; ++r) {
-    q[r] = reinterpret_cast<const int32_t*>(xq.q.data_ptr<int8_t>()) + rows[r] * chunks * 64;
-    sc[r] = xq.scale.data_ptr<float>() + rows[r] * chunks * 16;
-    bases[r] = xq.base.data_ptr<int32_t>() + rows[r] * chunks * 16;
-  }
+  QuantizedRows::Row xr[R];
+  for (int r = 0; r < R; ++r) xr[r] = xq.row(rows[r], chunks);
   __m512 total[NT][R];
   for (int t = 0; t < NT; ++t) for (int r = 0; r < R; ++r) total[t][r] = _mm512_setzero_ps();
   for (int64_t c = 0; c < chunks; ++c) {
@@ -301,14 +300,14 @@ AVX512VNNI void dot_nvfp4_i8(const uint8_t* const* w, const uint8_t* const* bs, 
       const __m512i v3 = _mm512_shuffle_epi8(table, _mm512_and_si512(_mm512_srli_epi16(b1, 4), low));
       const __m512 ws = FP8::cvt16(bs[t] + c * 16);   // the 16 block scales, times 2^-8
       for (int r = 0; r < R; ++r) {
-        const int32_t* x = q[r] + c * 64;
+        const int32_t* x = xr[r].q + c * 64;
         // two chains of two (the instruction's latency, not its rate, bounds one chain of four)
-        __m512i a0 = _mm512_dpbusd_epi32(_mm512_loadu_si512(bases[r] + c * 16), v0, _mm512_loadu_si512(x));
+        __m512i a0 = _mm512_dpbusd_epi32(_mm512_loadu_si512(xr[r].base + c * 16), v0, _mm512_loadu_si512(x));
         __m512i a1 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), v1, _mm512_loadu_si512(x + 16));
         a0 = _mm512_dpbusd_epi32(a0, v2, _mm512_loadu_si512(x + 32));
         a1 = _mm512_dpbusd_epi32(a1, v3, _mm512_loadu_si512(x + 48));
         const __m512 f = _mm512_cvtepi32_ps(_mm512_add_epi32(a0, a1));
-        total[t][r] = _mm512_fmadd_ps(f, _mm512_mul_ps(ws, _mm512_loadu_ps(sc[r] + c * 16)), total[t][r]);
+        total[t][r] = _mm512_fmadd_ps(f, _mm512_mul_ps(ws, _mm512_loadu_ps(xr[r].scale + c * 16)), total[t][r]);
       }
     }
   }
@@ -331,14 +330,8 @@ AVX2 void dot_nvfp4_i8_avx2(const uint8_t* w, const uint8_t* bs, const int64_t* 
                             int64_t chunks, float* out) {
   const __m256i table = _mm256_broadcastsi128_si256(_mm_setr_epi8(12, 13, 14, 15, 16, 18, 20, 24, 12, 11, 10, 9, 8, 6, 4, 0));
   const __m256i low = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
-  const int32_t* q[R];
-  const float* sc[R];
-  const int32_t* bases[R];
-  for (int r = 0; r < R; ++r) {
-    q[r] = reinterpret_cast<const int32_t*>(xq.q.data_ptr<int8_t>()) + rows[r] * chunks * 64;
-    sc[r] = xq.scale.data_ptr<float>() + rows[r] * chunks * 16;
-    bases[r] = xq.base.data_ptr<int32_t>() + rows[r] * chunks * 16;
-  }
+  QuantizedRows::Row xr[R];
+  for (int r = 0; r < R; ++r) xr[r] = xq.row(rows[r], chunks);
   __m256 total[R];
   for (int r = 0; r < R; ++r) total[r] = _mm256_setzero_ps();
   for (int64_t c = 0; c < chunks; ++c) {
@@ -352,11 +345,11 @@ AVX2 void dot_nvfp4_i8_avx2(const uint8_t* w, const uint8_t* bs, const int64_t* 
                             _mm256_shuffle_epi8(table, _mm256_and_si256(_mm256_srli_epi16(b1, 4), low))};
       const __m256 ws = e4m3x8(bs + c * 16 + 8 * h);
       for (int r = 0; r < R; ++r) {
-        const int32_t* x = q[r] + c * 64 + 8 * h;   // step s of blocks 8h..8h+7 at x + 16 s
-        __m256i acc = _mm256_loadu_si256((const __m256i*)(bases[r] + c * 16 + 8 * h));
+        const int32_t* x = xr[r].q + c * 64 + 8 * h;   // step s of blocks 8h..8h+7 at x + 16 s
+        __m256i acc = _mm256_loadu_si256((const __m256i*)(xr[r].base + c * 16 + 8 * h));
         for (int st = 0; st < 4; ++st)
           acc = _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(v[st], _mm256_loadu_si256((const __m256i*)(x + 16 * st))), ones));
-        total[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc), _mm256_mul_ps(ws, _mm256_loadu_ps(sc[r] + c * 16 + 8 * h)), total[r]);
+        total[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc), _mm256_mul_ps(ws, _mm256_loadu_ps(xr[r].scale + c * 16 + 8 * h)), total[r]);
       }
     }
   }
