@@ -2,7 +2,8 @@
 
 Builds a random ~125M-parameter `nemotron_h` MoE hybrid (hidden 768, 12 layers of Mamba, attention
 and 16-expert top-4 MoE, vocabulary 16384) in the release layout, converts it with llama.cpp's own
-`convert_hf_to_gguf.py` to f32, f16, bf16 and q8_0 (q4_0 through llama.cpp's quantizer), checks
+`convert_hf_to_gguf.py` to f32, f16 and bf16 (q8_0 and q4_0 through llama.cpp's quantizer, the
+output matrix kept bf16 as our quantized checkpoints keep lm_head unless --output-type default), checks
 that llama.cpp's f32 logits match ours, then times batch-1 greedy decode and a 512-token prefill
 for each, every engine in its own subprocess, the runs alternated. Ours runs fp32, bf16, and beside
 q8_0 / q4_0 the checkpoint quantized by `nemotron quantize` to FP8 / NVFP4, decoded through the
@@ -26,6 +27,7 @@ byte-level BPE), which names the pre-tokenizer and changes no weight: token ids 
 
     python benchmarks/vs_llamacpp.py [--runs 3] [--new-tokens 64] [--prefill 512]
                                      [--types f32 f16 bf16 q8_0 q4_0] [--cache DIR] [--llama-src DIR]
+                                     [--output-type bf16|default]
 """
 
 from __future__ import annotations
@@ -221,12 +223,20 @@ def convert(src: Path, tf: Path, ckpt: Path, out: Path, outtype: str) -> Path:
     return out
 
 
-def quantize(f32: Path, out: Path, kind: str) -> Path:
+GGML_TYPE_BF16 = 30   # ggml.h's enum ggml_type (the Python binding does not name it)
+
+
+def quantize(f32: Path, out: Path, kind: str, output_bf16: bool) -> Path:
+    """llama.cpp's quantizer; with `output_bf16` the output matrix (lm_head) stays bf16, as it does in
+    our quantized checkpoints (ModelOpt's exports leave lm_head unquantized), where llama.cpp would
+    make it q6_K (q4_0) or q8_0."""
     import llama_cpp
 
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = {"q4_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0, "q8_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0}[kind]
     params.nthread = 2
+    if output_bf16:
+        params.output_tensor_type = GGML_TYPE_BF16
     if llama_cpp.llama_model_quantize(str(f32).encode(), str(out).encode(), params) != 0:
         raise SystemExit(f"llama.cpp could not quantize to {kind}")
     return out
@@ -262,10 +272,11 @@ BYTES = {"f32": 4, "f16": 2, "bf16": 2, "q8_0": 34 / 32, "q4_0": 18 / 32, "float
          "fp8": 1, "nvfp4": 9 / 16}
 
 
-def decode_bytes(ckpt: Path, kind: str) -> float:
+def decode_bytes(ckpt: Path, kind: str, output_bf16: bool = False) -> float:
     """Bytes one batch-1 decode step reads at `kind`'s BYTES per weight: every weight but the embedding
     table, the routed experts at top_k / experts of their count. A checkpoint of ours quantized reads
-    its quantized weights at BYTES[kind] and the tensors left unquantized in bf16."""
+    its quantized weights at BYTES[kind] and the tensors left unquantized in bf16; `output_bf16`: the
+    output matrix in bf16 (llama.cpp's quantized GGUFs under --output-type bf16)."""
     from safetensors import safe_open
 
     share = CONFIG["num_experts_per_tok"] / CONFIG["n_routed_experts"]
@@ -281,7 +292,8 @@ def decode_bytes(ckpt: Path, kind: str) -> float:
             if stored == "U8":           # NVFP4 holds two weights a byte
                 weights *= 2
             quantized = stored in ("U8", "F8_E4M3")
-            total += weights * (BYTES["bfloat16"] if kind in QUANTIZED and not quantized else BYTES[kind])
+            bf16 = (kind in QUANTIZED and not quantized) or (output_bf16 and name.startswith("lm_head"))
+            total += weights * (BYTES["bfloat16"] if bf16 else BYTES[kind])
     return total
 
 
@@ -308,6 +320,9 @@ def main() -> None:
     parser.add_argument("--types", nargs="+", default=["f32", "f16", "bf16", "q8_0", "q4_0"])
     parser.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "nemotron-vs-llamacpp")
     parser.add_argument("--llama-src", type=Path, help="the unpacked llama-cpp-python sdist (else downloaded)")
+    parser.add_argument("--output-type", choices=["bf16", "default"], default="bf16",
+                        help="llama.cpp's q8_0 / q4_0 output matrix: bf16 as in our quantized checkpoints "
+                             "(the same weights), or its quantizer's default (q8_0 / q6_K)")
     args = parser.parse_args()
     try:
         import llama_cpp  # noqa: F401
@@ -333,7 +348,7 @@ def main() -> None:
             if kind in ("f16", "bf16"):
                 ggufs[kind] = convert(src, tf, ckpt, tmp / f"{kind}.gguf", kind)
             elif kind in ("q8_0", "q4_0"):
-                ggufs[kind] = quantize(ggufs["f32"], tmp / f"{kind}.gguf", kind)
+                ggufs[kind] = quantize(ggufs["f32"], tmp / f"{kind}.gguf", kind, args.output_type == "bf16")
 
         g = torch.Generator().manual_seed(1)
         check_ids = torch.randint(3, 1024, (16,), generator=g).tolist()
@@ -377,7 +392,8 @@ def main() -> None:
         print(f"\nmoe-125m (hidden 768, 12 layers, 16 experts top-4, vocab 16384), {args.threads} threads, "
               f"batch-1 greedy decode of {args.new_tokens} tokens after a {len(prompt)}-token prompt, "
               f"prefill of {args.prefill}; medians of {args.rounds} alternated rounds x {args.runs} runs; "
-              f"copy bandwidth {copy_bw / 1e9:.1f} GB/s\n")
+              f"copy bandwidth {copy_bw / 1e9:.1f} GB/s; llama.cpp's q8_0 / q4_0 output matrix: "
+              f"{'bf16, as ours' if args.output_type == 'bf16' else 'its default (q8_0 / q6_K)'}\n")
         print("| engine | weights | decode tok/s | vs llama.cpp f32 | vs llama.cpp, nearest type | "
               "of the copy roofline | prefill tok/s | vs llama.cpp f32 | vs llama.cpp, nearest type |")
         print("|---|---|---|---|---|---|---|---|---|")
@@ -393,7 +409,8 @@ def main() -> None:
             if who == "nemotron" and decode.get(twin):
                 same_d = f"{d / statistics.median(decode[twin]):.2f} ({twin[1]})"
                 same_p = f"{p / statistics.median(pre[twin]):.2f} ({twin[1]})"
-            roof = copy_bw / decode_bytes(ours_ckpt[precision(kind)] if who == "nemotron" else ckpt, precision(kind))
+            roof = copy_bw / decode_bytes(ours_ckpt[precision(kind)] if who == "nemotron" else ckpt, precision(kind),
+                                          who == "llama.cpp" and kind in ("q8_0", "q4_0") and args.output_type == "bf16")
             prefill = f"{p:.0f} | {p / base_p:.2f} | {same_p}" if p == p else "as above | | "
             print(f"| {who} | {kind} | {d:.1f} | {d / base_d:.2f} | {same_d} | {d / roof:.0%} | {prefill} |")
         ref = tokens.get(base)
