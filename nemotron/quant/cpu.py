@@ -11,8 +11,8 @@ Numerics (tests/test_quant_cpu.py checks each against the dequantized reference)
   exactly (E4M3's 3 mantissa bits fit bf16's 7) except E4M3 subnormals (|q| < 2^-6, under 1/28672
   of the scale's range), which read as 0; fp32 sums.
 - NVFP4, on every x86 CPU the kernels run on: integer products (W4A8), through VPDPBUSD (AVX512-VNNI,
-  64 products an instruction, about 6x VDPBF16PS's rate on the Xeon of BENCHMARKS.md) or VPMADDUBSW
-  (AVX2). The weights are exact (every E2M1 value times 2 is an integer); the activations are
+  64 products an instruction) or VPMADDUBSW (AVX2); 1.3-1.6x the rate of the exact kernels they
+  replaced (BENCHMARKS.md). The weights are exact (every E2M1 value times 2 is an integer); the activations are
   rounded to int8 per block of 16, the block's amax / 127 its scale, as llama.cpp's q4_0 dot
   products round theirs to q8 blocks of 32; the integer sums are exact, scaled in fp32. Both
   instruction sets give the same sums. On the 125M benchmark model (BENCHMARKS.md) that moves decode
