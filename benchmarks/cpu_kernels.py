@@ -12,7 +12,12 @@ runs on the same weights and inputs, alternated, in rounds; medians of the round
   project ran before) | ours on the FP8 (E4M3) weights as stored
 - 4-bit: torch's int4 kernel on the weights re-rounded to 4 bits per 32 (min-max) | ours on NVFP4
 
-    python benchmarks/cpu_kernels.py [--rows 1] [--threads 2] [--rounds 7]
+With --instructions: the time of one instruction of each kind the kernels' inner loops rest on,
+8 independent accumulators in flight (a throughput, not a latency), on one core: VDPBF16PS (bf16,
+32 products), VPDPBUSD (int8, 64 products), VFMADD231PS (fp32, 16 products). Needs AVX512-BF16
+and VNNI.
+
+    python benchmarks/cpu_kernels.py [--rows 1] [--threads 2] [--rounds 7] [--instructions]
 """
 
 from __future__ import annotations
@@ -59,12 +64,62 @@ def ours_quantized(w: torch.Tensor, algo: str) -> cpu.PackedWeight:
     return cpu.pack(scheme.nvfp4, stored["weight"], stored["weight_scale"], stored.get("weight_scale_2"))
 
 
+INSTRUCTIONS_CPP = r"""
+#include <immintrin.h>
+#include <chrono>
+#define T __attribute__((target("avx512f,avx512bw,avx512bf16,avx512vnni")))
+#define EACH(X) X(0) X(1) X(2) X(3) X(4) X(5) X(6) X(7)
+#define KEEP(v) asm volatile("" : "+v"(v##0), "+v"(v##1), "+v"(v##2), "+v"(v##3), "+v"(v##4), "+v"(v##5), "+v"(v##6), "+v"(v##7))
+#define ZF(i) __m512 a##i = _mm512_setzero_ps();
+#define ZI(i) __m512i a##i = _mm512_setzero_si512();
+#define DP(i) a##i = _mm512_dpbf16_ps(a##i, w, x);
+#define DI(i) a##i = _mm512_dpbusd_epi32(a##i, b, b);
+#define FM(i) a##i = _mm512_fmadd_ps(a##i, m, m);
+T void bf16_dots(long n) {
+  const __m512bh w = (__m512bh)_mm512_set1_epi16(0), x = (__m512bh)_mm512_set1_epi16(0x3f80);
+  EACH(ZF)
+  for (long i = 0; i < n; ++i) { EACH(DP) KEEP(a); }
+}
+T void int8_dots(long n) {
+  const __m512i b = _mm512_set1_epi8(1);
+  EACH(ZI)
+  for (long i = 0; i < n; ++i) { EACH(DI) KEEP(a); }
+}
+T void fmas(long n) {
+  const __m512 m = _mm512_setzero_ps();
+  EACH(ZF)
+  for (long i = 0; i < n; ++i) { EACH(FM) KEEP(a); }
+}
+double instruction_ns(int64_t kind, int64_t n) {
+  auto t = std::chrono::steady_clock::now();
+  if (kind == 0) bf16_dots(n); else if (kind == 1) int8_dots(n); else fmas(n);
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - t).count() / (8.0 * n) * 1e9;
+}
+"""
+
+
+def instructions() -> None:
+    from torch.utils.cpp_extension import load_inline
+
+    mod = load_inline("nemotron_instruction_rates", cpp_sources=INSTRUCTIONS_CPP, functions=["instruction_ns"],
+                      extra_cflags=["-O2"])
+    names = ["VDPBF16PS (bf16, 32 products)", "VPDPBUSD (int8, 64 products)", "VFMADD231PS (fp32, 16 products)"]
+    for kind, name in enumerate(names):
+        ns = statistics.median(mod.instruction_ns(kind, 20_000_000) for _ in range(5))
+        print(f"{name:34s} {ns:6.2f} ns an instruction")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rows", type=int, default=1)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--instructions", action="store_true", help="time the instructions, not the kernels")
     args = parser.parse_args()
+    if args.instructions:
+        if kernels.cpu_isa() != kernels.AVX512_BF16:
+            raise SystemExit("--instructions needs AVX512-BF16 and VNNI")
+        return instructions()
     torch.set_num_threads(args.threads)
     if not kernels.available():
         raise SystemExit("the CPU kernels do not run here")
