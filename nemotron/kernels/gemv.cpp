@@ -38,20 +38,6 @@ constexpr int64_t kAhead = 1024;
 
 inline void ahead(const void* p) { _mm_prefetch(static_cast<const char*>(p) + kAhead, _MM_HINT_T0); }
 
-float e4m3_value(uint8_t b) {
-  int e = (b >> 3) & 15, m = b & 7;
-  float v = e ? std::ldexp(1.0f + m / 8.0f, e - 7) : std::ldexp(m / 8.0f, -6);
-  return (b & 0x80) ? -v : v;
-}
-
-struct E4M3Table {
-  float v[256];
-  E4M3Table() { for (int i = 0; i < 256; ++i) v[i] = e4m3_value(uint8_t(i)); }
-};
-const E4M3Table kE4M3;
-
-const float kE2M1[16] = {0.f, .5f, 1.f, 1.5f, 2.f, 3.f, 4.f, 6.f, -0.f, -.5f, -1.f, -1.5f, -2.f, -3.f, -4.f, -6.f};
-
 // ---- weight formats: each decodes the 32 weights at k..k+31 of one row to fp32 (w0: k..k+15, w1: k+16..k+31)
 
 struct F32 {
