@@ -180,7 +180,8 @@ def llama_source(cache: Path, given: Path | None) -> Path:
         return root
     root = cache / f"llama_cpp_python-{LLAMA_VERSION}" / "vendor" / "llama.cpp"
     if not (root / "convert_hf_to_gguf.py").exists():
-        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
+        # only this package as source: its build tools (cmake, ...) come as wheels, not built from source
+        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", "llama-cpp-python",
                         f"llama-cpp-python=={LLAMA_VERSION}", "-d", str(cache)], check=True)
         with tarfile.open(cache / f"llama_cpp_python-{LLAMA_VERSION}.tar.gz") as tar:
             wanted = ("/vendor/llama.cpp/convert_hf_to_gguf.py", "/vendor/llama.cpp/conversion/", "/vendor/llama.cpp/gguf-py/")

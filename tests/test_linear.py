@@ -89,9 +89,25 @@ def test_bf16_products(rows):
     w, b = (torch.randn(200, 256) / 16).bfloat16(), torch.randn(200).bfloat16()
     x = torch.randn(rows, 256).bfloat16()
     with torch.inference_mode():
-        assert L.use_bf16_kernel(x, w) == (kernels.available() and rows <= kernels.MAX_ROWS)
+        assert L.use_kernel(x, w) == (kernels.available() and rows <= kernels.MAX_ROWS)
         got = linear(x, w, b)
     ref = F.linear(x.double(), w.double(), b.double())
     assert got.dtype == torch.bfloat16
     assert ((got.double() - ref).abs().max() / ref.abs().max()).item() < 2 ** -7
-    assert not L.use_bf16_kernel(x.requires_grad_(), w)                   # training takes F.linear
+    assert not L.use_kernel(x.requires_grad_(), w)                   # training takes F.linear
+
+
+@pytest.mark.parametrize("rows", [1, 5, 16, 40])
+def test_fp32_products(rows):
+    """fp32 decode on AVX-512 takes nemotron.kernels' product (AVX2: torch's); the same fp32 sums in
+    another order, so within 1e-5 of F.linear either way."""
+    from nemotron import kernels
+
+    torch.manual_seed(0)
+    w, b = torch.randn(200, 256) / 16, torch.randn(200)
+    x = torch.randn(2, rows, 256)
+    with torch.inference_mode():
+        assert L.use_kernel(x, w) == (kernels.available() and kernels.cpu_isa() != kernels.AVX2 and 2 * rows <= kernels.MAX_ROWS)
+        got = linear(x, w, b)
+    torch.testing.assert_close(got, F.linear(x, w, b), rtol=1e-5, atol=1e-5)
+    assert not L.use_kernel(x[0, :1], w.requires_grad_())               # training takes F.linear

@@ -122,6 +122,19 @@ def applies(x: torch.Tensor) -> bool:
     return x.numel() // x.shape[-1] <= MAX_ROWS and available()
 
 
+def serves(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether `gemv` is the faster product of x and a float weight [.., N, K] of its dtype
+    (BENCHMARKS.md, `benchmarks/cpu_kernels.py`): bf16 wherever the kernels run (torch's bf16 product
+    is bound by its arithmetic at a few rows); fp32 on AVX-512, where ours stream the weight faster
+    than MKL (which runs its AVX2 kernels on AMD CPUs) and no slower on Intel. K a multiple of 32, no
+    gradient recorded for the weight, `applies(x)`."""
+    if x.dtype != weight.dtype or weight.shape[-1] % 32 or (torch.is_grad_enabled() and weight.requires_grad):
+        return False
+    if x.dtype == torch.float32:
+        return _ISA in (AVX512, AVX512_BF16) and applies(x)
+    return x.dtype == torch.bfloat16 and applies(x)
+
+
 def _rows(x: torch.Tensor) -> torch.Tensor:
     return x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
 

@@ -31,7 +31,7 @@ namespace {
 #define AVX512VNNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,f16c,fma")))
 #define AVX2 __attribute__((target("avx2,f16c,fma")))
 
-constexpr int MAXR = 8;  // input rows sharing one pass over a weight row (tiles of 2 weight rows above 4)
+constexpr int MAXR = 8;  // input rows sharing one pass over a weight row
 // how far ahead of the product each weight row is prefetched (a single core's memory requests in
 // flight are what bound its bandwidth; measured: E4M3 rows read 1.4x faster from memory with it)
 constexpr int64_t kAhead = 1024;
@@ -87,34 +87,29 @@ struct FP8 {
   }
 };
 
-// NT weight rows against R input rows over [0, K): acc[t][r] sums w_t * x_r per segment of `seg`
-// weights (one scale each: s[t][seg]); the decoded weights are shared by the R rows, the inputs by the NT rows
-template <int NT, int R, class W>
-AVX512 void dot_avx512(const W* w, const float* const* x, int64_t K, int64_t seg, const float* const* s, float* out,
-                       int64_t ldo) {
-  __m512 total[NT][R];
-  for (int t = 0; t < NT; ++t) for (int r = 0; r < R; ++r) total[t][r] = _mm512_setzero_ps();
+// one weight row against R input rows over [0, K): total[r] sums w * x_r per segment of `seg` weights
+// (one scale each: s[seg]); the decoded weights are shared by the R rows. Two accumulator chains a
+// row (weights k..k+15 and k+16..k+31): one chain's FMA latency would bound the row's rate.
+template <int R, class W>
+AVX512 void dot_avx512(const W& w, const float* const* x, int64_t K, int64_t seg, const float* s, float* out) {
+  __m512 total[R];
+  for (int r = 0; r < R; ++r) total[r] = _mm512_setzero_ps();
   for (int64_t k0 = 0; k0 < K; k0 += seg) {
-    __m512 acc[NT][R];
-    for (int t = 0; t < NT; ++t) for (int r = 0; r < R; ++r) acc[t][r] = _mm512_setzero_ps();
+    __m512 acc0[R], acc1[R];
+    for (int r = 0; r < R; ++r) acc0[r] = acc1[r] = _mm512_setzero_ps();
     for (int64_t k = k0; k < k0 + seg; k += 32) {
-      __m512 x0[R], x1[R];
-      for (int r = 0; r < R; ++r) { x0[r] = _mm512_loadu_ps(x[r] + k); x1[r] = _mm512_loadu_ps(x[r] + k + 16); }
-      for (int t = 0; t < NT; ++t) {
-        __m512 w0, w1;
-        w[t].prefetch(k);
-        w[t].load(k, w0, w1);
-        for (int r = 0; r < R; ++r) acc[t][r] = _mm512_fmadd_ps(w1, x1[r], _mm512_fmadd_ps(w0, x0[r], acc[t][r]));
+      __m512 w0, w1;
+      w.prefetch(k);
+      w.load(k, w0, w1);
+      for (int r = 0; r < R; ++r) {
+        acc0[r] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(x[r] + k), acc0[r]);
+        acc1[r] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(x[r] + k + 16), acc1[r]);
       }
     }
-    const int64_t sg = k0 / seg;
-    for (int t = 0; t < NT; ++t) {
-      const __m512 f = _mm512_set1_ps(s ? s[t][sg] * W::kScale : W::kScale);
-      for (int r = 0; r < R; ++r) total[t][r] = _mm512_fmadd_ps(acc[t][r], f, total[t][r]);
-    }
+    const __m512 f = _mm512_set1_ps(s ? s[k0 / seg] * W::kScale : W::kScale);
+    for (int r = 0; r < R; ++r) total[r] = _mm512_fmadd_ps(_mm512_add_ps(acc0[r], acc1[r]), f, total[r]);
   }
-  for (int t = 0; t < NT; ++t)
-    for (int r = 0; r < R; ++r) out[r * ldo + t] = _mm512_reduce_add_ps(total[t][r]);
+  for (int r = 0; r < R; ++r) out[r] = _mm512_reduce_add_ps(total[r]);
 }
 
 AVX2 inline float hsum256(__m256 v) {
@@ -140,22 +135,26 @@ AVX2 void dot_avx2(const W& w, const float* const* x, int64_t k0, int64_t k1, fl
     out[r] = hsum256(_mm256_add_ps(_mm256_add_ps(a[r][0], a[r][1]), _mm256_add_ps(a[r][2], a[r][3])));
 }
 
-// bf16 weights against bf16 inputs: VDPBF16PS, two products per fp32 lane
-template <int NT, int R>
-AVX512BF16 void dot_bf16dp(const uint16_t* const* w, const uint16_t* const* x, int64_t K, float* out, int64_t ldo) {
-  __m512 acc[NT][R];
-  for (int t = 0; t < NT; ++t) for (int r = 0; r < R; ++r) acc[t][r] = _mm512_setzero_ps();
-  for (int64_t k = 0; k < K; k += 32) {
-    __m512bh xv[R];
-    for (int r = 0; r < R; ++r) xv[r] = (__m512bh)_mm512_loadu_si512(x[r] + k);
-    for (int t = 0; t < NT; ++t) {
-      ahead(w[t] + k);
-      const __m512bh wv = (__m512bh)_mm512_loadu_si512(w[t] + k);
-      for (int r = 0; r < R; ++r) acc[t][r] = _mm512_dpbf16_ps(acc[t][r], wv, xv[r]);
+// bf16 weights against bf16 inputs: VDPBF16PS, two products per fp32 lane; one weight row against R
+// input rows, two accumulator chains (32 weights each) a row
+template <int R>
+AVX512BF16 void dot_bf16dp(const uint16_t* w, const uint16_t* const* x, int64_t K, float* out) {
+  __m512 acc0[R], acc1[R];
+  for (int r = 0; r < R; ++r) acc0[r] = acc1[r] = _mm512_setzero_ps();
+  int64_t k = 0;
+  for (; k + 64 <= K; k += 64) {
+    ahead(w + k); ahead(w + k + 32);
+    const __m512bh w0 = (__m512bh)_mm512_loadu_si512(w + k), w1 = (__m512bh)_mm512_loadu_si512(w + k + 32);
+    for (int r = 0; r < R; ++r) {
+      acc0[r] = _mm512_dpbf16_ps(acc0[r], w0, (__m512bh)_mm512_loadu_si512(x[r] + k));
+      acc1[r] = _mm512_dpbf16_ps(acc1[r], w1, (__m512bh)_mm512_loadu_si512(x[r] + k + 32));
     }
   }
-  for (int t = 0; t < NT; ++t)
-    for (int r = 0; r < R; ++r) out[r * ldo + t] = _mm512_reduce_add_ps(acc[t][r]);
+  if (k < K) {   // K is a multiple of 32
+    const __m512bh w0 = (__m512bh)_mm512_loadu_si512(w + k);
+    for (int r = 0; r < R; ++r) acc0[r] = _mm512_dpbf16_ps(acc0[r], w0, (__m512bh)_mm512_loadu_si512(x[r] + k));
+  }
+  for (int r = 0; r < R; ++r) out[r] = _mm512_reduce_add_ps(_mm512_add_ps(acc0[r], acc1[r]));
 }
 
 // E4M3 weights against bf16 inputs through VDPBF16PS. Each 64 stored bytes hold weights k..k+63 in
@@ -168,36 +167,27 @@ AVX512BF16 inline __m512bh e4m3_to_bf16(__m512i u) {
   return (__m512bh)_mm512_maskz_mov_epi16(_mm512_test_epi16_mask(u, _mm512_set1_epi16(0x7800)), v);
 }
 
-template <int NT, int R>
-AVX512BF16 void dot_fp8dp(const uint8_t* const* w, const uint16_t* const* x, int64_t K, int64_t seg,
-                          const float* const* s, float* out, int64_t ldo) {
-  __m512 total[NT][R];
+template <int R>
+AVX512BF16 void dot_fp8dp(const uint8_t* w, const uint16_t* const* x, int64_t K, int64_t seg, const float* s, float* out) {
+  __m512 total[R];
   const __m512i zero = _mm512_setzero_si512();
-  for (int t = 0; t < NT; ++t) for (int r = 0; r < R; ++r) total[t][r] = _mm512_setzero_ps();
+  for (int r = 0; r < R; ++r) total[r] = _mm512_setzero_ps();
   for (int64_t k0 = 0; k0 < K; k0 += seg) {
-    __m512 acc[NT][R];
-    for (int t = 0; t < NT; ++t) for (int r = 0; r < R; ++r) acc[t][r] = _mm512_setzero_ps();
+    __m512 acc0[R], acc1[R];
+    for (int r = 0; r < R; ++r) acc0[r] = acc1[r] = _mm512_setzero_ps();
     for (int64_t k = k0; k < k0 + seg; k += 64) {
-      __m512bh x0[R], x1[R];
+      ahead(w + k);
+      const __m512i b = _mm512_loadu_si512(w + k);
+      const __m512bh w0 = e4m3_to_bf16(_mm512_unpacklo_epi8(zero, b)), w1 = e4m3_to_bf16(_mm512_unpackhi_epi8(zero, b));
       for (int r = 0; r < R; ++r) {
-        x0[r] = (__m512bh)_mm512_loadu_si512(x[r] + k);
-        x1[r] = (__m512bh)_mm512_loadu_si512(x[r] + k + 32);
-      }
-      for (int t = 0; t < NT; ++t) {
-        ahead(w[t] + k);
-        const __m512i b = _mm512_loadu_si512(w[t] + k);
-        const __m512bh w0 = e4m3_to_bf16(_mm512_unpacklo_epi8(zero, b)), w1 = e4m3_to_bf16(_mm512_unpackhi_epi8(zero, b));
-        for (int r = 0; r < R; ++r) acc[t][r] = _mm512_dpbf16_ps(_mm512_dpbf16_ps(acc[t][r], w0, x0[r]), w1, x1[r]);
+        acc0[r] = _mm512_dpbf16_ps(acc0[r], w0, (__m512bh)_mm512_loadu_si512(x[r] + k));
+        acc1[r] = _mm512_dpbf16_ps(acc1[r], w1, (__m512bh)_mm512_loadu_si512(x[r] + k + 32));
       }
     }
-    const int64_t sg = k0 / seg;
-    for (int t = 0; t < NT; ++t) {
-      const __m512 f = _mm512_set1_ps(s[t][sg]);
-      for (int r = 0; r < R; ++r) total[t][r] = _mm512_fmadd_ps(acc[t][r], f, total[t][r]);
-    }
+    const __m512 f = _mm512_set1_ps(s[k0 / seg]);
+    for (int r = 0; r < R; ++r) total[r] = _mm512_fmadd_ps(_mm512_add_ps(acc0[r], acc1[r]), f, total[r]);
   }
-  for (int t = 0; t < NT; ++t)
-    for (int r = 0; r < R; ++r) out[r * ldo + t] = _mm512_reduce_add_ps(total[t][r]);
+  for (int r = 0; r < R; ++r) out[r] = _mm512_reduce_add_ps(total[r]);
 }
 
 // NVFP4 against int8 inputs through VPDPBUSD (AVX512-VNNI, W4A8), in chunks of 256 weights (16 blocks
@@ -345,7 +335,7 @@ AVX2 void dot_nvfp4_i8_avx2(const uint8_t* w, const uint8_t* bs, const int64_t* 
 // ---- the driver: groups of rows sharing an expert, tiles of weight rows split over threads
 
 enum Isa : int64_t { kAvx2 = 0, kAvx512 = 1, kAvx512Bf16 = 2 };
-constexpr int NT = 4;  // weight rows per tile (2 when more than 4 input rows share it: registers)
+constexpr int NT = 4;  // NVFP4's weight rows per tile (2 when more than 4 input rows share it: registers)
 
 // calls CALL(tile rows, input rows) with both as constants: 1-4 x 1-4, and 1-2 x 5-8
 #define BY_SHAPE(nt, nr, CALL)                                                                   \
@@ -405,13 +395,14 @@ struct Output {
   }
 };
 
+// tile(e, n0, nt, xs, nr, out[nr][NT]) computes weight rows n0..n0+nt-1 of expert e against nr inputs;
+// `tile_rows` weight rows a tile. The float kernels take one: a thread then reads its share of the
+// weight as one sequential stream, where tiles of several short rows (a 768-wide bf16 row is 1.5 KB)
+// read as several streams restarted every few KB, at about half the rate from memory (BENCHMARKS.md).
 template <class X, class Tile>
-void drive(const Groups& g, int64_t N, const X* const* xrows, const Output& y, const Tile& tile) {
-  size_t most = 0;
-  for (const auto& r : g.rows) most = std::max(most, r.size());
-  const int64_t tile_rows = most > 4 ? 2 : NT;
+void drive(const Groups& g, int64_t N, const X* const* xrows, const Output& y, int64_t tile_rows, const Tile& tile) {
   const int64_t G = g.expert.size(), tiles = (N + tile_rows - 1) / tile_rows;
-  at::parallel_for(0, G * tiles, 4, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, G * tiles, 16 / tile_rows, [&](int64_t begin, int64_t end) {
     for (int64_t item = begin; item < end; ++item) {
       const int64_t gi = item / tiles, n0 = (item % tiles) * tile_rows, e = g.expert[gi];
       const int nt = int(std::min<int64_t>(tile_rows, N - n0));
@@ -428,42 +419,36 @@ void drive(const Groups& g, int64_t N, const X* const* xrows, const Output& y, c
   });
 }
 
-template <int NTT, int R, class W>
-void avx2_tile(const W* w, const float* const* xs, int64_t K, int64_t seg, const float* const* s, float* out) {
+// calls CALL(input rows) with the count as a constant, 1-8
+#define BY_ROWS(nr, CALL)                                                                        \
+  switch (nr) {                                                                                  \
+    case 1: CALL(1); break; case 2: CALL(2); break; case 3: CALL(3); break; case 4: CALL(4); break; \
+    case 5: CALL(5); break; case 6: CALL(6); break; case 7: CALL(7); break; case 8: CALL(8); break; \
+    default: TORCH_CHECK(false, "no kernel for ", nr, " rows");                                  \
+  }
+
+template <int R, class W>
+void avx2_row(const W& w, const float* const* xs, int64_t K, int64_t seg, const float* s, float* out) {
   if constexpr (R > 4) {  // 16 registers: at most 4 rows a pass
-    avx2_tile<NTT, 4>(w, xs, K, seg, s, out);
-    avx2_tile<NTT, R - 4>(w, xs + 4, K, seg, s, out + 4 * NT);
+    avx2_row<4>(w, xs, K, seg, s, out);
+    avx2_row<R - 4>(w, xs + 4, K, seg, s, out + 4);
   } else {
-    for (int t = 0; t < NTT; ++t) {
-      float total[R] = {}, part[R];
-      for (int64_t k0 = 0; k0 < K; k0 += seg) {
-        dot_avx2<R>(w[t], xs, k0, k0 + seg, part);
-        for (int r = 0; r < R; ++r) total[r] += part[r] * (s ? s[t][k0 / seg] * W::kScale : W::kScale);
-      }
-      for (int r = 0; r < R; ++r) out[r * NT + t] = total[r];
+    float total[R] = {}, part[R];
+    for (int64_t k0 = 0; k0 < K; k0 += seg) {
+      dot_avx2<R>(w, xs, k0, k0 + seg, part);
+      for (int r = 0; r < R; ++r) total[r] += part[r] * (s ? s[k0 / seg] * W::kScale : W::kScale);
     }
+    for (int r = 0; r < R; ++r) out[r] = total[r];
   }
 }
 
-template <int NTT, int R, class W>
-void run_tile(int64_t isa, const W* w, const float* const* xs, int64_t K, int64_t seg, const float* const* s, float* out) {
-  if (isa >= kAvx512) dot_avx512<NTT, R>(w, xs, K, seg, s, out, NT);
-  else avx2_tile<NTT, R>(w, xs, K, seg, s, out);
-}
-
-// W decoders for rows n0.. of expert e (make(e, n)), then the tile
-template <class Make>
-void float_tile(int64_t isa, const Make& make, const float* scales, int64_t N, int64_t nseg, int64_t K, int64_t e,
-                int64_t n0, int nt, const float* const* xs, int nr, float* out) {
-  using W = decltype(make(0, 0));
-  W w[NT];
-  const float* s[NT];
-  for (int t = 0; t < nt; ++t) { w[t] = make(e, n0 + t); s[t] = scales ? scales + (e * N + n0 + t) * nseg : nullptr; }
-  const float* const* sp = scales ? s : nullptr;
-  const int64_t seg = K / nseg;
-#define CALL(A, B) run_tile<A, B>(isa, w, xs, K, seg, sp, out)
-  BY_SHAPE(nt, nr, CALL)
-#undef CALL
+// weight row w (its segments' scales s, or none) against R input rows: out[r * NT]
+template <int R, class W>
+void float_row(int64_t isa, const W& w, const float* const* xs, int64_t K, int64_t seg, const float* s, float* out) {
+  float part[R];
+  if (isa >= kAvx512) dot_avx512<R>(w, xs, K, seg, s, part);
+  else avx2_row<R>(w, xs, K, seg, s, part);
+  for (int r = 0; r < R; ++r) out[r * NT] = part[r];
 }
 
 struct Prepared {
@@ -513,21 +498,27 @@ at::Tensor gemv(const at::Tensor& x, const at::Tensor& w, const c10::optional<at
   if (w.scalar_type() == at::kBFloat16 && isa == kAvx512Bf16 && x.scalar_type() == at::kBFloat16 && !s) {
     Prepared p = prepare(x, at::kBFloat16);
     const uint16_t* wp = reinterpret_cast<const uint16_t*>(w.data_ptr());
-    drive(g, N, reinterpret_cast<const uint16_t* const*>(p.rows.data()), y,
-          [&](int64_t e, int64_t n0, int nt, const uint16_t* const* xs, int nr, float* out) {
-            const uint16_t* rows[NT];
-            for (int t = 0; t < nt; ++t) rows[t] = wp + e * rowsize + (n0 + t) * K;
-#define CALL(A, B) dot_bf16dp<A, B>(rows, xs, K, out, NT)
-            BY_SHAPE(nt, nr, CALL)
+    drive(g, N, reinterpret_cast<const uint16_t* const*>(p.rows.data()), y, 1,
+          [&](int64_t e, int64_t n0, int, const uint16_t* const* xs, int nr, float* out) {
+            const uint16_t* row = wp + e * rowsize + n0 * K;
+            float part[MAXR];
+#define CALL(B) dot_bf16dp<B>(row, xs, K, part)
+            BY_ROWS(nr, CALL)
 #undef CALL
+            for (int r = 0; r < nr; ++r) out[r * NT] = part[r];
           });
     return y.y;
   }
   Prepared p = prepare(x, at::kFloat);
   const float* const* xs0 = reinterpret_cast<const float* const*>(p.rows.data());
+  const int64_t seg = K / nseg;
   auto go = [&](auto make) {
-    drive(g, N, xs0, y, [&](int64_t e, int64_t n0, int nt, const float* const* xs, int nr, float* out) {
-      float_tile(isa, make, s, N, nseg, K, e, n0, nt, xs, nr, out);
+    drive(g, N, xs0, y, 1, [&](int64_t e, int64_t n0, int, const float* const* xs, int nr, float* out) {
+      const auto w = make(e, n0);
+      const float* sr = s ? s + (e * N + n0) * nseg : nullptr;
+#define CALL(B) float_row<B>(isa, w, xs, K, seg, sr, out)
+      BY_ROWS(nr, CALL)
+#undef CALL
     });
   };
   if (w.scalar_type() == at::kFloat) {
@@ -557,14 +548,13 @@ at::Tensor gemv_fp8_bf16(const at::Tensor& x, const at::Tensor& w, const at::Ten
   const uint8_t* wp = w.data_ptr<uint8_t>();
   const float* sp = scales.data_ptr<float>();
   const int64_t seg = K / nseg;
-  drive(g, N, reinterpret_cast<const uint16_t* const*>(p.rows.data()), y,
-        [&](int64_t e, int64_t n0, int nt, const uint16_t* const* xs, int nr, float* out) {
-          const uint8_t* rows[NT];
-          const float* s[NT];
-          for (int t = 0; t < nt; ++t) { rows[t] = wp + (e * N + n0 + t) * K; s[t] = sp + (e * N + n0 + t) * nseg; }
-#define CALL(A, B) dot_fp8dp<A, B>(rows, xs, K, seg, s, out, NT)
-          BY_SHAPE(nt, nr, CALL)
+  drive(g, N, reinterpret_cast<const uint16_t* const*>(p.rows.data()), y, 1,
+        [&](int64_t e, int64_t n0, int, const uint16_t* const* xs, int nr, float* out) {
+          float part[MAXR];
+#define CALL(B) dot_fp8dp<B>(wp + (e * N + n0) * K, xs, K, seg, sp + (e * N + n0) * nseg, part)
+          BY_ROWS(nr, CALL)
 #undef CALL
+          for (int r = 0; r < nr; ++r) out[r * NT] = part[r];
         });
   return y.y;
 }
@@ -602,7 +592,9 @@ at::Tensor gemv_nvfp4_i8(const at::Tensor& x, const at::Tensor& codes, const at:
   const uint8_t* cp = codes.data_ptr<uint8_t>();
   const uint8_t* sp = block_scales.data_ptr<uint8_t>();
   const float* s = scales.data_ptr<float>();
-  drive(g, N, at.data(), y, [&](int64_t e, int64_t n0, int nt, const int64_t* const* xs, int nr, float* out) {
+  size_t most = 0;
+  for (const auto& r : g.rows) most = std::max(most, r.size());
+  drive(g, N, at.data(), y, most > 4 ? 2 : NT, [&](int64_t e, int64_t n0, int nt, const int64_t* const* xs, int nr, float* out) {
     const uint8_t* rows[NT];
     const uint8_t* bs[NT];
     int64_t which[MAXR];

@@ -67,16 +67,15 @@ def use_onednn(x: torch.Tensor, weight: torch.Tensor) -> bool:
     return size >= MIN_WORK or (rows >= MIN_ROWS and rows * size >= MIN_WORK)
 
 
-def use_bf16_kernel(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether `linear` takes nemotron.kernels' bf16 product (CPU bf16 decode)."""
-    return (x.dtype == torch.bfloat16 and weight.dtype == torch.bfloat16 and weight.dim() == 2
-            and weight.shape[1] % 32 == 0 and not (torch.is_grad_enabled() and weight.requires_grad) and kernels.applies(x))
+def use_kernel(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether `linear` takes nemotron.kernels' product (CPU decode: `kernels.serves`)."""
+    return weight.dim() == 2 and kernels.serves(x, weight)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """`F.linear`, through oneDNN or nemotron.kernels where `use_onednn` / `use_bf16_kernel` say it
-    is faster."""
-    if use_bf16_kernel(x, weight):
+    """`F.linear`, through nemotron.kernels or oneDNN where `use_kernel` / `use_onednn` say it is
+    faster."""
+    if use_kernel(x, weight):
         y = kernels.gemv(x, weight)
         return y if bias is None else y + bias
     if x.dtype == torch.bfloat16 and x.device.type == "cpu" and kernels.cpu_isa() in (kernels.AVX2, kernels.AVX512):

@@ -224,12 +224,8 @@ class Experts(nn.Module):
         return True
 
     def indexed_ok(self, x: torch.Tensor) -> bool:
-        """Whether `indexed` serves rows like x: CPU decode of bf16 experts (32-column multiples) through
-        the kernels. fp32 experts read memory no faster there than MKL or the compiled gather do."""
-        w = self.up_proj
-        return (w.dtype == torch.bfloat16 and x.dtype == w.dtype and w.shape[1] % 32 == 0
-                and w.shape[2] % 32 == 0 and not (torch.is_grad_enabled() and w.requires_grad)
-                and kernels.applies(x))
+        """Whether `indexed` serves rows like x: CPU decode through the kernels (`kernels.serves`)."""
+        return kernels.serves(x, self.up_proj) and kernels.serves(x, self.down_proj)
 
     def indexed(self, proj: str, x: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
         return kernels.gemv(x, getattr(self, proj), experts=experts)
