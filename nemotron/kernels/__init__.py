@@ -28,6 +28,7 @@ from nemotron.errors import NemotronWarning
 AVX2, AVX512, AVX512_BF16 = 0, 1, 2
 ISA_NAMES = {AVX2: "AVX2", AVX512: "AVX-512", AVX512_BF16: "AVX-512 with BF16 and VNNI"}
 MAX_ROWS = 16   # rows up to which these kernels beat a GEMM on the decoded weight
+ROW_GROUP = 4   # NVFP4 weight rows interleaved in `nvfp4_i8_order` (gemv.cpp's kGroup)
 
 _ENABLED = os.environ.get("NEMOTRON_CPU_KERNELS", "1") != "0"
 _SOURCE = os.path.join(os.path.dirname(__file__), "gemv.cpp")
@@ -93,14 +94,20 @@ def _load() -> bool:
         return False
     if _built_at() != before:   # compiled now, not loaded from the cache
         log.info("compiled the CPU decode kernels in %.1f s (once per machine)", time.perf_counter() - start)
-    for name in ("gemv", "gemv_fp8_bf16", "gemv_nvfp4_i8"):
+    for name in ("gemv", "gemv_fp8_bf16"):
         torch.library.register_fake(f"nemotron_cpu::{name}")(_fake_product)
+    torch.library.register_fake("nemotron_cpu::gemv_nvfp4_i8")(_fake_nvfp4_product)
     return True
 
 
 def _fake_product(x: torch.Tensor, w: torch.Tensor, *rest) -> torch.Tensor:
     # the output's shape for torch.compile: one row per input row, N columns (w is [.., N, K or K/2])
     return x.new_empty(x.shape[0], w.shape[-2])
+
+
+def _fake_nvfp4_product(x: torch.Tensor, codes: torch.Tensor, block_scales: torch.Tensor, scales: torch.Tensor,
+                        *rest) -> torch.Tensor:
+    return x.new_empty(x.shape[0], scales.shape[-2])   # N: the codes' rows are padded to ROW_GROUP
 
 
 def available() -> bool:
@@ -161,8 +168,8 @@ def gemv_fp8_bf16(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor,
 
 def gemv_nvfp4_i8(x: torch.Tensor, codes: torch.Tensor, block_scales: torch.Tensor, scales: torch.Tensor,
                   experts: torch.Tensor | None = None, isa: int | None = None) -> torch.Tensor:
-    """x [.., K] against NVFP4 in `nvfp4_i8_order` (codes [.., N, Kp/2], E4M3 block scales [.., N, Kp/16];
-    Kp: K rounded up to 256) and fp32 tensor scales [.., N, 1]: [.., N] in x.dtype, through VPDPBUSD
+    """x [.., K] against NVFP4 in `nvfp4_i8_order` (codes [.., Np, Kp/2], E4M3 block scales [.., Np, Kp/16];
+    Kp: K rounded up to 256, Np: N to ROW_GROUP) and fp32 tensor scales [.., N, 1]: [.., N] in x.dtype, through VPDPBUSD
     (AVX512-VNNI) or VPMADDUBSW (AVX2): W4A8. The weights are exact; x is rounded to int8 per block
     of 16 (`quantize_blocks`: scale amax / 127, nearest, ties to even); the sums are exact integers,
     scaled in fp32."""
@@ -180,16 +187,23 @@ def quantize_blocks(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def nvfp4_i8_order(codes: torch.Tensor, block_scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """E2M1 codes [.., K] (0..15, K a multiple of 16) and their E4M3 block scales' bits [.., K/16] ->
-    what `gemv_nvfp4_i8` reads: both zero-padded to a multiple of 256 columns; each 256 (16 blocks) as
-    two 64-byte halves L, byte 4j + u = code(block j, 8L + u) | code(block j, 8L + 4 + u) << 4."""
-    *lead, k = codes.shape
-    pad = -k % 256
-    c = torch.nn.functional.pad(codes.to(torch.uint8), (0, pad)).reshape(*lead, (k + pad) // 256, 16, 2, 2, 4)
-    c = c.permute(*range(len(lead)), -5, -3, -4, -1, -2)                   # [.., chunks, L, block j, u, nibble]
-    packed = c[..., 0] | (c[..., 1] << 4)
-    scales = torch.nn.functional.pad(block_scales.view(torch.uint8), (0, pad // 16))
-    return packed.reshape(*lead, (k + pad) // 2).contiguous(), scales.contiguous()
+    """E2M1 codes [.., N, K] (0..15, K a multiple of 16) and their E4M3 block scales' bits [.., N, K/16]
+    -> what `gemv_nvfp4_i8` reads, [.., Np, Kp/2] and [.., Np, Kp/16] (N zero-padded to Np, a multiple
+    of ROW_GROUP rows; K to Kp, a multiple of 256). Each row's 256 columns (16 blocks) as 128 bytes:
+    two 64-byte halves L, byte 4j + u = code(block j, 8L + u) | code(block j, 8L + 4 + u) << 4; its
+    16 block scales as 16 bytes. The rows of each group of ROW_GROUP are interleaved by those 256
+    columns (a group's first 256 columns of every row, then the next 256), so a tile of the group's
+    rows reads its codes and its block scales as two sequential streams."""
+    *lead, n, k = codes.shape
+    pad, rows = -k % 256, -n % ROW_GROUP
+    chunks = (k + pad) // 256
+    c = torch.nn.functional.pad(codes.to(torch.uint8), (0, pad, 0, rows)).reshape(*lead, n + rows, chunks, 16, 2, 2, 4)
+    c = c.permute(*range(len(lead) + 2), -3, -4, -1, -2)                   # [.., rows, chunks, L, block j, u, nibble]
+    packed = (c[..., 0] | (c[..., 1] << 4)).reshape(*lead, (n + rows) // ROW_GROUP, ROW_GROUP, chunks, 128)
+    scales = torch.nn.functional.pad(block_scales.view(torch.uint8), (0, pad // 16, 0, rows))
+    scales = scales.reshape(*lead, (n + rows) // ROW_GROUP, ROW_GROUP, chunks, 16)
+    return (packed.transpose(-3, -2).reshape(*lead, n + rows, chunks * 128).contiguous(),
+            scales.transpose(-3, -2).reshape(*lead, n + rows, chunks * 16).contiguous())
 
 
 def fp8_bf16_order(q: torch.Tensor) -> torch.Tensor:

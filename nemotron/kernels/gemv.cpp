@@ -193,10 +193,15 @@ AVX512BF16 void dot_fp8dp(const uint8_t* w, const uint16_t* const* x, int64_t K,
 // NVFP4 against int8 inputs through VPDPBUSD (AVX512-VNNI, W4A8), in chunks of 256 weights (16 blocks
 // of 16) laid out block-transposed: int32 lane j sums block j, four weights an instruction, so a
 // chunk's 16 block scales multiply once, as one vector. Per chunk 128 bytes, two loads of 64: byte
-// 4j + u of load L = code(block j, 8L + u) | code(block j, 8L + 4 + u) << 4. A code becomes the
+// 4j + u of load L = code(block j, 8L + u) | code(block j, 8L + 4 + u) << 4. The rows of each group
+// of kGroup are interleaved chunk by chunk (kGroup x 128 code bytes, then kGroup x 16 scale bytes a
+// chunk), so a tile's rows read two sequential streams. A code becomes the
 // unsigned byte 2 * value + 12 (0..24: every E2M1 value times 2 is an integer); each input block of
 // 16 is rounded to int8 with its own scale (amax / 127), and the offset 12 * sum(q) is taken off.
 // The weights are exact; the inputs carry an int8 rounding per block (`quantize_blocks`).
+constexpr int64_t kGroup = 4;                // rows interleaved (the Python side's ROW_GROUP)
+constexpr int64_t kCodeStride = 128 * kGroup, kScaleStride = 16 * kGroup;   // bytes from one chunk to the next
+
 struct QuantizedRows {
   at::Tensor q;      // [R, chunks, 4 steps, 16 blocks, 4] int8: step s of block j holds x[16j + 4s .. +3]
   at::Tensor scale;  // [R, chunks * 16] fp32: each block's amax / 127
@@ -266,15 +271,16 @@ AVX512VNNI void dot_nvfp4_i8(const uint8_t* const* w, const uint8_t* const* bs, 
   __m512 total[NT][R];
   for (int t = 0; t < NT; ++t) for (int r = 0; r < R; ++r) total[t][r] = _mm512_setzero_ps();
   for (int64_t c = 0; c < chunks; ++c) {
+    ahead(bs[0] + c * kScaleStride);   // a tile's rows share a group: one scale line a chunk
     for (int t = 0; t < NT; ++t) {
-      const uint8_t* p = w[t] + c * 128;
+      const uint8_t* p = w[t] + c * kCodeStride;
       ahead(p); ahead(p + 64);
       const __m512i b0 = _mm512_loadu_si512(p), b1 = _mm512_loadu_si512(p + 64);
       const __m512i v0 = _mm512_shuffle_epi8(table, _mm512_and_si512(b0, low));
       const __m512i v1 = _mm512_shuffle_epi8(table, _mm512_and_si512(_mm512_srli_epi16(b0, 4), low));
       const __m512i v2 = _mm512_shuffle_epi8(table, _mm512_and_si512(b1, low));
       const __m512i v3 = _mm512_shuffle_epi8(table, _mm512_and_si512(_mm512_srli_epi16(b1, 4), low));
-      const __m512 ws = FP8::cvt16(bs[t] + c * 16);   // the 16 block scales, times 2^-8
+      const __m512 ws = FP8::cvt16(bs[t] + c * kScaleStride);   // the 16 block scales, times 2^-8
       for (int r = 0; r < R; ++r) {
         const int32_t* x = xr[r].q + c * 64;
         // two chains of two (the instruction's latency, not its rate, bounds one chain of four)
@@ -311,15 +317,15 @@ AVX2 void dot_nvfp4_i8_avx2(const uint8_t* w, const uint8_t* bs, const int64_t* 
   __m256 total[R];
   for (int r = 0; r < R; ++r) total[r] = _mm256_setzero_ps();
   for (int64_t c = 0; c < chunks; ++c) {
-    const uint8_t* p = w + c * 128;
-    ahead(p); ahead(p + 64);
+    const uint8_t* p = w + c * kCodeStride;
+    ahead(p); ahead(p + 64); ahead(bs + c * kScaleStride);
     for (int h = 0; h < 2; ++h) {
       const __m256i b0 = _mm256_loadu_si256((const __m256i*)(p + 32 * h)), b1 = _mm256_loadu_si256((const __m256i*)(p + 64 + 32 * h));
       const __m256i v[4] = {_mm256_shuffle_epi8(table, _mm256_and_si256(b0, low)),
                             _mm256_shuffle_epi8(table, _mm256_and_si256(_mm256_srli_epi16(b0, 4), low)),
                             _mm256_shuffle_epi8(table, _mm256_and_si256(b1, low)),
                             _mm256_shuffle_epi8(table, _mm256_and_si256(_mm256_srli_epi16(b1, 4), low))};
-      const __m256 ws = e4m3x8(bs + c * 16 + 8 * h);
+      const __m256 ws = e4m3x8(bs + c * kScaleStride + 8 * h);
       for (int r = 0; r < R; ++r) {
         const int32_t* x = xr[r].q + c * 64 + 8 * h;   // step s of blocks 8h..8h+7 at x + 16 s
         __m256i acc = _mm256_loadu_si256((const __m256i*)(xr[r].base + c * 16 + 8 * h));
@@ -559,18 +565,22 @@ at::Tensor gemv_fp8_bf16(const at::Tensor& x, const at::Tensor& w, const at::Ten
   return y.y;
 }
 
-// codes: [E, N, Kp/2] in the block-transposed order (Kp: K rounded up to 256, zero-padded);
-// block_scales: [E, N, Kp/16] E4M3 bits; scales: [E, N, 1] fp32; x: [R, K] fp32 or bf16
+// codes: [E, Np, Kp/2] in the block-transposed, row-interleaved order (Kp: K rounded up to 256, Np: N
+// to kGroup, zero-padded); block_scales: [E, Np, Kp/16] E4M3 bits; scales: [E, N, 1] fp32; x: [R, K]
+// fp32 or bf16
 at::Tensor gemv_nvfp4_i8(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& block_scales,
                          const at::Tensor& scales, const c10::optional<at::Tensor>& experts, int64_t isa) {
   TORCH_CHECK(x.dim() == 2 && x.device().is_cpu(), "x must be a CPU tensor [rows, K]");
-  const int64_t Kp = codes.size(-1) * 2, N = codes.size(-2), R = x.size(0), K = x.size(1);
+  const int64_t Kp = codes.size(-1) * 2, Np = codes.size(-2), N = scales.size(-2), R = x.size(0), K = x.size(1);
   TORCH_CHECK(Kp % 256 == 0 && K <= Kp && Kp - K < 256, "codes must hold x's ", K, " columns in chunks of 256");
   TORCH_CHECK(codes.scalar_type() == at::kByte && block_scales.scalar_type() == at::kByte &&
                   block_scales.is_contiguous() && block_scales.numel() == codes.numel() / 8,
               "block scales: E4M3 bits, one per 16 weights");
   const Groups g = group_rows(experts, R, stack_size(codes));
-  check_scales(scales, codes, 1);
+  TORCH_CHECK(Np == (N + kGroup - 1) / kGroup * kGroup && codes.is_contiguous(), "codes must hold ", N,
+              " rows in groups of ", kGroup);
+  TORCH_CHECK(scales.scalar_type() == at::kFloat && scales.is_contiguous() && scales.numel() == stack_size(codes) * N,
+              "scales must be contiguous fp32, [E, N, 1]");
   const int64_t chunks = Kp / 256;
   const at::Tensor xc = x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kFloat ? x.contiguous() : x.to(at::kFloat).contiguous();
   QuantizedRows xq{at::empty({R, Kp}, x.options().dtype(at::kChar)), at::empty({R, chunks * 16}, x.options().dtype(at::kFloat)),
@@ -599,7 +609,11 @@ at::Tensor gemv_nvfp4_i8(const at::Tensor& x, const at::Tensor& codes, const at:
     const uint8_t* bs[NT];
     int64_t which[MAXR];
     for (int i = 0; i < nr; ++i) which[i] = *xs[i];
-    for (int t = 0; t < nt; ++t) { rows[t] = cp + (e * N + n0 + t) * (Kp / 2); bs[t] = sp + (e * N + n0 + t) * (Kp / 16); }
+    for (int t = 0; t < nt; ++t) {
+      const int64_t n = n0 + t, group = e * Np + n / kGroup * kGroup, member = n % kGroup;
+      rows[t] = cp + group * (Kp / 2) + member * 128;
+      bs[t] = sp + group * (Kp / 16) + member * 16;
+    }
     if (isa >= kAvx512Bf16) {
 #define CALL(A, B) dot_nvfp4_i8<A, B>(rows, bs, which, xq, chunks, out, NT)
       BY_SHAPE(nt, nr, CALL)

@@ -9,9 +9,11 @@ decode) and loses prefill and a single row (BENCHMARKS.md), so only those produc
 
 oneDNN's op has no autograd: anything that records gradients takes `F.linear`.
 
-bf16 decode (at most kernels.MAX_ROWS rows) takes nemotron.kernels' matrix-vector product: on
-AVX512-BF16 through VDPBF16PS, elsewhere in fp32 from the bf16 weight, fp32 sums either way; torch's
-bf16 product is bound by its arithmetic at a few rows, 1.4-2x slower (BENCHMARKS.md). On x86 CPUs
+Decode (at most kernels.MAX_ROWS rows) takes nemotron.kernels' matrix-vector product where
+`kernels.serves` says it is faster: bf16 weights (on AVX512-BF16 through VDPBF16PS, elsewhere in
+fp32 from the bf16 weight, fp32 sums either way; torch's bf16 product is bound by its arithmetic at
+a few rows, 1.4-2x slower), and fp32 weights on AVX-512, which the kernels stream from memory faster
+than MKL (BENCHMARKS.md); this takes precedence over oneDNN for those products. On x86 CPUs
 without bf16 instructions, torch's bf16 GEMM is emulated (10x slower than fp32 at 512 rows on the
 AVX2 path): larger bf16 products run in fp32 there and are rounded back."""
 
