@@ -132,3 +132,23 @@ def test_nvfp4_through_int8_products(isa, rows, k, dtype):
     exact = _reference(dequantized, rounded, experts)
     _close(y.float(), exact, 1e-6 if dtype == torch.float32 else 2 ** -8)
     _close(y.float(), _reference(dequantized, x.float(), experts), 1e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_nvfp4_decode_equals_the_torch_reference(dtype):
+    """Prefill's NVFP4 decode on AVX512-BF16 gives `formats.nvfp4_dequantize`'s values bit for bit, for
+    one weight and for a stack of experts with a scale_2 each; elsewhere it declines (None)."""
+    g = torch.Generator().manual_seed(2)
+    w = torch.randn(E, N, 96, generator=g) * torch.logspace(-4, 1, 96)
+    w[0, 0, :16] = 0                                                   # a block of zeros
+    packed, block_scales, scale_2 = formats.nvfp4_quantize(w)
+    per_expert = torch.tensor([scale_2.item(), scale_2.item() / 3, scale_2.item() * 7])
+    for p, s, s2, ref_s2 in [(packed[1], block_scales[1], scale_2, scale_2),
+                             (packed, block_scales, per_expert, per_expert[:, None, None])]:
+        got = kernels.nvfp4_decode(p, s, s2, dtype)
+        if kernels.cpu_isa() != kernels.AVX512_BF16 or not kernels.available():
+            assert got is None
+            continue
+        ref = formats.nvfp4_dequantize(p, s, ref_s2, dtype)
+        assert got.dtype == dtype and got.shape == ref.shape
+        assert torch.equal(got, ref)

@@ -177,6 +177,22 @@ def gemv_nvfp4_i8(x: torch.Tensor, codes: torch.Tensor, block_scales: torch.Tens
                                                         cpu_isa() if isa is None else isa), x)
 
 
+def nvfp4_decode(packed: torch.Tensor, block_scales: torch.Tensor, scale_2: torch.Tensor,
+                 dtype: torch.dtype) -> torch.Tensor | None:
+    """`formats.nvfp4_dequantize` (the same fp32 products, then rounded to dtype) for a CPU prefill's
+    GEMM, ~4x faster than torch's table lookup (BENCHMARKS.md): packed [.., K/2] bytes, E4M3 block
+    scales [.., K/16], scale_2 one value or one per expert of an [E, N, K/2] stack. None where it does
+    not run (the kernels off, a CPU without AVX512-BF16, not CPU tensors, another dtype, K not a
+    multiple of 16, or a torch.compile trace): the caller's torch path."""
+    if (_ISA != AVX512_BF16 or dtype not in (torch.float32, torch.bfloat16) or packed.device.type != "cpu"
+            or packed.dim() == 0 or packed.shape[-1] % 8 or torch.compiler.is_compiling() or not available()):
+        return None
+    if not (scale_2.numel() == 1 or (packed.dim() == 3 and scale_2.numel() == packed.shape[0])):
+        return None
+    return torch.ops.nemotron_cpu.nvfp4_decode(packed.contiguous(), block_scales.contiguous().view(torch.uint8),
+                                               scale_2.reshape(-1), dtype == torch.bfloat16)
+
+
 def quantize_blocks(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """What `gemv_nvfp4_i8` does to its inputs, in torch (the tests' reference): x [.., K] (K a multiple
     of 16) -> (q [.., K] int8 as float, scale [.., K/16]) with x ~ q * scale per block of 16."""

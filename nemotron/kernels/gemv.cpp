@@ -637,16 +637,64 @@ at::Tensor gemv_nvfp4_i8(const at::Tensor& x, const at::Tensor& codes, const at:
   return y.y;
 }
 
+// NVFP4 decoded to a float weight (prefill's GEMMs): packed [.., K/2] bytes (element 2j in the low
+// nibble), block_scales [.., K/16] E4M3 bits, scale_2 fp32 (one value, or one per leading index of a
+// 3-D stack) -> [.., K] fp32 or bf16: each E2M1 value times (block scale * scale_2), the fp32 products
+// of the torch reference (`formats.nvfp4_dequantize`), then rounded to bf16 (nearest even) if asked.
+AVX512BF16 void nvfp4_decode_row(const uint8_t* p, const uint8_t* bs, float s2, int64_t blocks, float* f32, uint16_t* bf16) {
+  const __m512 table = _mm512_setr_ps(0.0f, 0.5f, 1.0f, 1.5f, 2.0f, 3.0f, 4.0f, 6.0f,
+                                      -0.0f, -0.5f, -1.0f, -1.5f, -2.0f, -3.0f, -4.0f, -6.0f);
+  for (int64_t b = 0; b < blocks; ++b) {
+    const __m128i bytes = _mm_loadl_epi64((const __m128i*)(p + 8 * b));
+    const __m128i codes = _mm_unpacklo_epi8(_mm_and_si128(bytes, _mm_set1_epi8(0x0F)),
+                                            _mm_and_si128(_mm_srli_epi16(bytes, 4), _mm_set1_epi8(0x0F)));
+    // the block's E4M3 scale as FP8::cvt16 reads it (through fp16, times 2^-8), then times scale_2
+    const uint16_t h = uint16_t(int16_t(uint16_t(bs[b]) << 8) >> 1) & 0xBFFF;
+    const float step = _cvtsh_ss(h) * FP8::kScale * s2;
+    const __m512 v = _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_cvtepu8_epi32(codes), table), _mm512_set1_ps(step));
+    if (f32) _mm512_storeu_ps(f32 + 16 * b, v);
+    else _mm256_storeu_si256((__m256i*)(bf16 + 16 * b), (__m256i)_mm512_cvtneps_pbh(v));
+  }
+}
+
+at::Tensor nvfp4_decode(const at::Tensor& packed, const at::Tensor& block_scales, const at::Tensor& scale_2, bool bf16) {
+  TORCH_CHECK(packed.scalar_type() == at::kByte && packed.is_contiguous() && packed.device().is_cpu() &&
+                  packed.dim() >= 1 && packed.size(-1) % 8 == 0,
+              "packed: contiguous CPU bytes, a multiple of 8 a row");
+  const int64_t blocks = packed.size(-1) / 8, rows = packed.numel() / packed.size(-1);
+  TORCH_CHECK(block_scales.scalar_type() == at::kByte && block_scales.is_contiguous() && block_scales.numel() == rows * blocks,
+              "block scales: E4M3 bits, one per 16 weights");
+  const at::Tensor s2 = scale_2.to(at::kFloat).contiguous();
+  TORCH_CHECK(s2.numel() == 1 || (packed.dim() == 3 && s2.numel() == packed.size(0)),
+              "scale_2: one value, or one per expert of a [E, N, K/2] stack");
+  std::vector<int64_t> shape(packed.sizes().begin(), packed.sizes().end());
+  shape.back() *= 2;
+  at::Tensor out = at::empty(shape, packed.options().dtype(bf16 ? at::kBFloat16 : at::kFloat));
+  const uint8_t* p = packed.data_ptr<uint8_t>();
+  const uint8_t* bs = block_scales.data_ptr<uint8_t>();
+  const float* sp = s2.data_ptr<float>();
+  const int64_t per_scale = rows / s2.numel();
+  at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r)
+      nvfp4_decode_row(p + r * blocks * 8, bs + r * blocks, sp[r / per_scale], blocks,
+                       bf16 ? nullptr : out.data_ptr<float>() + r * blocks * 16,
+                       bf16 ? reinterpret_cast<uint16_t*>(out.data_ptr()) + r * blocks * 16 : nullptr);
+  });
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(nemotron_cpu, m) {
   m.def("gemv(Tensor x, Tensor w, Tensor? scales, Tensor? experts, int isa) -> Tensor");
   m.def("gemv_fp8_bf16(Tensor x, Tensor w, Tensor scales, Tensor? experts) -> Tensor");
   m.def("gemv_nvfp4_i8(Tensor x, Tensor codes, Tensor block_scales, Tensor scales, Tensor? experts, int isa) -> Tensor");
+  m.def("nvfp4_decode(Tensor packed, Tensor block_scales, Tensor scale_2, bool bf16) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(nemotron_cpu, CPU, m) {
   m.impl("gemv", &gemv);
   m.impl("gemv_fp8_bf16", &gemv_fp8_bf16);
   m.impl("gemv_nvfp4_i8", &gemv_nvfp4_i8);
+  m.impl("nvfp4_decode", &nvfp4_decode);
 }

@@ -23,7 +23,8 @@ The stored tensors are read as they are, except copies made once, at the first C
 codes and block scales in the kernel's order (0.56 bytes per weight) and, on AVX512-BF16, FP8's
 bytes in the kernel's order (1 byte). Scales become fp32 per output row and per 128-column block
 (FP8's 128x128 blocks). Prefill, training, and batches of more than `kernels.MAX_ROWS` rows decode the
-stored weight for a float GEMM, as before. A compiled decode step reads the copies made in eager
+stored weight for a float GEMM, as before (NVFP4 through `kernels.nvfp4_decode` on AVX512-BF16: the
+same values). A compiled decode step reads the copies made in eager
 code before it runs (`prepare_cpu_kernels` of the quantized modules).
 
 NEMOTRON_CPU_KERNELS=0 turns the kernels off (the dequantizing path everywhere)."""

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from nemotron import kernels
 from nemotron.layers.linear import linear
 from nemotron.layers.moe import dispatch
 from nemotron.quant import cpu, formats
@@ -25,6 +26,19 @@ from nemotron.quant import cpu, formats
 NVFP4_ALGOS = ("NVFP4", "W4A16_NVFP4")
 FP8_ALGOS = ("FP8", "FP8_PER_CHANNEL_PER_TOKEN", "FP8_PB_WO")
 ALGOS = NVFP4_ALGOS + FP8_ALGOS
+
+
+def nvfp4_dequantize(packed: torch.Tensor, block_scales: torch.Tensor, scale_2: torch.Tensor,
+                     dtype: torch.dtype) -> torch.Tensor:
+    """`formats.nvfp4_dequantize`, through the CPU kernels where they run (`kernels.nvfp4_decode`: the
+    same values); scale_2 one value, or one per expert of a stack [E, N, K/2]."""
+    scale_2 = torch.as_tensor(scale_2, dtype=torch.float32, device=packed.device)
+    w = kernels.nvfp4_decode(packed, block_scales, scale_2, dtype)
+    if w is not None:
+        return w
+    if scale_2.numel() > 1:
+        scale_2 = scale_2.reshape(-1, *[1] * (packed.dim() - 1))
+    return formats.nvfp4_dequantize(packed, block_scales, scale_2, dtype)
 
 
 @dataclass(frozen=True)
@@ -93,7 +107,7 @@ class QuantScheme:
 
     def dequantize(self, tensors: dict[str, torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
         if self.nvfp4:
-            return formats.nvfp4_dequantize(tensors["weight"], tensors["weight_scale"], tensors["weight_scale_2"], dtype)
+            return nvfp4_dequantize(tensors["weight"], tensors["weight_scale"], tensors["weight_scale_2"], dtype)
         return formats.fp8_dequantize(tensors["weight"], tensors["weight_scale"], dtype)
 
     def fake_quantize_input(self, x: torch.Tensor, input_scale: torch.Tensor | None) -> torch.Tensor:
@@ -290,7 +304,7 @@ class QuantExperts(_KeepsStorageDtypes):
         scale = getattr(self, f"{proj}_weight_scale").index_select(0, experts)
         if self.scheme.nvfp4:
             scale_2 = getattr(self, f"{proj}_weight_scale_2").index_select(0, experts)
-            return formats.nvfp4_dequantize(w, scale, scale_2[:, None, None], dtype)
+            return nvfp4_dequantize(w, scale, scale_2, dtype)
         step = scale[:, None, None] if scale.dim() == 1 else scale[:, :, None]   # per tensor / per channel
         return (formats.e4m3_to_float(w) * step).to(dtype)
 
