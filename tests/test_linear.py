@@ -97,17 +97,17 @@ def test_bf16_products(rows):
     assert not L.use_kernel(x.requires_grad_(), w)                   # training takes F.linear
 
 
-@pytest.mark.parametrize("rows", [1, 5, 16, 40])
+@pytest.mark.parametrize("rows", [1, 5, 8, 40])
 def test_fp32_products(rows):
-    """fp32 decode on AVX-512 takes nemotron.kernels' product (AVX2: torch's); the same fp32 sums in
-    another order, so within 1e-5 of F.linear either way."""
+    """fp32 decode (up to 15 rows) on AVX-512 takes nemotron.kernels' product (AVX2: torch's); the same
+    fp32 sums in another order, so within 1e-5 of F.linear either way."""
     from nemotron import kernels
 
     torch.manual_seed(0)
     w, b = torch.randn(200, 256) / 16, torch.randn(200)
     x = torch.randn(2, rows, 256)
     with torch.inference_mode():
-        assert L.use_kernel(x, w) == (kernels.available() and kernels.cpu_isa() != kernels.AVX2 and 2 * rows <= kernels.MAX_ROWS)
+        assert L.use_kernel(x, w) == (kernels.available() and kernels.cpu_isa() != kernels.AVX2 and 2 * rows < kernels.MAX_ROWS)
         got = linear(x, w, b)
     torch.testing.assert_close(got, F.linear(x, w, b), rtol=1e-5, atol=1e-5)
     assert not L.use_kernel(x[0, :1], w.requires_grad_())               # training takes F.linear

@@ -133,12 +133,15 @@ def serves(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether `gemv` is the faster product of x and a float weight [.., N, K] of its dtype
     (BENCHMARKS.md, `benchmarks/cpu_kernels.py`): bf16 wherever the kernels run (torch's bf16 product
     is bound by its arithmetic at a few rows); fp32 on AVX-512, where ours stream the weight faster
-    than MKL (which runs its AVX2 kernels on AMD CPUs) and no slower on Intel. K a multiple of 32, no
-    gradient recorded for the weight, `applies(x)`."""
+    than MKL (which runs its AVX2 kernels on AMD CPUs) and no slower on Intel, up to MAX_ROWS - 1 rows:
+    fp32 products of 16 rows or more stay on torch, whose GEMM gives each row the same result at any
+    row count (a prefill's states captured at a prefix-cache block boundary equal, bit for bit, those
+    of a prefill that stops there: tests/test_prefix_blocks.py). K a multiple of 32, no gradient
+    recorded for the weight, `applies(x)`."""
     if x.dtype != weight.dtype or weight.shape[-1] % 32 or (torch.is_grad_enabled() and weight.requires_grad):
         return False
     if x.dtype == torch.float32:
-        return _ISA in (AVX512, AVX512_BF16) and applies(x)
+        return _ISA in (AVX512, AVX512_BF16) and x.numel() // max(x.shape[-1], 1) < MAX_ROWS and applies(x)
     return x.dtype == torch.bfloat16 and applies(x)
 
 

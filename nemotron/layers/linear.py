@@ -12,8 +12,8 @@ oneDNN's op has no autograd: anything that records gradients takes `F.linear`.
 Decode (at most kernels.MAX_ROWS rows) takes nemotron.kernels' matrix-vector product where
 `kernels.serves` says it is faster: bf16 weights (on AVX512-BF16 through VDPBF16PS, elsewhere in
 fp32 from the bf16 weight, fp32 sums either way; torch's bf16 product is bound by its arithmetic at
-a few rows, 1.4-2x slower), and fp32 weights on AVX-512, which the kernels stream from memory faster
-than MKL (BENCHMARKS.md); this takes precedence over oneDNN for those products. On x86 CPUs
+a few rows, 1.4-2x slower), and fp32 weights on AVX-512 up to 15 rows, which the kernels stream from
+memory faster than MKL or oneDNN (BENCHMARKS.md). On x86 CPUs
 without bf16 instructions, torch's bf16 GEMM is emulated (10x slower than fp32 at 512 rows on the
 AVX2 path): larger bf16 products run in fp32 there and are rounded back."""
 
