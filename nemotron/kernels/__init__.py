@@ -141,7 +141,7 @@ def serves(x: torch.Tensor, weight: torch.Tensor) -> bool:
     if x.dtype != weight.dtype or weight.shape[-1] % 32 or (torch.is_grad_enabled() and weight.requires_grad):
         return False
     if x.dtype == torch.float32:
-        return _ISA in (AVX512, AVX512_BF16) and x.numel() // max(x.shape[-1], 1) < MAX_ROWS and applies(x)
+        return _ISA in (AVX512, AVX512_BF16) and applies(x) and x.numel() // x.shape[-1] < MAX_ROWS
     return x.dtype == torch.bfloat16 and applies(x)
 
 
@@ -183,7 +183,7 @@ def gemv_nvfp4_i8(x: torch.Tensor, codes: torch.Tensor, block_scales: torch.Tens
 def nvfp4_decode(packed: torch.Tensor, block_scales: torch.Tensor, scale_2: torch.Tensor,
                  dtype: torch.dtype) -> torch.Tensor | None:
     """`formats.nvfp4_dequantize` (the same fp32 products, then rounded to dtype) for a CPU prefill's
-    GEMM, ~4x faster than torch's table lookup (BENCHMARKS.md): packed [.., K/2] bytes, E4M3 block
+    GEMM, ~15x faster than torch's table lookup (BENCHMARKS.md): packed [.., K/2] bytes, E4M3 block
     scales [.., K/16], scale_2 one value or one per expert of an [E, N, K/2] stack. None where it does
     not run (the kernels off, a CPU without AVX512-BF16, not CPU tensors, another dtype, K not a
     multiple of 16, or a torch.compile trace): the caller's torch path."""

@@ -72,6 +72,9 @@ struct FP8 {
   static constexpr float kScale = 256.0f;
   const uint8_t* w;
   void prefetch(int64_t k) const { ahead(w + k); }
+  AVX2 static float value(uint8_t b) {   // one, times 2^-8 (the bit trick of cvt16)
+    return _cvtsh_ss(uint16_t(int16_t(uint16_t(b) << 8) >> 1) & 0xBFFF);
+  }
   AVX512 static __m512 cvt16(const uint8_t* p) {
     __m256i h = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i*)p));
     h = _mm256_and_si256(_mm256_srai_epi16(_mm256_slli_epi16(h, 8), 1), _mm256_set1_epi16(short(0xBFFF)));
@@ -87,11 +90,12 @@ struct FP8 {
   }
 };
 
-// one weight row against R input rows over [0, K): total[r] sums w * x_r per segment of `seg` weights
-// (one scale each: s[seg]); the decoded weights are shared by the R rows. Two accumulator chains a
-// row (weights k..k+15 and k+16..k+31): one chain's FMA latency would bound the row's rate.
+// one weight row against R input rows over [0, K): out[r * ldo] sums w * x_r per segment of `seg`
+// weights (one scale each: s[seg]); the decoded weights are shared by the R rows. Two accumulator
+// chains a row (weights k..k+15 and k+16..k+31): one chain's FMA latency would bound the row's rate.
 template <int R, class W>
-AVX512 void dot_avx512(const W& w, const float* const* x, int64_t K, int64_t seg, const float* s, float* out) {
+AVX512 void dot_avx512(const W& w, const float* const* x, int64_t K, int64_t seg, const float* s, float* out,
+                       int64_t ldo) {
   __m512 total[R];
   for (int r = 0; r < R; ++r) total[r] = _mm512_setzero_ps();
   for (int64_t k0 = 0; k0 < K; k0 += seg) {
@@ -109,7 +113,7 @@ AVX512 void dot_avx512(const W& w, const float* const* x, int64_t K, int64_t seg
     const __m512 f = _mm512_set1_ps(s ? s[k0 / seg] * W::kScale : W::kScale);
     for (int r = 0; r < R; ++r) total[r] = _mm512_fmadd_ps(_mm512_add_ps(acc0[r], acc1[r]), f, total[r]);
   }
-  for (int r = 0; r < R; ++r) out[r] = _mm512_reduce_add_ps(total[r]);
+  for (int r = 0; r < R; ++r) out[r * ldo] = _mm512_reduce_add_ps(total[r]);
 }
 
 AVX2 inline float hsum256(__m256 v) {
@@ -136,9 +140,9 @@ AVX2 void dot_avx2(const W& w, const float* const* x, int64_t k0, int64_t k1, fl
 }
 
 // bf16 weights against bf16 inputs: VDPBF16PS, two products per fp32 lane; one weight row against R
-// input rows, two accumulator chains (32 weights each) a row
+// input rows (out[r * ldo]), two accumulator chains (32 weights each) a row
 template <int R>
-AVX512BF16 void dot_bf16dp(const uint16_t* w, const uint16_t* const* x, int64_t K, float* out) {
+AVX512BF16 void dot_bf16dp(const uint16_t* w, const uint16_t* const* x, int64_t K, float* out, int64_t ldo) {
   __m512 acc0[R], acc1[R];
   for (int r = 0; r < R; ++r) acc0[r] = acc1[r] = _mm512_setzero_ps();
   int64_t k = 0;
@@ -154,7 +158,7 @@ AVX512BF16 void dot_bf16dp(const uint16_t* w, const uint16_t* const* x, int64_t 
     const __m512bh w0 = (__m512bh)_mm512_loadu_si512(w + k);
     for (int r = 0; r < R; ++r) acc0[r] = _mm512_dpbf16_ps(acc0[r], w0, (__m512bh)_mm512_loadu_si512(x[r] + k));
   }
-  for (int r = 0; r < R; ++r) out[r] = _mm512_reduce_add_ps(_mm512_add_ps(acc0[r], acc1[r]));
+  for (int r = 0; r < R; ++r) out[r * ldo] = _mm512_reduce_add_ps(_mm512_add_ps(acc0[r], acc1[r]));
 }
 
 // E4M3 weights against bf16 inputs through VDPBF16PS. Each 64 stored bytes hold weights k..k+63 in
@@ -168,7 +172,8 @@ AVX512BF16 inline __m512bh e4m3_to_bf16(__m512i u) {
 }
 
 template <int R>
-AVX512BF16 void dot_fp8dp(const uint8_t* w, const uint16_t* const* x, int64_t K, int64_t seg, const float* s, float* out) {
+AVX512BF16 void dot_fp8dp(const uint8_t* w, const uint16_t* const* x, int64_t K, int64_t seg, const float* s, float* out,
+                          int64_t ldo) {
   __m512 total[R];
   const __m512i zero = _mm512_setzero_si512();
   for (int r = 0; r < R; ++r) total[r] = _mm512_setzero_ps();
@@ -187,7 +192,7 @@ AVX512BF16 void dot_fp8dp(const uint8_t* w, const uint16_t* const* x, int64_t K,
     const __m512 f = _mm512_set1_ps(s[k0 / seg]);
     for (int r = 0; r < R; ++r) total[r] = _mm512_fmadd_ps(_mm512_add_ps(acc0[r], acc1[r]), f, total[r]);
   }
-  for (int r = 0; r < R; ++r) out[r] = _mm512_reduce_add_ps(total[r]);
+  for (int r = 0; r < R; ++r) out[r * ldo] = _mm512_reduce_add_ps(total[r]);
 }
 
 // NVFP4 against int8 inputs through VPDPBUSD (AVX512-VNNI, W4A8), in chunks of 256 weights (16 blocks
@@ -434,27 +439,18 @@ void drive(const Groups& g, int64_t N, const X* const* xrows, const Output& y, i
   }
 
 template <int R, class W>
-void avx2_row(const W& w, const float* const* xs, int64_t K, int64_t seg, const float* s, float* out) {
+void avx2_row(const W& w, const float* const* xs, int64_t K, int64_t seg, const float* s, float* out, int64_t ldo) {
   if constexpr (R > 4) {  // 16 registers: at most 4 rows a pass
-    avx2_row<4>(w, xs, K, seg, s, out);
-    avx2_row<R - 4>(w, xs + 4, K, seg, s, out + 4);
+    avx2_row<4>(w, xs, K, seg, s, out, ldo);
+    avx2_row<R - 4>(w, xs + 4, K, seg, s, out + 4 * ldo, ldo);
   } else {
     float total[R] = {}, part[R];
     for (int64_t k0 = 0; k0 < K; k0 += seg) {
       dot_avx2<R>(w, xs, k0, k0 + seg, part);
       for (int r = 0; r < R; ++r) total[r] += part[r] * (s ? s[k0 / seg] * W::kScale : W::kScale);
     }
-    for (int r = 0; r < R; ++r) out[r] = total[r];
+    for (int r = 0; r < R; ++r) out[r * ldo] = total[r];
   }
-}
-
-// weight row w (its segments' scales s, or none) against R input rows: out[r * NT]
-template <int R, class W>
-void float_row(int64_t isa, const W& w, const float* const* xs, int64_t K, int64_t seg, const float* s, float* out) {
-  float part[R];
-  if (isa >= kAvx512) dot_avx512<R>(w, xs, K, seg, s, part);
-  else avx2_row<R>(w, xs, K, seg, s, part);
-  for (int r = 0; r < R; ++r) out[r * NT] = part[r];
 }
 
 struct Prepared {
@@ -506,12 +502,9 @@ at::Tensor gemv(const at::Tensor& x, const at::Tensor& w, const c10::optional<at
     const uint16_t* wp = reinterpret_cast<const uint16_t*>(w.data_ptr());
     drive(g, N, reinterpret_cast<const uint16_t* const*>(p.rows.data()), y, 1,
           [&](int64_t e, int64_t n0, int, const uint16_t* const* xs, int nr, float* out) {
-            const uint16_t* row = wp + e * rowsize + n0 * K;
-            float part[MAXR];
-#define CALL(B) dot_bf16dp<B>(row, xs, K, part)
+#define CALL(B) dot_bf16dp<B>(wp + e * rowsize + n0 * K, xs, K, out, NT)
             BY_ROWS(nr, CALL)
 #undef CALL
-            for (int r = 0; r < nr; ++r) out[r * NT] = part[r];
           });
     return y.y;
   }
@@ -522,7 +515,7 @@ at::Tensor gemv(const at::Tensor& x, const at::Tensor& w, const c10::optional<at
     drive(g, N, xs0, y, 1, [&](int64_t e, int64_t n0, int, const float* const* xs, int nr, float* out) {
       const auto w = make(e, n0);
       const float* sr = s ? s + (e * N + n0) * nseg : nullptr;
-#define CALL(B) float_row<B>(isa, w, xs, K, seg, sr, out)
+#define CALL(B) isa >= kAvx512 ? dot_avx512<B>(w, xs, K, seg, sr, out, NT) : avx2_row<B>(w, xs, K, seg, sr, out, NT)
       BY_ROWS(nr, CALL)
 #undef CALL
     });
@@ -556,11 +549,9 @@ at::Tensor gemv_fp8_bf16(const at::Tensor& x, const at::Tensor& w, const at::Ten
   const int64_t seg = K / nseg;
   drive(g, N, reinterpret_cast<const uint16_t* const*>(p.rows.data()), y, 1,
         [&](int64_t e, int64_t n0, int, const uint16_t* const* xs, int nr, float* out) {
-          float part[MAXR];
-#define CALL(B) dot_fp8dp<B>(wp + (e * N + n0) * K, xs, K, seg, sp + (e * N + n0) * nseg, part)
+#define CALL(B) dot_fp8dp<B>(wp + (e * N + n0) * K, xs, K, seg, sp + (e * N + n0) * nseg, out, NT)
           BY_ROWS(nr, CALL)
 #undef CALL
-          for (int r = 0; r < nr; ++r) out[r * NT] = part[r];
         });
   return y.y;
 }
@@ -648,9 +639,7 @@ AVX512BF16 void nvfp4_decode_row(const uint8_t* p, const uint8_t* bs, float s2, 
     const __m128i bytes = _mm_loadl_epi64((const __m128i*)(p + 8 * b));
     const __m128i codes = _mm_unpacklo_epi8(_mm_and_si128(bytes, _mm_set1_epi8(0x0F)),
                                             _mm_and_si128(_mm_srli_epi16(bytes, 4), _mm_set1_epi8(0x0F)));
-    // the block's E4M3 scale as FP8::cvt16 reads it (through fp16, times 2^-8), then times scale_2
-    const uint16_t h = uint16_t(int16_t(uint16_t(bs[b]) << 8) >> 1) & 0xBFFF;
-    const float step = _cvtsh_ss(h) * FP8::kScale * s2;
+    const float step = FP8::value(bs[b]) * FP8::kScale * s2;   // block scale * scale_2
     const __m512 v = _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_cvtepu8_epi32(codes), table), _mm512_set1_ps(step));
     if (f32) _mm512_storeu_ps(f32 + 16 * b, v);
     else _mm256_storeu_si256((__m256i*)(bf16 + 16 * b), (__m256i)_mm512_cvtneps_pbh(v));
@@ -674,11 +663,12 @@ at::Tensor nvfp4_decode(const at::Tensor& packed, const at::Tensor& block_scales
   const uint8_t* bs = block_scales.data_ptr<uint8_t>();
   const float* sp = s2.data_ptr<float>();
   const int64_t per_scale = rows / s2.numel();
+  float* f32 = bf16 ? nullptr : out.data_ptr<float>();
+  uint16_t* h = bf16 ? reinterpret_cast<uint16_t*>(out.data_ptr()) : nullptr;
   at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r)
       nvfp4_decode_row(p + r * blocks * 8, bs + r * blocks, sp[r / per_scale], blocks,
-                       bf16 ? nullptr : out.data_ptr<float>() + r * blocks * 16,
-                       bf16 ? reinterpret_cast<uint16_t*>(out.data_ptr()) + r * blocks * 16 : nullptr);
+                       f32 ? f32 + r * blocks * 16 : nullptr, h ? h + r * blocks * 16 : nullptr);
   });
   return out;
 }
