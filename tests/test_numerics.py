@@ -73,3 +73,23 @@ def test_no_dt_clamp_by_default_but_config_limit_applies():
         mixer.dt_limit = (config.time_step_min, float("inf"))
         clamped = mixer(x)
     assert (free - clamped).abs().max() > 1e-6
+
+
+@pytest.mark.parametrize("window", [7, 130])
+def test_bf16_decode_attention(window):
+    """A bf16 one-token query on a CPU attends in fp32 where `BF16_DECODE_IN_FP32` (AMD: torch's bf16
+    kernel runs MKL's generic code there): exactly the fp32 kernel on the same values, rounded once,
+    and within bf16 rounding of torch's bf16 kernel. Elsewhere it is torch's bf16 kernel itself."""
+    import torch.nn.functional as F
+
+    from nemotron.layers import attention
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, h, t, 32, generator=g).bfloat16() for h, t in ((8, 1), (2, window), (2, window)))
+    mask = (torch.arange(window) <= torch.tensor([window - 1, window // 2])[:, None])[:, None, None]
+    got = attention.attend(q, k, v, mask, False, True)
+    bf16 = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+    fp32 = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask, enable_gqa=True)
+    assert got.dtype == torch.bfloat16
+    assert torch.equal(got, fp32.bfloat16() if attention.BF16_DECODE_IN_FP32 else bf16)
+    torch.testing.assert_close(got.float(), bf16.float(), rtol=2 ** -6, atol=2 ** -6)

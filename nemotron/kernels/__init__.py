@@ -31,7 +31,7 @@ MAX_ROWS = 16   # rows up to which these kernels beat a GEMM on the decoded weig
 ROW_GROUP = 4   # NVFP4 weight rows interleaved in `nvfp4_i8_order` (gemv.cpp's kGroup)
 
 _ENABLED = os.environ.get("NEMOTRON_CPU_KERNELS", "1") != "0"
-_SOURCE = os.path.join(os.path.dirname(__file__), "gemv.cpp")
+_SOURCES = [os.path.join(os.path.dirname(__file__), name) for name in ("gemv.cpp", "mamba_step.cpp")]
 _NAME = "nemotron_cpu_kernels"
 log = logging.getLogger(__name__)
 
@@ -86,7 +86,7 @@ def _load() -> bool:
 
     start, before = time.perf_counter(), _built_at()
     try:
-        cpp_extension.load(name=_NAME, sources=[_SOURCE], extra_cflags=["-O3", "-fopenmp"],
+        cpp_extension.load(name=_NAME, sources=_SOURCES, extra_cflags=["-O3", "-fopenmp"],
                            extra_ldflags=["-fopenmp"], is_python_module=False)
     except Exception as e:  # a broken toolchain must not stop inference: the torch path still runs
         warnings.warn(f"building the CPU kernels failed ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
@@ -97,6 +97,7 @@ def _load() -> bool:
     for name in ("gemv", "gemv_fp8_bf16"):
         torch.library.register_fake(f"nemotron_cpu::{name}")(_fake_product)
     torch.library.register_fake("nemotron_cpu::gemv_nvfp4_i8")(_fake_nvfp4_product)
+    torch.library.register_fake("nemotron_cpu::mamba_step")(_fake_mamba_step)
     return True
 
 
@@ -108,6 +109,10 @@ def _fake_product(x: torch.Tensor, w: torch.Tensor, *rest) -> torch.Tensor:
 def _fake_nvfp4_product(x: torch.Tensor, codes: torch.Tensor, block_scales: torch.Tensor, scales: torch.Tensor,
                         *rest) -> torch.Tensor:
     return x.new_empty(x.shape[0], scales.shape[-2])   # N: the codes' rows are padded to ROW_GROUP
+
+
+def _fake_mamba_step(zxbcdt: torch.Tensor, conv_state: torch.Tensor, ssm_state: torch.Tensor, *rest) -> torch.Tensor:
+    return zxbcdt.new_empty(zxbcdt.shape[0], ssm_state.shape[1] * ssm_state.shape[2])
 
 
 def available() -> bool:
@@ -230,3 +235,26 @@ def fp8_bf16_order(q: torch.Tensor) -> torch.Tensor:
     byte unpacks' order (stored[16j + 8h + t] = w[32h + 8j + t])."""
     *lead, k = q.shape
     return q.reshape(*lead, k // 64, 2, 4, 8).transpose(-3, -2).reshape(*lead, k).contiguous()
+
+
+def fuses_mamba_step(x: torch.Tensor, conv_state: torch.Tensor, ssm_state: torch.Tensor) -> bool:
+    """Whether `mamba_step` runs a Mamba-2 decode step of the layer input x [b, 1, H] with these states:
+    CPU inference, fp32 or bf16 activations and conv state, an fp32 SSM state (a low-precision one is
+    rounded by the torch path's own rules), contiguous states, the state size a multiple of 16."""
+    return (x.dtype in (torch.float32, torch.bfloat16) and conv_state.dtype in (torch.float32, torch.bfloat16)
+            and ssm_state.dtype == torch.float32 and ssm_state.shape[-1] % 16 == 0
+            and conv_state.is_contiguous() and ssm_state.is_contiguous() and applies(x))
+
+
+def mamba_step(zxbcdt: torch.Tensor, conv_state: torch.Tensor, ssm_state: torch.Tensor, conv_weight: torch.Tensor,
+               conv_bias: torch.Tensor | None, dt_bias: torch.Tensor, A_log: torch.Tensor, D: torch.Tensor,
+               norm_weight: torch.Tensor, groups: int, norm_groups: int, dt_limit: tuple[float, float],
+               eps: float, isa: int | None = None) -> torch.Tensor:
+    """One Mamba-2 decode step after in_proj (`Mamba2Mixer.reference_step`'s math, mamba_step.cpp):
+    zxbcdt [b, D] -> out_proj's input [b, inner] in zxbcdt's dtype; the conv and SSM states updated in
+    place. The state update rounds as the reference's; sums run in another order and exp is a
+    polynomial (within 2 ulp), so results differ from the reference's by a few fp32 ulps."""
+    isa = cpu_isa() if isa is None else isa
+    return torch.ops.nemotron_cpu.mamba_step(zxbcdt, conv_state, ssm_state, conv_weight, conv_bias, dt_bias, A_log,
+                                             D, norm_weight, groups, norm_groups, float(dt_limit[0]),
+                                             float(dt_limit[1]), eps, 0 if isa == AVX2 else 1)

@@ -347,6 +347,12 @@ AVX2 void dot_nvfp4_i8_avx2(const uint8_t* w, const uint8_t* bs, const int64_t* 
 
 enum Isa : int64_t { kAvx2 = 0, kAvx512 = 1, kAvx512Bf16 = 2 };
 constexpr int NT = 4;  // NVFP4's weight rows per tile (2 when more than 4 input rows share it: registers)
+// The float kernels' weight rows per tile, taken one after another (a thread's share of the weight
+// still reads as one sequential stream): a tile per row cost more in the driver than the product of
+// a short row (256 fp32 weights) took.
+constexpr int kRun = 8;
+constexpr int kNvfp4Run = 16;  // NVFP4's weight rows per tile: groups of NT (or 2) rows, one after another
+constexpr int LDO = 16;        // the tiles' output stride: out[input row * LDO + tile row]
 
 // calls CALL(tile rows, input rows) with both as constants: 1-4 x 1-4, and 1-2 x 5-8
 #define BY_SHAPE(nt, nr, CALL)                                                                   \
@@ -406,10 +412,11 @@ struct Output {
   }
 };
 
-// tile(e, n0, nt, xs, nr, out[nr][NT]) computes weight rows n0..n0+nt-1 of expert e against nr inputs;
-// `tile_rows` weight rows a tile. The float kernels take one: a thread then reads its share of the
-// weight as one sequential stream, where tiles of several short rows (a 768-wide bf16 row is 1.5 KB)
-// read as several streams restarted every few KB, at about half the rate from memory (BENCHMARKS.md).
+// tile(e, n0, nt, xs, nr, out[nr][LDO]) computes weight rows n0..n0+nt-1 of expert e against nr inputs;
+// `tile_rows` weight rows a tile. The float kernels read a tile's rows one after another: a thread
+// then reads its share of the weight as one sequential stream, where reading several short rows side
+// by side (a 768-wide bf16 row is 1.5 KB) reads several streams restarted every few KB, at about half
+// the rate from memory (BENCHMARKS.md).
 template <class X, class Tile>
 void drive(const Groups& g, int64_t N, const X* const* xrows, const Output& y, int64_t tile_rows, const Tile& tile) {
   const int64_t G = g.expert.size(), tiles = (N + tile_rows - 1) / tile_rows;
@@ -422,9 +429,9 @@ void drive(const Groups& g, int64_t N, const X* const* xrows, const Output& y, i
         const int nr = int(std::min<size_t>(MAXR, rows.size() - r0));
         const X* xs[MAXR];
         for (int i = 0; i < nr; ++i) xs[i] = xrows[rows[r0 + i]];
-        float out[MAXR * NT];  // [nr][NT]
+        float out[MAXR * LDO];  // [nr][LDO]
         tile(e, n0, nt, xs, nr, out);
-        for (int i = 0; i < nr; ++i) y.store(rows[r0 + i] * N + n0, out + i * NT, nt);
+        for (int i = 0; i < nr; ++i) y.store(rows[r0 + i] * N + n0, out + i * LDO, nt);
       }
     }
   });
@@ -500,9 +507,9 @@ at::Tensor gemv(const at::Tensor& x, const at::Tensor& w, const c10::optional<at
   if (w.scalar_type() == at::kBFloat16 && isa == kAvx512Bf16 && x.scalar_type() == at::kBFloat16 && !s) {
     Prepared p = prepare(x, at::kBFloat16);
     const uint16_t* wp = reinterpret_cast<const uint16_t*>(w.data_ptr());
-    drive(g, N, reinterpret_cast<const uint16_t* const*>(p.rows.data()), y, 1,
-          [&](int64_t e, int64_t n0, int, const uint16_t* const* xs, int nr, float* out) {
-#define CALL(B) dot_bf16dp<B>(wp + e * rowsize + n0 * K, xs, K, out, NT)
+    drive(g, N, reinterpret_cast<const uint16_t* const*>(p.rows.data()), y, kRun,
+          [&](int64_t e, int64_t n0, int nt, const uint16_t* const* xs, int nr, float* out) {
+#define CALL(B) for (int t = 0; t < nt; ++t) dot_bf16dp<B>(wp + e * rowsize + (n0 + t) * K, xs, K, out + t, LDO)
             BY_ROWS(nr, CALL)
 #undef CALL
           });
@@ -512,10 +519,14 @@ at::Tensor gemv(const at::Tensor& x, const at::Tensor& w, const c10::optional<at
   const float* const* xs0 = reinterpret_cast<const float* const*>(p.rows.data());
   const int64_t seg = K / nseg;
   auto go = [&](auto make) {
-    drive(g, N, xs0, y, 1, [&](int64_t e, int64_t n0, int, const float* const* xs, int nr, float* out) {
-      const auto w = make(e, n0);
+    drive(g, N, xs0, y, kRun, [&](int64_t e, int64_t n0, int nt, const float* const* xs, int nr, float* out) {
       const float* sr = s ? s + (e * N + n0) * nseg : nullptr;
-#define CALL(B) isa >= kAvx512 ? dot_avx512<B>(w, xs, K, seg, sr, out, NT) : avx2_row<B>(w, xs, K, seg, sr, out, NT)
+#define CALL(B)                                                                                        \
+  for (int t = 0; t < nt; ++t) {                                                                     \
+    const auto w = make(e, n0 + t);                                                                  \
+    if (isa >= kAvx512) dot_avx512<B>(w, xs, K, seg, sr ? sr + t * nseg : nullptr, out + t, LDO);     \
+    else avx2_row<B>(w, xs, K, seg, sr ? sr + t * nseg : nullptr, out + t, LDO);                     \
+  }
       BY_ROWS(nr, CALL)
 #undef CALL
     });
@@ -547,9 +558,10 @@ at::Tensor gemv_fp8_bf16(const at::Tensor& x, const at::Tensor& w, const at::Ten
   const uint8_t* wp = w.data_ptr<uint8_t>();
   const float* sp = scales.data_ptr<float>();
   const int64_t seg = K / nseg;
-  drive(g, N, reinterpret_cast<const uint16_t* const*>(p.rows.data()), y, 1,
-        [&](int64_t e, int64_t n0, int, const uint16_t* const* xs, int nr, float* out) {
-#define CALL(B) dot_fp8dp<B>(wp + (e * N + n0) * K, xs, K, seg, sp + (e * N + n0) * nseg, out, NT)
+  drive(g, N, reinterpret_cast<const uint16_t* const*>(p.rows.data()), y, kRun,
+        [&](int64_t e, int64_t n0, int nt, const uint16_t* const* xs, int nr, float* out) {
+#define CALL(B)                                                                                        \
+  for (int t = 0; t < nt; ++t) dot_fp8dp<B>(wp + (e * N + n0 + t) * K, xs, K, seg, sp + (e * N + n0 + t) * nseg, out + t, LDO)
           BY_ROWS(nr, CALL)
 #undef CALL
         });
@@ -595,35 +607,40 @@ at::Tensor gemv_nvfp4_i8(const at::Tensor& x, const at::Tensor& codes, const at:
   const float* s = scales.data_ptr<float>();
   size_t most = 0;
   for (const auto& r : g.rows) most = std::max(most, r.size());
-  drive(g, N, at.data(), y, most > 4 ? 2 : NT, [&](int64_t e, int64_t n0, int nt, const int64_t* const* xs, int nr, float* out) {
-    const uint8_t* rows[NT];
-    const uint8_t* bs[NT];
+  const int step = most > 4 ? 2 : NT;   // rows a kernel call
+  drive(g, N, at.data(), y, kNvfp4Run, [&](int64_t e, int64_t n0, int run, const int64_t* const* xs, int nr, float* out) {
     int64_t which[MAXR];
     for (int i = 0; i < nr; ++i) which[i] = *xs[i];
-    for (int t = 0; t < nt; ++t) {
-      const int64_t n = n0 + t, group = e * Np + n / kGroup * kGroup, member = n % kGroup;
-      rows[t] = cp + group * (Kp / 2) + member * 128;
-      bs[t] = sp + group * (Kp / 16) + member * 16;
-    }
-    if (isa >= kAvx512Bf16) {
-#define CALL(A, B) dot_nvfp4_i8<A, B>(rows, bs, which, xq, chunks, out, NT)
-      BY_SHAPE(nt, nr, CALL)
+    for (int t0 = 0; t0 < run; t0 += step) {
+      const int nt = std::min(step, run - t0);
+      const uint8_t* rows[NT];
+      const uint8_t* bs[NT];
+      for (int t = 0; t < nt; ++t) {
+        const int64_t n = n0 + t0 + t, group = e * Np + n / kGroup * kGroup, member = n % kGroup;
+        rows[t] = cp + group * (Kp / 2) + member * 128;
+        bs[t] = sp + group * (Kp / 16) + member * 16;
+      }
+      float* o = out + t0;
+      if (isa >= kAvx512Bf16) {
+#define CALL(A, B) dot_nvfp4_i8<A, B>(rows, bs, which, xq, chunks, o, LDO)
+        BY_SHAPE(nt, nr, CALL)
 #undef CALL
-    } else {
-      for (int t = 0; t < nt; ++t)
-        for (int r0 = 0; r0 < nr; r0 += 4) {   // 16 registers: at most 4 rows a pass
-          float part[4];
-          switch (std::min(4, nr - r0)) {
-            case 1: dot_nvfp4_i8_avx2<1>(rows[t], bs[t], which + r0, xq, chunks, part); break;
-            case 2: dot_nvfp4_i8_avx2<2>(rows[t], bs[t], which + r0, xq, chunks, part); break;
-            case 3: dot_nvfp4_i8_avx2<3>(rows[t], bs[t], which + r0, xq, chunks, part); break;
-            default: dot_nvfp4_i8_avx2<4>(rows[t], bs[t], which + r0, xq, chunks, part);
+      } else {
+        for (int t = 0; t < nt; ++t)
+          for (int r0 = 0; r0 < nr; r0 += 4) {   // 16 registers: at most 4 rows a pass
+            float part[4];
+            switch (std::min(4, nr - r0)) {
+              case 1: dot_nvfp4_i8_avx2<1>(rows[t], bs[t], which + r0, xq, chunks, part); break;
+              case 2: dot_nvfp4_i8_avx2<2>(rows[t], bs[t], which + r0, xq, chunks, part); break;
+              case 3: dot_nvfp4_i8_avx2<3>(rows[t], bs[t], which + r0, xq, chunks, part); break;
+              default: dot_nvfp4_i8_avx2<4>(rows[t], bs[t], which + r0, xq, chunks, part);
+            }
+            for (int i = 0; i < std::min(4, nr - r0); ++i) o[(r0 + i) * LDO + t] = part[i];
           }
-          for (int i = 0; i < std::min(4, nr - r0); ++i) out[(r0 + i) * NT + t] = part[i];
-        }
+      }
     }
     for (int i = 0; i < nr; ++i)
-      for (int t = 0; t < nt; ++t) out[i * NT + t] *= s[e * N + n0 + t];
+      for (int t = 0; t < run; ++t) out[i * LDO + t] *= s[e * N + n0 + t];
   });
   return y.y;
 }

@@ -7,8 +7,24 @@ import torch.nn.functional as F
 from torch import nn
 
 from nemotron.layers.cache import CacheMode, KVState
-from nemotron.layers.linear import Linear
+from nemotron.layers.linear import Linear, cpu_vendor
 from nemotron.layers.rope import apply_rope
+
+# torch's bf16 attention on a CPU multiplies through MKL's bf16 kernels, which run generic code on
+# AMD CPUs: a one-token query over 128-256 cached positions took 4x the time of the fp32 kernel on
+# the same values (BENCHMARKS.md). There bf16 decode attends in fp32 (q, k and v converted exactly,
+# the result rounded once; the bf16 kernel also rounds its probabilities to bf16 before P @ V).
+BF16_DECODE_IN_FP32 = cpu_vendor() == "AuthenticAMD"
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, causal: bool,
+           gqa: bool) -> torch.Tensor:
+    """`F.scaled_dot_product_attention`, in fp32 for bf16 one-token queries where `BF16_DECODE_IN_FP32`."""
+    if BF16_DECODE_IN_FP32 and q.dtype == torch.bfloat16 and q.shape[2] == 1 and q.device.type == "cpu":
+        y = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask, is_causal=causal,
+                                           enable_gqa=gqa)
+        return y.to(torch.bfloat16)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=gqa)
 
 
 class Attention(nn.Module):
@@ -53,10 +69,7 @@ class Attention(nn.Module):
                 # each query sees the keys up to its own absolute position (shorter rows: less history)
                 q_pos = torch.tensor(pos, device=x.device)[:, None] + torch.arange(t, device=x.device)
                 mask = (torch.arange(k.shape[2], device=x.device) <= q_pos[..., None])[:, None]
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=(mask is None and t > 1),
-            enable_gqa=self.num_heads != self.num_kv_heads,
-        )
+        y = attend(q, k, v, mask, mask is None and t > 1, self.num_heads != self.num_kv_heads)
         return self.o_proj(y.transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim))
 
 

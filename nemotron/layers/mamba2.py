@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from nemotron import kernels
 from nemotron.layers.cache import CacheMode, MambaState, StateCapture
 from nemotron.layers.linear import Linear
 from nemotron.layers.norm import GatedRMSNorm
@@ -93,8 +94,17 @@ class Mamba2Mixer(nn.Module):
         return dt, -torch.exp(_f32(self.A_log))
 
     def step(self, x: torch.Tensor, state: MambaState) -> torch.Tensor:
-        """Decode: one token per row through the recurrent form, written for few kernel launches
-        (same math as `forward`: fp32 conv, dt, decay and state; output rounded before the norm)."""
+        """Decode: one token per row through the recurrent form (same math as `forward`: fp32 conv, dt,
+        decay and state; output rounded before the norm). On a CPU where `kernels.fuses_mamba_step`
+        allows, everything between the two projections is one kernel call; elsewhere `reference_step`."""
+        if not kernels.fuses_mamba_step(x, state.conv, state.ssm):
+            return self.reference_step(x, state)
+        return self.out_proj(kernels.mamba_step(
+            self.in_proj(x[:, 0]), state.conv, state.ssm, self.conv1d.weight, self.conv1d.bias, self.dt_bias,
+            self.A_log, self.D, self.norm.weight, self.n_groups, self.norm.groups, self.dt_limit, self.norm.eps))[:, None]
+
+    def reference_step(self, x: torch.Tensor, state: MambaState) -> torch.Tensor:
+        """`step` in torch operations, written for few kernel launches (the fused kernel's test oracle)."""
         b = x.shape[0]
         h, p, g, n = self.num_heads, self.head_dim, self.n_groups, self.state_size
         i, c = self.inner, self.conv_dim
