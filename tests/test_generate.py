@@ -265,6 +265,35 @@ def test_compiled_decode_matches_eager(tiny):
     assert [r.output_ids for r in compiled] == [r.output_ids for r in eager]
 
 
+def test_compiled_engines_of_different_caches_interleave(tiny):
+    """Two engines on one model's compiled step, caches of different layouts (the model dtype's KV
+    and FP8 KV: two graphs), stepped in turn: each picks the tokens it picks alone. After a cache's
+    first step in a batch the guards that tell the graphs apart are the only ones evaluated
+    (`CompiledDecode`); they must still send each step to its own cache's graph."""
+    from nemotron.layers.cache import CacheOptions
+
+    prompts = _prompts(60, seed=8)[:2]
+
+    def engine(kv: str, reqs):
+        return Engine(tiny.model, max_batch=2, max_len=64, compile=True, cache_options=CacheOptions(kv_dtype=kv))
+
+    alone, engines, turns = [], [], []
+    for kv in ("auto", "fp8"):
+        reqs = [Request(p, SamplingParams(max_new_tokens=6, temperature=0)) for p in prompts]
+        list(engine(kv, reqs).run(reqs))
+        alone.append([r.output_ids for r in reqs])
+        turns.append([Request(p, SamplingParams(max_new_tokens=6, temperature=0)) for p in prompts])
+        engines.append(engine(kv, turns[-1]))
+        for r in turns[-1]:
+            engines[-1].submit(r)
+    while any(e.running or e.waiting or e.prefilling for e in engines):
+        for e in engines:
+            e.step()
+    assert [[r.output_ids for r in reqs] for reqs in turns] == alone
+    kv = [{s.k.dtype for s in e.cache.layers if hasattr(s, "k")} for e in engines]
+    assert kv[0] != kv[1] and torch.float8_e4m3fn in kv[1]   # two graphs
+
+
 def test_default_rule_switches_to_the_compiled_step_between_batches(tiny, monkeypatch):
     """By default (NEMOTRON_COMPILE unset) a model decodes eagerly until it has spent COMPILE_AFTER_S
     seconds in eager steps; the engine's next batch then starts on the compiled step and picks the

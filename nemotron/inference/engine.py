@@ -508,7 +508,7 @@ class Engine:
         # of the capacity: a view of the whole buffer (contiguous) would take a graph of its own
         window = min(self.cache.capacity - 1, -(-(int(view.seq_lens.max()) + 1) // STATIC_WINDOW) * STATIC_WINDOW)
         try:
-            logits = self.compiled_step(ids, view.first(window), view.seq_lens.to(self.device))
+            logits = self.compiled_step(ids, view.first(window), view.seq_lens.to(self.device), source=self.cache)
         except Exception as exc:
             # a failed compile raises before the graph runs, so the cache is as it was
             if self.compile is not None or not self.compiled_step.compiles(ids):

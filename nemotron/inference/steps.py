@@ -153,10 +153,11 @@ class CompiledDecode:
     def prepare(self) -> None:
         """Layers that keep a copy of their weights in a CPU kernel's layout (quantized layers) make or
         refresh it in eager code, where their stored tensors' changes are seen; the compiled graph
-        reads it. Engines call this when a batch starts."""
+        reads it. Engines call this when a batch starts; the guards of the next calls run in full."""
         for m in self.model.modules():
             if hasattr(m, "prepare_cpu_kernels"):
                 m.prepare_cpu_kernels()
+        self._guarded: set[tuple[str, int]] = set()
 
     @staticmethod
     def _shape(ids: torch.Tensor) -> str:
@@ -167,10 +168,23 @@ class CompiledDecode:
         """Whether a call on `ids` compiles first (no graph for its shape yet)."""
         return self._shape(ids) not in self.compile_seconds
 
-    def __call__(self, ids: torch.Tensor, cache: HybridCache, positions: torch.Tensor) -> torch.Tensor:
+    def __call__(self, ids: torch.Tensor, cache: HybridCache, positions: torch.Tensor,
+                 source: object | None = None) -> torch.Tensor:
+        """The step's logits. source: the cache that `cache` is a view of. Its first call for a shape
+        after `prepare` (a batch's start) evaluates the graph's guards in full; its later calls run
+        only the guards that tell the shapes' graphs apart (`skip_guard_eval_unsafe`). The other
+        guards check what a batch cannot change (the model's tensors, the cache's dtypes and layout),
+        and on a CPU their evaluation took ~10% of a 125M model's compiled step (BENCHMARKS.md)."""
         shape = self._shape(ids)
         if shape in self.compile_seconds:
-            return self.step(ids, cache, positions)
+            key = (shape, id(source))
+            if source is not None and key in self._guarded:
+                with torch.compiler.set_stance("default", skip_guard_eval_unsafe=True):
+                    return self.step(ids, cache, positions)
+            out = self.step(ids, cache, positions)
+            if source is not None:
+                self._guarded.add(key)
+            return out
         start = time.perf_counter()
         # without duck shaping, the attention window (a size of the cache's KV views) keeps a symbol of
         # its own rather than one shared with an equal size (a Mamba state's) that the model fixes

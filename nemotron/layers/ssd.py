@@ -155,12 +155,16 @@ def ssd_chunked(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Ten
     b, L, h, p = x.shape
     g, n = B.shape[2], B.shape[3]
     Q = chunk_size
-    pad = (-L) % Q
-    c = (L + pad) // Q
     if state_at is not None:
         bad = [s for s in state_at if not (0 < s <= L and (s % Q == 0 or s == L))]
         if bad:
             raise ValueError(f"states are kept at chunk boundaries ({Q}) or the end ({L}), not at {bad}")
+    # a sequence within one chunk is padded to a multiple of 16, not to chunk_size: a 32-token prompt's
+    # scan did 4x the work in a chunk of 128 (and has no chunk boundary to keep a state at)
+    if 0 < L < Q:
+        Q = min(Q, -(-L // 16) * 16)
+    pad = (-L) % Q
+    c = (L + pad) // Q
     if pad:
         x = F.pad(x, (0, 0, 0, 0, 0, pad))
         dt = F.pad(dt, (0, 0, 0, pad))
