@@ -12,12 +12,17 @@ runs on the same weights and inputs, alternated, in rounds; medians of the round
   project ran before) | ours on the FP8 (E4M3) weights as stored
 - 4-bit: torch's int4 kernel on the weights re-rounded to 4 bits per 32 (min-max) | ours on NVFP4
 
+With --mamba-step: a Mamba-2 layer's decode step (`Mamba2Mixer.step`: its two products and one
+fused kernel between them) against the same step in torch operations (`Mamba2Mixer.reference_step`),
+on the 125M model's Mamba layer (hidden 768, 24 heads of 64, state 128, 8 groups) and the small
+model's of benchmarks/generation.py (hidden 256, 16 heads of 32, state 128, 2 groups), fp32 and bf16.
+
 With --instructions: the time of one instruction of each kind the kernels' inner loops rest on,
 8 independent accumulators in flight (a throughput, not a latency), on one core: VDPBF16PS (bf16,
 32 products), VPDPBUSD (int8, 64 products), VFMADD231PS (fp32, 16 products). Needs AVX512-BF16
 and VNNI.
 
-    python benchmarks/cpu_kernels.py [--rows 1] [--threads 2] [--rounds 7] [--instructions]
+    python benchmarks/cpu_kernels.py [--rows 1] [--threads 2] [--rounds 7] [--instructions | --mamba-step]
 """
 
 from __future__ import annotations
@@ -109,12 +114,43 @@ def instructions() -> None:
         print(f"{name:34s} {ns:6.2f} ns an instruction")
 
 
+def mamba_step(rows: int, rounds: int) -> None:
+    from nemotron.layers.mamba2 import Mamba2Mixer
+
+    print(f"Mamba-2 decode step, {rows} row(s), {torch.get_num_threads()} thread(s), median of {rounds} rounds")
+    print(f"{'layer':42s} {'torch us':>9s} {'fused us':>9s} {'torch/fused':>12s}")
+    for hidden, heads, head_dim, groups in ((768, 24, 64, 8), (256, 16, 32, 2)):
+        for dtype in (torch.float32, torch.bfloat16):
+            torch.manual_seed(0)
+            m = Mamba2Mixer(hidden, heads, head_dim, 128, groups).to(dtype)
+            state = m.new_state(rows, dtype, torch.float32, "cpu")
+            x = torch.randn(rows, 1, hidden).to(dtype)
+            if not kernels.fuses_mamba_step(x, state.conv, state.ssm):
+                raise SystemExit("the fused step does not run here")
+            sides = (m.reference_step, m.step)
+            times: list[list[float]] = [[], []]
+            with torch.inference_mode():
+                for r in range(rounds):
+                    for side in ((0, 1) if r % 2 == 0 else (1, 0)):
+                        for _ in range(20):
+                            sides[side](x, state)
+                        t = time.perf_counter()
+                        for _ in range(200):
+                            sides[side](x, state)
+                        times[side].append((time.perf_counter() - t) / 200)
+            a, b = statistics.median(times[0]), statistics.median(times[1])
+            ratio = statistics.median(x / y for x, y in zip(*times))
+            name = f"hidden {hidden}, {heads} heads of {head_dim}, {str(dtype)[6:]}"
+            print(f"{name:42s} {a * 1e6:9.1f} {b * 1e6:9.1f} {ratio:11.2f}x")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rows", type=int, default=1)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--instructions", action="store_true", help="time the instructions, not the kernels")
+    parser.add_argument("--mamba-step", action="store_true", help="time the fused Mamba decode step, not the products")
     args = parser.parse_args()
     if args.instructions:
         if kernels.cpu_isa() != kernels.AVX512_BF16:
@@ -123,6 +159,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     if not kernels.available():
         raise SystemExit("the CPU kernels do not run here")
+    if args.mamba_step:
+        return mamba_step(args.rows, args.rounds)
     torch.manual_seed(0)
     ws = [torch.randn(s) * 0.05 for s in SHAPES]
     xs = {k: torch.randn(args.rows, k) for k in {s[1] for s in SHAPES}}

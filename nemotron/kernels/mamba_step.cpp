@@ -59,30 +59,24 @@ AVX2 __m256 exp256(__m256 x) {
   return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
 }
 
-// v / (1 + exp(-v)) in place over n values
-AVX512 void silu_avx512(float* v, int64_t n) {
-  int64_t i = 0;
-  const __m512 one = _mm512_set1_ps(1.0f), zero = _mm512_setzero_ps();
-  for (; i + 16 <= n; i += 16) {
-    const __m512 x = _mm512_loadu_ps(v + i);
-    _mm512_storeu_ps(v + i, _mm512_div_ps(x, _mm512_add_ps(one, exp512(_mm512_sub_ps(zero, x)))));
-  }
-  if (i < n) {
-    const __mmask16 m = __mmask16((1u << (n - i)) - 1);
-    const __m512 x = _mm512_maskz_loadu_ps(m, v + i);
-    _mm512_mask_storeu_ps(v + i, m, _mm512_div_ps(x, _mm512_add_ps(one, exp512(_mm512_sub_ps(zero, x)))));
-  }
-}
+#define OP512(name) _mm512_##name
+#define OP256(name) _mm256_##name
 
-AVX2 void silu_avx2(float* v, int64_t n) {
-  int64_t i = 0;
-  const __m256 one = _mm256_set1_ps(1.0f), zero = _mm256_setzero_ps();
-  for (; i + 8 <= n; i += 8) {
-    const __m256 x = _mm256_loadu_ps(v + i);
-    _mm256_storeu_ps(v + i, _mm256_div_ps(x, _mm256_add_ps(one, exp256(_mm256_sub_ps(zero, x)))));
+// v / (1 + exp(-v)) in place over n values, W at a time (the tail through the C library's exp); one
+// body for both instruction sets: VEC the vector type, OP(name) its intrinsic, EXP its exp
+#define SILU(NAME, TARGET, VEC, W, OP, EXP)                                                           \
+  TARGET void NAME(float* v, int64_t n) {                                                             \
+    const VEC one = OP(set1_ps)(1.0f), zero = OP(setzero_ps)();                                       \
+    int64_t i = 0;                                                                                    \
+    for (; i + W <= n; i += W) {                                                                      \
+      const VEC x = OP(loadu_ps)(v + i);                                                              \
+      OP(storeu_ps)(v + i, OP(div_ps)(x, OP(add_ps)(one, EXP(OP(sub_ps)(zero, x)))));                 \
+    }                                                                                                 \
+    for (; i < n; ++i) v[i] = v[i] / (1.0f + std::exp(-v[i]));                                       \
   }
-  for (; i < n; ++i) v[i] = v[i] / (1.0f + std::exp(-v[i]));
-}
+
+SILU(silu_avx512, AVX512, __m512, 16, OP512, exp512)
+SILU(silu_avx2, AVX2, __m256, 8, OP256, exp256)
 
 void silu(float* v, int64_t n, int64_t isa) {
   if (isa >= kAvx512) silu_avx512(v, n);
@@ -119,59 +113,32 @@ void conv(int64_t K, S* state, const float* in, const float* w, const float* bia
 }
 
 // the P rows of one head: s[p, :] = s * decay + xdt[p] * B (three roundings, as mul_ then addcmul_),
-// y[p] = sum_n s[p, n] C[n]; N a multiple of 16 (AVX-512) or 8 (AVX2)
-AVX512 void head_avx512(float* s, const float* xdt, const float* B, const float* C, float decay, int64_t P,
-                        int64_t N, float* y) {
-  const __m512 d = _mm512_set1_ps(decay);
-  for (int64_t p = 0; p < P; ++p, s += N) {
-    const __m512 xv = _mm512_set1_ps(xdt[p]);
-    __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
-    int64_t n = 0;
-    for (; n + 32 <= N; n += 32) {
-      const __m512 a = _mm512_add_ps(_mm512_mul_ps(_mm512_loadu_ps(s + n), d), _mm512_mul_ps(xv, _mm512_loadu_ps(B + n)));
-      const __m512 b = _mm512_add_ps(_mm512_mul_ps(_mm512_loadu_ps(s + n + 16), d),
-                                     _mm512_mul_ps(xv, _mm512_loadu_ps(B + n + 16)));
-      _mm512_storeu_ps(s + n, a);
-      _mm512_storeu_ps(s + n + 16, b);
-      acc0 = _mm512_fmadd_ps(a, _mm512_loadu_ps(C + n), acc0);
-      acc1 = _mm512_fmadd_ps(b, _mm512_loadu_ps(C + n + 16), acc1);
-    }
-    for (; n < N; n += 16) {
-      const __m512 a = _mm512_add_ps(_mm512_mul_ps(_mm512_loadu_ps(s + n), d), _mm512_mul_ps(xv, _mm512_loadu_ps(B + n)));
-      _mm512_storeu_ps(s + n, a);
-      acc0 = _mm512_fmadd_ps(a, _mm512_loadu_ps(C + n), acc0);
-    }
-    y[p] = _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
+// y[p] = sum_n s[p, n] C[n]; N a multiple of W (the vector width), two accumulators a row. One body
+// for both instruction sets: VEC is the vector type, OP(name) its intrinsic, HSUM its lane sum.
+#define MAMBA_HEAD(NAME, TARGET, VEC, W, OP, HSUM)                                                    \
+  TARGET void NAME(float* s, const float* xdt, const float* B, const float* C, float decay, int64_t P, \
+                   int64_t N, float* y) {                                                             \
+    const VEC d = OP(set1_ps)(decay);                                                                 \
+    for (int64_t p = 0; p < P; ++p, s += N) {                                                         \
+      const VEC xv = OP(set1_ps)(xdt[p]);                                                             \
+      VEC acc[2] = {OP(setzero_ps)(), OP(setzero_ps)()};                                              \
+      for (int64_t n = 0; n < N; n += W) {                                                            \
+        const VEC a = OP(add_ps)(OP(mul_ps)(OP(loadu_ps)(s + n), d), OP(mul_ps)(xv, OP(loadu_ps)(B + n))); \
+        OP(storeu_ps)(s + n, a);                                                                      \
+        acc[(n / W) & 1] = OP(fmadd_ps)(a, OP(loadu_ps)(C + n), acc[(n / W) & 1]);                    \
+      }                                                                                               \
+      y[p] = HSUM(OP(add_ps)(acc[0], acc[1]));                                                        \
+    }                                                                                                 \
   }
+
+AVX2 inline float hsum256(__m256 v) {
+  __m128 q = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  q = _mm_add_ps(q, _mm_movehl_ps(q, q));
+  return _mm_cvtss_f32(_mm_add_ss(q, _mm_movehdup_ps(q)));
 }
 
-AVX2 void head_avx2(float* s, const float* xdt, const float* B, const float* C, float decay, int64_t P,
-                    int64_t N, float* y) {
-  const __m256 d = _mm256_set1_ps(decay);
-  for (int64_t p = 0; p < P; ++p, s += N) {
-    const __m256 xv = _mm256_set1_ps(xdt[p]);
-    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
-    int64_t n = 0;
-    for (; n + 16 <= N; n += 16) {
-      const __m256 a = _mm256_add_ps(_mm256_mul_ps(_mm256_loadu_ps(s + n), d), _mm256_mul_ps(xv, _mm256_loadu_ps(B + n)));
-      const __m256 b = _mm256_add_ps(_mm256_mul_ps(_mm256_loadu_ps(s + n + 8), d),
-                                     _mm256_mul_ps(xv, _mm256_loadu_ps(B + n + 8)));
-      _mm256_storeu_ps(s + n, a);
-      _mm256_storeu_ps(s + n + 8, b);
-      acc0 = _mm256_fmadd_ps(a, _mm256_loadu_ps(C + n), acc0);
-      acc1 = _mm256_fmadd_ps(b, _mm256_loadu_ps(C + n + 8), acc1);
-    }
-    for (; n < N; n += 8) {
-      const __m256 a = _mm256_add_ps(_mm256_mul_ps(_mm256_loadu_ps(s + n), d), _mm256_mul_ps(xv, _mm256_loadu_ps(B + n)));
-      _mm256_storeu_ps(s + n, a);
-      acc0 = _mm256_fmadd_ps(a, _mm256_loadu_ps(C + n), acc0);
-    }
-    const __m256 v = _mm256_add_ps(acc0, acc1);
-    __m128 q = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    q = _mm_add_ps(q, _mm_movehl_ps(q, q));
-    y[p] = _mm_cvtss_f32(_mm_add_ss(q, _mm_movehdup_ps(q)));
-  }
-}
+MAMBA_HEAD(head_avx512, AVX512, __m512, 16, OP512, _mm512_reduce_add_ps)
+MAMBA_HEAD(head_avx2, AVX2, __m256, 8, OP256, hsum256)
 
 // a small parameter as contiguous fp32: itself when it is (no copy), else converted
 struct Floats {
