@@ -254,7 +254,6 @@ def mamba_step(zxbcdt: torch.Tensor, conv_state: torch.Tensor, ssm_state: torch.
     zxbcdt [b, D] -> out_proj's input [b, inner] in zxbcdt's dtype; the conv and SSM states updated in
     place. The state update rounds as the reference's; sums run in another order and exp is a
     polynomial (within 2 ulp), so results differ from the reference's by a few fp32 ulps."""
-    isa = cpu_isa() if isa is None else isa
     return torch.ops.nemotron_cpu.mamba_step(zxbcdt, conv_state, ssm_state, conv_weight, conv_bias, dt_bias, A_log,
                                              D, norm_weight, groups, norm_groups, float(dt_limit[0]),
-                                             float(dt_limit[1]), eps, 0 if isa == AVX2 else 1)
+                                             float(dt_limit[1]), eps, cpu_isa() if isa is None else isa)

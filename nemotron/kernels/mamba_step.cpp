@@ -25,7 +25,7 @@ namespace {
 #define AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma")))
 #define AVX2 __attribute__((target("avx2,fma")))
 
-enum Isa : int64_t { kAvx2 = 0, kAvx512 = 1 };
+enum Isa : int64_t { kAvx2 = 0, kAvx512 = 1 };   // the callers' codes (gemv.cpp's; AVX512-BF16 runs the AVX-512 path)
 
 inline float bf16_round(float v) { return float(c10::BFloat16(v)); }
 
