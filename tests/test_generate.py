@@ -398,3 +398,23 @@ def test_bad_requests_raise_clear_errors(tiny):
     with pytest.raises(ValueError, match="top_p"):
         reqs = [Request([1, 2], SamplingParams(max_new_tokens=2, top_p=0.0))]
         list(Engine.for_requests(tiny.model, reqs).run(reqs))
+
+
+def test_compiled_step_finds_another_graph_in_the_middle_of_a_batch():
+    """After a batch's first step only the guards that tell the step's graphs apart are evaluated;
+    when a later step needs another graph (here a host read picks a loop count, as the expert
+    counts of a large batch's MoE dispatch do), the step runs with its guards in full, not an error."""
+    from nemotron.inference.steps import CompiledDecode
+
+    class HostRead(torch.nn.Module):
+        def forward(self, ids, cache, mode, positions):
+            x = ids.float()[..., None] + cache
+            for _ in range(int(positions.max()) % 3):   # a graph break, then a graph per count
+                x = x * 2
+            return x
+
+    step, cache, source = CompiledDecode(HostRead()), torch.ones(2, 1, 4), object()
+    ids = torch.tensor([[1], [2]])
+    for t in range(5):
+        out = step(ids, cache, torch.tensor([t, 0]), source=source)
+        assert torch.equal(out, (ids.float() + 1).expand(2, 4) * 2 ** (t % 3)), t
