@@ -400,21 +400,35 @@ def test_bad_requests_raise_clear_errors(tiny):
         list(Engine.for_requests(tiny.model, reqs).run(reqs))
 
 
-def test_compiled_step_finds_another_graph_in_the_middle_of_a_batch():
-    """After a batch's first step only the guards that tell the step's graphs apart are evaluated;
-    when a later step needs another graph (here a host read picks a loop count, as the expert
-    counts of a large batch's MoE dispatch do), the step runs with its guards in full, not an error."""
+def test_compiled_step_that_breaks_its_graph_evaluates_every_guard():
+    """A step that reads a value to the host (as a large batch's MoE dispatch reads its expert
+    counts) compiles as several graphs, and a later one can need another graph after the first has
+    run: such a step never skips guards, and every step gives the eager result. A one-graph step
+    that needs another graph mid-batch finds it too."""
     from nemotron.inference.steps import CompiledDecode
 
     class HostRead(torch.nn.Module):
         def forward(self, ids, cache, mode, positions):
+            cache += 1   # the step's state update, before the host read
             x = ids.float()[..., None] + cache
             for _ in range(int(positions.max()) % 3):   # a graph break, then a graph per count
                 x = x * 2
             return x
 
-    step, cache, source = CompiledDecode(HostRead()), torch.ones(2, 1, 4), object()
+    class OneGraph(torch.nn.Module):
+        def forward(self, ids, cache, mode, positions):
+            cache += 1
+            return ids.float()[..., None] + cache * positions.max()   # positions' values: no guard
+
     ids = torch.tensor([[1], [2]])
+    step, cache, source = CompiledDecode(HostRead()), torch.zeros(2, 1, 4), object()
     for t in range(5):
         out = step(ids, cache, torch.tensor([t, 0]), source=source)
-        assert torch.equal(out, (ids.float() + 1).expand(2, 4) * 2 ** (t % 3)), t
+        assert torch.equal(out, (ids.float() + t + 1).expand(2, 4) * 2 ** (t % 3)), t
+    assert step.graph_breaks == {"batch > 1"}
+    step, cache = CompiledDecode(OneGraph()), torch.zeros(2, 1, 4)
+    for t in range(3):
+        assert torch.equal(step(ids, cache, torch.tensor([t, 0]), source=source), (ids.float() + (t + 1) * t).expand(2, 4))
+    out = step(ids[:, :1].expand(2, 1).contiguous().float().long(), cache.expand(2, 1, 4).contiguous(),
+               torch.tensor([1, 0]), source=source)
+    assert not step.graph_breaks and out.shape == (2, 4)

@@ -139,15 +139,25 @@ def use_compiled_decode(model: nn.Module, requested: bool | None = None, long_ru
 class CompiledDecode:
     """The model's decode step under torch.compile (mode "static": positions as a tensor, the KV
     window the caller passes read under a mask, symbolic shapes). A call that compiles (the first one
-    for batch 1, then for larger batches) is timed, logged and kept in `compile_seconds`."""
+    for batch 1, then for larger batches) is timed, logged and kept in `compile_seconds`.
+
+    The step is compiled as one graph where it can be. Where tracing it meets a graph break (a host
+    read: a large CPU batch's MoE dispatch reads its expert counts), that shape's step runs as several
+    graphs (`graph_breaks`), whose guards are always evaluated in full: a guard failing in a later
+    graph would come after the earlier graphs had updated the cache."""
 
     def __init__(self, model: nn.Module) -> None:
         def step(ids: torch.Tensor, cache: HybridCache, positions: torch.Tensor) -> torch.Tensor:
             return model(ids, cache, mode="static", positions=positions)[:, -1]
 
+        def step_in_pieces(ids: torch.Tensor, cache: HybridCache, positions: torch.Tensor) -> torch.Tensor:
+            return step(ids, cache, positions)   # a code object of its own: graphs cached apart
+
         self.model = model
-        self.step = torch.compile(step, dynamic=True)
+        self.step = torch.compile(step, dynamic=True, fullgraph=True)
+        self.step_in_pieces = torch.compile(step_in_pieces, dynamic=True)
         self.compile_seconds: dict[str, float] = {}
+        self.graph_breaks: set[str] = set()
         self.prepare()
 
     def prepare(self) -> None:
@@ -172,22 +182,23 @@ class CompiledDecode:
                  source: object | None = None) -> torch.Tensor:
         """The step's logits. source: the cache that `cache` is a view of. Its first call for a shape
         after `prepare` (a batch's start) evaluates the graph's guards in full; its later calls run
-        only the guards that tell the shapes' graphs apart (`skip_guard_eval_unsafe`). The other
-        guards check what a batch cannot change (the model's tensors, the cache's dtypes and layout),
-        and on a CPU their evaluation took ~10% of a 125M model's compiled step (BENCHMARKS.md)."""
+        only the guards that tell the shapes' graphs apart (`skip_guard_eval_unsafe`), where the step
+        is one graph. The other guards check what a batch cannot change (the model's tensors, the
+        cache's dtypes and layout), and on a CPU their evaluation took ~10% of a 125M model's
+        compiled step (BENCHMARKS.md)."""
         shape = self._shape(ids)
         if shape in self.compile_seconds:
             key = (shape, id(source))
-            if source is not None and key in self._guarded:
+            if source is not None and key in self._guarded and shape not in self.graph_breaks:
                 try:
                     with torch.compiler.set_stance("default", skip_guard_eval_unsafe=True):
                         return self.step(ids, cache, positions)
                 except RuntimeError as exc:
-                    # the guards that tell the graphs apart failed, before anything ran: this call
-                    # needs another graph, which the guards in full find (or compile)
+                    # one graph: its guards failed before it ran, so the call runs again with every
+                    # guard, which finds (or compiles) the graph it needs
                     if "skip_guard_eval_unsafe" not in str(exc):
                         raise
-            out = self.step(ids, cache, positions)
+            out = self._run(shape, ids, cache, positions)
             if source is not None:
                 self._guarded.add(key)
             return out
@@ -195,10 +206,18 @@ class CompiledDecode:
         # without duck shaping, the attention window (a size of the cache's KV views) keeps a symbol of
         # its own rather than one shared with an equal size (a Mamba state's) that the model fixes
         with fx_config.patch(use_duck_shape=False):
-            out = self.step(ids, cache, positions)
+            out = self._run(shape, ids, cache, positions)
         self.compile_seconds[shape] = seconds = time.perf_counter() - start
         log.info("compiled the decode step for %s in %.1f s (once per model and process)", shape, seconds)
         return out
+
+    def _run(self, shape: str, ids: torch.Tensor, cache: HybridCache, positions: torch.Tensor) -> torch.Tensor:
+        if shape not in self.graph_breaks:
+            try:
+                return self.step(ids, cache, positions)
+            except torch._dynamo.exc.TorchDynamoException:   # raised while compiling: nothing ran
+                self.graph_breaks.add(shape)
+        return self.step_in_pieces(ids, cache, positions)
 
 
 def compile_failed(model: nn.Module, exc: Exception) -> None:
