@@ -139,7 +139,7 @@ def mamba_step(rows: int, rounds: int) -> None:
                             sides[side](x, state)
                         times[side].append((time.perf_counter() - t) / 200)
             a, b = statistics.median(times[0]), statistics.median(times[1])
-            ratio = statistics.median(x / y for x, y in zip(*times))
+            ratio = statistics.median(slow / fast for slow, fast in zip(*times))
             name = f"hidden {hidden}, {heads} heads of {head_dim}, {str(dtype)[6:]}"
             print(f"{name:42s} {a * 1e6:9.1f} {b * 1e6:9.1f} {ratio:11.2f}x")
 

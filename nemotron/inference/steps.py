@@ -189,7 +189,7 @@ class CompiledDecode:
         shape = self._shape(ids)
         if shape in self.compile_seconds:
             key = (shape, id(source))
-            if source is not None and key in self._guarded and shape not in self.graph_breaks:
+            if key in self._guarded:
                 try:
                     with torch.compiler.set_stance("default", skip_guard_eval_unsafe=True):
                         return self.step(ids, cache, positions)
@@ -199,7 +199,7 @@ class CompiledDecode:
                     if "skip_guard_eval_unsafe" not in str(exc):
                         raise
             out = self._run(shape, ids, cache, positions)
-            if source is not None:
+            if source is not None and shape not in self.graph_breaks:   # a step in pieces never skips guards
                 self._guarded.add(key)
             return out
         start = time.perf_counter()
