@@ -400,11 +400,10 @@ def test_bad_requests_raise_clear_errors(tiny):
         list(Engine.for_requests(tiny.model, reqs).run(reqs))
 
 
-def test_compiled_step_that_breaks_its_graph_evaluates_every_guard():
+def test_compiled_step_that_breaks_its_graph_runs_eagerly():
     """A step that reads a value to the host (as a large batch's MoE dispatch reads its expert
-    counts) compiles as several graphs, and a later one can need another graph after the first has
-    run: such a step never skips guards, and every step gives the eager result. A one-graph step
-    that needs another graph mid-batch finds it too."""
+    counts) cannot be one graph: it runs eagerly, each call once (the cache updated once), with the
+    eager result. A one-graph step that needs another graph mid-batch (its guards skipped) finds it."""
     from nemotron.inference.steps import CompiledDecode
 
     class HostRead(torch.nn.Module):
@@ -425,9 +424,36 @@ def test_compiled_step_that_breaks_its_graph_evaluates_every_guard():
     for t in range(5):
         out = step(ids, cache, torch.tensor([t, 0]), source=source)
         assert torch.equal(out, (ids.float() + t + 1).expand(2, 4) * 2 ** (t % 3)), t
-    assert step.graph_breaks == {"batch > 1"}
+    assert step.graph_breaks == {"batch 2-16"}
     step, cache = CompiledDecode(OneGraph()), torch.zeros(2, 1, 4)
     for t in range(3):
         assert torch.equal(step(ids, cache, torch.tensor([t, 0]), source=source), (ids.float() + (t + 1) * t).expand(2, 4))
     out = step(ids, cache.double(), torch.tensor([1, 0]), source=source)   # another graph: a float64 state
     assert not step.graph_breaks and out.shape == (2, 4)
+
+
+def test_compiled_step_with_a_host_read_of_computed_counts_runs_eagerly():
+    """A batch beyond the CPU decode kernels' rows takes an MoE dispatch that reads its expert counts
+    (`counts.tolist()`): tracing that as one graph fails on the symbolic counts. That shape then runs
+    eagerly, each call once; smaller batches keep their graph."""
+    from nemotron.inference.steps import CompiledDecode
+    from nemotron.kernels import MAX_ROWS
+
+    class CountsRead(torch.nn.Module):
+        def forward(self, ids, cache, mode, positions):
+            cache += 1
+            x = (ids.float()[..., None] + cache).flatten(0, 1)
+            if ids.shape[0] <= MAX_ROWS:   # the kernels' rows: no host read
+                return (x * 2).view_as(cache)
+            parts, start = [], 0
+            for n in torch.bincount(ids.flatten() % 4, minlength=4).tolist():
+                parts.append(x[start:start + n] * 2)
+                start += n
+            return torch.cat(parts).view_as(cache)
+
+    step, source = CompiledDecode(CountsRead()), object()
+    for b in (2, 3, MAX_ROWS + 4, MAX_ROWS + 5, 2):
+        ids, cache = torch.arange(b)[:, None], torch.zeros(b, 1, 4)
+        out = step(ids, cache, torch.zeros(b, dtype=torch.long), source=source)
+        assert torch.equal(cache, torch.ones(b, 1, 4)) and torch.equal(out, ((ids.float() + 1) * 2).expand(b, 4)), b
+    assert step.graph_breaks == {f"batch > {MAX_ROWS}"} and f"batch 2-{MAX_ROWS}" in step.compile_seconds

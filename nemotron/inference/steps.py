@@ -15,9 +15,11 @@ import warnings
 
 import torch
 import torch.fx.experimental._config as fx_config
+from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode
 from torch import nn
 
 from nemotron.errors import NemotronWarning
+from nemotron.kernels import MAX_ROWS
 from nemotron.layers.cache import HybridCache
 
 
@@ -136,26 +138,33 @@ def use_compiled_decode(model: nn.Module, requested: bool | None = None, long_ru
     return due and compile_blocker(model) is None   # the cheap test first: engines ask at every batch
 
 
+# What tracing a step as one graph raises where the step needs more than one: a graph break, or a
+# host read of a value the graph computes (`counts.tolist()` in a large batch's MoE dispatch, which
+# fails on the symbolic value as the graph is traced). Neither can come from running a graph.
+TRACING_ERRORS = (torch._dynamo.exc.TorchDynamoException, GuardOnDataDependentSymNode)
+
+
 class CompiledDecode:
     """The model's decode step under torch.compile (mode "static": positions as a tensor, the KV
     window the caller passes read under a mask, symbolic shapes). A call that compiles (the first one
-    for batch 1, then for larger batches) is timed, logged and kept in `compile_seconds`.
+    for each shape of `_shape`: batch 1, up to the CPU kernels' rows, more) is timed, logged and kept
+    in `compile_seconds`.
 
     The step is compiled as one graph where it can be. Where tracing it meets a graph break (a host
-    read: a large CPU batch's MoE dispatch reads its expert counts), that shape's step runs as several
-    graphs (`graph_breaks`), whose guards are always evaluated in full: a guard failing in a later
-    graph would come after the earlier graphs had updated the cache."""
+    read: a large CPU batch's MoE dispatch reads its expert counts), that shape's step runs eagerly
+    from then on (`graph_breaks`). In pieces, the graphs after the host read would be specialised to
+    the value read, one compile for each pattern of expert counts: 3 GRPO steps of the tiny model
+    (64-row groups) took 110 s that way, 47 s eagerly (24 s of it compiling the batch-1 step and
+    tracing this one). Pieces would also need their guards in full: one failing in a later graph
+    comes after the earlier ones updated the cache."""
 
     def __init__(self, model: nn.Module) -> None:
         def step(ids: torch.Tensor, cache: HybridCache, positions: torch.Tensor) -> torch.Tensor:
             return model(ids, cache, mode="static", positions=positions)[:, -1]
 
-        def step_in_pieces(ids: torch.Tensor, cache: HybridCache, positions: torch.Tensor) -> torch.Tensor:
-            return step(ids, cache, positions)   # a code object of its own: graphs cached apart
-
         self.model = model
+        self.eager_step = step
         self.step = torch.compile(step, dynamic=True, fullgraph=True)
-        self.step_in_pieces = torch.compile(step_in_pieces, dynamic=True)
         self.compile_seconds: dict[str, float] = {}
         self.graph_breaks: set[str] = set()
         self.prepare()
@@ -171,8 +180,11 @@ class CompiledDecode:
 
     @staticmethod
     def _shape(ids: torch.Tensor) -> str:
-        # torch.compile specialises a size of 1, so batch 1 and larger batches compile once each
-        return "batch 1" if ids.shape[0] == 1 else "batch > 1"
+        # torch.compile specialises a size of 1, so batch 1 and larger batches compile once each; batches
+        # beyond the CPU decode kernels' rows take other kernels (an MoE's sorted dispatch, which reads
+        # its expert counts to the host), so they are a shape of their own
+        rows = ids.shape[0]
+        return "batch 1" if rows == 1 else f"batch 2-{MAX_ROWS}" if rows <= MAX_ROWS else f"batch > {MAX_ROWS}"
 
     def compiles(self, ids: torch.Tensor) -> bool:
         """Whether a call on `ids` compiles first (no graph for its shape yet)."""
@@ -199,7 +211,7 @@ class CompiledDecode:
                     if "skip_guard_eval_unsafe" not in str(exc):
                         raise
             out = self._run(shape, ids, cache, positions)
-            if source is not None and shape not in self.graph_breaks:   # a step in pieces never skips guards
+            if source is not None and shape not in self.graph_breaks:   # an eager step has no guards to skip
                 self._guarded.add(key)
             return out
         start = time.perf_counter()
@@ -215,9 +227,9 @@ class CompiledDecode:
         if shape not in self.graph_breaks:
             try:
                 return self.step(ids, cache, positions)
-            except torch._dynamo.exc.TorchDynamoException:   # raised while compiling: nothing ran
+            except TRACING_ERRORS:   # raised while tracing the graph: nothing ran
                 self.graph_breaks.add(shape)
-        return self.step_in_pieces(ids, cache, positions)
+        return self.eager_step(ids, cache, positions)
 
 
 def compile_failed(model: nn.Module, exc: Exception) -> None:
