@@ -22,12 +22,10 @@ from pathlib import Path
 
 import torch
 
-from nemotron.chat.template import apply_chat_template
 from nemotron.config import save_config
 from nemotron.io.tokenizer import Tokenizer
 from nemotron.tiny import MODEL_DIR
-from nemotron.tiny.recipe import embedded_model_config
-from nemotron.tiny.tasks import TRAIN_WEIGHTS, conversation, problems
+from nemotron.tiny.recipe import TinyRecipe, build_data, embedded_model_config, pretrain_texts
 from nemotron.train import load_recipe
 from nemotron.train.stages import make_stage
 from nemotron.train.trainer import _build
@@ -38,13 +36,12 @@ TOKENS_PER_STEP = 8192
 
 
 def write_data(tmp: Path, n: int) -> tuple[Path, Path]:
+    """The recipe's pretraining text for n training problems, rendered with the shipped tokenizer,
+    and the embedded model's config for it."""
     tokenizer = Tokenizer.from_dir(MODEL_DIR)
-    texts = [apply_chat_template(tokenizer, r["messages"], add_generation_prompt=False,
-                                 enable_thinking=r.get("enable_thinking", True))
-             for i, p in enumerate(problems(n, "train", 0, weights=TRAIN_WEIGHTS))
-             for r in [conversation(p, "no_think" if i % 5 == 4 else "think")]]
+    sft = build_data(TinyRecipe(train_problems=n), tmp)["sft"]
     data = tmp / "pretrain.jsonl"
-    data.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    data.write_text("".join(json.dumps({"text": t}) + "\n" for t in pretrain_texts(tokenizer, sft)))
     config = tmp / "config.json"
     save_config(embedded_model_config(-(-tokenizer.vocab_size // 64) * 64), config)
     return data, config

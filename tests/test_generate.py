@@ -410,7 +410,7 @@ def test_compiled_step_that_breaks_its_graph_runs_eagerly():
         def forward(self, ids, cache, mode, positions):
             cache += 1   # the step's state update, before the host read
             x = ids.float()[..., None] + cache
-            for _ in range(int(positions.max()) % 3):   # a graph break, then a graph per count
+            for _ in range(int(positions.max()) % 3):   # a host read: a graph break
                 x = x * 2
             return x
 

@@ -220,7 +220,10 @@ class CompiledDecode:
         with fx_config.patch(use_duck_shape=False):
             out = self._run(shape, ids, cache, positions)
         self.compile_seconds[shape] = seconds = time.perf_counter() - start
-        log.info("compiled the decode step for %s in %.1f s (once per model and process)", shape, seconds)
+        if shape in self.graph_breaks:
+            log.info("the decode step for %s is not one graph: it runs eagerly (%.1f s to find out)", shape, seconds)
+        else:
+            log.info("compiled the decode step for %s in %.1f s (once per model and process)", shape, seconds)
         return out
 
     def _run(self, shape: str, ids: torch.Tensor, cache: HybridCache, positions: torch.Tensor) -> torch.Tensor:

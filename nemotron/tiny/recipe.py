@@ -98,7 +98,7 @@ def build_data(recipe: TinyRecipe, out: Path) -> dict:
     return {"paths": paths, "held_out": held_out, "sft": sft}
 
 
-def _pretrain_texts(tokenizer, sft: list[dict]) -> list[str]:
+def pretrain_texts(tokenizer: Tokenizer, sft: list[dict]) -> list[str]:
     """Pretraining text: the conversations rendered in the chat format (the tiny model learns the
     format and the tasks' language together). Only one tool conversation in three is kept: their
     tool schemas make them four times longer than the others, for little more to learn."""
@@ -116,7 +116,7 @@ def run(recipe: TinyRecipe, progress: bool = True) -> dict:
     tok_dir = train_tokenizer((json.dumps(r) for r in data["sft"]), out / "tokenizer", recipe.vocab_size)
     tokenizer = Tokenizer.from_dir(tok_dir)
     pretrain_path = _write_jsonl(out / "data" / "pretrain.jsonl",
-                                 ({"text": t} for t in _pretrain_texts(tokenizer, data["sft"])))
+                                 ({"text": t} for t in pretrain_texts(tokenizer, data["sft"])))
     config = embedded_model_config(-(-tokenizer.vocab_size // 64) * 64)
     save_config(config, out / "config.json")
     common = [f"seed={recipe.seed}", f"seq_len={recipe.seq_len}", "save_every=100000", "resume=false"]
