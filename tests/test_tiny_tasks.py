@@ -10,8 +10,8 @@ import pytest
 from nemotron.chat.template import apply_chat_template
 from nemotron.io.random_checkpoint import init_checkpoint
 from nemotron.chat.parsers import parse_output
-from nemotron.tiny.tasks import (FAMILIES, TOOL_FAMILIES, TOOLS, calculate, conversation, grpo_prompt, lookup,
-                                 problems, run_tool)
+from nemotron.tiny.tasks import (FAMILIES, TOOL_FAMILIES, TOOLS, calculate, conversation, evaluation_steps,
+                                 grpo_prompt, lookup, parse_expression, plus, problems, run_tool, times)
 from nemotron.train.rewards import REWARDS
 
 
@@ -23,7 +23,57 @@ def test_generation_is_deterministic_and_splits_are_disjoint():
     assert len(train) == 2000 and not held_out & {p.question for p in train}
     # without the exclusion small families do repeat held-out questions: the filter is needed
     assert held_out & {p.question for p in problems(2000, "train", families=("counting",))}
-    assert {p.family for p in a} == set(FAMILIES) and "chat" not in {p.family for p in problems(50, "eval")}
+    assert {p.family for p in a} == set(FAMILIES) == {p.family for p in problems(50, "eval")}
+    with pytest.raises(ValueError):
+        problems(5, "train", held_out_forms=True)
+
+
+def test_held_out_forms_never_reach_training():
+    """Every family has forms (templates, expression shapes) that only the evaluation asks, and
+    training never draws one of them."""
+    seen = problems(6000, "train", seed=5)
+    unseen = problems(1500, "eval", seed=5, held_out_forms=True)
+    for family in FAMILIES:
+        train_forms = {p.form for p in seen if p.family == family}
+        held = {p.form for p in unseen if p.family == family}
+        assert train_forms and held and not train_forms & held, family
+    # the questions a user types first: two and three operations on two-digit numbers, whose
+    # held-out shapes include the plain chain "n + n + n"
+    two_digit = [p for p in unseen if p.family == "arithmetic2"]
+    shapes = {p.form.split(":")[-1] for p in two_digit}
+    assert "n + n + n" in shapes and {s.count("n") for s in shapes} == {3, 4}
+    numbers = [int(t) for p in two_digit for t in p.steps[0].replace("(", " ").replace(")", " ").rstrip(".").split()
+               if t.isdigit()]
+    assert numbers and all(10 <= x <= 99 for x in numbers)
+
+
+def test_arithmetic_traces_are_right_at_every_step():
+    """Each line of a trace is a chain "a op b = ... = r" whose every link has the same value, and
+    each "Now ..." line is the rest of the expression, worth the answer."""
+    for p in problems(400, "train", seed=6, families=("arithmetic", "arithmetic2", "word")):
+        assert calculate(p.steps[0].rstrip(".")) == p.answer, p
+        for line in p.steps[1:]:
+            for sentence in line.split(". "):
+                sentence = sentence.rstrip(".")
+                if sentence.startswith("Now "):
+                    assert calculate(sentence[4:]) == p.answer, (p.question, sentence)
+                    continue
+                links = sentence.split(" = ")
+                assert len(links) >= 2 and len({calculate(x) for x in links}) == 1, (p.question, sentence)
+    # each operation is broken into place values: 45 + 83 through 80 and 3, 12 * 15 through 10 and 5
+    assert plus(45, "+", 83) == "45 + 83 = 45 + 80 + 3 = 125 + 3 = 128."
+    assert plus(305, "-", 120) == "305 - 120 = 305 - 100 - 20 = 205 - 20 = 185."
+    assert times(12, 15) == ("12 * 15 = 12 * 10 + 12 * 5. 12 * 10 = 120. 12 * 5 = 10 * 5 + 2 * 5 = 50 + 10 = 60. "
+                             "120 + 60 = 180.")
+    assert times(14, 90) == "14 * 90 = 10 * 90 + 4 * 90 = 900 + 360 = 1260."
+
+
+def test_expressions_print_the_parentheses_they_need():
+    e = parse_expression("(45 + 83) * 2 - (7 - 3) + 5 * (6 + 1)")
+    assert e.text() == "(45 + 83) * 2 - (7 - 3) + 5 * (6 + 1)" and e.value == 287
+    assert parse_expression("45 - (8 + 3)").text() == "45 - (8 + 3)" and parse_expression("45 - 8 + 3").text() == "45 - 8 + 3"
+    assert parse_expression("3 - 5") is None   # partial results never go below zero
+    assert evaluation_steps(parse_expression("2 + 3 * 4")) == ["2 + 3 * 4.", "3 * 4 = 12.", "Now 2 + 12.", "2 + 12 = 2 + 10 + 2 = 12 + 2 = 14."]
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
@@ -102,13 +152,16 @@ def test_the_tiny_recipe_runs_end_to_end_at_toy_scale(tmp_path):
     recipe = TinyRecipe(out_dir=str(tmp_path / "tiny"), train_problems=200, eval_problems=7, seq_len=512,
                         pretrain_steps=2, sft_steps=2, grpo_steps=1, batch_size=2, max_new_tokens=8)
     table = run(recipe, progress=False)
-    assert list(table) == ["pretrain", "sft", "grpo", "speed", "minutes"] and set(table["sft"]) == {"off", "on", "tools"}
-    assert "tool_call_rate" in table["grpo"]["tools"]
+    assert list(table) == ["pretrain", "sft", "grpo", "speed", "minutes"]
+    assert list(table["sft"]) == ["seen forms", "held-out forms"]
+    assert all(set(split) == {"off", "on", "tools"} for split in table["sft"].values())
+    assert "tool_call_rate" in table["grpo"]["held-out forms"]["tools"]
     speed = table["speed"]
     assert speed["decode_tokens_per_s"] > 0 and speed["mtp_acceptance_length"] >= 1.0
     assert speed["mtp_same_text"]   # MTP speculation is exact
     report = (tmp_path / "tiny" / "eval.md").read_text()
-    assert report.startswith("| stage | reasoning |") and "acceptance length" in report
+    assert report.startswith("| stage | forms | reasoning |") and "| grpo | held-out | on |" in report
+    assert "acceptance length" in report
     m = nemotron.load(tmp_path / "tiny" / "final")
     assert m.tokenizer is not None and m.model.mtp is not None
     params = sum(p.numel() for p in nemotron.models.build_model(embedded_model_config(1024)).parameters())

@@ -42,7 +42,7 @@ class TinyRecipe:
     out_dir: str = "runs/tiny"
     seed: int = 0
     train_problems: int = 120_000
-    eval_problems: int = 350          # 50 per evaluated family
+    eval_problems: int = 270          # per split (forms seen in training, forms held out): 30 per family
     vocab_size: int = 1024
     seq_len: int = 1024
     pretrain_steps: int = 700
@@ -59,7 +59,8 @@ class TinyRecipe:
     # "hard": tasks.GRPO_WEIGHTS
     grpo_prompts: str = "solvable"
     batch_size: int = 8
-    max_new_tokens: int = 160         # GRPO samples and evaluation answers
+    max_new_tokens: int = 160         # GRPO samples
+    eval_max_new_tokens: int = 512    # evaluation answers (a four-step arithmetic trace takes ~300 tokens)
 
 
 def _write_jsonl(path: Path, records) -> Path:
@@ -67,10 +68,15 @@ def _write_jsonl(path: Path, records) -> Path:
     return path
 
 
+SPLITS = ("seen forms", "held-out forms")
+
+
 def build_data(recipe: TinyRecipe, out: Path) -> dict:
-    """Write the JSONL files of every stage; returns their paths and the held-out problems."""
-    held_out = problems(recipe.eval_problems, "eval", recipe.seed, EVAL_FAMILIES)
-    exclude = {p.question for p in held_out}
+    """Write the JSONL files of every stage; returns their paths and the evaluation problems of each
+    split: new questions of the forms training uses, and questions of the held-out forms."""
+    held_out = {split: problems(recipe.eval_problems, "eval", recipe.seed, EVAL_FAMILIES,
+                                held_out_forms=split == "held-out forms") for split in SPLITS}
+    exclude = {p.question for split in SPLITS for p in held_out[split]}
     training = problems(recipe.train_problems, "train", recipe.seed, exclude=exclude, weights=TRAIN_WEIGHTS)
     rng = random.Random(recipe.seed)
     sft, grpo = [], []
@@ -94,7 +100,8 @@ def build_data(recipe: TinyRecipe, out: Path) -> dict:
     data.mkdir(parents=True, exist_ok=True)
     paths = {"sft": _write_jsonl(data / "sft.jsonl", sft),
              "grpo": _write_jsonl(data / "grpo.jsonl", grpo),
-             "eval": _write_jsonl(data / "eval.jsonl", [grpo_prompt(p) for p in held_out])}
+             "eval": _write_jsonl(data / "eval.jsonl", [{**grpo_prompt(p), "split": split, "form": p.form}
+                                                        for split in SPLITS for p in held_out[split]])}
     return {"paths": paths, "held_out": held_out, "sft": sft}
 
 
@@ -134,7 +141,8 @@ def run(recipe: TinyRecipe, progress: bool = True) -> dict:
     ]
     table: dict = {}
     minutes = {"data": (time.perf_counter() - start) / 60}
-    fields = ["seed", "train_problems", "eval_problems", "vocab_size", "seq_len", "batch_size", "max_new_tokens"]
+    fields = ["seed", "train_problems", "eval_problems", "vocab_size", "seq_len", "batch_size", "max_new_tokens",
+              "eval_max_new_tokens"]
     for stage, args in stages:
         # a stage already run with the same settings (its own and every earlier one) is reused:
         # re-running the recipe after changing, say, the GRPO settings redoes GRPO only
@@ -149,15 +157,16 @@ def run(recipe: TinyRecipe, progress: bool = True) -> dict:
             train(cfg, progress=progress)
             record = {"settings": settings, "minutes": (time.perf_counter() - t) / 60}
             t = time.perf_counter()
-            record["eval"] = evaluate(load(out / stage / "final"), data["held_out"], MODES,
-                                      recipe.max_new_tokens)
+            model = load(out / stage / "final")
+            record["eval"] = {split: evaluate(model, data["held_out"][split], MODES, recipe.eval_max_new_tokens)
+                              for split in SPLITS}
             record["eval_minutes"] = (time.perf_counter() - t) / 60
             done.write_text(json.dumps(record, indent=1) + "\n")
         table[stage] = record["eval"]
         minutes[stage] = record["minutes"] + record["eval_minutes"]
         (out / "eval.json").write_text(json.dumps(table, indent=1) + "\n")
     t = time.perf_counter()
-    table["speed"] = decode_speed(load(out / "grpo" / "final"), data["held_out"],
+    table["speed"] = decode_speed(load(out / "grpo" / "final"), data["held_out"]["held-out forms"],
                                   max_new_tokens=recipe.max_new_tokens)
     minutes["speed"] = (time.perf_counter() - t) / 60
     table["minutes"] = minutes
@@ -171,17 +180,19 @@ def run(recipe: TinyRecipe, progress: bool = True) -> dict:
 
 
 def format_table(table: dict) -> str:
-    """Markdown: one row per (stage, mode), one column per family; then the decode speed line."""
+    """Markdown: one row per (stage, split, mode), one column per family; then the decode speed line."""
     stages = {k: v for k, v in table.items() if k not in ("speed", "minutes")}
-    families = sorted({f for stage in stages.values() for row in stage.values() for f in row
-                       if f not in ("all", "tool_call_rate")})
-    lines = ["| stage | reasoning | " + " | ".join(families) + " | all | tool calls |",
-             "|---|---|" + "---|" * (len(families) + 2)]
-    for stage, modes in stages.items():
-        for mode, row in modes.items():
-            cells = [f"{row[f]:.0%}" if f in row else "" for f in families]
-            rate = f"{row['tool_call_rate']:.0%}" if "tool_call_rate" in row else ""
-            lines.append(f"| {stage} | {mode} | " + " | ".join(cells) + f" | {row['all']:.0%} | {rate} |")
+    families = sorted({f for stage in stages.values() for split in stage.values() for row in split.values()
+                       for f in row if f not in ("all", "tool_call_rate")})
+    lines = ["| stage | forms | reasoning | " + " | ".join(families) + " | all | tool calls |",
+             "|---|---|---|" + "---|" * (len(families) + 2)]
+    for stage, splits in stages.items():
+        for split, modes in splits.items():
+            for mode, row in modes.items():
+                cells = [f"{row[f]:.0%}" if f in row else "" for f in families]
+                rate = f"{row['tool_call_rate']:.0%}" if "tool_call_rate" in row else ""
+                lines.append(f"| {stage} | {split.split()[0]} | {mode} | " + " | ".join(cells)
+                             + f" | {row['all']:.0%} | {rate} |")
     if "speed" in table:
         sp = table["speed"]
         lines += ["", f"Decode (batch 1, greedy): {sp['decode_tokens_per_s']:.0f} tokens/s; with MTP speculation "
