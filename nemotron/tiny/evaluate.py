@@ -1,7 +1,8 @@
 """Held-out evaluation of a chat model on the procedural tasks: accuracy per family with reasoning
 off, with reasoning on, and with tools (the model's tool calls are executed and their results fed
-back, up to a few rounds), greedy decoding through the project's own generation API, all questions
-of a mode decoded together as one batch."""
+back, up to a few rounds), greedy decoding through the project's own generation API, the questions of a mode decoded in batches
+of `kernels.MAX_ROWS` (the rows the CPU decode kernels serve: a larger batch's MoE dispatch reads its
+expert counts to the host, which breaks the compiled step into a graph per count pattern)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import time
 import warnings
 from collections import defaultdict
 
+from nemotron.kernels import MAX_ROWS
 from nemotron.tiny.tasks import TOOL_FAMILIES, TOOLS, Problem, grpo_prompt, run_tool
 from nemotron.train.rewards import REWARDS
 
@@ -31,7 +33,7 @@ def tool_messages(result) -> list[dict]:
 
 
 def answers(m, held_out: list[Problem], mode: str, max_new_tokens: int = 128, max_tool_rounds: int = 3,
-            batch: int = 64) -> list[tuple[str, bool]]:
+            batch: int = MAX_ROWS) -> list[tuple[str, bool]]:
     """For each problem: the model's final answer and whether it made a tool call (tools mode)."""
     out: list[tuple[str, bool]] = []
     for start in range(0, len(held_out), batch):
