@@ -295,7 +295,7 @@ _SYMBOLIC = ["What is {e}?", "What's {e}?", "Calculate {e}.", "Compute {e}.", "{
              "Evaluate {e}.", "Work out {e}.", "Please calculate {e}.", "Can you compute {e}?", "Solve {e}.",
              "what is {e}", "{e}?", "Find the value of {e}.", "Quick question: what is {e}?", "{e} equals what?",
              "Tell me what {e} is.", "I need {e}.", "What does {e} come to?", "Help me with {e}."]
-_OP_WORDS = {"+": ["plus", "plus", "and"], "-": ["minus", "minus", "take away"], "*": ["times", "times", "multiplied by"]}
+_OP_WORDS = {"+": ["plus"], "-": ["minus", "minus", "take away"], "*": ["times", "times", "multiplied by"]}
 _ONE_OP = {"+": ["What is the sum of {a} and {b}?", "Add {a} and {b}.", "What do you get if you add {a} to {b}?",
                  "What is {b} more than {a}?", "What is the total of {a} and {b}?", "{a} and {b} make how many?"],
            "-": ["What is the difference between {a} and {b}?", "Subtract {b} from {a}.", "What is {b} less than {a}?",
