@@ -90,7 +90,7 @@ def test_calculator_is_safe_and_lookup_knows_the_units():
     assert calculate("(3 + 4) * 5") == "35" and calculate("7 / 2") == "3.5" and calculate("-2 * 3") == "-6"
     for bad in ("__import__('os')", "2 ** 10", "1 / 0", "a + 1", "x" * 300):
         assert calculate(bad).startswith("error")
-    assert lookup("minutes in a hour") == "60" and lookup("Grams in a kilogram") == "1000"
+    assert lookup("minutes in an hour") == "60" and lookup("Grams in a kilogram") == "1000"
     assert run_tool("nope", {}) .startswith("error") and run_tool("calculator", {"x": 1}).startswith("error")
 
 

@@ -34,10 +34,13 @@ def tool_messages(result) -> list[dict]:
 
 def answers(m, held_out: list[Problem], mode: str, max_new_tokens: int = 128, max_tool_rounds: int = 3,
             batch: int = MAX_ROWS) -> list[tuple[str, bool]]:
-    """For each problem: the model's final answer and whether it made a tool call (tools mode)."""
+    """For each problem: the model's final answer and whether it made a tool call (tools mode). The
+    questions are batched in the order of their reference reasoning's length: a batch decodes until
+    its longest answer ends, so long and short ones are not mixed."""
+    order = sorted(range(len(held_out)), key=lambda i: len(" ".join(held_out[i].steps)))
     out: list[tuple[str, bool]] = []
-    for start in range(0, len(held_out), batch):
-        chunk = held_out[start:start + batch]
+    for start in range(0, len(order), batch):
+        chunk = [held_out[i] for i in order[start:start + batch]]
         conversations = [[{"role": "user", "content": p.question}] for p in chunk]
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -62,7 +65,10 @@ def answers(m, held_out: list[Problem], mode: str, max_new_tokens: int = 128, ma
                         final[i] = r.content or ""
                 active = still
             out.extend(zip(final, called))
-    return out
+    answered: list[tuple[str, bool]] = [("", False)] * len(held_out)
+    for i, result in zip(order, out):
+        answered[i] = result
+    return answered
 
 
 def evaluate(m, held_out: list[Problem], modes: tuple[str, ...] = MODES, max_new_tokens: int = 128) -> dict:

@@ -18,6 +18,7 @@ beside questions of a known form.
 from __future__ import annotations
 
 import ast
+import dataclasses
 import datetime as dt
 import json
 import operator
@@ -44,7 +45,14 @@ UNITS = {
     ("meters", "kilometers"): 1000, ("centimeters", "meters"): 100, ("grams", "kilograms"): 1000,
     ("milliliters", "liters"): 1000, ("months", "years"): 12,
 }
-LOOKUP_TABLE = {f"{small} in a {big[:-1]}": str(f) for (small, big), f in UNITS.items()}
+
+
+def one(unit: str) -> str:
+    """One of a plural unit, with its article: "hours" -> "an hour"."""
+    return ("an " if unit[0] in "aeiouh" else "a ") + unit[:-1]
+
+
+LOOKUP_TABLE = {f"{small} in {one(big)}": str(f) for (small, big), f in UNITS.items()}
 
 _CALC_OPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv}
 
@@ -304,6 +312,26 @@ _ONE_OP = {"+": ["What is the sum of {a} and {b}?", "Add {a} and {b}.", "What do
                  "What do you get when you multiply {a} and {b}?", "How much is {a} lots of {b}?", "What is {a} times {b}?"]}
 _IN_WORDS = ["What is {w}?", "How much is {w}?", "Calculate {w}.", "What's {w}?", "{w} is what?",
              "Can you work out {w}?", "Tell me {w}.", "What do you get for {w}?"]
+# a chain of operations said as steps, for expressions worked strictly left to right
+_STEPS = ["Start with {a}, {ops}. What do you get?", "Take {a}, {ops}. What is the result?",
+          "Begin with {a}, {ops}. What number do you end with?", "If you start at {a}, {ops}, what do you get?",
+          "Think of {a}, {ops}. What is the number now?", "Start from {a}: {ops}. What is the answer?",
+          "You have {a}; {ops}. What do you have now?", "From {a}, {ops}. Result?"]
+_STEP_WORDS = {"+": ["add {x}", "add {x}", "plus {x}", "add on {x}"], "-": ["subtract {x}", "take away {x}", "minus {x}"],
+               "*": ["multiply by {x}", "times {x}"]}
+
+
+def _left_deep(e: Expr) -> bool:
+    """Whether e is worked strictly left to right: every right operand is a number."""
+    return e.op is None or (e.right.op is None and _left_deep(e.left))
+
+
+def _said_steps(rng: random.Random, e: Expr) -> tuple[int, list[str]]:
+    """A left-deep expression as its first number and the steps that follow ("add 25", ...)."""
+    if e.op is None:
+        return e.value, []
+    first, steps = _said_steps(rng, e.left)
+    return first, steps + [rng.choice(_STEP_WORDS[e.op]).format(x=spoken(rng, e.right.value))]
 
 
 def arithmetic_problem(rng: random.Random, held_out: bool = False, ops: tuple[int, int] = (1, 4),
@@ -321,7 +349,13 @@ def arithmetic_problem(rng: random.Random, held_out: bool = False, ops: tuple[in
         k, template = pick(rng, _ONE_OP[e.op], held_out, f"one{e.op}")
         question = template.format(a=spoken(rng, e.left.value), b=spoken(rng, e.right.value))
         form = f"one{e.op}:{k}"
-    elif chain and r < 0.55:                # the operators in words: "45 plus 83 minus 21"
+    elif e.ops() > 1 and _left_deep(e) and r < 0.45:   # as steps: "start with 64, add 25, then subtract 30"
+        k, template = pick(rng, _STEPS, held_out, "steps")
+        first, said = _said_steps(rng, e)
+        ops = ", ".join(said[:-1]) + rng.choice([", then ", " and then ", ", and "]) + said[-1]
+        question = template.format(a=spoken(rng, first), ops=ops)
+        form = f"steps:{k}:{e.shape()}"
+    elif chain and r < 0.6:                 # the operators in words: "45 plus 83 minus 21"
         k, template = pick(rng, _IN_WORDS, held_out, "words")
         words = expr
         for op, names in _OP_WORDS.items():
@@ -385,6 +419,16 @@ _WORD_TEMPLATES = [
     ("Tickets cost {a} dollars each. How much do {b} tickets cost?", "{a} * {b}"),
     ("{name} had {a} {item}. {other} took {b} and then gave back {c}. How many {item} does {name} have?", "{a} - {b} + {c}"),
     ("A class has {a} students and another class has {b}. If {c} students are absent, how many are here?", "{a} + {b} - {c}"),
+    ("I have {a} {item} and get {b} more. How many {item} do I have now?", "{a} + {b}"),
+    ("I had {a} {item} and lost {b} of them. How many {item} are left?", "{a} - {b}"),
+    ("I buy {b} boxes with {a} {item} in each. How many {item} did I buy?", "{b} * {a}"),
+    ("We had {a} {item}, used {b} and then bought {c} more. How many {item} do we have?", "{a} - {b} + {c}"),
+    ("My jar has {a} {item}. I add {b} and take out {c}. How many {item} are in the jar?", "{a} + {b} - {c}"),
+    ("A bag has {a} {item} and a basket has {b}. What is the total?", "{a} + {b}"),
+    ("{name} earned {a} dollars on Monday and {b} dollars on Tuesday. How much is that in total?", "{a} + {b}"),
+    ("{name} needs {a} {item} and already has {b}. How many more does {name} need?", "{a} - {b}"),
+    ("Each of {b} friends brings {a} {item}. How many {item} do they bring altogether?", "{b} * {a}"),
+    ("{name} starts with {a} {item}, gives {b} to {other} and gets {c} from a neighbour. How many {item} now?", "{a} - {b} + {c}"),
 ]
 
 
@@ -409,16 +453,19 @@ def word_problem(rng: random.Random, held_out: bool = False) -> Problem:
 _UNIT_TEMPLATES = ["How many {small} are in {n} {big}?", "Convert {n} {big} to {small}.", "{n} {big} is how many {small}?",
                    "How many {small} is {n} {big}?", "What is {n} {big} in {small}?", "How many {small} make {n} {big}?",
                    "Change {n} {big} into {small}.", "{n} {big} equals how many {small}?", "How many {small} in {n} {big}?",
-                   "Express {n} {big} in {small}."]
+                   "Express {n} {big} in {small}.", "How many {small} are there in {n} {big}?",
+                   "{n} {big} is the same as how many {small}?", "I have {n} {big}. How many {small} is that?",
+                   "Turn {n} {big} into {small}.", "What do {n} {big} come to in {small}?", "Give {n} {big} in {small}.",
+                   "If something is {n} {big}, how many {small} is it?", "How many {small} does {n} {big} make?"]
 
 
 def unit_conversion(rng: random.Random, held_out: bool = False) -> Problem:
     k, template = pick(rng, _UNIT_TEMPLATES, held_out, "units")
     (small, big), factor = rng.choice(list(UNITS.items()))
     n = rng.randint(2, 30)
-    key = f"{small} in a {big[:-1]}"
+    key = f"{small} in {one(big)}"
     q = template.format(small=small, big=big, n=spoken(rng, n))
-    steps = [f"There are {factor} {small} in a {big[:-1]}.", times(n, factor)]
+    steps = [f"There are {factor} {small} in {one(big)}.", times(n, factor)]
     return Problem("units", q[0].upper() + q[1:], steps, str(n * factor), "number",
                    [("lookup", {"key": key}), ("calculator", {"expression": f"{n} * {factor}"})], f"units:{k}")
 
@@ -578,8 +625,8 @@ EVAL_SEED_BASE = 10_000_000
 EVAL_FAMILIES = tuple(FAMILIES)
 
 # the training mixture leans on the multi-step families, where the model has the most to learn
-TRAIN_WEIGHTS = {"arithmetic": 0.24, "arithmetic2": 0.14, "word": 0.12, "units": 0.08, "dates": 0.1, "sorting": 0.07,
-                 "counting": 0.08, "chat": 0.07, "instructions": 0.08}
+TRAIN_WEIGHTS = {"arithmetic": 0.2, "arithmetic2": 0.28, "word": 0.14, "units": 0.1, "dates": 0.06, "sorting": 0.05,
+                 "counting": 0.06, "chat": 0.05, "instructions": 0.06}
 # GRPO learns only from groups whose rewards differ: its prompts lean on the families the SFT model
 # still gets wrong some of the time, not on those it already always solves
 GRPO_WEIGHTS = {"counting": 0.2, "sorting": 0.2, "instructions": 0.1, "units": 0.15, "dates": 0.1,
@@ -588,6 +635,19 @@ GRPO_WEIGHTS = {"counting": 0.2, "sorting": 0.2, "instructions": 0.1, "units": 0
 # greedy mistakes, in both reasoning modes: what RL can turn into greedy accuracy. Instructions are
 # left out: sampling breaks their exact formats (16-20% sampled against 53-63% greedy)
 GRPO_SOLVABLE = ("counting", "sorting", "units")
+
+
+# what people put around a question; the held-out quarter of each list reaches only the evaluation
+_LEAD_INS = ["Hi! ", "Hey! ", "Quick question: ", "Hello. ", "Please help. ", "I have a question. ", "Can you help me? ",
+             "Hi there. ", "Hey, quick one: ", "Question: ", "Help me out. ", "Math time! "]
+_TAILS = [" Thanks!", " Thank you.", " Please.", " Thanks in advance.", " Cheers.", " Thanks a lot."]
+
+
+def with_chatter(rng: random.Random, p: Problem, held_out: bool) -> Problem:
+    """p asked with a greeting or a request before it, or thanks after it, some of the time."""
+    lead = pick(rng, _LEAD_INS, held_out, "lead")[1] if rng.random() < 0.2 else ""
+    tail = pick(rng, _TAILS, held_out, "tail")[1] if rng.random() < 0.12 else ""
+    return dataclasses.replace(p, question=lead + p.question + tail)
 
 
 def problems(n: int, split: str = "train", seed: int = 0, families: tuple[str, ...] | None = None,
@@ -610,6 +670,8 @@ def problems(n: int, split: str = "train", seed: int = 0, families: tuple[str, .
         family = rng.choices(names, [weights.get(f, 0.0) for f in names])[0] if weights \
             else names[len(out) % len(names)]
         p = FAMILIES[family](rng, held_out_forms)
+        if family != "chat":
+            p = with_chatter(rng, p, held_out_forms)
         if exclude and p.question in exclude:
             tries += 1
             if tries > 100 * n:
