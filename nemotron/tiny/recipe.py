@@ -12,6 +12,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from nemotron import kernels
 from nemotron.api import load
 from nemotron.chat.template import apply_chat_template
 from nemotron.config import NemotronHConfig, save_config
@@ -44,7 +45,9 @@ class TinyRecipe:
     train_problems: int = 120_000
     eval_problems: int = 270          # per split (forms seen in training, forms held out): 30 per family
     vocab_size: int = 1024
-    seq_len: int = 1024
+    seq_len: int = 512                # rows of packed conversations (~120 tokens each): attention over
+                                      # 1024 computed a square of mostly masked pairs
+    autocast: str = "auto"            # bf16 products where the CPU has bf16 instructions (auto), none, bfloat16
     pretrain_steps: int = 480
     pretrain_lr: float = 3e-3
     sft_steps: int = 200
@@ -58,7 +61,7 @@ class TinyRecipe:
     # "solvable": tasks.GRPO_SOLVABLE, half reasoning off; "sft": the SFT mixture's questions;
     # "hard": tasks.GRPO_WEIGHTS
     grpo_prompts: str = "solvable"
-    batch_size: int = 8
+    batch_size: int = 16
     max_new_tokens: int = 160         # GRPO samples
     eval_max_new_tokens: int = 512    # evaluation answers (a four-step arithmetic trace takes ~300 tokens)
 
@@ -128,7 +131,10 @@ def run(recipe: TinyRecipe, progress: bool = True) -> dict:
                                  ({"text": t} for t in pretrain_texts(tokenizer, data["sft"])))
     config = embedded_model_config(-(-tokenizer.vocab_size // 64) * 64)
     save_config(config, out / "config.json")
-    common = [f"seed={recipe.seed}", f"seq_len={recipe.seq_len}", "save_every=100000", "resume=false"]
+    autocast = recipe.autocast if recipe.autocast != "auto" else \
+        "bfloat16" if kernels.cpu_isa() == kernels.AVX512_BF16 else "none"
+    common = [f"seed={recipe.seed}", f"seq_len={recipe.seq_len}", f"autocast={autocast}", "save_every=100000",
+              "resume=false"]
     stages = [
         ("pretrain", [f"data=[{pretrain_path}]", f"init_config={out / 'config.json'}", f"tokenizer={tok_dir}",
                       f"steps={recipe.pretrain_steps}", f"lr={recipe.pretrain_lr}", "min_lr=1e-4",
@@ -143,7 +149,7 @@ def run(recipe: TinyRecipe, progress: bool = True) -> dict:
     ]
     table: dict = {}
     minutes = {"data": (time.perf_counter() - start) / 60}
-    fields = ["seed", "train_problems", "eval_problems", "vocab_size", "seq_len", "batch_size", "max_new_tokens",
+    fields = ["seed", "train_problems", "eval_problems", "vocab_size", "seq_len", "autocast", "batch_size", "max_new_tokens",
               "eval_max_new_tokens"]
     for stage, args in stages:
         # a stage already run with the same settings (its own and every earlier one) is reused:
