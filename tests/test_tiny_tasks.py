@@ -4,6 +4,7 @@ that the project's chat template renders and its parser reads back."""
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -47,25 +48,60 @@ def test_held_out_forms_never_reach_training():
     assert numbers and all(10 <= x <= 99 for x in numbers)
 
 
+COLUMNS = ["ones", "tens", "hundreds", "thousands", "ten thousands"]
+FACT = re.compile(r"^(?P<col>[a-z ]+) (?P<c>\d+) (?P<op>[+-]) (?P<d>\d) = (?P<s>\d+), so (?P<acc>\d+)$")
+
+
+def check_facts(facts: str, acc: int | None, op: str | None) -> int:
+    """Each "hundreds 6 + 4 = 10, so 8080" is a right digit fact about the column of the number
+    before it (acc, where known), and its result is that number with the place value added or
+    taken away; returns the last result."""
+    for fact in facts.split("; "):
+        m = FACT.match(fact.lower())
+        assert m, fact
+        k, c, d, s = COLUMNS.index(m["col"]), int(m["c"]), int(m["d"]), int(m["s"])
+        assert s == (c + d if m["op"] == "+" else c - d) and s >= 0, fact
+        if acc is not None:
+            assert c == acc // 10 ** k % 10 + (10 if m["op"] == "-" and c >= 10 else 0), (fact, acc)
+            assert int(m["acc"]) == (acc + d * 10 ** k if m["op"] == "+" else acc - d * 10 ** k), (fact, acc)
+        assert op in (None, m["op"]), fact
+        acc = int(m["acc"])
+    return acc
+
+
 def test_arithmetic_traces_are_right_at_every_step():
-    """Each line of a trace is a chain "a op b = ... = r" whose every link has the same value, and
-    each "Now ..." line is the rest of the expression, worth the answer."""
+    """Each line of a trace is a chain "a op b = ... = r" whose every link has the same value, or a
+    sum worked column by column through right digit facts; each "Now ..." line is the rest of the
+    expression, worth the answer."""
     for p in problems(400, "train", seed=6, families=("arithmetic", "arithmetic2", "word")):
         assert calculate(p.steps[0].rstrip(".")) == p.answer, p
         for line in p.steps[1:]:
+            total = None            # the last sum a product's trace wrote, which its facts then work out
             for sentence in line.split(". "):
                 sentence = sentence.rstrip(".")
                 if sentence.startswith("Now "):
                     assert calculate(sentence[4:]) == p.answer, (p.question, sentence)
                     continue
+                head, _, facts = sentence.partition(": ")
+                if facts or FACT.match(sentence.lower()):
+                    if not facts:     # a product's sum, worked out without restating it
+                        head, facts = total, sentence
+                    links = head.split(" = ")
+                    first = links[0].split()
+                    acc = check_facts(facts, int(first[0]), first[1])
+                    assert len({calculate(x) for x in links}) == 1 and str(acc) == calculate(links[0]), sentence
+                    total = f"{acc} + " + " + ".join(total.split(" + ")[2:]) if total and total.count("+") > 1 else None
+                    continue
                 links = sentence.split(" = ")
                 assert len(links) >= 2 and len({calculate(x) for x in links}) == 1, (p.question, sentence)
-    # each operation is broken into place values: 45 + 83 through 80 and 3, 12 * 15 through 10 and 5
-    assert plus(45, "+", 83) == "45 + 83 = 45 + 80 + 3 = 125 + 3 = 128."
-    assert plus(305, "-", 120) == "305 - 120 = 305 - 100 - 20 = 205 - 20 = 185."
-    assert times(12, 15) == ("12 * 15 = 12 * 10 + 12 * 5. 12 * 10 = 120. 12 * 5 = 10 * 5 + 2 * 5 = 50 + 10 = 60. "
-                             "120 + 60 = 180.")
-    assert times(14, 90) == "14 * 90 = 10 * 90 + 4 * 90 = 900 + 360 = 1260."
+                total = links[-1] if "*" in links[0] else None
+    # each operation is broken into place values, each worked as its column's digit fact first
+    assert plus(45, "+", 83) == "45 + 83: tens 4 + 8 = 12, so 125; ones 5 + 3 = 8, so 128."
+    assert plus(305, "-", 120) == "305 - 120: hundreds 3 - 1 = 2, so 205; tens 10 - 2 = 8, so 185."
+    assert plus(128, "-", 70) == "128 - 70: tens 12 - 7 = 5, so 58." and plus(3, "+", 4) == "3 + 4 = 7."
+    assert times(12, 15) == ("12 * 15 = 12 * 10 + 12 * 5. 12 * 10 = 120. 12 * 5 = 10 * 5 + 2 * 5 = 50 + 10. "
+                             "Tens 5 + 1 = 6, so 60. 120 + 60: tens 2 + 6 = 8, so 180.")
+    assert times(14, 90) == "14 * 90 = 10 * 90 + 4 * 90 = 900 + 360. Hundreds 9 + 3 = 12, so 1200; tens 0 + 6 = 6, so 1260."
 
 
 def test_expressions_print_the_parentheses_they_need():
@@ -73,7 +109,7 @@ def test_expressions_print_the_parentheses_they_need():
     assert e.text() == "(45 + 83) * 2 - (7 - 3) + 5 * (6 + 1)" and e.value == 287
     assert parse_expression("45 - (8 + 3)").text() == "45 - (8 + 3)" and parse_expression("45 - 8 + 3").text() == "45 - 8 + 3"
     assert parse_expression("3 - 5") is None   # partial results never go below zero
-    assert evaluation_steps(parse_expression("2 + 3 * 4")) == ["2 + 3 * 4.", "3 * 4 = 12.", "Now 2 + 12.", "2 + 12 = 2 + 10 + 2 = 12 + 2 = 14."]
+    assert evaluation_steps(parse_expression("2 + 3 * 4")) == ["2 + 3 * 4.", "3 * 4 = 12.", "Now 2 + 12.", "2 + 12: tens 0 + 1 = 1, so 12; ones 2 + 2 = 4, so 14."]
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))

@@ -48,7 +48,7 @@ class TinyRecipe:
     seq_len: int = 512                # rows of packed conversations (~120 tokens each): attention over
                                       # 1024 computed a square of mostly masked pairs
     autocast: str = "auto"            # bf16 products where the CPU has bf16 instructions (auto), none, bfloat16
-    pretrain_steps: int = 480
+    pretrain_steps: int = 540
     pretrain_lr: float = 3e-3
     sft_steps: int = 200
     sft_lr: float = 1e-3
@@ -63,7 +63,7 @@ class TinyRecipe:
     grpo_prompts: str = "solvable"
     batch_size: int = 16
     max_new_tokens: int = 160         # GRPO samples
-    eval_max_new_tokens: int = 512    # evaluation answers (a four-step arithmetic trace takes ~300 tokens)
+    eval_max_new_tokens: int = 768    # evaluation answers (a product of two-digit numbers and two more steps: ~650 tokens)
 
 
 def _write_jsonl(path: Path, records) -> Path:

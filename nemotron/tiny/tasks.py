@@ -196,17 +196,36 @@ def place_parts(n: int) -> list[int]:
     return [int(d) * 10 ** (len(digits) - 1 - i) for i, d in enumerate(digits) if d != "0"] or [0]
 
 
-def plus(a: int, op: str, b: int) -> str:
-    """a + b or a - b, adding (or taking away) b's place values one at a time."""
+_COLUMNS = ["ones", "tens", "hundreds", "thousands", "ten thousands"]
+
+
+def plus(a: int, op: str, b: int, head: bool = True) -> str:
+    """a + b or a - b, one place value of b at a time, each written as its column's digit fact
+    first ("hundreds 6 + 4 = 10, so 8080"): a small model that must write 7680 + 400 in one go
+    drops the carry; with the fact in front, the carry is on the page before the digits it changes.
+    head=False leaves out the restated sum (a product's trace has just written it)."""
     result = a + b if op == "+" else a - b
-    parts = place_parts(b)
-    if len(parts) == 1:
+    if a < 10 and b < 10:
         return f"{a} {op} {b} = {result}."
-    chain, acc = [f"{a} {op} {b}"], a
-    for i in range(len(parts)):
-        chain.append(" ".join([str(acc)] + [f"{op} {p}" for p in parts[i:]]))
-        acc = acc + parts[i] if op == "+" else acc - parts[i]
-    return " = ".join(chain + [str(result)]) + "."
+    parts = place_parts(b)
+    facts, acc = [], a
+    for p in parts:
+        if p == 0:
+            break
+        k = len(str(p)) - 1
+        d, c = p // 10 ** k, acc // 10 ** k % 10
+        if op == "+":
+            fact = f"{c} + {d} = {c + d}"
+        else:
+            fact = f"{c} - {d} = {c - d}" if c >= d else f"{c + 10} - {d} = {c + 10 - d}"
+        acc = acc + p if op == "+" else acc - p
+        facts.append(f"{_COLUMNS[k]} {fact}, so {acc}")
+    if acc != result or not facts:
+        return f"{a} {op} {b} = {result}."
+    text = "; ".join(facts) + "."
+    if not head:
+        return text[0].upper() + text[1:]
+    return f"{a} {op} {b}: " + text
 
 
 def _power_of_ten(n: int) -> bool:
@@ -223,12 +242,12 @@ def times(x: int, y: int) -> str:
     parts = place_parts(small)
     if len(parts) == 1:
         terms = [p * small for p in place_parts(big)]
-        sums, acc = [], terms[0]
-        for t in terms[1:]:
-            acc += t
-            sums.append(" + ".join([str(acc)] + [str(u) for u in terms[len(sums) + 2:]]))
         chain = [f"{x} * {y}", " + ".join(f"{p} * {small}" for p in place_parts(big)), " + ".join(map(str, terms))]
-        return " = ".join(chain + sums) + "."
+        lines, acc = [" = ".join(chain) + "."], terms[0]
+        for t in terms[1:]:
+            lines.append(plus(acc, "+", t, head=acc == terms[0] and len(terms) > 2))
+            acc += t
+        return " ".join(lines)
     lines = [f"{x} * {y} = " + " + ".join(f"{big} * {p}" for p in parts) + "."]
     lines += [times(big, p) for p in parts]
     acc = big * parts[0]
