@@ -201,7 +201,7 @@ def test_typed_events_and_the_finish_reason_of_a_parsed_call(tok, reason, expect
 
 def test_python_chat_tool_choice_required_and_named(tiny):
     question = [{"role": "user", "content": problems(1, "eval", seed=2, families=("arithmetic",))[0].question}]
-    required = tiny.chat(question, tools=[CALCULATOR], tool_choice="required", max_new_tokens=64)
+    required = tiny.chat(question, tools=[CALCULATOR, LOOKUP], tool_choice="required", max_new_tokens=64)
     assert isinstance(required, ChatResult) and required.finish_reason == "tool_calls"
     assert [c["function"]["name"] for c in required.tool_calls] == ["calculator"]
     assert "</think>\n<tool_call>\n<function=calculator>" in required.text

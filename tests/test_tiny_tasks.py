@@ -186,7 +186,8 @@ def test_the_tiny_recipe_runs_end_to_end_at_toy_scale(tmp_path):
     from nemotron.tiny.recipe import TinyRecipe, embedded_model_config, run
 
     recipe = TinyRecipe(out_dir=str(tmp_path / "tiny"), train_problems=200, eval_problems=7, seq_len=512,
-                        pretrain_steps=2, sft_steps=2, grpo_steps=1, batch_size=2, max_new_tokens=8)
+                        pretrain_steps=2, sft_steps=2, grpo_steps=1, batch_size=2, max_new_tokens=8,
+                        eval_max_new_tokens=24)
     table = run(recipe, progress=False)
     assert list(table) == ["pretrain", "sft", "grpo", "speed", "minutes"]
     assert list(table["sft"]) == ["seen forms", "held-out forms"]
