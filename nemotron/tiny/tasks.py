@@ -393,6 +393,10 @@ def arithmetic_problem(rng: random.Random, held_out: bool = False, ops: tuple[in
 
 
 def arithmetic(rng: random.Random, held_out: bool = False) -> Problem:
+    """Expressions of 1-4 operations on 1-3 digit numbers; a quarter of them one or two operations on
+    single digits ("What is 7 * 3 - 5?"), whose table facts the longer traces only write with zeros."""
+    if rng.random() < 0.25:
+        return arithmetic_problem(rng, held_out, ops=(1, 2), digits=(1, 1))
     return arithmetic_problem(rng, held_out)
 
 
@@ -717,6 +721,9 @@ def conversation(p: Problem, mode: str = "think") -> dict:
         raise ValueError(f"unknown mode {mode!r}")
     if not p.tool_calls:
         raise ValueError(f"{p.family} problems have no tool solution")
+    # clients offer one tool or several: half the conversations offer only the tools the problem uses
+    used = {name for name, _ in p.tool_calls}
+    offered = TOOLS if zlib.crc32(p.question.encode()) % 2 else [t for t in TOOLS if t["function"]["name"] in used]
     messages = [user]
     for k, (name, args) in enumerate(p.tool_calls):
         why = "I will use the calculator." if name == "calculator" else "I will look up the factor."
@@ -726,7 +733,7 @@ def conversation(p: Problem, mode: str = "think") -> dict:
         messages.append({"role": "tool", "tool_call_id": f"call_{k}", "content": run_tool(name, args)})
     messages.append({"role": "assistant", "content": p.answer,
                      "reasoning_content": f"The tool returned {run_tool(*p.tool_calls[-1])}."})
-    return {"messages": messages, "tools": TOOLS}
+    return {"messages": messages, "tools": offered}
 
 
 def grpo_prompt(p: Problem, thinking: bool = True) -> dict:
