@@ -33,11 +33,10 @@ def test_ships_inside_the_package_within_30_mb(tiny):
     assert tiny.model.mtp is not None and set(tiny.config.hybrid_override_pattern) == {"M", "E", "*"}
 
 
-@pytest.mark.parametrize("held_out_forms", [False, True], ids=["seen forms", "held-out forms"])
-def test_two_digit_arithmetic_with_reasoning_beats_reasoning_off(tiny, held_out_forms):
+def test_held_out_two_digit_arithmetic_with_reasoning_beats_reasoning_off(tiny):
     """What a user types first (two or three operations on two-digit numbers), in forms training
-    used and in forms it never saw: 11 and 12 of these 16 right as shipped, none with reasoning off."""
-    questions = problems(16, "eval", seed=1, families=("arithmetic2",), held_out_forms=held_out_forms)
+    never saw: 12 of these 16 right as shipped, none with reasoning off."""
+    questions = problems(16, "eval", seed=1, families=("arithmetic2",), held_out_forms=True)
     table = evaluate(tiny, questions, ("off", "on"), max_new_tokens=768)
     assert table["on"]["arithmetic2"] >= 0.5 and table["on"]["arithmetic2"] > table["off"]["arithmetic2"]
 
