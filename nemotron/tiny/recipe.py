@@ -49,9 +49,9 @@ class TinyRecipe:
     seq_len: int = 512                # rows of packed conversations (~120 tokens each): attention over
                                       # 1024 computed a square of mostly masked pairs
     autocast: str = "auto"            # bf16 products where the CPU has bf16 instructions (auto), none, bfloat16
-    pretrain_steps: int = 500
+    pretrain_steps: int = 520
     pretrain_lr: float = 3e-3
-    sft_steps: int = 140
+    sft_steps: int = 150
     sft_lr: float = 1e-3
     grpo_steps: int = 36
     grpo_lr: float = 5e-5

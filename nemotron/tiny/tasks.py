@@ -200,29 +200,21 @@ _COLUMNS = ["ones", "tens", "hundreds", "thousands", "ten thousands"]
 
 
 def plus(a: int, op: str, b: int) -> str:
-    """a + b or a - b, one place value of b at a time, each written as a digit fact on its column
+    """a + b or a - b, one place value of b at a time, each written as its column's digit fact
     first ("hundreds 6 + 4 = 10, so 8080"): a small model that must write 7680 + 400 in one go
-    drops the carry; with the fact in front, the carry is on the page before the digits it changes.
-    Where the column carries or borrows, the fact takes in the digits above it that change too
-    ("tens 31 - 5 = 26, so 7266"): the result then copies the digits above the fact and the fact's
-    own result, and no carry is left to apply from memory."""
+    drops the carry; with the fact in front, the carry is on the page before the digits it changes."""
     if a < 10 and b < 10 or b == 0:
         return f"{a} {op} {b} = {a + b if op == '+' else a - b}."
-    sign = 1 if op == "+" else -1
     facts, acc = [], a
     for p in place_parts(b):
         k = len(str(p)) - 1
-        d, high = p // 10 ** k, acc // 10 ** k
-        width = 1
-        # widen the fact until its result has as many digits as it replaces (or it is all of `high`)
-        while width < len(str(high)):
-            w = high % 10 ** width
-            if w >= 10 ** (width - 1) and 10 ** (width - 1) <= w + sign * d < 10 ** width or width == 1 and 0 <= w + sign * d < 10:
-                break
-            width += 1
-        w = high % 10 ** width
-        acc += sign * p
-        facts.append(f"{_COLUMNS[k]} {w} {op} {d} = {w + sign * d}, so {acc}")
+        d, c = p // 10 ** k, acc // 10 ** k % 10
+        if op == "+":
+            fact = f"{c} + {d} = {c + d}"
+        else:
+            fact = f"{c} - {d} = {c - d}" if c >= d else f"{c + 10} - {d} = {c + 10 - d}"
+        acc = acc + p if op == "+" else acc - p
+        facts.append(f"{_COLUMNS[k]} {fact}, so {acc}")
     return f"{a} {op} {b}: " + "; ".join(facts) + "."
 
 
