@@ -69,39 +69,44 @@ def check_facts(facts: str, acc: int | None, op: str | None) -> int:
     return acc
 
 
+PART_PRODUCT = re.compile(r"^(?P<x>\d+) \* (?P<y>\d+): (?P<a>\d) \* (?P<b>\d) = (?P<ab>\d+), so (?P<r>\d+)$")
+
+
 def test_arithmetic_traces_are_right_at_every_step():
-    """Each line of a trace is a chain "a op b = ... = r" whose every link has the same value, or a
-    sum worked column by column through right digit facts; each "Now ..." line is the rest of the
-    expression, worth the answer."""
+    """Each line of a trace is a chain "a op b = ... = r" whose every link has the same value, a
+    sum worked column by column through right digit facts, or a product of two one-place numbers
+    worked as its digits' table fact; each "Now ..." line is the rest of the expression, worth the
+    answer."""
     for p in problems(400, "train", seed=6, families=("arithmetic", "arithmetic2", "word")):
         assert calculate(p.steps[0].rstrip(".")) == p.answer, p
         for line in p.steps[1:]:
-            total = None            # the last sum a product's trace wrote, which its facts then work out
             for sentence in line.split(". "):
                 sentence = sentence.rstrip(".")
                 if sentence.startswith("Now "):
                     assert calculate(sentence[4:]) == p.answer, (p.question, sentence)
-                    continue
-                head, _, facts = sentence.partition(": ")
-                if facts or FACT.match(sentence.lower()):
-                    if not facts:     # a product's sum, worked out without restating it
-                        head, facts = total, sentence
-                    links = head.split(" = ")
-                    first = links[0].split()
-                    acc = check_facts(facts, int(first[0]), first[1])
-                    assert len({calculate(x) for x in links}) == 1 and str(acc) == calculate(links[0]), sentence
-                    total = f"{acc} + " + " + ".join(total.split(" + ")[2:]) if total and total.count("+") > 1 else None
-                    continue
-                links = sentence.split(" = ")
-                assert len(links) >= 2 and len({calculate(x) for x in links}) == 1, (p.question, sentence)
-                total = links[-1] if "*" in links[0] else None
+                elif m := PART_PRODUCT.match(sentence):
+                    x, y, a, b = (int(m[k]) for k in "xyab")
+                    assert str(x).rstrip("0") == str(a) and str(y).rstrip("0") == str(b), sentence
+                    assert int(m["ab"]) == a * b and int(m["r"]) == x * y, sentence
+                elif ": " in sentence:
+                    head, _, facts = sentence.partition(": ")
+                    first = head.split()
+                    assert str(check_facts(facts, int(first[0]), first[1])) == calculate(head), sentence
+                else:
+                    links = sentence.split(" = ")
+                    assert len(links) >= 2 and len({calculate(x) for x in links}) == 1, (p.question, sentence)
     # each operation is broken into place values, each worked as its column's digit fact first
     assert plus(45, "+", 83) == "45 + 83: tens 4 + 8 = 12, so 125; ones 5 + 3 = 8, so 128."
     assert plus(305, "-", 120) == "305 - 120: hundreds 3 - 1 = 2, so 205; tens 10 - 2 = 8, so 185."
     assert plus(128, "-", 70) == "128 - 70: tens 12 - 7 = 5, so 58." and plus(3, "+", 4) == "3 + 4 = 7."
-    assert times(12, 15) == ("12 * 15 = 12 * 10 + 12 * 5. 12 * 10 = 120. 12 * 5 = 10 * 5 + 2 * 5 = 50 + 10. "
-                             "Tens 5 + 1 = 6, so 60. 120 + 60: tens 2 + 6 = 8, so 180.")
-    assert times(14, 90) == "14 * 90 = 10 * 90 + 4 * 90 = 900 + 360. Hundreds 9 + 3 = 12, so 1200; tens 0 + 6 = 6, so 1260."
+    assert plus(45, "+", 0) == "45 + 0 = 45."
+    # and a product's parts as the table facts of their digits, with the zeros appended after
+    assert times(12, 15) == ("12 * 15 = 12 * 10 + 12 * 5. 12 * 10 = 120. 12 * 5 = 10 * 5 + 2 * 5. "
+                             "10 * 5: 1 * 5 = 5, so 50. 2 * 5 = 10. 50 + 10: tens 5 + 1 = 6, so 60. "
+                             "120 + 60: tens 2 + 6 = 8, so 180.")
+    assert times(14, 90) == ("14 * 90 = 10 * 90 + 4 * 90. 10 * 90: 1 * 9 = 9, so 900. 4 * 90: 4 * 9 = 36, so 360. "
+                             "900 + 360: hundreds 9 + 3 = 12, so 1200; tens 0 + 6 = 6, so 1260.")
+    assert times(70, 40) == "70 * 40: 7 * 4 = 28, so 2800." and times(7, 4) == "7 * 4 = 28."
 
 
 def test_expressions_print_the_parentheses_they_need():

@@ -199,19 +199,14 @@ def place_parts(n: int) -> list[int]:
 _COLUMNS = ["ones", "tens", "hundreds", "thousands", "ten thousands"]
 
 
-def plus(a: int, op: str, b: int, head: bool = True) -> str:
+def plus(a: int, op: str, b: int) -> str:
     """a + b or a - b, one place value of b at a time, each written as its column's digit fact
     first ("hundreds 6 + 4 = 10, so 8080"): a small model that must write 7680 + 400 in one go
-    drops the carry; with the fact in front, the carry is on the page before the digits it changes.
-    head=False leaves out the restated sum (a product's trace has just written it)."""
-    result = a + b if op == "+" else a - b
-    if a < 10 and b < 10:
-        return f"{a} {op} {b} = {result}."
-    parts = place_parts(b)
+    drops the carry; with the fact in front, the carry is on the page before the digits it changes."""
+    if a < 10 and b < 10 or b == 0:
+        return f"{a} {op} {b} = {a + b if op == '+' else a - b}."
     facts, acc = [], a
-    for p in parts:
-        if p == 0:
-            break
+    for p in place_parts(b):
         k = len(str(p)) - 1
         d, c = p // 10 ** k, acc // 10 ** k % 10
         if op == "+":
@@ -220,40 +215,45 @@ def plus(a: int, op: str, b: int, head: bool = True) -> str:
             fact = f"{c} - {d} = {c - d}" if c >= d else f"{c + 10} - {d} = {c + 10 - d}"
         acc = acc + p if op == "+" else acc - p
         facts.append(f"{_COLUMNS[k]} {fact}, so {acc}")
-    if acc != result or not facts:
-        return f"{a} {op} {b} = {result}."
-    text = "; ".join(facts) + "."
-    if not head:
-        return text[0].upper() + text[1:]
-    return f"{a} {op} {b}: " + text
+    return f"{a} {op} {b}: " + "; ".join(facts) + "."
 
 
 def _power_of_ten(n: int) -> bool:
     return n >= 10 and str(n).strip("0") == "1"
 
 
-def times(x: int, y: int) -> str:
-    """x * y through place values: the factor with fewer of them is split, and each part is a
-    product of single digits with zeros, or x times a one-part number added up part by part. A
-    product by 10, 100, ... only appends zeros, in one step."""
-    if x < 2 or y < 2 or (len(place_parts(x)) == 1 and len(place_parts(y)) == 1) or _power_of_ten(x) or _power_of_ten(y):
+def part_product(x: int, y: int) -> str:
+    """x * y for numbers of one place value each, written as the digits' table fact first
+    ("90 * 50: 9 * 5 = 45, so 4500"): a small model that writes 90 * 50 in one go picks the wrong
+    digits or the wrong fact; with the fact in front, only the zeros are left to append."""
+    a, b = int(str(x).rstrip("0") or 0), int(str(y).rstrip("0") or 0)
+    if (a, b) == (x, y):
         return f"{x} * {y} = {x * y}."
+    return f"{x} * {y}: {a} * {b} = {a * b}, so {x * y}."
+
+
+def times(x: int, y: int) -> str:
+    """x * y through place values: the factor with fewer of them is split, and x is multiplied by
+    each part; a product of two one-place numbers is its table fact with zeros, and the parts'
+    products are added column by column. A product by 10, 100, ... only appends zeros."""
+    if x < 2 or y < 2 or _power_of_ten(x) or _power_of_ten(y):
+        return f"{x} * {y} = {x * y}."
+    if len(place_parts(x)) == 1 and len(place_parts(y)) == 1:
+        return part_product(x, y)
     small, big = (y, x) if len(place_parts(y)) <= len(place_parts(x)) else (x, y)
     parts = place_parts(small)
     if len(parts) == 1:
-        terms = [p * small for p in place_parts(big)]
-        chain = [f"{x} * {y}", " + ".join(f"{p} * {small}" for p in place_parts(big)), " + ".join(map(str, terms))]
-        lines, acc = [" = ".join(chain) + "."], terms[0]
-        for t in terms[1:]:
-            lines.append(plus(acc, "+", t, head=acc == terms[0] and len(terms) > 2))
-            acc += t
-        return " ".join(lines)
-    lines = [f"{x} * {y} = " + " + ".join(f"{big} * {p}" for p in parts) + "."]
-    lines += [times(big, p) for p in parts]
-    acc = big * parts[0]
-    for p in parts[1:]:
-        lines.append(plus(acc, "+", big * p))
-        acc += big * p
+        pairs = [(p, small) for p in place_parts(big)]
+        lines = [f"{x} * {y} = " + " + ".join(f"{p} * {q}" for p, q in pairs) + "."]
+        lines += [part_product(p, q) for p, q in pairs]
+    else:
+        lines = [f"{x} * {y} = " + " + ".join(f"{big} * {p}" for p in parts) + "."]
+        lines += [times(big, p) for p in parts]
+        pairs = [(big, p) for p in parts]
+    acc = pairs[0][0] * pairs[0][1]
+    for p, q in pairs[1:]:
+        lines.append(plus(acc, "+", p * q))
+        acc += p * q
     return " ".join(lines)
 
 
@@ -393,6 +393,10 @@ def arithmetic_problem(rng: random.Random, held_out: bool = False, ops: tuple[in
 
 
 def arithmetic(rng: random.Random, held_out: bool = False) -> Problem:
+    """Expressions of 1-4 operations on 1-3 digit numbers; a quarter of them one or two operations on
+    single digits ("What is 7 * 3 - 5?"), whose table facts the longer traces only write with zeros."""
+    if rng.random() < 0.25:
+        return arithmetic_problem(rng, held_out, ops=(1, 2), digits=(1, 1))
     return arithmetic_problem(rng, held_out)
 
 
@@ -717,6 +721,9 @@ def conversation(p: Problem, mode: str = "think") -> dict:
         raise ValueError(f"unknown mode {mode!r}")
     if not p.tool_calls:
         raise ValueError(f"{p.family} problems have no tool solution")
+    # clients offer one tool or several: half the conversations offer only the tools the problem uses
+    used = {name for name, _ in p.tool_calls}
+    offered = TOOLS if zlib.crc32(p.question.encode()) % 2 else [t for t in TOOLS if t["function"]["name"] in used]
     messages = [user]
     for k, (name, args) in enumerate(p.tool_calls):
         why = "I will use the calculator." if name == "calculator" else "I will look up the factor."
@@ -726,7 +733,7 @@ def conversation(p: Problem, mode: str = "think") -> dict:
         messages.append({"role": "tool", "tool_call_id": f"call_{k}", "content": run_tool(name, args)})
     messages.append({"role": "assistant", "content": p.answer,
                      "reasoning_content": f"The tool returned {run_tool(*p.tool_calls[-1])}."})
-    return {"messages": messages, "tools": TOOLS}
+    return {"messages": messages, "tools": offered}
 
 
 def grpo_prompt(p: Problem, thinking: bool = True) -> dict:
