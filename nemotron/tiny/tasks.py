@@ -204,7 +204,7 @@ def plus(a: int, op: str, b: int) -> str:
     first ("hundreds 6 + 4 = 10, so 8080"): a small model that must write 7680 + 400 in one go
     drops the carry; with the fact in front, the carry is on the page before the digits it changes."""
     if a < 10 and b < 10 or b == 0:
-        return f"{a} {op} {b} = {a + b if op == '+' else a - b}."
+        return f"{a} {op} {b} = {APPLY[op](a, b)}."
     facts, acc = [], a
     for p in place_parts(b):
         k = len(str(p)) - 1
@@ -213,7 +213,7 @@ def plus(a: int, op: str, b: int) -> str:
             fact = f"{c} + {d} = {c + d}"
         else:
             fact = f"{c} - {d} = {c - d}" if c >= d else f"{c + 10} - {d} = {c + 10 - d}"
-        acc = acc + p if op == "+" else acc - p
+        acc = APPLY[op](acc, p)
         facts.append(f"{_COLUMNS[k]} {fact}, so {acc}")
     return f"{a} {op} {b}: " + "; ".join(facts) + "."
 
@@ -226,7 +226,7 @@ def part_product(x: int, y: int) -> str:
     """x * y for numbers of one place value each, written as the digits' table fact first
     ("90 * 50: 9 * 5 = 45, so 4500"): a small model that writes 90 * 50 in one go picks the wrong
     digits or the wrong fact; with the fact in front, only the zeros are left to append."""
-    a, b = int(str(x).rstrip("0") or 0), int(str(y).rstrip("0") or 0)
+    a, b = int(str(x).rstrip("0")), int(str(y).rstrip("0"))
     if (a, b) == (x, y):
         return f"{x} * {y} = {x * y}."
     return f"{x} * {y}: {a} * {b} = {a * b}, so {x * y}."
