@@ -150,6 +150,12 @@ def test_tool_conversations_render_and_parse_back(tmp_path):
                + "".join(f"<parameter={k}>\n{v}\n</parameter>\n" for k, v in json.loads(call["arguments"]).items())
                + "</function>\n</tool_call>\n")
         parsed = parse_output(raw, tools=TOOLS)
+        calc = next(m for m in record["messages"] if m.get("tool_calls") and
+                    m["tool_calls"][0]["function"]["name"] == "calculator")
+        expression = json.loads(calc["tool_calls"][0]["function"]["arguments"])["expression"]
+        assert calc["reasoning_content"] == f"{expression}. I will use the calculator."
+        if p.family != "units":   # the reasoning without tools starts with the same restatement
+            assert p.steps[0] == f"{expression}."
         assert [c["function"]["name"] for c in parsed.tool_calls] == [call["name"]]
         assert json.loads(parsed.tool_calls[0]["function"]["arguments"]) == json.loads(call["arguments"])
     for mode in ("think", "no_think"):
