@@ -98,7 +98,7 @@ def test_packed_loss_equals_unpacked(tiny):
     assert abs(m["mtp1_ce_sum"] - total_mtp) <= 1e-4 * total_mtp
 
 
-def test_first_fit_packing_fills_the_rows_and_keeps_every_token():
+def test_first_fit_packing_fills_the_rows_and_keeps_every_token(tmp_path):
     sizes = (5, 9, 3, 12, 7, 2, 30)
     examples = [Example(list(range(100 * i, 100 * i + n)), [True] * n) for i, n in enumerate(sizes)]
     assert [[len(e.ids) for e in r] for r in pack(examples, 16)] == [[5, 9], [3, 12], [7, 2], [16], [14]]
@@ -110,6 +110,12 @@ def test_first_fit_packing_fills_the_rows_and_keeps_every_token():
         assert max(sum(len(e.ids) for e in r) for r in rows) <= 256
         assert sorted(tuple(e.ids) for r in rows for e in r) == sorted(tuple(e.ids) for r in greedy for e in r)
     assert len(first_fit) < 0.85 * len(greedy)
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"text": "a"}\n')
+    base = [f"data=[{data}]", f"init_config=toy_super", f"tokenizer={tmp_path}"]
+    assert load_recipe(None, base).packing == "first_fit"
+    with pytest.raises(ValueError, match="packing must be one of first_fit, greedy"):
+        load_recipe(None, base + ["packing=tight"])
 
 
 def test_pack_and_stream_are_deterministic_and_resumable():

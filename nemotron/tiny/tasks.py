@@ -726,9 +726,7 @@ def conversation(p: Problem, mode: str = "think") -> dict:
     offered = TOOLS if zlib.crc32(p.question.encode()) % 2 else [t for t in TOOLS if t["function"]["name"] in used]
     messages = [user]
     for k, (name, args) in enumerate(p.tool_calls):
-        # the expression is written in the reasoning first, as the reasoning without tools starts: the
-        # call then copies it from there, and both ways of answering train one restatement
-        why = f"{args['expression']}. I will use the calculator." if name == "calculator" else "I will look up the factor."
+        why = "I will use the calculator." if name == "calculator" else "I will look up the factor."
         messages.append({"role": "assistant", "content": None, "reasoning_content": why,
                          "tool_calls": [{"id": f"call_{k}", "type": "function",
                                          "function": {"name": name, "arguments": json.dumps(args)}}]})
