@@ -98,6 +98,26 @@ def test_packed_loss_equals_unpacked(tiny):
     assert abs(m["mtp1_ce_sum"] - total_mtp) <= 1e-4 * total_mtp
 
 
+def test_first_fit_packing_fills_the_rows_and_keeps_every_token(tmp_path):
+    sizes = (5, 9, 3, 12, 7, 2, 30)
+    examples = [Example(list(range(100 * i, 100 * i + n)), [True] * n) for i, n in enumerate(sizes)]
+    assert [[len(e.ids) for e in r] for r in pack(examples, 16)] == [[5, 9], [3, 12], [7, 2], [16], [14]]
+    assert [[len(e.ids) for e in r] for r in pack(examples, 16, open_rows=8)] == [[5, 9, 2], [3, 12], [7], [16], [14]]
+    rng = torch.Generator().manual_seed(0)
+    many = [Example(list(range(n)), [True] * n) for n in torch.randint(20, 700, (400,), generator=rng).tolist()]
+    greedy, first_fit = pack(many, 256), pack(many, 256, open_rows=32)
+    for rows in (greedy, first_fit):
+        assert max(sum(len(e.ids) for e in r) for r in rows) <= 256
+        assert sorted(tuple(e.ids) for r in rows for e in r) == sorted(tuple(e.ids) for r in greedy for e in r)
+    assert len(first_fit) < 0.85 * len(greedy)
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"text": "a"}\n')
+    base = [f"data=[{data}]", f"init_config=toy_super", f"tokenizer={tmp_path}"]
+    assert load_recipe(None, base).packing == "first_fit"
+    with pytest.raises(ValueError, match="packing must be one of first_fit, greedy"):
+        load_recipe(None, base + ["packing=tight"])
+
+
 def test_pack_and_stream_are_deterministic_and_resumable():
     examples = [Example(list(range(n)), [True] * n) for n in (5, 9, 3, 12, 7, 30)]
     rows = pack(examples, 16)

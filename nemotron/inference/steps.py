@@ -14,8 +14,6 @@ import time
 import warnings
 
 import torch
-import torch.fx.experimental._config as fx_config
-from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode
 from torch import nn
 
 from nemotron.errors import NemotronWarning
@@ -138,10 +136,16 @@ def use_compiled_decode(model: nn.Module, requested: bool | None = None, long_ru
     return due and compile_blocker(model) is None   # the cheap test first: engines ask at every batch
 
 
-# What tracing a step as one graph raises where the step needs more than one: a graph break, or a
-# host read of a value the graph computes (`counts.tolist()` in a large batch's MoE dispatch, which
-# fails on the symbolic value as the graph is traced). Neither can come from running a graph.
-TRACING_ERRORS = (torch._dynamo.exc.TorchDynamoException, GuardOnDataDependentSymNode)
+@functools.cache
+def tracing_errors() -> tuple[type[Exception], ...]:
+    """What tracing a step as one graph raises where the step needs more than one: a graph break, or a
+    host read of a value the graph computes (`counts.tolist()` in a large batch's MoE dispatch, which
+    fails on the symbolic value as the graph is traced). Neither can come from running a graph.
+    Imported when first needed: the compiler's modules take two seconds to import, which every
+    command that never compiles (help, info, a short generate) would pay."""
+    from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode
+
+    return torch._dynamo.exc.TorchDynamoException, GuardOnDataDependentSymNode
 
 
 class CompiledDecode:
@@ -214,6 +218,8 @@ class CompiledDecode:
             if source is not None and shape not in self.graph_breaks:   # an eager step has no guards to skip
                 self._guarded.add(key)
             return out
+        import torch.fx.experimental._config as fx_config
+
         start = time.perf_counter()
         # without duck shaping, the attention window (a size of the cache's KV views) keeps a symbol of
         # its own rather than one shared with an equal size (a Mamba state's) that the model fixes
@@ -230,7 +236,7 @@ class CompiledDecode:
         if shape not in self.graph_breaks:
             try:
                 return self.step(ids, cache, positions)
-            except TRACING_ERRORS:   # raised while tracing the graph: nothing ran
+            except tracing_errors():   # raised while tracing the graph: nothing ran
                 self.graph_breaks.add(shape)
         return self.eager_step(ids, cache, positions)
 

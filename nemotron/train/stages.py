@@ -32,6 +32,9 @@ from nemotron.train.data import IGNORE, Batch, DataStream, Example, chat_example
 from nemotron.train.objectives import count_sequences, lm_loss
 from nemotron.train.rewards import REWARDS
 
+# a recipe's `packing`: the open rows an example may join (data.pack)
+PACKINGS = {"first_fit": 64, "greedy": 1}
+
 
 class IndexStream:
     """Indices 0..n-1 in batches, reshuffled every epoch by (seed, epoch); resumable."""
@@ -105,7 +108,8 @@ class LMStage:
         self.cfg, (self.rank, self.world) = cfg, shard
         examples = text_examples(cfg.data, tokenizer) if cfg.stage == "pretrain" else \
             chat_examples(cfg.data, tokenizer, cfg.template_kwargs)
-        self.stream = DataStream(examples, cfg.seq_len, cfg.batch_size * self.world, cfg.seed, _pad_id(tokenizer))
+        self.stream = DataStream(examples, cfg.seq_len, cfg.batch_size * self.world, cfg.seed, _pad_id(tokenizer),
+                                 open_rows=PACKINGS[cfg.packing])
 
     def _mine(self, batch: Batch) -> Batch:
         rows = slice(self.rank, None, self.world)

@@ -40,7 +40,7 @@ from nemotron.train.objectives import routers, update_expert_bias
 from nemotron.train.parallel import (all_reduce_grads, apply_ep, apply_fsdp, apply_tp, blocks, expert_parameters,
                        full_state_dict, init_from_env)
 from nemotron.train.optim import DECAYS, SCHEDULES, lr_at, make_optimizer
-from nemotron.train.stages import make_stage
+from nemotron.train.stages import PACKINGS, make_stage
 from nemotron.train.state import resume_training_state, save_training_state, step_dirs
 
 STAGES = ("pretrain", "sft", "dpo", "grpo")
@@ -63,6 +63,8 @@ class TrainConfig:
     steps: int = 100
     seq_len: int = 512
     batch_size: int = 8               # packed rows per micro-batch
+    packing: str = "first_fit"        # first_fit: an example joins the first of the last 64 open rows it fits;
+                                      # greedy: the last row, else a new one (the data's order kept)
     grad_accum: int = 1
     lr: float = 3e-4
     min_lr: float = 3e-5
@@ -136,6 +138,8 @@ class TrainConfig:
             fail("decay", f"must be one of {', '.join(DECAYS)}")
         if self.autocast not in ("none", "bfloat16"):
             fail("autocast", "must be none or bfloat16")
+        if self.packing not in PACKINGS:
+            fail("packing", f"must be one of {', '.join(PACKINGS)}")
         if self.parallel not in ("fsdp", "tp", "ep"):
             fail("parallel", "must be fsdp, tp or ep")
         if not 0 <= self.dpo_label_smoothing < 0.5:
