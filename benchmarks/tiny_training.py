@@ -32,10 +32,10 @@ from nemotron.train import load_recipe
 from nemotron.train.stages import make_stage
 from nemotron.train.trainer import _build
 
-# name: (autocast, row length, open rows of the packing: 1 is greedy packing)
-SETTINGS = {"fp32, 1024, greedy": ("none", 1024, 1), "bf16, 1024, greedy": ("bfloat16", 1024, 1),
-            "fp32, 512, greedy": ("none", 512, 1), "bf16, 512, greedy": ("bfloat16", 512, 1),
-            "bf16, 512, first-fit": ("bfloat16", 512, 64)}
+# name: (autocast, row length, the recipe's packing)
+SETTINGS = {"fp32, 1024, greedy": ("none", 1024, "greedy"), "bf16, 1024, greedy": ("bfloat16", 1024, "greedy"),
+            "fp32, 512, greedy": ("none", 512, "greedy"), "bf16, 512, greedy": ("bfloat16", 512, "greedy"),
+            "bf16, 512, first-fit": ("bfloat16", 512, "first_fit")}
 BASE = "fp32, 1024, greedy"
 TOKENS_PER_STEP = 8192
 
@@ -60,17 +60,16 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         data, config = write_data(Path(tmp), args.problems)
         runs = {}
-        for name, (autocast, seq_len, open_rows) in SETTINGS.items():
+        for name, (autocast, seq_len, packing) in SETTINGS.items():
             cfg = load_recipe(None, [f"data=[{data}]", f"init_config={config}", f"tokenizer={MODEL_DIR}",
                                      f"seq_len={seq_len}", f"batch_size={TOKENS_PER_STEP // seq_len}",
-                                     f"autocast={autocast}", f"out_dir={Path(tmp) / 'out'}", "steps=100", "seed=0"],
+                                     f"autocast={autocast}", f"packing={packing}", f"out_dir={Path(tmp) / 'out'}",
+                                     "steps=100", "seed=0"],
                               "pretrain")
             torch.manual_seed(0)
             model, _, tokenizer, _ = _build(cfg)
             model.train()
-            stage = make_stage(cfg, model, tokenizer)
-            stage.stream.open_rows = open_rows
-            runs[name] = dict(model=model, stage=stage,
+            runs[name] = dict(model=model, stage=make_stage(cfg, model, tokenizer),
                               optimizer=torch.optim.AdamW(model.parameters(), lr=cfg.lr),
                               autocast=torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast == "bfloat16"),
                               rates=[], scored=[], losses=[])

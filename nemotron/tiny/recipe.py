@@ -22,7 +22,7 @@ from nemotron.tiny.tasks import (EVAL_FAMILIES, GRPO_SOLVABLE, GRPO_WEIGHTS, TOO
                     problems)
 from nemotron.tiny.tokenizer import train_tokenizer
 from nemotron.train import load_recipe, train
-from nemotron.train.stages import PACKINGS
+from nemotron.train.data import PACKINGS
 
 
 def embedded_model_config(vocab_size: int) -> NemotronHConfig:

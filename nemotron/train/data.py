@@ -39,7 +39,11 @@ class Batch:
         return int((self.labels != IGNORE).sum())
 
 
-def pack(examples: list[Example], seq_len: int, open_rows: int = 1) -> list[list[Example]]:
+# a recipe's `packing`: the open rows an example may join in `pack`
+PACKINGS = {"first_fit": 64, "greedy": 1}
+
+
+def pack(examples: list[Example], seq_len: int, open_rows: int = PACKINGS["greedy"]) -> list[list[Example]]:
     """First-fit packing: an example goes in the first of the last `open_rows` rows it fits in, else
     starts a new row. open_rows=1 keeps the examples in their order (greedy packing: a preference
     pair stays side by side); a few dozen fill the rows almost completely where greedy packing leaves
@@ -85,7 +89,7 @@ class DataStream:
     """Batches of packed rows over epochs: shuffled by (seed, epoch), resumable from (epoch, batch)."""
 
     def __init__(self, examples: list[Example], seq_len: int, batch_size: int, seed: int = 0,
-                 pad_id: int = 0, shuffle: bool = True, open_rows: int = 64) -> None:
+                 pad_id: int = 0, shuffle: bool = True, open_rows: int = PACKINGS["first_fit"]) -> None:
         if not examples:
             raise ValueError("the dataset is empty")
         self.examples, self.seq_len, self.batch_size = examples, seq_len, batch_size

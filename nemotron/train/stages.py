@@ -27,13 +27,10 @@ from nemotron.chat.turn import ChatTurn
 from nemotron.inference.engine import Engine
 from nemotron.inference.requests import Request
 from nemotron.inference.sampling import SamplingParams
-from nemotron.train.data import IGNORE, Batch, DataStream, Example, chat_example, chat_examples, collate, pack, read_jsonl, \
-    text_examples
+from nemotron.train.data import IGNORE, PACKINGS, Batch, DataStream, Example, chat_example, chat_examples, collate, \
+    pack, read_jsonl, text_examples
 from nemotron.train.objectives import count_sequences, lm_loss
 from nemotron.train.rewards import REWARDS
-
-# a recipe's `packing`: the open rows an example may join (data.pack)
-PACKINGS = {"first_fit": 64, "greedy": 1}
 
 
 class IndexStream:

@@ -40,7 +40,8 @@ from nemotron.train.objectives import routers, update_expert_bias
 from nemotron.train.parallel import (all_reduce_grads, apply_ep, apply_fsdp, apply_tp, blocks, expert_parameters,
                        full_state_dict, init_from_env)
 from nemotron.train.optim import DECAYS, SCHEDULES, lr_at, make_optimizer
-from nemotron.train.stages import PACKINGS, make_stage
+from nemotron.train.data import PACKINGS
+from nemotron.train.stages import make_stage
 from nemotron.train.state import resume_training_state, save_training_state, step_dirs
 
 STAGES = ("pretrain", "sft", "dpo", "grpo")
