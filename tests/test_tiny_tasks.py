@@ -223,7 +223,8 @@ def test_recipe_cli_rejects_bad_settings_before_any_work(tmp_path):
     import sys
 
     for bad, message in (("pretrain_stepz=3", "unknown setting"), ("pretrain_steps=many", "must be int"),
-                         ("packing=tight", "packing must be one of")):
+                         ("packing=tight", "packing must be one of"),
+                         ("sft_optimizer=sgd", "sft_optimizer must be one of")):
         r = subprocess.run([sys.executable, "-m", "nemotron.cli", "recipe", "tiny", f"out_dir={tmp_path / 'x'}", bad],
                            capture_output=True, text=True)
         assert r.returncode != 0 and message in r.stderr

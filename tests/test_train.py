@@ -18,7 +18,7 @@ from nemotron.models import build_model
 from nemotron.train import (DataStream, Example, chat_example, collate, lm_loss, load_recipe, pack, train,
                             update_expert_bias)
 from nemotron.train.data import IGNORE
-from nemotron.train.optim import lr_at, param_groups
+from nemotron.train.optim import lr_at, make_optimizer, matrix_parameters, orthogonalize, param_groups
 
 from scripted import ASK, CALL, HI, RESULT, TOOLS
 
@@ -147,6 +147,53 @@ def test_schedules_and_param_groups():
     assert len(decayed) == len(groups[0]["params"])
 
 
+def test_orthogonalize_flattens_the_spectrum_of_each_matrix():
+    g = torch.randn(3, 40, 24, generator=torch.Generator().manual_seed(0)) * torch.logspace(-2, 0, 24)
+    o = orthogonalize(g)
+    s = torch.linalg.svdvals(o)
+    assert s.min() > 0.6 and s.max() < 1.25, (s.min(), s.max())   # g's spanned 200x and more
+    assert torch.allclose(o[1], orthogonalize(g[1]), atol=1e-5)   # a stack: each matrix on its own
+    assert torch.allclose(orthogonalize(g[0].T), o[0].T, atol=1e-5)   # tall and wide alike
+
+
+def test_muon_matches_torch_muon_per_matrix_and_adamw_elsewhere():
+    model = _fresh_model()
+    matrices = matrix_parameters(model)
+    names = {id(p): n for n, p in model.named_parameters()}
+    picked = {names[id(p)] for p in matrices}
+    assert any(n.endswith("experts.up_proj") for n in picked) and any(n.endswith("q_proj.weight") for n in picked)
+    assert not any(k in n for n in picked for k in ("lm_head", "embeddings", "gate.weight", "conv1d", "norm"))
+    opt = make_optimizer(model, 1e-2, 0.1, kind="muon", muon_lr=3e-2)
+    # the reference: torch's Muon on every matrix (each expert a leaf of its own), torch's AdamW on the rest
+    slices = {id(p): [p.detach()[e].clone().requires_grad_() for e in range(p.shape[0])] if p.ndim == 3
+              else [p.detach().clone().requires_grad_()] for p in matrices}
+    rest = [p for g in opt.param_groups[1:] for p in g["params"]]
+    rest_ref = {id(p): p.detach().clone().requires_grad_() for p in rest}
+    ref_muon = torch.optim.Muon([q for qs in slices.values() for q in qs], lr=3e-2, weight_decay=0.1,
+                                adjust_lr_fn="match_rms_adamw")
+    ref_adamw = torch.optim.AdamW([{"params": [rest_ref[id(p)] for p in g["params"]],
+                                    "weight_decay": g["weight_decay"]} for g in opt.param_groups[1:]],
+                                  lr=1e-2, betas=(0.9, 0.95))
+    start = {id(p): p.detach().clone() for p in model.parameters()}
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        for p in list(model.parameters()):
+            p.grad = torch.randn(p.shape, generator=gen)
+            for e, q in enumerate(slices.get(id(p), [])):
+                q.grad = p.grad[e] if p.ndim == 3 else p.grad
+            if id(p) in rest_ref:
+                rest_ref[id(p)].grad = p.grad.clone()
+        opt.step()
+        ref_muon.step()
+        ref_adamw.step()
+    for p in matrices:   # torch orthogonalises in bf16, this optimizer in fp32
+        want = torch.stack([q.detach() for q in slices[id(p)]]) if p.ndim == 3 else slices[id(p)][0].detach()
+        moved = (want - start[id(p)]).abs().max()
+        assert (p.detach() - want).abs().max() < 0.03 * moved, names[id(p)]
+    for p in rest:
+        assert torch.allclose(p.detach(), rest_ref[id(p)].detach(), atol=1e-6), names[id(p)]
+
+
 def test_bias_update_balances_a_skewed_router():
     torch.manual_seed(0)
     model = _fresh_model()
@@ -173,10 +220,11 @@ def _pretrain_data(tmp_path) -> str:
     return str(path)
 
 
-def test_pretrain_loss_falls_and_resume_is_bit_identical(tmp_path, tiny):
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_pretrain_loss_falls_and_resume_is_bit_identical(tmp_path, tiny, optimizer):
     data = _pretrain_data(tmp_path)
     common = [f"data=[{data}]", "init_config=toy_super", f"tokenizer={tiny.path}", "steps=8", "seq_len=128",
-              "batch_size=2", "grad_accum=2", "lr=3e-3", "warmup=2", "save_every=2"]
+              "batch_size=2", "grad_accum=2", "lr=3e-3", "warmup=2", "save_every=2", f"optimizer={optimizer}"]
     straight = train(load_recipe(None, common + [f"out_dir={tmp_path / 'a'}"], "pretrain"), progress=False)
     losses = [json.loads(line)["loss"] for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
     assert len(losses) == 8 and losses[-1] < 0.8 * losses[0]
@@ -209,6 +257,7 @@ def test_sft_stage_trains_on_conversations(tmp_path, tiny):
     (["steps=0"], "steps must be >= 1"),
     (["lr=fast"], "lr must be float"),
     (["schedule=zigzag"], "schedule must be one of"),
+    (["optimizer=sgd"], "optimizer must be one of"),
     (["data=[/no/such/file.jsonl]"], "does not exist"),
 ])
 def test_bad_recipes_fail_before_any_work(tmp_path, tiny, overrides, message):

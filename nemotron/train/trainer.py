@@ -39,7 +39,7 @@ from nemotron.train.lora import DEFAULT_TARGETS, apply_lora, merge_lora, save_ad
 from nemotron.train.objectives import routers, update_expert_bias
 from nemotron.train.parallel import (all_reduce_grads, apply_ep, apply_fsdp, apply_tp, blocks, expert_parameters,
                        full_state_dict, init_from_env)
-from nemotron.train.optim import DECAYS, SCHEDULES, lr_at, make_optimizer
+from nemotron.train.optim import DECAYS, OPTIMIZERS, SCHEDULES, lr_at, make_optimizer
 from nemotron.train.data import PACKINGS
 from nemotron.train.stages import make_stage
 from nemotron.train.state import resume_training_state, save_training_state, step_dirs
@@ -69,6 +69,8 @@ class TrainConfig:
     grad_accum: int = 1
     lr: float = 3e-4
     min_lr: float = 3e-5
+    optimizer: str = "adamw"          # or muon: Muon for the hidden matrices (Linear weights, experts), AdamW for the rest
+    muon_lr: float | None = None      # muon: the matrices' peak learning rate (default: lr), on the schedule with lr
     warmup: int = 10
     schedule: str = "wsd"
     decay: str = "minus_sqrt"
@@ -133,6 +135,10 @@ class TrainConfig:
                 fail(name, "must be >= 0")
         if not 0 <= self.decay_fraction <= 1:
             fail("decay_fraction", "must be in [0, 1]")
+        if self.optimizer not in OPTIMIZERS:
+            fail("optimizer", f"must be one of {', '.join(OPTIMIZERS)}")
+        if self.muon_lr is not None and self.muon_lr < 0:
+            fail("muon_lr", "must be >= 0")
         if self.schedule not in SCHEDULES:
             fail("schedule", f"must be one of {', '.join(SCHEDULES)}")
         if self.decay not in DECAYS:
@@ -344,7 +350,9 @@ def train(cfg: TrainConfig, progress: bool = True, stop_after: int | None = None
         else:
             apply_fsdp(model, mesh)
             dp_group = dist.group.WORLD
-    optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2))
+    optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), kind=cfg.optimizer,
+                               muon_lr=cfg.muon_lr)
+    lr_ratios = [group["lr_ratio"] for group in optimizer.param_groups]   # this run's, not a checkpoint's
     start = 0
     metrics_path = out / "metrics.jsonl"
     if cfg.resume:   # refuses (CheckpointError) rather than start over when no checkpoint is usable
@@ -373,8 +381,8 @@ def train(cfg: TrainConfig, progress: bool = True, stop_after: int | None = None
                 t0 = time.perf_counter()
                 lr = lr_at(step, cfg.steps, cfg.lr, cfg.min_lr, cfg.warmup, cfg.schedule, cfg.decay_fraction,
                            cfg.decay)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
+                for group, ratio in zip(optimizer.param_groups, lr_ratios):
+                    group["lr"] = lr * ratio
                 optimizer.zero_grad(set_to_none=True)
                 record = {"step": step + 1, **stage.step(model, autocast), "lr": lr}
                 if distributed and cfg.parallel == "ep":   # replicated weights: sum the ranks' gradients
