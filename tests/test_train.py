@@ -158,12 +158,17 @@ def test_orthogonalize_flattens_the_spectrum_of_each_matrix():
 
 def test_muon_matches_torch_muon_per_matrix_and_adamw_elsewhere():
     model = _fresh_model()
-    matrices = matrix_parameters(model)
     names = {id(p): n for n, p in model.named_parameters()}
+    dense = {names[id(p)] for p in matrix_parameters(model)}
+    assert any(n.endswith("q_proj.weight") for n in dense) and not any(n.endswith("experts.up_proj") for n in dense)
+    matrices = matrix_parameters(model, experts=True)   # the stacks, each expert orthogonalised on its own
     picked = {names[id(p)] for p in matrices}
-    assert any(n.endswith("experts.up_proj") for n in picked) and any(n.endswith("q_proj.weight") for n in picked)
+    assert any(n.endswith("experts.up_proj") for n in picked) and dense < picked
     assert not any(k in n for n in picked for k in ("lm_head", "embeddings", "gate.weight", "conv1d", "norm"))
     opt = make_optimizer(model, 1e-2, 0.1, kind="muon", muon_lr=3e-2)
+    assert {id(p) for p in opt.param_groups[0]["params"]} == {id(p) for p in matrix_parameters(model)}
+    opt.param_groups[1]["params"] = [p for p in opt.param_groups[1]["params"] if p.ndim != 3]
+    opt.param_groups[0]["params"] = matrices   # the stacks too, to check them against torch's Muon
     # the reference: torch's Muon on every matrix (each expert a leaf of its own), torch's AdamW on the rest
     slices = {id(p): [p.detach()[e].clone().requires_grad_() for e in range(p.shape[0])] if p.ndim == 3
               else [p.detach().clone().requires_grad_()] for p in matrices}

@@ -52,7 +52,7 @@ class TinyRecipe:
                                       # 1024 computed a square of mostly masked pairs
     autocast: str = "auto"            # bf16 products where the CPU has bf16 instructions (auto), none, bfloat16
     # the shipped model's settings (first-fit packing fills rows 98% against 79%, and Muon pretraining
-    # learns faster: for the next retraining, see BENCHMARKS.md)
+    # learns faster early: candidates for the next retraining, see BENCHMARKS.md)
     packing: str = "greedy"
     pretrain_steps: int = 520
     pretrain_optimizer: str = "adamw"  # muon: Muon for the hidden matrices at pretrain_muon_lr

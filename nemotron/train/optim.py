@@ -28,17 +28,20 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def matrix_parameters(model: nn.Module) -> list[nn.Parameter]:
-    """The hidden matrices Muon updates: the weights of the Linear layers and the stacked expert
-    matrices (each expert its own matrix). Not the embeddings, the output head, the routers, the
-    convolutions, norms and biases: Muon's orthogonalised step is for matrices that map one hidden
-    space to another. LoRA adapters are not Linear layers of their own, so AdamW trains them."""
+def matrix_parameters(model: nn.Module, experts: bool = False) -> list[nn.Parameter]:
+    """The hidden matrices Muon updates: the weights of the Linear layers (with `experts`, also the
+    stacked expert matrices, each expert its own matrix). Not the embeddings, the output head, the
+    routers, the convolutions, norms and biases: Muon's orthogonalised step is for matrices that map
+    one hidden space to another. LoRA adapters are not Linear layers of their own, so AdamW trains them.
+    Experts stay on AdamW by default: orthogonalising gives an expert that saw few tokens as large a
+    step as a busy one, and in the tiny recipe's pretraining every MoE layer's routing collapsed onto
+    one expert by step 200 (max/mean load 3.9, of a possible 4 with 4 of 16 chosen; BENCHMARKS.md)."""
     head = getattr(model, "lm_head", None)
     skip = {id(p) for p in head.parameters()} if isinstance(head, nn.Module) else set()
     found: dict[int, nn.Parameter] = {}
     for module in model.modules():
         params = [module.weight] if isinstance(module, nn.Linear) else \
-            [module.up_proj, module.down_proj] if isinstance(module, Experts) else []
+            [module.up_proj, module.down_proj] if experts and isinstance(module, Experts) else []
         for p in params:
             if p.requires_grad and id(p) not in skip:
                 found[id(p)] = p
@@ -118,8 +121,8 @@ class MuonAdamW(torch.optim.Optimizer):
 def make_optimizer(model: nn.Module, lr: float, weight_decay: float = 0.1,
                    betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8, kind: str = "adamw",
                    muon_lr: float | None = None) -> torch.optim.Optimizer:
-    """AdamW over `param_groups`; or (`kind` muon) Muon over `matrix_parameters` at `muon_lr`
-    (default: lr) and AdamW over the rest. Every group carries `lr_ratio`, its learning rate over
+    """AdamW over `param_groups`; or (`kind` muon) Muon over `matrix_parameters` (the dense ones) at
+    `muon_lr` (default: lr) and AdamW over the rest. Every group carries `lr_ratio`, its learning rate over
     `lr`, which the schedule keeps."""
     if kind == "adamw":
         groups = param_groups(model, weight_decay)
