@@ -56,7 +56,7 @@ class TinyRecipe:
     packing: str = "greedy"
     pretrain_steps: int = 520
     pretrain_optimizer: str = "adamw"  # muon: Muon for the hidden matrices at pretrain_muon_lr
-    pretrain_lr: float = 3e-3          # (under muon: the embeddings, output head, routers and norms)
+    pretrain_lr: float = 3e-3          # (under muon: the embeddings, output head, routers, experts and norms)
     pretrain_muon_lr: float = 0.02
     sft_steps: int = 150
     sft_optimizer: str = "adamw"

@@ -69,7 +69,7 @@ class TrainConfig:
     grad_accum: int = 1
     lr: float = 3e-4
     min_lr: float = 3e-5
-    optimizer: str = "adamw"          # or muon: Muon for the hidden matrices (Linear weights, experts), AdamW for the rest
+    optimizer: str = "adamw"          # or muon: Muon for the dense hidden matrices (Linear weights), AdamW for the rest
     muon_lr: float | None = None      # muon: the matrices' peak learning rate (default: lr), on the schedule with lr
     warmup: int = 10
     schedule: str = "wsd"
