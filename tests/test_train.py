@@ -18,6 +18,7 @@ from nemotron.models import build_model
 from nemotron.train import (DataStream, Example, chat_example, collate, lm_loss, load_recipe, pack, train,
                             update_expert_bias)
 from nemotron.train.data import IGNORE
+from nemotron.train.objectives import routing_collapse
 from nemotron.train.optim import lr_at, make_optimizer, matrix_parameters, orthogonalize, param_groups
 
 from scripted import ASK, CALL, HI, RESULT, TOOLS
@@ -214,6 +215,28 @@ def test_bias_update_balances_a_skewed_router():
             loads.append(update_expert_bias(model, rate=1e-2)[0])
     assert loads[0] > 2.0 and loads[-1] < 1.5 and loads[-1] < loads[0] / 2, (loads[0], loads[-1])
     assert abs(float(router.e_score_correction_bias.mean()) - 0.1) < 1e-5   # re-centred updates keep the mean
+
+
+def test_a_router_that_sends_every_token_to_one_expert_is_reported_once():
+    from nemotron.train.objectives import routers
+
+    model = _fresh_model()
+    gates = routers(model)
+    bounds = {i: r.weight.shape[0] / r.top_k for i, r in enumerate(gates)}
+    ids = torch.randint(3, 260, (2, 32), generator=torch.Generator().manual_seed(1))
+    streaks, notes = {}, []
+    with torch.no_grad():
+        for bias in (5.0, 5.0, 5.0, 5.0, 0.0, 5.0):   # one expert favoured by far, then not, then again
+            for r in gates:
+                r.e_score_correction_bias.zero_()
+                r.e_score_correction_bias[0] = bias
+            model(ids)
+            loads = update_expert_bias(model, rate=0.0)
+            notes.append(routing_collapse(loads, bounds, streaks, steps=3))
+    # every token's choices include expert 0 (the MTP block's router saw no tokens: no load)
+    assert len(loads) >= 2 and loads == pytest.approx({i: bounds[i] for i in loads})
+    assert [len(n) for n in notes] == [0, 0, len(loads), 0, 0, 0] and "MoE layer 0" in notes[2][0]
+    assert set(streaks.values()) == {1}   # the balanced step restarted the counts
 
 
 def _pretrain_data(tmp_path) -> str:

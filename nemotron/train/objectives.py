@@ -101,6 +101,22 @@ def lm_loss(model: nn.Module, batch: Batch, mtp_weight: float = 0.0, mtp_depth: 
     return loss, metrics
 
 
+def routing_collapse(loads: dict[int, float], bounds: dict[int, float], streaks: dict[int, int],
+                     steps: int = 20, share: float = 0.9) -> list[str]:
+    """Notes naming the MoE layers whose busiest expert has taken at least `share` of the most it can
+    (every token: experts / top_k times the mean load) in `steps` balancing updates in a row: the
+    router then sends nearly everything to one expert, and the bias cannot recover it. `streaks`
+    carries the counts from call to call; a layer is named once, when its streak reaches `steps`."""
+    notes = []
+    for i, load in loads.items():
+        streaks[i] = streaks.get(i, 0) + 1 if load >= share * bounds[i] else 0
+        if streaks[i] == steps:
+            notes.append(f"MoE layer {i}'s routing has collapsed: for {steps} steps its busiest expert took "
+                         f"{load:.2f}x the mean load (every token would be {bounds[i]:.2f}x); check the learning "
+                         f"rate, the optimizer and bias_update_rate")
+    return notes
+
+
 @torch.no_grad()
 def update_expert_bias(model: nn.Module, rate: float, group=None) -> dict:
     """The aux-loss-free balancing step (DeepSeek-V3, Nemotron 3): each router's selection bias moves by

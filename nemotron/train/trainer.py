@@ -36,7 +36,7 @@ from nemotron.models import build_model
 from nemotron.models.init import init_weights_
 from nemotron.quant.modelopt import quantized_layers
 from nemotron.train.lora import DEFAULT_TARGETS, apply_lora, merge_lora, save_adapter
-from nemotron.train.objectives import routers, update_expert_bias
+from nemotron.train.objectives import routers, routing_collapse, update_expert_bias
 from nemotron.train.parallel import (all_reduce_grads, apply_ep, apply_fsdp, apply_tp, blocks, expert_parameters,
                        full_state_dict, init_from_env)
 from nemotron.train.optim import DECAYS, OPTIMIZERS, SCHEDULES, lr_at, make_optimizer
@@ -372,6 +372,8 @@ def train(cfg: TrainConfig, progress: bool = True, stop_after: int | None = None
     autocast = torch.autocast(device_type=next(model.parameters()).device.type, dtype=torch.bfloat16,
                               enabled=cfg.autocast == "bfloat16")
     bar = _progress(progress and rank == 0, cfg.steps, start)
+    load_bounds = {i: r.weight.shape[0] / r.top_k for i, r in enumerate(routers(model))}
+    collapse_streaks: dict[int, int] = {}
     # a run resumed at its last step trains no more: it reports the last logged loss
     last_loss = records[-1].get("loss", float("nan")) if records else float("nan")
     steps_run = 0
@@ -398,6 +400,9 @@ def train(cfg: TrainConfig, progress: bool = True, stop_after: int | None = None
                 record["tokens_per_s"] = record.pop("tokens") / dt
                 if loads:
                     record["max_over_mean_load"] = {str(i): round(v, 4) for i, v in loads.items()}
+                    for collapse in routing_collapse(loads, load_bounds, collapse_streaks):
+                        if rank == 0:
+                            print(f"warning: step {step + 1}: {collapse}", file=sys.stderr, flush=True)
                 if rank == 0 and ((step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps):
                     log.write(json.dumps(record) + "\n")
                     log.flush()
