@@ -152,6 +152,10 @@ def test_tool_conversations_render_and_parse_back(tmp_path):
         parsed = parse_output(raw, tools=TOOLS)
         assert [c["function"]["name"] for c in parsed.tool_calls] == [call["name"]]
         assert json.loads(parsed.tool_calls[0]["function"]["arguments"]) == json.loads(call["arguments"])
+        for turn in record["messages"]:   # each calculator call's reasoning restates its expression first
+            for c in turn.get("tool_calls") or []:
+                if c["function"]["name"] == "calculator":
+                    assert turn["reasoning_content"].startswith(json.loads(c["function"]["arguments"])["expression"] + ":")
     for mode in ("think", "no_think"):
         record = conversation(problems(1, "train", seed=3)[0], mode)
         apply_chat_template(tok, record["messages"], add_generation_prompt=False,

@@ -58,6 +58,7 @@ class TinyRecipe:
     pretrain_optimizer: str = "adamw"  # muon: Muon for the hidden matrices at pretrain_muon_lr
     pretrain_lr: float = 3e-3          # (under muon: the embeddings, output head, routers, experts and norms)
     pretrain_muon_lr: float = 0.02
+    pretrain_bias_update_rate: float = 1e-3   # the routers' balancing step (aux-loss-free bias), per step
     sft_steps: int = 150
     sft_optimizer: str = "adamw"
     sft_lr: float = 1e-3
@@ -158,6 +159,7 @@ def run(recipe: TinyRecipe, progress: bool = True) -> dict:
         ("pretrain", [f"data=[{pretrain_path}]", f"init_config={out / 'config.json'}", f"tokenizer={tok_dir}",
                       f"steps={recipe.pretrain_steps}", f"lr={recipe.pretrain_lr}", "min_lr=1e-4",
                       f"optimizer={recipe.pretrain_optimizer}", f"muon_lr={recipe.pretrain_muon_lr}",
+                      f"bias_update_rate={recipe.pretrain_bias_update_rate}",
                       f"warmup={max(1, recipe.pretrain_steps // 20)}", f"batch_size={recipe.batch_size}"]),
         ("sft", [f"data=[{data['paths']['sft']}]", f"model={out / 'pretrain' / 'final'}", f"steps={recipe.sft_steps}",
                  f"lr={recipe.sft_lr}", "min_lr=1e-5", f"optimizer={recipe.sft_optimizer}",

@@ -726,7 +726,9 @@ def conversation(p: Problem, mode: str = "think") -> dict:
     offered = TOOLS if zlib.crc32(p.question.encode()) % 2 else [t for t in TOOLS if t["function"]["name"] in used]
     messages = [user]
     for k, (name, args) in enumerate(p.tool_calls):
-        why = "I will use the calculator." if name == "calculator" else "I will look up the factor."
+        # the expression restated before the call: the call then copies symbols just written, not a
+        # question in words (the same expression twice costs ~15 tokens)
+        why = f"{args['expression']}: I will use the calculator." if name == "calculator" else "I will look up the factor."
         messages.append({"role": "assistant", "content": None, "reasoning_content": why,
                          "tool_calls": [{"id": f"call_{k}", "type": "function",
                                          "function": {"name": name, "arguments": json.dumps(args)}}]})
