@@ -206,7 +206,7 @@ def test_python_chat_tool_choice_required_and_named(tiny):
     assert [c["function"]["name"] for c in required.tool_calls] == ["calculator"]
     assert "</think>\n<tool_call>\n<function=calculator>" in required.text
     # a named function is forced even where the model would pick another one
-    (named,) = tiny.chat_batch([question], tools=[CALCULATOR, LOOKUP], tool_choice=NAMED, max_new_tokens=64)
+    (named,) = tiny.chat_batch([question], tools=[CALCULATOR, LOOKUP], tool_choice=NAMED, max_new_tokens=128)
     assert named.finish_reason == "tool_calls" and [c["function"]["name"] for c in named.tool_calls] == ["lookup"]
     assert "</think>\n<tool_call>\n<function=lookup>\n" in named.text
     with pytest.raises(ChatInputError, match="not among the tools"):

@@ -100,7 +100,8 @@ def test_model_capture_inside_a_chunk_matches_a_prefill_that_stops_there(tiny):
     assert len(captured) == len(mamba) == 4
     assert torch.equal(captured[0][0], mamba[0].conv[0]) and torch.equal(captured[0][1], mamba[0].ssm[0])
     for (conv, ssm), state in zip(captured, mamba):
-        assert torch.allclose(conv, state.conv[0], rtol=1e-5, atol=1e-6)
+        # conv inputs reach ~40: a few fp32 ulps there are ~1e-5
+        assert torch.allclose(conv, state.conv[0], rtol=1e-5, atol=1e-5)
         assert torch.allclose(ssm, state.ssm[0], rtol=1e-4, atol=1e-5)
     # at the forward's end the capture is the cache's own state
     for (conv, ssm), state in zip(capture.at(2), (s for s in cache.layers if isinstance(s, MambaState))):
