@@ -26,9 +26,8 @@ from pathlib import Path
 
 from nemotron.api import load
 from nemotron.tiny import MODEL_DIR
-from nemotron.tiny.evaluate import answers
-from nemotron.tiny.tasks import CALCULATOR, TOOLS, arithmetic_problem, calculate, grpo_prompt, problems
-from nemotron.train.rewards import REWARDS
+from nemotron.tiny.evaluate import evaluate
+from nemotron.tiny.tasks import CALCULATOR, TOOLS, arithmetic_problem, calculate, problems
 
 PLAIN = [("Hey, what's 17 plus 26?", "43"), ("I need to know 48 minus 19.", "29"),
          ("Could you add 35 and 47 for me?", "82"), ("12 times 11 is what?", "132"),
@@ -37,10 +36,6 @@ PLAIN = [("Hey, what's 17 plus 26?", "43"), ("I need to know 48 minus 19.", "29"
          ("If something weighs 3 kilograms, how many grams is that?", "3000"),
          ("Take 64, add 25, then subtract 30. What do you get?", "59"),
          ("Please work out 9 * 8 + 15 for me.", "87"), ("7 minutes has how many seconds?", "420")]
-
-
-def right(ps, texts) -> int:
-    return sum(REWARDS[p.verifier](t, grpo_prompt(p)) == 1.0 for p, (t, _) in zip(ps, texts))
 
 
 def calculator_calls(m, ps, tools: list[dict]) -> int:
@@ -82,11 +77,11 @@ def main() -> None:
     single = [arithmetic_problem(rng, True, ops=(1, 2), digits=(1, 1)) for _ in range(args.n)]
     for model in args.models:
         m = load(model)
-        row = {"on": right(two_digit, answers(m, two_digit, "on", 960)),
-               "off": right(two_digit, answers(m, two_digit, "off", 960)),
+        table = evaluate(m, two_digit, ("on", "off"), 960)   # the recipe's scoring, as shares
+        row = {"on": round(table["on"]["all"] * args.n), "off": round(table["off"]["all"] * args.n),
                "calculator, both tools": calculator_calls(m, two_digit, TOOLS),
                "calculator alone": calculator_calls(m, two_digit, [CALCULATOR]),
-               "single digits, on": right(single, answers(m, single, "on", 960))}
+               "single digits, on": round(evaluate(m, single, ("on",), 960)["on"]["all"] * args.n)}
         print(f"## {model}")
         for k, v in row.items():
             print(f"{k}: {v}/{args.n}")
