@@ -54,7 +54,7 @@ class TinyRecipe:
     # the shipped model's settings: rows packed first-fit (98% full against greedy's 79%); Muon for
     # the hidden matrices in pretraining (a step learns more: 760 steps and 180 of SFT fit where AdamW's
     # 520 and 150 did); a balancing step of 1e-2, as 1e-3 let every MoE layer's routing drift to one
-    # expert over 480 Muon steps (with 1e-2, two of the four still do: README)
+    # expert over 480 Muon steps (with 1e-2, two of the four still do and one part way: README)
     packing: str = "first_fit"
     pretrain_steps: int = 760
     pretrain_optimizer: str = "muon"   # Muon for the hidden matrices at pretrain_muon_lr
